@@ -1,0 +1,148 @@
+# cython: language_level=3
+"""Private preprocessing kernels. Call them through qnkit.kernels, which validates inputs.
+
+Every kernel takes C-contiguous memoryviews (except kidney_slice_range, which scans any strides
+so that it can stop early without a copy) and releases the GIL.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t
+
+ctypedef fused image_t:
+    int16_t
+    int32_t
+    uint16_t
+    float
+
+ctypedef fused label_t:
+    uint8_t
+    int8_t
+    int16_t
+    uint16_t
+    int32_t
+    int64_t
+
+
+cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
+    return lo if v < lo else (hi if v > hi else v)
+
+
+def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out,
+                     double lo, double hi, int num_threads):
+    """out[z, i, j] = scaled mean of the clipped 2x2 block; edge rows/columns are replicated."""
+    cdef Py_ssize_t Z = ct.shape[0], H = ct.shape[1], W = ct.shape[2]
+    cdef Py_ssize_t h = out.shape[1], w = out.shape[2], half_w = W // 2
+    cdef Py_ssize_t z, i, j, r1
+    cdef double gain = 0.25 / (hi - lo), offset = lo / (hi - lo)
+    cdef const image_t* a
+    cdef const image_t* b
+    cdef float* o
+    for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        for i in range(h):
+            r1 = 2 * i + 1
+            if r1 >= H:
+                r1 = H - 1
+            a = &ct[z, 2 * i, 0]
+            b = &ct[z, r1, 0]
+            o = &out[z, i, 0]
+            for j in range(half_w):
+                o[j] = <float>((_clip(a[2 * j], lo, hi) + _clip(a[2 * j + 1], lo, hi)
+                                + _clip(b[2 * j], lo, hi) + _clip(b[2 * j + 1], lo, hi)) * gain
+                               - offset)
+            if w > half_w:
+                o[w - 1] = <float>((_clip(a[W - 1], lo, hi) + _clip(a[W - 1], lo, hi)
+                                    + _clip(b[W - 1], lo, hi) + _clip(b[W - 1], lo, hi)) * gain
+                                   - offset)
+
+
+def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, int num_threads):
+    """out = 1 where at least half of the (edge-replicated) 2x2 block is foreground (> 0)."""
+    cdef Py_ssize_t Z = labels.shape[0], H = labels.shape[1], W = labels.shape[2]
+    cdef Py_ssize_t h = out.shape[1], w = out.shape[2], half_w = W // 2
+    cdef Py_ssize_t z, i, j, r1
+    cdef const label_t* a
+    cdef const label_t* b
+    cdef uint8_t* o
+    for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        for i in range(h):
+            r1 = 2 * i + 1
+            if r1 >= H:
+                r1 = H - 1
+            a = &labels[z, 2 * i, 0]
+            b = &labels[z, r1, 0]
+            o = &out[z, i, 0]
+            for j in range(half_w):
+                o[j] = ((a[2 * j] > 0) + (a[2 * j + 1] > 0) + (b[2 * j] > 0) + (b[2 * j + 1] > 0)) >= 2
+            if w > half_w:
+                o[w - 1] = ((a[W - 1] > 0) + (b[W - 1] > 0)) >= 1
+
+
+cdef inline bint _slice_has_foreground(const label_t[:, :, :] labels, Py_ssize_t z) noexcept nogil:
+    cdef Py_ssize_t i, j
+    for i in range(labels.shape[1]):
+        for j in range(labels.shape[2]):
+            if labels[z, i, j] > 0:
+                return True
+    return False
+
+
+def first_last_foreground_slice(const label_t[:, :, :] labels):
+    """(first, last) slice index holding foreground, scanning inwards from both ends; (-1, -1) if none."""
+    cdef Py_ssize_t Z = labels.shape[0], first = -1, last = -1, z
+    with nogil:
+        for z in range(Z):
+            if _slice_has_foreground(labels, z):
+                first = z
+                break
+        if first >= 0:
+            for z in range(Z - 1, first - 1, -1):
+                if _slice_has_foreground(labels, z):
+                    last = z
+                    break
+    return first, last
+
+
+def label_histogram(const label_t[:, :, ::1] labels, int64_t[:, ::1] counts, int num_threads):
+    """counts[z, v] = number of voxels of slice z with value v; returns False if a value is outside [0, 255]."""
+    cdef Py_ssize_t Z = labels.shape[0], n = labels.shape[1] * labels.shape[2]
+    cdef Py_ssize_t z, k
+    cdef const label_t* s
+    cdef int64_t* c
+    cdef label_t v
+    cdef int bad = 0
+    for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        s = &labels[z, 0, 0]
+        c = &counts[z, 0]
+        for k in range(n):
+            v = s[k]
+            if v < 0 or v > 255:
+                bad += 1
+            else:
+                c[<Py_ssize_t>v] += 1
+    return bad == 0
+
+
+def border_weights(const label_t[:, :, ::1] labels, const float[::1] class_weight,
+                   float omega0, float[:, :, ::1] out, int num_threads):
+    """out = class_weight[label] + omega0 where the in-plane central-difference gradient is non-zero."""
+    cdef Py_ssize_t Z = labels.shape[0], H = labels.shape[1], W = labels.shape[2]
+    cdef Py_ssize_t z, i, j, up, down
+    cdef const label_t* row
+    cdef const label_t* prev
+    cdef const label_t* nxt
+    cdef float* o
+    cdef const float* cw = &class_weight[0]
+    for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        for i in range(H):
+            up = i - 1 if i > 0 else 0
+            down = i + 1 if i < H - 1 else H - 1
+            row = &labels[z, i, 0]
+            prev = &labels[z, up, 0]
+            nxt = &labels[z, down, 0]
+            o = &out[z, i, 0]
+            if W == 1:
+                o[0] = cw[<Py_ssize_t>row[0]] + omega0 * (prev[0] != nxt[0])
+                continue
+            o[0] = cw[<Py_ssize_t>row[0]] + omega0 * ((prev[0] != nxt[0]) | (row[1] != row[0]))
+            for j in range(1, W - 1):
+                o[j] = cw[<Py_ssize_t>row[j]] + omega0 * ((prev[j] != nxt[j]) | (row[j + 1] != row[j - 1]))
+            o[W - 1] = cw[<Py_ssize_t>row[W - 1]] + omega0 * ((prev[W - 1] != nxt[W - 1]) | (row[W - 1] != row[W - 2]))

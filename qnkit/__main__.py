@@ -1,0 +1,3 @@
+from qnkit.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The `qnkit` command line: one Typer app; each command lives in qnkit/commands/<name>.py.
+
+Heavy imports (torch, onnxruntime) happen inside the commands, so `qnkit --help` stays fast and
+torch-free. Bad input (QnkitInputError, click usage errors) ends with one line on stderr and
+exit code 2; any other failure with one line and exit code 1 (QNKIT_DEBUG=1 shows the traceback).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from qnkit.errors import QnkitInputError
+
+COMMANDS = ("synth", "train", "evaluate", "export", "segment", "bench", "demo")
+
+app = typer.Typer(
+    name="qnkit",
+    help="Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast."""
+
+
+def _register() -> None:
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"qnkit.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"qnkit.commands.{name}":
+                continue  # command not built yet
+            raise
+        app.command(name)(module.command)
+
+
+_register()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `qnkit: error: message` on stderr and exit."""
+    print(f"qnkit: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Typer's standalone mode already turns usage errors into one message and exit code 2.
+    try:
+        app(args=argv, prog_name="qnkit")
+    except QnkitInputError as exc:
+        fail(str(exc), 2)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback unless asked
+        if os.environ.get("QNKIT_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {exc} (set QNKIT_DEBUG=1 for the traceback)", 1)

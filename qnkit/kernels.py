@@ -1,0 +1,197 @@
+"""Validated public entry points to the compiled preprocessing, resampling and metric kernels.
+
+Each function checks dtype, shape and layout, makes C-contiguous what must be, allocates the output
+and calls a private kernel from csrc/ that runs without the GIL (OpenMP over slices).
+Threads: `set_num_threads` (default: QNKIT_NUM_THREADS or all cores).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from qnkit import _metrics, _preprocess, _resample
+
+IMAGE_DTYPES = (np.int16, np.int32, np.uint16, np.float32)
+LABEL_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64)
+PRED_DTYPES = (np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64)
+TARGET_DTYPES = (np.uint8, np.int16, np.int32, np.int64)
+PROB_DTYPES = (np.uint8, np.float32)
+
+_num_threads = int(os.environ.get("QNKIT_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every kernel (one per slice at most)."""
+    global _num_threads
+    if int(n) < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = int(n)
+
+
+def get_num_threads() -> int:
+    return _num_threads
+
+
+def _names(dtypes) -> str:
+    return ", ".join(np.dtype(d).name for d in dtypes)
+
+
+def _volume(array, name: str, dtypes, contiguous: bool = True) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype == np.bool_ and np.uint8 in dtypes:
+        array = array.view(np.uint8)
+    if array.dtype not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{name} has dtype {array.dtype}; expected one of: {_names(dtypes)}")
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be 3-D (slices, rows, columns), got shape {array.shape}")
+    if 0 in array.shape:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    if contiguous:
+        # Native byte order and C order are what the kernels read; copy only when needed.
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    return array
+
+
+def _half(n: int) -> int:
+    return (n + 1) // 2
+
+
+def downsample_image(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip CT to [lo, hi], scale lo->0 and hi->1, and average each 2x2 in-plane block.
+
+    `ct`: (Z, H, W) int16, int32, uint16 or float32. Returns float32 (Z, ceil(H/2), ceil(W/2)).
+    An odd last row or column is averaged with itself (edge replication), so every output pixel is
+    the mean of the input pixels it covers.
+    """
+    if not np.isfinite(lo) or not np.isfinite(hi) or not hi > lo:
+        raise ValueError(f"HU window must satisfy lo < hi, got lo={lo}, hi={hi}")
+    ct = _volume(ct, "ct", IMAGE_DTYPES)
+    z, h, w = ct.shape
+    out = np.empty((z, _half(h), _half(w)), dtype=np.float32)
+    _preprocess.downsample_image(ct, out, float(lo), float(hi), _num_threads)
+    return out
+
+
+def downsample_labels(labels: np.ndarray) -> np.ndarray:
+    """Binary kidney mask at half in-plane resolution.
+
+    Foreground is any label > 0 (tumor counts as kidney). An output pixel is 1 when at least half
+    of its 2x2 block is foreground (2 of 4); an odd last row or column is replicated, as in
+    `downsample_image`. Returns uint8 (Z, ceil(H/2), ceil(W/2)) in {0, 1}.
+    """
+    labels = _volume(labels, "labels", LABEL_DTYPES)
+    z, h, w = labels.shape
+    out = np.empty((z, _half(h), _half(w)), dtype=np.uint8)
+    _preprocess.downsample_labels(labels, out, _num_threads)
+    return out
+
+
+def kidney_slice_range(labels: np.ndarray, margin: int = 20) -> tuple[int, int] | None:
+    """Half-open slice range within `margin` slices of any foreground slice, clamped to [0, Z].
+
+    Scans inwards from both ends and stops at the first foreground voxel, so any strides are
+    fine (no copy). Returns None when no voxel is foreground.
+    """
+    if int(margin) != margin or margin < 0:
+        raise ValueError(f"margin must be a non-negative integer, got {margin}")
+    labels = _volume(labels, "labels", LABEL_DTYPES, contiguous=False)
+    if not labels.dtype.isnative:
+        labels = labels.astype(labels.dtype.newbyteorder("="))
+    first, last = _preprocess.first_last_foreground_slice(labels)
+    if first < 0:
+        return None
+    return max(0, first - int(margin)), min(labels.shape[0], last + 1 + int(margin))
+
+
+def class_weights(labels: np.ndarray) -> np.ndarray:
+    """Median-frequency class weights as a 256-entry float32 lookup table indexed by label value.
+
+    weight[c] = median(counts of the classes present) / count(c); classes absent get 0.
+    """
+    labels = _volume(labels, "labels", LABEL_DTYPES)
+    counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
+    if not _preprocess.label_histogram(labels, counts, _num_threads):
+        raise ValueError("labels must lie in [0, 255] for class weighting")
+    return _median_frequency(counts.sum(axis=0))
+
+
+def _median_frequency(counts: np.ndarray) -> np.ndarray:
+    present = counts > 0
+    lut = np.zeros(256, dtype=np.float32)
+    lut[present] = np.median(counts[present]) / counts[present]
+    return lut
+
+
+def border_weights(labels: np.ndarray, omega0: float = 2.0) -> np.ndarray:
+    """QuickNAT per-voxel loss weights for one volume.
+
+    Each voxel gets median(class counts) / count(its class) (median-frequency balancing over the
+    classes present in this volume) plus `omega0` where the in-plane label gradient, as
+    `numpy.gradient` over the two in-plane axes computes it, is non-zero. Returns float32 of the
+    labels' shape. Label values must lie in [0, 255].
+    """
+    if not np.isfinite(omega0):
+        raise ValueError(f"omega0 must be finite, got {omega0}")
+    labels = _volume(labels, "labels", LABEL_DTYPES)
+    counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
+    if not _preprocess.label_histogram(labels, counts, _num_threads):
+        raise ValueError("labels must lie in [0, 255] for class weighting")
+    lut = _median_frequency(counts.sum(axis=0))
+    out = np.empty(labels.shape, dtype=np.float32)
+    _preprocess.border_weights(labels, lut, np.float32(omega0), out, _num_threads)
+    return out
+
+
+def _flat(array, name: str, dtypes) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype == np.bool_:
+        array = array.view(np.uint8)
+    if array.dtype not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{name} has dtype {array.dtype}; expected bool or one of: {_names(dtypes)}")
+    # A view for contiguous input; a non-contiguous input costs one copy.
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")).reshape(-1)
+
+
+def dice(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5, smooth: float = 1.0) -> float:
+    """Dice overlap (2|P and T| + smooth) / (|P| + |T| + smooth).
+
+    `pred`: a mask or probabilities (foreground where > threshold); `target`: a mask (foreground
+    where > 0). Any shape, the same for both. Two empty masks give 1.0 (with smooth > 0).
+    """
+    if getattr(pred, "shape", None) != getattr(target, "shape", None):
+        raise ValueError(f"pred and target shapes differ: {getattr(pred, 'shape', None)} vs "
+                         f"{getattr(target, 'shape', None)}")
+    if smooth < 0 or not np.isfinite(smooth):
+        raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
+    p = _flat(pred, "pred", PRED_DTYPES)
+    t = _flat(target, "target", TARGET_DTYPES)
+    n_pred, n_target, n_both = _metrics.overlap_counts(p, t, float(threshold))
+    denominator = n_pred + n_target + smooth
+    if denominator == 0:
+        raise ValueError("dice is undefined for two empty masks with smooth=0")
+    return (2.0 * n_both + smooth) / denominator
+
+
+def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """Map a half-resolution probability map (or 0/1 mask) back to full resolution as a mask.
+
+    2x bilinear interpolation with half-pixel centres (as torch's `interpolate(scale_factor=2,
+    mode="bilinear", align_corners=False)`), cropped to `shape` = (H, W), thresholded
+    (foreground where > threshold) in the same pass. `prob`: (Z, h, w) float32 or uint8 with
+    h = ceil(H/2) .. H/2 + padding, i.e. H <= 2h and W <= 2w. Returns uint8 (Z, H, W) in {0, 1}.
+    """
+    prob = _volume(prob, "prob", PROB_DTYPES)
+    try:
+        H, W = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (rows, columns), got {shape!r}") from None
+    z, h, w = prob.shape
+    if not (0 < H <= 2 * h and 0 < W <= 2 * w):
+        raise ValueError(f"output in-plane shape {(H, W)} does not fit a 2x upsampling of {(h, w)}")
+    out = np.empty((z, H, W), dtype=np.uint8)
+    scratch = np.empty((z, w), dtype=np.float32)
+    _resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _num_threads)
+    return out

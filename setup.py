@@ -1,0 +1,57 @@
+"""Build qnkit's Cython kernels (csrc/) and map train/, export/, benchmarks/ into the qnkit package.
+
+Metadata lives in pyproject.toml; this file only describes what needs code: the extension
+modules and the package layout of SPEC section 3.
+"""
+import os
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def _openmp_flags():
+    """OpenMP where the compiler has it (gcc/clang on Linux); kernels stay correct without it."""
+    if os.environ.get("QNKIT_NO_OPENMP") or sys.platform == "darwin" or sys.platform == "win32":
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+compile_omp, link_omp = _openmp_flags()
+# -ffp-contract=off keeps float rounding identical to the NumPy references (no fused multiply-add).
+compile_args = ["-O3", "-ffp-contract=off"] + compile_omp
+
+extensions = [
+    Extension(
+        f"qnkit._{name}",
+        [f"csrc/_{name}.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_omp,
+    )
+    for name in ("preprocess", "metrics", "resample")
+]
+
+setup(
+    packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
+    package_dir={
+        "qnkit": "qnkit",
+        "qnkit.train": "train",
+        "qnkit.export": "export",
+        "qnkit.benchmarks": "benchmarks",
+    },
+    package_data={"qnkit.train": ["*.ini"]},
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    ),
+    zip_safe=False,
+)
