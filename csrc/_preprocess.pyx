@@ -32,7 +32,7 @@ def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out,
     cdef Py_ssize_t Z = ct.shape[0], H = ct.shape[1], W = ct.shape[2]
     cdef Py_ssize_t h = out.shape[1], w = out.shape[2], half_w = W // 2
     cdef Py_ssize_t z, i, j, r1
-    cdef double gain = 0.25 / (hi - lo), offset = lo / (hi - lo)
+    cdef double inv_span = 1.0 / (hi - lo)
     cdef const image_t* a
     cdef const image_t* b
     cdef float* o
@@ -45,13 +45,13 @@ def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out,
             b = &ct[z, r1, 0]
             o = &out[z, i, 0]
             for j in range(half_w):
-                o[j] = <float>((_clip(a[2 * j], lo, hi) + _clip(a[2 * j + 1], lo, hi)
-                                + _clip(b[2 * j], lo, hi) + _clip(b[2 * j + 1], lo, hi)) * gain
-                               - offset)
+                o[j] = <float>(((_clip(a[2 * j], lo, hi) + _clip(a[2 * j + 1], lo, hi)
+                                + _clip(b[2 * j], lo, hi) + _clip(b[2 * j + 1], lo, hi)) * 0.25
+                               - lo) * inv_span)
             if w > half_w:
-                o[w - 1] = <float>((_clip(a[W - 1], lo, hi) + _clip(a[W - 1], lo, hi)
-                                    + _clip(b[W - 1], lo, hi) + _clip(b[W - 1], lo, hi)) * gain
-                                   - offset)
+                o[w - 1] = <float>(((_clip(a[W - 1], lo, hi) + _clip(a[W - 1], lo, hi)
+                                    + _clip(b[W - 1], lo, hi) + _clip(b[W - 1], lo, hi)) * 0.25
+                                   - lo) * inv_span)
 
 
 def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, int num_threads):
@@ -76,8 +76,27 @@ def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, i
                 o[w - 1] = ((a[W - 1] > 0) + (b[W - 1] > 0)) >= 1
 
 
-cdef inline bint _slice_has_foreground(const label_t[:, :, :] labels, Py_ssize_t z) noexcept nogil:
+cdef inline bint _run_has_foreground(const label_t* s, Py_ssize_t n) noexcept nogil:
+    # OR-reduce blocks (vectorises); look at single values only in a block with a non-zero bit.
+    cdef Py_ssize_t start, stop, k
+    cdef label_t acc
+    for start in range(0, n, 4096):
+        stop = start + 4096 if start + 4096 < n else n
+        acc = 0
+        for k in range(start, stop):
+            acc = acc | s[k]
+        if acc != 0:
+            for k in range(start, stop):
+                if s[k] > 0:
+                    return True
+    return False
+
+
+cdef inline bint _slice_has_foreground(const label_t[:, :, :] labels, Py_ssize_t z,
+                                       bint contiguous_slices) noexcept nogil:
     cdef Py_ssize_t i, j
+    if contiguous_slices:
+        return _run_has_foreground(&labels[z, 0, 0], labels.shape[1] * labels.shape[2])
     for i in range(labels.shape[1]):
         for j in range(labels.shape[2]):
             if labels[z, i, j] > 0:
@@ -88,14 +107,16 @@ cdef inline bint _slice_has_foreground(const label_t[:, :, :] labels, Py_ssize_t
 def first_last_foreground_slice(const label_t[:, :, :] labels):
     """(first, last) slice index holding foreground, scanning inwards from both ends; (-1, -1) if none."""
     cdef Py_ssize_t Z = labels.shape[0], first = -1, last = -1, z
+    cdef bint contiguous_slices = (labels.strides[2] == sizeof(label_t)
+                                   and labels.strides[1] == labels.shape[2] * sizeof(label_t))
     with nogil:
         for z in range(Z):
-            if _slice_has_foreground(labels, z):
+            if _slice_has_foreground(labels, z, contiguous_slices):
                 first = z
                 break
         if first >= 0:
             for z in range(Z - 1, first - 1, -1):
-                if _slice_has_foreground(labels, z):
+                if _slice_has_foreground(labels, z, contiguous_slices):
                     last = z
                     break
     return first, last
@@ -122,7 +143,7 @@ def label_histogram(const label_t[:, :, ::1] labels, int64_t[:, ::1] counts, int
 
 
 def border_weights(const label_t[:, :, ::1] labels, const float[::1] class_weight,
-                   float omega0, float[:, :, ::1] out, int num_threads):
+                   float omega0, float[:, :, ::1] out, bint binary, int num_threads):
     """out = class_weight[label] + omega0 where the in-plane central-difference gradient is non-zero."""
     cdef Py_ssize_t Z = labels.shape[0], H = labels.shape[1], W = labels.shape[2]
     cdef Py_ssize_t z, i, j, up, down
@@ -131,6 +152,7 @@ def border_weights(const label_t[:, :, ::1] labels, const float[::1] class_weigh
     cdef const label_t* nxt
     cdef float* o
     cdef const float* cw = &class_weight[0]
+    cdef float cw0 = cw[0], cw1 = cw[1]
     for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
         for i in range(H):
             up = i - 1 if i > 0 else 0
@@ -143,6 +165,11 @@ def border_weights(const label_t[:, :, ::1] labels, const float[::1] class_weigh
                 o[0] = cw[<Py_ssize_t>row[0]] + omega0 * (prev[0] != nxt[0])
                 continue
             o[0] = cw[<Py_ssize_t>row[0]] + omega0 * ((prev[0] != nxt[0]) | (row[1] != row[0]))
-            for j in range(1, W - 1):
-                o[j] = cw[<Py_ssize_t>row[j]] + omega0 * ((prev[j] != nxt[j]) | (row[j + 1] != row[j - 1]))
+            if binary:
+                # Labels are 0/1: a select instead of a table lookup lets the loop vectorise.
+                for j in range(1, W - 1):
+                    o[j] = (cw1 if row[j] != 0 else cw0) + omega0 * ((prev[j] != nxt[j]) | (row[j + 1] != row[j - 1]))
+            else:
+                for j in range(1, W - 1):
+                    o[j] = cw[<Py_ssize_t>row[j]] + omega0 * ((prev[j] != nxt[j]) | (row[j + 1] != row[j - 1]))
             o[W - 1] = cw[<Py_ssize_t>row[W - 1]] + omega0 * ((prev[W - 1] != nxt[W - 1]) | (row[W - 1] != row[W - 2]))

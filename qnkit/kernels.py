@@ -42,7 +42,7 @@ def _volume(array, name: str, dtypes, contiguous: bool = True) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
     if array.dtype == np.bool_ and np.uint8 in dtypes:
         array = array.view(np.uint8)
-    if array.dtype not in [np.dtype(d) for d in dtypes]:
+    if array.dtype.newbyteorder("=") not in [np.dtype(d) for d in dtypes]:
         raise TypeError(f"{name} has dtype {array.dtype}; expected one of: {_names(dtypes)}")
     if array.ndim != 3:
         raise ValueError(f"{name} must be 3-D (slices, rows, columns), got shape {array.shape}")
@@ -138,9 +138,11 @@ def border_weights(labels: np.ndarray, omega0: float = 2.0) -> np.ndarray:
     counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
     if not _preprocess.label_histogram(labels, counts, _num_threads):
         raise ValueError("labels must lie in [0, 255] for class weighting")
-    lut = _median_frequency(counts.sum(axis=0))
+    totals = counts.sum(axis=0)
+    lut = _median_frequency(totals)
     out = np.empty(labels.shape, dtype=np.float32)
-    _preprocess.border_weights(labels, lut, np.float32(omega0), out, _num_threads)
+    binary = not totals[2:].any()
+    _preprocess.border_weights(labels, lut, np.float32(omega0), out, binary, _num_threads)
     return out
 
 
@@ -149,7 +151,7 @@ def _flat(array, name: str, dtypes) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
     if array.dtype == np.bool_:
         array = array.view(np.uint8)
-    if array.dtype not in [np.dtype(d) for d in dtypes]:
+    if array.dtype.newbyteorder("=") not in [np.dtype(d) for d in dtypes]:
         raise TypeError(f"{name} has dtype {array.dtype}; expected bool or one of: {_names(dtypes)}")
     # A view for contiguous input; a non-contiguous input costs one copy.
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")).reshape(-1)
@@ -168,7 +170,7 @@ def dice(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5, smooth: f
         raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
     p = _flat(pred, "pred", PRED_DTYPES)
     t = _flat(target, "target", TARGET_DTYPES)
-    n_pred, n_target, n_both = _metrics.overlap_counts(p, t, float(threshold))
+    n_pred, n_target, n_both = _metrics.overlap_counts(p, t, float(threshold), _num_threads)
     denominator = n_pred + n_target + smooth
     if denominator == 0:
         raise ValueError("dice is undefined for two empty masks with smooth=0")

@@ -1,0 +1,278 @@
+"""Each compiled kernel against its NumPy reference, on random inputs and edge cases."""
+import numpy as np
+import pytest
+
+from qnkit import kernels
+from qnkit.benchmarks import reference as ref
+
+RNG = np.random.default_rng(1234)
+SHAPES = [(3, 8, 8), (2, 7, 9), (1, 1, 1), (1, 1, 6), (4, 5, 1), (5, 33, 18), (2, 64, 48)]
+
+
+def random_ct(shape, dtype):
+    if np.dtype(dtype).kind == "f":
+        return RNG.uniform(-1500, 2500, size=shape).astype(dtype)
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -3000), min(info.max, 4000)
+    return RNG.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+
+
+def random_labels(shape, dtype=np.uint8, classes=3, p_fg=0.3):
+    labels = RNG.choice(np.arange(classes), size=shape, p=[1 - p_fg] + [p_fg / (classes - 1)] * (classes - 1))
+    return labels.astype(dtype)
+
+
+def blob_labels(shape):
+    z, h, w = np.indices(shape)
+    c = np.array(shape) / 2
+    return (((z - c[0]) / max(1, shape[0] / 3)) ** 2 + ((h - c[1]) / max(1, shape[1] / 4)) ** 2
+            + ((w - c[2]) / max(1, shape[2] / 4)) ** 2 < 1).astype(np.uint8) * RNG.integers(1, 3)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"], autouse=True)
+def threads(request):
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(request.param)
+    yield
+    kernels.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- downsample_image
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint16, np.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_downsample_image_matches_reference(dtype, shape):
+    ct = random_ct(shape, dtype)
+    lo, hi = (-200.0, 400.0) if dtype != np.uint16 else (800.0, 1400.0)
+    got = kernels.downsample_image(ct, lo, hi)
+    want = ref.downsample_image(ct, lo, hi)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_downsample_image_window_limits_and_constant():
+    ct = np.full((2, 4, 4), -5000, dtype=np.int16)
+    assert np.all(kernels.downsample_image(ct, -200, 400) == 0)
+    ct[:] = 5000
+    assert np.all(kernels.downsample_image(ct, -200, 400) == 1)
+
+
+def test_downsample_image_non_contiguous_and_byteswapped():
+    base = random_ct((4, 20, 30), np.int16)
+    view = base[::2, :, ::-1]
+    np.testing.assert_allclose(kernels.downsample_image(view, -100, 300), ref.downsample_image(view, -100, 300), rtol=1e-6)
+    swapped = base.astype(base.dtype.newbyteorder(">"))
+    np.testing.assert_allclose(kernels.downsample_image(swapped, -100, 300), ref.downsample_image(base, -100, 300), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.zeros((2, 4, 4), np.float64), TypeError),
+    (np.zeros((2, 4, 4), np.int8), TypeError),
+    (np.zeros((4, 4), np.int16), ValueError),
+    (np.zeros((1, 2, 4, 4), np.int16), ValueError),
+    (np.zeros((0, 4, 4), np.int16), ValueError),
+    ([[[1, 2]]], TypeError),
+])
+def test_downsample_image_refuses_bad_input(bad, error):
+    with pytest.raises(error):
+        kernels.downsample_image(bad, -200, 400)
+
+
+@pytest.mark.parametrize("lo, hi", [(400, -200), (0, 0), (float("nan"), 1)])
+def test_downsample_image_refuses_bad_window(lo, hi):
+    with pytest.raises(ValueError, match="lo < hi"):
+        kernels.downsample_image(np.zeros((1, 2, 2), np.int16), lo, hi)
+
+
+# ---------------------------------------------------------------- downsample_labels
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.bool_])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_downsample_labels_matches_reference(dtype, shape):
+    labels = random_labels(shape, classes=2 if dtype == np.bool_ else 3).astype(dtype)
+    got = kernels.downsample_labels(labels)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref.downsample_labels(labels))
+
+
+def test_downsample_labels_empty_full_and_tumor():
+    assert not kernels.downsample_labels(np.zeros((2, 6, 6), np.uint8)).any()
+    assert kernels.downsample_labels(np.full((2, 5, 7), 2, np.uint8)).all()
+    labels = np.zeros((1, 2, 2), np.uint8)
+    labels[0, 0, 0] = 2  # one of four: below half
+    assert kernels.downsample_labels(labels)[0, 0, 0] == 0
+    labels[0, 1, 1] = 1  # two of four, tumor + kidney: at least half
+    assert kernels.downsample_labels(labels)[0, 0, 0] == 1
+
+
+def test_downsample_labels_refuses_float():
+    with pytest.raises(TypeError, match="dtype float32"):
+        kernels.downsample_labels(np.zeros((1, 2, 2), np.float32))
+
+
+# ---------------------------------------------------------------- kidney_slice_range
+@pytest.mark.parametrize("margin", [0, 1, 3, 20])
+@pytest.mark.parametrize("z", [1, 2, 9, 50])
+def test_kidney_slice_range_matches_reference(z, margin):
+    for _ in range(5):
+        labels = np.zeros((z, 5, 7), np.uint8)
+        hits = RNG.integers(0, z, size=RNG.integers(1, 3))
+        labels[hits, RNG.integers(0, 5), RNG.integers(0, 7)] = RNG.integers(1, 3)
+        assert kernels.kidney_slice_range(labels, margin) == ref.kidney_slice_range(labels, margin)
+
+
+def test_kidney_slice_range_empty_full_strided():
+    assert kernels.kidney_slice_range(np.zeros((10, 4, 4), np.uint8)) is None
+    assert kernels.kidney_slice_range(np.ones((10, 4, 4), np.int16), 2) == (0, 10)
+    labels = np.zeros((30, 8, 8), np.int32)
+    labels[12, 2, 5] = 1
+    labels[17, 0, 0] = 2
+    view = labels[:, ::2, ::-1]
+    assert kernels.kidney_slice_range(view, 4) == ref.kidney_slice_range(view, 4) == (8, 22)
+    fortran = np.asfortranarray(labels)
+    assert kernels.kidney_slice_range(fortran, 0) == (12, 18)
+
+
+def test_kidney_slice_range_refuses_bad_margin():
+    with pytest.raises(ValueError, match="margin"):
+        kernels.kidney_slice_range(np.zeros((1, 1, 1), np.uint8), -1)
+
+
+# ---------------------------------------------------------------- border_weights
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_border_weights_matches_reference_random(dtype, shape):
+    labels = random_labels(shape).astype(dtype)
+    got = kernels.border_weights(labels, omega0=2.0)
+    assert got.dtype == np.float32 and got.shape == labels.shape
+    np.testing.assert_allclose(got, ref.border_weights(labels, 2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (2, 15, 21), (6, 40, 33)])
+@pytest.mark.parametrize("omega0", [0.0, 2.0, 5.5])
+def test_border_weights_matches_reference_blobs(shape, omega0):
+    labels = blob_labels(shape)
+    np.testing.assert_allclose(kernels.border_weights(labels, omega0), ref.border_weights(labels, omega0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_border_weights_binary_fast_path(shape):
+    labels = random_labels(shape, classes=2)
+    np.testing.assert_allclose(kernels.border_weights(labels, 2.0), ref.border_weights(labels, 2.0), rtol=1e-6)
+
+
+def test_border_weights_uniform_volume_is_one():
+    for value in (0, 1):
+        np.testing.assert_array_equal(kernels.border_weights(np.full((2, 5, 5), value, np.uint8)), 1.0)
+
+
+def test_border_weights_non_contiguous():
+    labels = random_labels((4, 12, 10))
+    view = labels.transpose(0, 2, 1)
+    np.testing.assert_allclose(kernels.border_weights(view), ref.border_weights(view), rtol=1e-6)
+
+
+def test_border_weights_refuses_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        kernels.border_weights(np.full((1, 2, 2), 300, np.int16))
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        kernels.border_weights(np.full((1, 2, 2), -1, np.int32))
+    with pytest.raises(TypeError):
+        kernels.border_weights(np.zeros((1, 2, 2), np.float32))
+
+
+def test_class_weights_lut():
+    labels = np.array([[[0, 0, 0, 1]]], np.uint8)
+    lut = kernels.class_weights(labels)
+    assert lut[0] == pytest.approx(2.0 / 3.0) and lut[1] == pytest.approx(2.0) and lut[2] == 0
+
+
+# ---------------------------------------------------------------- dice
+@pytest.mark.parametrize("pred_dtype", [np.float32, np.float64, np.uint8, np.int16, np.int32, np.int64, np.bool_])
+@pytest.mark.parametrize("target_dtype", [np.uint8, np.int16, np.int32, np.int64, np.bool_])
+def test_dice_matches_reference(pred_dtype, target_dtype):
+    shape = (3, 17, 9)
+    if np.dtype(pred_dtype).kind == "f":
+        pred = RNG.random(shape).astype(pred_dtype)
+    else:
+        pred = RNG.integers(0, 2, shape).astype(pred_dtype)
+    target = RNG.integers(0, 3 if target_dtype != np.bool_ else 2, shape).astype(target_dtype)
+    for threshold, smooth in [(0.5, 1.0), (0.2, 0.0), (0.9, 1e-5)]:
+        assert kernels.dice(pred, target, threshold, smooth) == pytest.approx(
+            ref.dice(pred, target, threshold, smooth), rel=1e-12)
+
+
+def test_dice_edge_cases():
+    empty = np.zeros((2, 3, 3), np.uint8)
+    full = np.ones((2, 3, 3), np.uint8)
+    assert kernels.dice(empty, empty) == 1.0
+    assert kernels.dice(full, full) == 1.0
+    assert kernels.dice(full, empty) == pytest.approx(1 / 19)
+    assert kernels.dice(full, full, smooth=0.0) == 1.0
+    with pytest.raises(ValueError, match="undefined"):
+        kernels.dice(empty, empty, smooth=0.0)
+    assert kernels.dice(np.ones(1, np.float32), np.ones(1, np.uint8)) == 1.0  # any ndim
+    pred = RNG.random((4, 6, 8)).astype(np.float32)
+    target = RNG.integers(0, 2, (4, 6, 8)).astype(np.uint8)
+    assert kernels.dice(pred[:, ::2, ::-1], target[:, ::2, ::-1]) == pytest.approx(
+        ref.dice(pred[:, ::2, ::-1], target[:, ::2, ::-1]))
+
+
+def test_dice_refuses_bad_input():
+    with pytest.raises(ValueError, match="shapes differ"):
+        kernels.dice(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8))
+    with pytest.raises(TypeError, match="target"):
+        kernels.dice(np.zeros(3, np.uint8), np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="pred"):
+        kernels.dice(np.zeros(3, np.complex64), np.zeros(3, np.uint8))
+
+
+# ---------------------------------------------------------------- upsample_threshold
+@pytest.mark.parametrize("full_shape", [(8, 8), (7, 9), (1, 1), (2, 1), (33, 18), (64, 48)])
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_upsample_threshold_matches_reference(full_shape, threshold):
+    h, w = (full_shape[0] + 1) // 2, (full_shape[1] + 1) // 2
+    prob = RNG.random((3, h, w)).astype(np.float32)
+    got = kernels.upsample_threshold(prob, full_shape, threshold)
+    assert got.dtype == np.uint8 and got.shape == (3, *full_shape)
+    np.testing.assert_array_equal(got, ref.upsample_threshold(prob, full_shape, threshold))
+
+
+def test_upsample_threshold_matches_torch_bilinear():
+    torch = pytest.importorskip("torch")
+    prob = RNG.random((2, 12, 10)).astype(np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(prob)[:, None], scale_factor=2, mode="bilinear",
+                                         align_corners=False)[:, 0].numpy()
+    want = up > 0.5
+    got = kernels.upsample_threshold(prob, (24, 20))
+    # Same interpolation; only values within rounding of the threshold may differ.
+    differ = got != want
+    assert np.all(np.abs(up[differ] - 0.5) < 1e-6)
+
+
+def test_upsample_threshold_crop_mask_input_and_padding():
+    mask = (RNG.random((2, 16, 16)) > 0.5).astype(np.uint8)
+    got = kernels.upsample_threshold(mask, (25, 30))  # crop of a padded grid
+    np.testing.assert_array_equal(got, ref.upsample_threshold(mask, (25, 30)))
+    ones = np.ones((1, 4, 4), np.float32)
+    assert kernels.upsample_threshold(ones, (8, 8)).all()
+    assert not kernels.upsample_threshold(np.zeros((1, 4, 4), np.float32), (8, 8)).any()
+
+
+def test_upsample_threshold_roundtrip_of_downsampled_mask():
+    labels = blob_labels((3, 64, 64)).astype(np.uint8)
+    back = kernels.upsample_threshold(kernels.downsample_labels(labels), labels.shape[1:])
+    assert kernels.dice(back, labels) > 0.95
+
+
+def test_upsample_threshold_refuses_bad_input():
+    prob = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.upsample_threshold(prob, (9, 8))
+    with pytest.raises(ValueError, match="shape must be"):
+        kernels.upsample_threshold(prob, (8,))
+    with pytest.raises(TypeError):
+        kernels.upsample_threshold(prob.astype(np.float64), (8, 8))
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(ValueError):
+        kernels.set_num_threads(0)
