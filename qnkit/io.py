@@ -1,0 +1,382 @@
+"""NIfTI input/output in one internal layout.
+
+Every volume qnkit works on is held as a C-contiguous ``(slices, rows, cols)`` array in the
+KiTS19 orientation, nibabel axcodes ``('I', 'P', 'L')``: axis 0 runs superior→inferior,
+axis 1 anterior→posterior, axis 2 patient right→left. Real KiTS19 files are already stored
+this way, so for them loading and saving are pure copies; any other orientation is
+reoriented with :mod:`nibabel.orientations` (axis permutations and flips only, no
+resampling; an oblique volume is put in its nearest orientation and keeps its exact
+affine in :attr:`Geometry.internal_affine`).
+
+A :class:`Geometry` remembers the file's shape, affine, header and the orientation
+transform, so that a result is written back on the input's exact grid: same shape, affine,
+qform/sform matrices and codes, no intensity scaling.
+
+Dtype rules (see :func:`load_image` and :func:`load_labels`):
+
+* images: int16/int32/uint16 are kept; int8/uint8 become int16; uint32/int64/uint64 become
+  int32 when the values fit, float32 otherwise; floats become float32; any scl_slope /
+  scl_inter scaling gives float32. NaN or infinite voxels are refused.
+* labels: read as integers without a float round trip; uint8 when the values fit in
+  0..255, int32 otherwise; float labels must be integer-valued.
+
+A 4-D (or higher) file whose extra dimensions are all 1 (``(X, Y, Z, 1)``, common from
+converters) is read as 3-D; written results are then 3-D on the same spatial grid.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+from nibabel.spatialimages import HeaderDataError
+
+from qnkit._atomic import atomic_path
+from qnkit.errors import QnkitInputError
+
+__all__ = [
+    "INTERNAL_AXCODES",
+    "Geometry",
+    "NiftiError",
+    "check_same_grid",
+    "is_nifti_path",
+    "load_image",
+    "load_labels",
+    "save_mask",
+    "save_volume",
+    "to_file_layout",
+    "to_internal",
+]
+
+#: Orientation of the internal layout (that of KiTS19 files).
+INTERNAL_AXCODES = ("I", "P", "L")
+_INTERNAL_ORNT = axcodes2ornt(INTERNAL_AXCODES)
+
+# Errors nibabel (and gzip/zlib under it) raise for unreadable, damaged or truncated files.
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+
+
+class NiftiError(QnkitInputError):
+    """A NIfTI file that cannot be read or written as asked (message names the file)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a volume came from: enough to map arrays between file and internal layout.
+
+    ``ornt`` is the nibabel orientation transform from file axes to internal axes.
+    ``source`` is the file it was loaded from (``None`` for a geometry built by hand); it is
+    used to refuse writing over the input.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    header: nib.Nifti1Header
+    ornt: np.ndarray
+    source: Path | None = None
+
+    @classmethod
+    def from_affine(cls, affine, shape, header: nib.Nifti1Header | None = None,
+                    source: Path | None = None) -> "Geometry":
+        """Build a geometry for a file-layout grid ``shape`` with voxel→RAS+ ``affine``.
+
+        Without a header a fresh NIfTI-1 header is made with the affine as sform (code 2,
+        'aligned') and qform (code 0), as nibabel does for a new image.
+        """
+        affine = np.array(affine, dtype=np.float64)
+        shape = tuple(int(n) for n in shape)
+        if affine.shape != (4, 4) or len(shape) != 3:
+            raise NiftiError(f"need a 4x4 affine and a 3-D shape, got {affine.shape} and {shape}")
+        file_ornt = io_orientation(affine)
+        if np.isnan(file_ornt).any():
+            raise NiftiError(f"{source or 'volume'}: affine is degenerate, no orientation: "
+                             f"{affine.tolist()}")
+        if header is None:
+            header = nib.Nifti1Header()
+            header.set_data_shape(shape)
+            header.set_sform(affine, code="aligned")
+            header.set_qform(affine, code="unknown")
+        return cls(affine=affine, shape=shape, header=header.copy(),
+                   ornt=ornt_transform(file_ornt, _INTERNAL_ORNT), source=source)
+
+    @property
+    def internal_shape(self) -> tuple[int, int, int]:
+        """Array shape in the internal layout."""
+        out = [0, 0, 0]
+        for file_axis, (internal_axis, _) in enumerate(self.ornt):
+            out[int(internal_axis)] = self.shape[file_axis]
+        return tuple(out)
+
+    @property
+    def internal_affine(self) -> np.ndarray:
+        """Voxel (internal index) → RAS+ mm affine."""
+        return self.affine @ inv_ornt_aff(self.ornt, self.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the internal axes (slice, row, col)."""
+        return tuple(float(s) for s in np.linalg.norm(self.internal_affine[:3, :3], axis=0))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (exact for oblique/sheared affines)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
+    def _to_file_ornt(self) -> np.ndarray:
+        return ornt_transform(_INTERNAL_ORNT, io_orientation(self.affine))
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """True when ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def to_internal(array_file_layout: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Reorient an array from the file's axes to the internal layout (C-contiguous).
+
+    Extra trailing axes (e.g. channels) are carried along unchanged.
+    """
+    array = np.asanyarray(array_file_layout)
+    _check_shape(array, geometry.shape, "file layout")
+    return np.ascontiguousarray(apply_orientation(array, geometry.ornt))
+
+
+def to_file_layout(array_internal: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Undo :func:`to_internal`: reorient an internal-layout array to the file's axes."""
+    array = np.asanyarray(array_internal)
+    _check_shape(array, geometry.internal_shape, "internal layout")
+    return np.ascontiguousarray(apply_orientation(array, geometry._to_file_ornt))
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Load a 3-D CT volume into the internal layout.
+
+    Returns int16/int32/uint16 (the on-disk integer type, when unscaled) or float32; see
+    the module docstring for the full dtype rules. NaN/inf voxels raise :class:`NiftiError`.
+    """
+    img, geometry = _open(path)
+    proxy = img.dataobj
+    scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
+    disk = img.get_data_dtype()
+    if disk.kind not in "iuf":
+        raise NiftiError(f"{path}: unsupported image data type {disk}")
+    if scaled or disk.kind == "f":
+        data = _read(path, lambda: img.get_fdata(dtype=np.float32, caching="unchanged"))
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise NiftiError(f"{path}: image has {bad} NaN or infinite voxel(s)")
+    else:
+        data = _image_int(_as_native(_read(path, lambda: np.asanyarray(proxy))))
+    return to_internal(data.reshape(geometry.shape), geometry), geometry
+
+
+def load_labels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Load an integer label volume into the internal layout.
+
+    Data are read with ``np.asanyarray(img.dataobj)``, so integer files never go through
+    float. The result is uint8 when all labels are in 0..255, int32 otherwise. Float (or
+    scaled) files must hold integer values only.
+    """
+    img, geometry = _open(path)
+    disk = img.get_data_dtype()
+    if disk.kind not in "iuf":
+        raise NiftiError(f"{path}: unsupported label data type {disk}")
+    data = _as_native(_read(path, lambda: np.asanyarray(img.dataobj)))
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all() or not np.array_equal(data, np.round(data)):
+            raise NiftiError(f"{path}: labels are not integer-valued "
+                             f"(float data with fractional, NaN or infinite values)")
+    lo, hi = (data.min(), data.max()) if data.size else (0, 0)
+    if 0 <= lo and hi <= 255:
+        data = data.astype(np.uint8, copy=False)
+    elif np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+        data = data.astype(np.int32, copy=False)
+    else:
+        raise NiftiError(f"{path}: label values {lo}..{hi} do not fit in int32")
+    return to_internal(data.reshape(geometry.shape), geometry), geometry
+
+
+def check_same_grid(image: Geometry, labels: Geometry, *, atol: float = 1e-3) -> None:
+    """Raise :class:`NiftiError` unless two volumes share one voxel grid in internal layout.
+
+    Compares internal shapes, then internal affines (mm, absolute tolerance ``atol``), so
+    an image and labels stored in different orientations still match when they align.
+    """
+    names = f"{image.source or 'image'} and {labels.source or 'labels'}"
+    if image.internal_shape != labels.internal_shape:
+        raise NiftiError(f"shape mismatch between {names}: "
+                         f"{image.internal_shape} vs {labels.internal_shape}")
+    if not np.allclose(image.internal_affine, labels.internal_affine, rtol=0, atol=atol):
+        raise NiftiError(f"affine mismatch between {names}: "
+                         f"{image.internal_affine[:3].round(4).tolist()} vs "
+                         f"{labels.internal_affine[:3].round(4).tolist()}")
+
+
+def save_mask(mask_internal: np.ndarray, geometry: Geometry, path: str | os.PathLike, *,
+              overwrite: bool = False) -> Path:
+    """Write a bool/integer mask (values 0..255) as uint8 on the input's grid; see save_volume."""
+    mask = np.asanyarray(mask_internal)
+    if mask.dtype.kind not in "biu":
+        raise NiftiError(f"mask must be bool or integer, got {mask.dtype}")
+    return save_volume(mask, geometry, path, dtype=np.uint8, overwrite=overwrite)
+
+
+def save_volume(array_internal: np.ndarray, geometry: Geometry, path: str | os.PathLike, *,
+                dtype=None, overwrite: bool = False) -> Path:
+    """Write an internal-layout array to ``path`` on the input's exact grid, atomically.
+
+    The file gets the input's shape, affine, qform/sform matrices and codes and the rest
+    of its header, with data type ``dtype`` (default: the array's) and no scaling
+    (slope 1, intercept 0). Values are checked to fit ``dtype``; nothing is wrapped or
+    rounded silently. An existing file is replaced only with ``overwrite=True``; the
+    input file itself is never replaced. Returns the written path.
+    """
+    target = Path(path)
+    if not is_nifti_path(target):
+        raise NiftiError(f"{target}: output must be a .nii or .nii.gz file")
+    if not target.parent.is_dir():
+        raise NiftiError(f"{target}: folder {target.parent} does not exist")
+    if geometry.source is not None and _same_file(target, geometry.source):
+        raise NiftiError(f"{target}: refusing to write over the input file")
+    if target.exists() and not overwrite:
+        raise NiftiError(f"{target} exists; pass overwrite=True to replace it")
+    data = to_file_layout(array_internal, geometry)
+    data = _cast(data, np.dtype(dtype) if dtype else None)
+    if data.ndim != 3:
+        raise NiftiError(f"can only write 3-D volumes, got shape {data.shape}")
+    img = _image_on_grid(data, geometry)
+    try:
+        with atomic_path(target, overwrite=overwrite) as tmp:
+            nib.save(img, tmp)
+    except FileExistsError:
+        raise NiftiError(f"{target} exists; pass overwrite=True to replace it") from None
+    except OSError as exc:
+        raise NiftiError(f"{target}: cannot write: {_one_line(exc)}") from exc
+    return target
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _open(path) -> tuple[nib.Nifti1Image, Geometry]:
+    """Open a NIfTI header (data not read yet) and return it with its Geometry."""
+    path = Path(path)
+    if not path.exists():
+        raise NiftiError(f"{path}: file not found")
+    if not path.is_file():
+        raise NiftiError(f"{path}: not a file")
+    if not is_nifti_path(path):
+        raise NiftiError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        # mmap=False: read the data for real now, so damage shows up here and not later.
+        img = nib.load(path, mmap=False)
+    except _READ_ERRORS as exc:
+        raise NiftiError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise NiftiError(f"{path}: not a single-file NIfTI image ({type(img).__name__})")
+    shape = img.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        kind = f"{len(shape)}-D" if len(shape) != 4 else f"4-D ({shape[3]} volumes)"
+        raise NiftiError(f"{path}: expected a 3-D volume, got a {kind} image of shape {img.shape}")
+    if min(shape) < 1:
+        raise NiftiError(f"{path}: empty volume of shape {shape}")
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all():
+        raise NiftiError(f"{path}: header has no usable affine")
+    return img, Geometry.from_affine(affine, shape, img.header, source=path.resolve())
+
+
+def _read(path, read):
+    """Run a data read, turning truncated/corrupt-data errors into NiftiError."""
+    try:
+        return read()
+    except _READ_ERRORS as exc:
+        raise NiftiError(f"{path}: truncated or corrupt image data ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (nibabel's can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _as_native(data: np.ndarray) -> np.ndarray:
+    """Return ``data`` as a plain ndarray in native byte order."""
+    data = np.asarray(data)
+    return data.astype(data.dtype.newbyteorder("="), copy=False)
+
+
+def _image_int(data: np.ndarray) -> np.ndarray:
+    """Map an unscaled integer image to int16/int32/uint16 (or float32 when it won't fit)."""
+    if data.dtype in (np.int16, np.int32, np.uint16):
+        return data
+    if data.dtype.itemsize == 1:  # int8 / uint8: lossless in int16
+        return data.astype(np.int16)
+    i32 = np.iinfo(np.int32)
+    if data.size == 0 or (data.min() >= i32.min and data.max() <= i32.max):
+        return data.astype(np.int32)
+    return data.astype(np.float32)
+
+
+def _cast(data: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """Cast to ``dtype`` refusing values that would wrap, round or overflow."""
+    if dtype is None:
+        dtype = data.dtype.newbyteorder("=")
+    if data.dtype.kind == "b" or dtype == data.dtype:
+        return data.astype(dtype, copy=False)
+    if dtype.kind in "iu":
+        if data.dtype.kind == "f" and not (np.isfinite(data).all()
+                                           and np.array_equal(data, np.round(data))):
+            raise NiftiError(f"cannot store non-integer values as {dtype}")
+        if data.size:
+            info = np.iinfo(dtype)
+            lo, hi = data.min(), data.max()
+            if lo < info.min or hi > info.max:
+                raise NiftiError(f"values {lo}..{hi} do not fit in {dtype}")
+    elif dtype.kind != "f":
+        raise NiftiError(f"unsupported output data type {dtype}")
+    return data.astype(dtype)
+
+
+def _image_on_grid(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    """A NIfTI image of file-layout ``data`` carrying the input's header and affine."""
+    header = geometry.header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"] = header["cal_max"] = 0  # display range described the input's data
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    # The header's own best affine equals geometry.affine, so nibabel leaves the
+    # qform/sform fields and codes exactly as they were in the input.
+    img = klass(data, geometry.affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def _check_shape(array: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+    if array.ndim < 3 or tuple(array.shape[:3]) != tuple(shape):
+        raise NiftiError(f"array of shape {array.shape} does not match the {what} shape {shape}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are the same file (resolved path, or same inode)."""
+    if a.resolve() == Path(b).resolve():
+        return True
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
