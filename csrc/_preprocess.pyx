@@ -26,17 +26,31 @@ cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
     return lo if v < lo else (hi if v > hi else v)
 
 
-def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out,
-                     double lo, double hi, int num_threads):
-    """out[z, i, j] = scaled mean of the clipped 2x2 block; edge rows/columns are replicated."""
+cdef inline float _clipf(float v, float lo, float hi) noexcept nogil:
+    v = lo if v < lo else v
+    return hi if v > hi else v
+
+
+def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out, float[:, ::1] rows,
+                     double lo, double hi, bint exact_in_float32, int num_threads):
+    """out[z, i, j] = scaled mean of the clipped 2x2 block; edge rows/columns are replicated.
+
+    With integer voxels and an integer window (`exact_in_float32`), clipped sums are exact in
+    float32 and the loops run on float32 vectors: first the two rows are clipped and added into
+    `rows` (scratch, one row per slice), then column pairs are added and scaled. Otherwise the
+    block mean is formed in double.
+    """
     cdef Py_ssize_t Z = ct.shape[0], H = ct.shape[1], W = ct.shape[2]
     cdef Py_ssize_t h = out.shape[1], w = out.shape[2], half_w = W // 2
-    cdef Py_ssize_t z, i, j, r1
+    cdef Py_ssize_t z, i, j, k, r1
     cdef double inv_span = 1.0 / (hi - lo)
+    cdef float lo_f = <float>lo, hi_f = <float>hi, span_f = <float>(hi - lo), quarter = 0.25
     cdef const image_t* a
     cdef const image_t* b
     cdef float* o
+    cdef float* s
     for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        s = &rows[z, 0]
         for i in range(h):
             r1 = 2 * i + 1
             if r1 >= H:
@@ -44,25 +58,39 @@ def downsample_image(const image_t[:, :, ::1] ct, float[:, :, ::1] out,
             a = &ct[z, 2 * i, 0]
             b = &ct[z, r1, 0]
             o = &out[z, i, 0]
-            for j in range(half_w):
-                o[j] = <float>(((_clip(a[2 * j], lo, hi) + _clip(a[2 * j + 1], lo, hi)
-                                + _clip(b[2 * j], lo, hi) + _clip(b[2 * j + 1], lo, hi)) * 0.25
-                               - lo) * inv_span)
-            if w > half_w:
-                o[w - 1] = <float>(((_clip(a[W - 1], lo, hi) + _clip(a[W - 1], lo, hi)
-                                    + _clip(b[W - 1], lo, hi) + _clip(b[W - 1], lo, hi)) * 0.25
-                                   - lo) * inv_span)
+            if exact_in_float32:
+                for k in range(W):
+                    s[k] = _clipf(<float>a[k], lo_f, hi_f) + _clipf(<float>b[k], lo_f, hi_f)
+                for j in range(half_w):
+                    o[j] = ((s[2 * j] + s[2 * j + 1]) * quarter - lo_f) / span_f
+                if w > half_w:
+                    o[w - 1] = ((s[W - 1] + s[W - 1]) * quarter - lo_f) / span_f
+            else:
+                for j in range(half_w):
+                    o[j] = <float>(((_clip(a[2 * j], lo, hi) + _clip(a[2 * j + 1], lo, hi)
+                                     + _clip(b[2 * j], lo, hi) + _clip(b[2 * j + 1], lo, hi)) * 0.25
+                                    - lo) * inv_span)
+                if w > half_w:
+                    o[w - 1] = <float>(((_clip(a[W - 1], lo, hi) + _clip(b[W - 1], lo, hi)) * 0.5
+                                        - lo) * inv_span)
 
 
-def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, int num_threads):
-    """out = 1 where at least half of the (edge-replicated) 2x2 block is foreground (> 0)."""
+def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, uint8_t[:, ::1] rows,
+                      int num_threads):
+    """out = 1 where at least half of the (edge-replicated) 2x2 block is foreground (> 0).
+
+    Two vector-friendly passes per output row: count foreground down each column pair of rows into
+    `rows` (scratch, one row per slice), then add neighbouring columns.
+    """
     cdef Py_ssize_t Z = labels.shape[0], H = labels.shape[1], W = labels.shape[2]
     cdef Py_ssize_t h = out.shape[1], w = out.shape[2], half_w = W // 2
-    cdef Py_ssize_t z, i, j, r1
+    cdef Py_ssize_t z, i, j, k, r1
     cdef const label_t* a
     cdef const label_t* b
     cdef uint8_t* o
+    cdef uint8_t* s
     for z in prange(Z, nogil=True, num_threads=num_threads, schedule="static"):
+        s = &rows[z, 0]
         for i in range(h):
             r1 = 2 * i + 1
             if r1 >= H:
@@ -70,10 +98,12 @@ def downsample_labels(const label_t[:, :, ::1] labels, uint8_t[:, :, ::1] out, i
             a = &labels[z, 2 * i, 0]
             b = &labels[z, r1, 0]
             o = &out[z, i, 0]
+            for k in range(W):
+                s[k] = (a[k] > 0) + (b[k] > 0)
             for j in range(half_w):
-                o[j] = ((a[2 * j] > 0) + (a[2 * j + 1] > 0) + (b[2 * j] > 0) + (b[2 * j + 1] > 0)) >= 2
+                o[j] = (s[2 * j] + s[2 * j + 1]) >= 2
             if w > half_w:
-                o[w - 1] = ((a[W - 1] > 0) + (b[W - 1] > 0)) >= 1
+                o[w - 1] = s[W - 1] >= 1
 
 
 cdef inline bint _run_has_foreground(const label_t* s, Py_ssize_t n) noexcept nogil:

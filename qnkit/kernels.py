@@ -70,8 +70,17 @@ def downsample_image(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
     ct = _volume(ct, "ct", IMAGE_DTYPES)
     z, h, w = ct.shape
     out = np.empty((z, _half(h), _half(w)), dtype=np.float32)
-    _preprocess.downsample_image(ct, out, float(lo), float(hi), _num_threads)
+    scratch = np.empty((z, w), dtype=np.float32)
+    _preprocess.downsample_image(ct, out, scratch, float(lo), float(hi), _exact_in_float32(ct.dtype, lo, hi),
+                                 _num_threads)
     return out
+
+
+def _exact_in_float32(dtype: np.dtype, lo: float, hi: float) -> bool:
+    """Whether clipped 2x2 sums and (sum/4 - lo) are exact in float32: integer voxels and window."""
+    limit = 2.0 ** 21
+    return (dtype.kind in "iu" and float(lo).is_integer() and float(hi).is_integer()
+            and abs(lo) < limit and abs(hi) < limit)
 
 
 def downsample_labels(labels: np.ndarray) -> np.ndarray:
@@ -84,7 +93,7 @@ def downsample_labels(labels: np.ndarray) -> np.ndarray:
     labels = _volume(labels, "labels", LABEL_DTYPES)
     z, h, w = labels.shape
     out = np.empty((z, _half(h), _half(w)), dtype=np.uint8)
-    _preprocess.downsample_labels(labels, out, _num_threads)
+    _preprocess.downsample_labels(labels, out, np.empty((z, w), dtype=np.uint8), _num_threads)
     return out
 
 
@@ -194,6 +203,6 @@ def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: floa
     if not (0 < H <= 2 * h and 0 < W <= 2 * w):
         raise ValueError(f"output in-plane shape {(H, W)} does not fit a 2x upsampling of {(h, w)}")
     out = np.empty((z, H, W), dtype=np.uint8)
-    scratch = np.empty((z, w), dtype=np.float32)
+    scratch = np.empty((z, 3, w), dtype=np.float32)
     _resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _num_threads)
     return out
