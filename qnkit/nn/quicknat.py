@@ -1,0 +1,271 @@
+"""QuickNAT (Roy et al., 2018) as in the QuickNAT_pytorch / nn-common-modules reference.
+
+Layout (F = ``num_filters``, k = ``pool``)::
+
+    x -> enc1 -> pool -> enc2 -> pool -> enc3 -> pool -> enc4 -> pool -> bottleneck
+      -> unpool, cat(skip4, .) -> dec4 -> ... -> unpool, cat(skip1, .) -> dec1 -> 1x1 conv
+
+Dense block (in -> F channels)::
+
+    o1 = conv_kxk(PReLU(BN(in)));  o2 = conv_kxk(PReLU(BN(cat(in, o1))))
+    out = conv_1x1(PReLU(BN(cat(in, o1, o2))))  -> SE (optional) -> Dropout2d (optional)
+
+As in the reference, each dense block shares one PReLU, the channel SE squeezes by 2,
+CSSE = element-wise max of channel SE and spatial SE, the skip tensor is the encoder
+block output after SE and dropout, and the bottleneck is a plain dense block (the
+reference builds SE layers for it but never applies them, nor dropout).
+
+The network returns logits (N, num_class, H, W); :meth:`QuickNAT.predict_proba` and
+:class:`WithSigmoid` apply the sigmoid. H and W must be divisible by ``pool ** 4``.
+
+Unpooling has two interchangeable forms with identical outputs for identical weights
+(see :mod:`qnkit.nn.unpool`): ``"indices"`` (native MaxPool/MaxUnpool; use for training)
+and ``"mask"`` (plain ONNX operators, no MaxUnpool/ScatterND; use for export, NaN-free
+activations only). Switch with ``model.set_unpool("mask")``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unpool import first_max_masks, is_tracing, unpool_masked
+
+__all__ = [
+    "SE_BLOCKS", "UNPOOL_MODES", "QuickNATConfig", "QuickNAT", "WithSigmoid", "DenseBlock",
+    "ChannelSELayer", "SpatialSELayer", "ChannelSpatialSELayer",
+]
+
+SE_BLOCKS = ("NONE", "CSE", "SSE", "CSSE")
+UNPOOL_MODES = ("indices", "mask")
+_INT_FIELDS = ("num_channels", "num_filters", "kernel_h", "kernel_w", "kernel_c", "stride_conv",
+               "pool", "stride_pool", "num_class")
+
+
+@dataclass(frozen=True)
+class QuickNATConfig:
+    """QuickNAT hyper-parameters (names as in the reference ``params`` dict)."""
+
+    num_channels: int = 1
+    num_filters: int = 64
+    kernel_h: int = 5
+    kernel_w: int = 5
+    kernel_c: int = 1
+    stride_conv: int = 1
+    pool: int = 2
+    stride_pool: int = 2
+    num_class: int = 1
+    se_block: str = "CSSE"
+    drop_out: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"QuickNATConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("kernel_h", "kernel_w", "kernel_c"):
+            if getattr(self, name) % 2 == 0:
+                raise ValueError(f"QuickNATConfig.{name} must be odd, got {getattr(self, name)}")
+        if self.stride_conv != 1:
+            raise ValueError("QuickNATConfig.stride_conv must be 1 (dense concatenation needs "
+                             "equal sizes)")
+        if self.pool != self.stride_pool or self.pool < 2:
+            raise ValueError(
+                f"QuickNATConfig needs non-overlapping pooling (pool == stride_pool >= 2), "
+                f"got pool={self.pool}, stride_pool={self.stride_pool}")
+        se = str(self.se_block).upper()
+        if se not in SE_BLOCKS:
+            raise ValueError(
+                f"QuickNATConfig.se_block must be one of {SE_BLOCKS}, got {self.se_block!r}")
+        object.__setattr__(self, "se_block", se)
+        if se in ("CSE", "CSSE") and self.num_filters < 2:
+            raise ValueError(f"se_block={se} needs num_filters >= 2")
+        if isinstance(self.drop_out, bool) or not isinstance(self.drop_out, (int, float)) \
+                or not 0.0 <= self.drop_out < 1.0:
+            raise ValueError(
+                f"QuickNATConfig.drop_out must be a number in [0, 1), got {self.drop_out!r}")
+        object.__setattr__(self, "drop_out", float(self.drop_out))
+
+    @property
+    def size_divisor(self) -> int:
+        """H and W of the input must be multiples of this (four pooling levels)."""
+        return self.stride_pool ** 4
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuickNATConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuickNATConfig keys: {', '.join(map(str, unknown))}")
+        return cls(**d)
+
+
+class ChannelSELayer(nn.Module):
+    """Channel squeeze & excitation (Hu et al.): x * sigmoid(fc2(relu(fc1(mean_hw(x)))))."""
+
+    def __init__(self, num_channels: int, reduction_ratio: int = 2):
+        super().__init__()
+        self.fc1 = nn.Linear(num_channels, num_channels // reduction_ratio)
+        self.fc2 = nn.Linear(num_channels // reduction_ratio, num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * w[:, :, None, None]
+
+
+class SpatialSELayer(nn.Module):
+    """Spatial squeeze & excitation (Roy et al.): x * sigmoid(conv1x1(x) -> 1 channel)."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(num_channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.conv(x))
+
+
+class ChannelSpatialSELayer(nn.Module):
+    """Concurrent SE (CSSE): element-wise max of channel SE and spatial SE."""
+
+    def __init__(self, num_channels: int, reduction_ratio: int = 2):
+        super().__init__()
+        self.cSE = ChannelSELayer(num_channels, reduction_ratio)
+        self.sSE = SpatialSELayer(num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(self.cSE(x), self.sSE(x))
+
+
+def _se_layer(kind: str, channels: int) -> nn.Module:
+    return {"NONE": nn.Identity, "CSE": ChannelSELayer, "SSE": SpatialSELayer,
+            "CSSE": ChannelSpatialSELayer}[kind](*(() if kind == "NONE" else (channels,)))
+
+
+class DenseBlock(nn.Module):
+    """QuickNAT dense block ``in_channels -> num_filters``, then optional SE and Dropout2d."""
+
+    def __init__(self, in_channels: int, cfg: QuickNATConfig, se_block: str, drop_out: float):
+        super().__init__()
+        nf, kernel = cfg.num_filters, (cfg.kernel_h, cfg.kernel_w)
+        pad = (cfg.kernel_h // 2, cfg.kernel_w // 2)
+        self.batchnorm1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, nf, kernel, padding=pad)
+        self.batchnorm2 = nn.BatchNorm2d(in_channels + nf)
+        self.conv2 = nn.Conv2d(in_channels + nf, nf, kernel, padding=pad)
+        self.batchnorm3 = nn.BatchNorm2d(in_channels + 2 * nf)
+        self.conv3 = nn.Conv2d(in_channels + 2 * nf, nf, 1)
+        self.prelu = nn.PReLU()  # one slope shared by the three activations, as in the reference
+        self.se = _se_layer(se_block, nf)
+        self.drop_out = nn.Dropout2d(drop_out) if drop_out > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1 = self.conv1(self.prelu(self.batchnorm1(x)))
+        c1 = torch.cat((x, o1), dim=1)
+        o2 = self.conv2(self.prelu(self.batchnorm2(c1)))
+        c2 = torch.cat((c1, o2), dim=1)
+        out = self.conv3(self.prelu(self.batchnorm3(c2)))
+        return self.drop_out(self.se(out))
+
+
+class QuickNAT(nn.Module):
+    """QuickNAT returning logits (N, num_class, H, W).
+
+    ``config``: a :class:`QuickNATConfig`, a dict for :meth:`QuickNATConfig.from_dict`, or None
+    (defaults). ``unpool``: ``"indices"`` (native, default) or ``"mask"`` (export-friendly).
+    """
+
+    def __init__(self, config: QuickNATConfig | Mapping[str, Any] | None = None, *,
+                 unpool: str = "indices"):
+        super().__init__()
+        if config is None:
+            config = QuickNATConfig()
+        elif not isinstance(config, QuickNATConfig):
+            config = QuickNATConfig.from_dict(config)
+        self.config = cfg = config
+        nf, se, p = cfg.num_filters, cfg.se_block, cfg.drop_out
+        self.encoders = nn.ModuleList(
+            DenseBlock(cfg.num_channels if i == 0 else nf, cfg, se, p) for i in range(4))
+        self.bottleneck = DenseBlock(nf, cfg, "NONE", 0.0)
+        # decoders[0] is the deepest (applied first); input = cat(skip, unpooled)
+        self.decoders = nn.ModuleList(DenseBlock(2 * nf, cfg, se, p) for _ in range(4))
+        self.classifier = nn.Conv2d(nf, cfg.num_class, cfg.kernel_c, padding=cfg.kernel_c // 2)
+        self.set_unpool(unpool)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for block in [*self.encoders, self.bottleneck, *self.decoders]:
+            for conv in (block.conv1, block.conv2, block.conv3):  # each follows BN -> PReLU(0.25)
+                nn.init.kaiming_normal_(conv.weight, a=0.25, nonlinearity="leaky_relu")
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def unpool(self) -> str:
+        return self._unpool
+
+    def set_unpool(self, mode: str) -> "QuickNAT":
+        """Use ``"indices"`` (MaxPool/MaxUnpool) or ``"mask"`` (export-friendly); returns self.
+
+        Forward outputs are identical; train with ``"indices"`` (faster, and on tied maxima the
+        mask form's pooling gradient is split among the tied positions instead of going to the
+        first one).
+        """
+        if mode not in UNPOOL_MODES:
+            raise ValueError(f"unpool must be one of {UNPOOL_MODES}, got {mode!r}")
+        self._unpool = mode
+        return self
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is (N, num_channels, H, W) with H, W multiples of the divisor."""
+        d, c = self.config.size_divisor, self.config.num_channels
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] % d or x.shape[3] % d:
+            raise ValueError(
+                f"QuickNAT expects input (N, {c}, H, W) with H and W divisible by {d}, "
+                f"got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_tracing():
+            self.check_input(x)
+        k, mask = self.config.pool, self._unpool == "mask"
+        skips, keys = [], []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+            if mask:
+                x, key = first_max_masks(x, k)
+            else:
+                x, key = F.max_pool2d(x, k, k, return_indices=True)
+            keys.append(key)
+        x = self.bottleneck(x)
+        for dec, skip, key in zip(self.decoders, reversed(skips), reversed(keys)):
+            if mask:
+                up = unpool_masked(x, key, k)
+            else:
+                up = F.max_unpool2d(x, key, k, k, output_size=skip.shape[-2:])
+            x = dec(torch.cat((skip, up), dim=1))
+        return self.classifier(x)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid of the logits (per-channel probabilities)."""
+        return torch.sigmoid(self(x))
+
+
+class WithSigmoid(nn.Module):
+    """Wraps a logits model so that its output (e.g. an exported graph's) is sigmoid(logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))

@@ -1,0 +1,219 @@
+"""QuickNAT network: shapes, options, config, native vs mask unpooling, ONNX export."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qnkit.nn.quicknat import (  # noqa: E402
+    SE_BLOCKS, ChannelSELayer, ChannelSpatialSELayer, QuickNAT, QuickNATConfig, SpatialSELayer,
+    WithSigmoid,
+)
+
+SMALL = dict(num_filters=6)
+DEFAULT_PARAMS = 3_549_272
+
+
+def small(unpool="indices", **kw):
+    torch.manual_seed(0)
+    return QuickNAT(QuickNATConfig(**{**SMALL, **kw}), unpool=unpool)
+
+
+def test_default_model_parameter_count_and_forward():
+    model = QuickNAT().eval()
+    n = sum(p.numel() for p in model.parameters())
+    print(f"QuickNAT default parameters: {n:,}")
+    assert n == DEFAULT_PARAMS
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (48, 80), (64, 16)])
+def test_output_shape(hw):
+    model = small().eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 1, *hw))
+    assert y.shape == (2, 1, *hw) and y.dtype == torch.float32
+
+
+def test_multichannel_multiclass_shape():
+    model = small(num_channels=3, num_class=2, kernel_h=3, kernel_w=7, se_block="SSE").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 48)).shape == (1, 2, 32, 48)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40, 32), (1, 1, 32, 24), (1, 2, 32, 32), (1, 32, 32)])
+def test_bad_input_shape_raises(shape):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        small()(torch.randn(shape))
+
+
+def test_dropout_train_vs_eval():
+    model = small(drop_out=0.5)
+    x = torch.randn(2, 1, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert not any(isinstance(m, torch.nn.Dropout2d) for m in small(drop_out=0.0).modules())
+
+
+@pytest.mark.parametrize("se", SE_BLOCKS)
+def test_se_block_variants(se):
+    model = small(se_block=se).eval()
+    kinds = {type(m) for m in model.modules()}
+    expected = {"NONE": set(), "CSE": {ChannelSELayer}, "SSE": {SpatialSELayer},
+                "CSSE": {ChannelSpatialSELayer, ChannelSELayer, SpatialSELayer}}[se]
+    assert kinds & {ChannelSELayer, SpatialSELayer, ChannelSpatialSELayer} == expected
+    assert type(model.bottleneck.se) is torch.nn.Identity  # reference applies no SE there
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_csse_is_max_of_channel_and_spatial_se():
+    torch.manual_seed(0)
+    layer, x = ChannelSpatialSELayer(8), torch.randn(2, 8, 5, 5)
+    assert torch.equal(layer(x), torch.maximum(layer.cSE(x), layer.sSE(x)))
+
+
+def test_config_round_trip_and_validation():
+    cfg = QuickNATConfig(num_filters=8, se_block="csse", drop_out=0)
+    assert cfg.se_block == "CSSE" and cfg.drop_out == 0.0 and cfg.size_divisor == 16
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert QuickNATConfig.from_dict(d) == cfg
+    assert QuickNATConfig.from_dict({}) == QuickNATConfig()
+    assert QuickNAT(d).config == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        QuickNATConfig.from_dict({**d, "num_classes": 2})
+    for bad in [dict(se_block="XSE"), dict(drop_out=1.0), dict(kernel_h=4), dict(num_filters=True),
+                dict(num_filters=0), dict(pool=2, stride_pool=1), dict(stride_conv=2),
+                dict(num_filters=1), dict(num_class=1.0)]:
+        with pytest.raises(ValueError):
+            QuickNATConfig(**bad)
+    with pytest.raises(ValueError):
+        small().set_unpool("scatter")
+
+
+def test_probabilities():
+    model = small().eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        p, logits = model.predict_proba(x), model(x)
+        assert torch.equal(p, torch.sigmoid(logits)) and torch.equal(WithSigmoid(model)(x), p)
+    assert ((p > 0) & (p < 1)).all()
+
+
+def _windows_with_ties(model, x):
+    """Count 2x2 windows of the encoder outputs (pool inputs) whose maximum is tied."""
+    outs = []
+    hooks = [e.register_forward_hook(lambda m, i, o: outs.append(o)) for e in model.encoders]
+    model(x)
+    for h in hooks:
+        h.remove()
+    ties = 0
+    for o in outs:
+        w = o.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+        ties += int(((w == w.amax(-1, keepdim=True)).sum(-1) > 1).sum())
+    return ties
+
+
+def _tie_heavy_inputs():
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 3, (2, 1, 4, 4), generator=g).float()
+    yield "random", torch.randn(2, 1, 32, 48, generator=g)
+    yield "constant", torch.full((2, 1, 32, 32), 0.7)
+    yield "piecewise-constant", blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)
+    yield "int-small-range", torch.randint(0, 2, (2, 1, 32, 32), generator=g).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_mask_unpool_model_equals_native(dtype):
+    model = small(se_block="CSSE").to(dtype).eval()
+    total_ties = 0
+    with torch.no_grad():
+        for name, x in _tie_heavy_inputs():
+            x = x.to(dtype)
+            ref = model.set_unpool("indices")(x)
+            total_ties += _windows_with_ties(model, x)
+            assert torch.equal(model.set_unpool("mask")(x), ref), name
+    assert total_ties > 100  # the comparison really exercises tied maxima
+
+
+def test_mask_unpool_model_equals_native_in_train_mode():
+    """Dropout2d zeroes whole channels -> all-tie windows; same RNG stream in both forms."""
+    model = small(drop_out=0.5).train()
+    x = torch.randn(2, 1, 32, 32)
+    outs = []
+    for mode in ("indices", "mask"):
+        torch.manual_seed(7)
+        outs.append(model.set_unpool(mode)(x))
+    assert torch.equal(*outs)
+
+
+# --- ONNX export (mask form) ------------------------------------------------------------------
+
+FORBIDDEN = {"ScatterND", "ScatterElements", "Scatter", "MaxUnpool", "ArgMax"}
+
+
+EXPORTERS = {"dynamo": 18, "torchscript": 17}  # exporter -> opset used
+
+
+def _export(model, path, height, width, opset=17, dynamo=False):
+    """Export ``WithSigmoid(model)`` in mask form with a dynamic batch axis.
+
+    torch 2.13: the dynamo exporter's lowest opset is 18; asked for 17 it tries a
+    down-conversion that fails (and ``onnx.version_converter`` writes an invalid
+    ReduceMean-17 with ``noop_with_empty_axes``), so use it at 18. The legacy TorchScript
+    exporter (``dynamo=False``, deprecated) still writes a valid opset-17 graph.
+    """
+    wrapped = WithSigmoid(model.set_unpool("mask")).eval()
+    x = torch.randn(2, model.config.num_channels, height, width)
+    if dynamo:
+        kw = dict(dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+    else:
+        kw = dict(dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        torch.onnx.export(wrapped, (x,), str(path), dynamo=dynamo, opset_version=opset,
+                          input_names=["image"], output_names=["probability"], **kw)
+
+
+@pytest.fixture(scope="module", params=list(EXPORTERS))
+def exported(request, tmp_path_factory):
+    onnx = pytest.importorskip("onnx")
+    if request.param == "dynamo":
+        pytest.importorskip("onnxscript")
+    model = small(se_block="CSSE").eval()
+    path = tmp_path_factory.mktemp("onnx") / f"quicknat_{request.param}.onnx"
+    _export(model, path, 32, 48, opset=EXPORTERS[request.param], dynamo=request.param == "dynamo")
+    return model, path, onnx.load(str(path)), EXPORTERS[request.param]
+
+
+def test_onnx_graph_is_plain(exported):
+    import onnx
+
+    _, path, proto, opset = exported
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    print("ONNX ops:", sorted(ops))
+    assert not ops & FORBIDDEN
+    assert "MaxPool" not in ops  # pooling is an element-wise Max of strided slices
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 48]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_matches_eager(exported, batch):
+    ort = pytest.importorskip("onnxruntime")
+    model, path, _, _ = exported
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 1, 32, 48)
+    with torch.no_grad():
+        ref = model.set_unpool("indices").predict_proba(x).numpy()
+    (out,) = sess.run(None, {"image": x.numpy()})
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
