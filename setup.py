@@ -4,6 +4,7 @@ Metadata lives in pyproject.toml; this file only describes what needs code: the 
 modules and the package layout of SPEC section 3.
 """
 import os
+import platform
 import sys
 
 import numpy as np
@@ -18,21 +19,37 @@ def _openmp_flags():
     return ["-fopenmp"], ["-fopenmp"]
 
 
+def _avx2_flags():
+    """Flags for a second build of every kernel with AVX2 (x86-64 only), chosen at import time by CPU."""
+    if os.environ.get("QNKIT_NO_AVX2") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if sys.platform == "win32":
+        return ["/arch:AVX2"]
+    return ["-mavx2", "-mfma", "-mf16c"]
+
+
 compile_omp, link_omp = _openmp_flags()
 # -ffp-contract=off keeps float rounding identical to the NumPy references (no fused multiply-add).
 compile_args = ["-O3", "-ffp-contract=off"] + compile_omp
+avx2 = _avx2_flags()
 
-extensions = [
-    Extension(
+
+def _extension(name, extra=()):
+    return Extension(
         f"qnkit._{name}",
         [f"csrc/_{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + list(extra),
         extra_link_args=link_omp,
     )
-    for name in ("preprocess", "metrics", "resample")
-]
+
+
+extensions = []
+for name in ("preprocess", "metrics", "resample"):
+    extensions.append(_extension(name))
+    if avx2 is not None:
+        extensions.append(_extension(f"{name}_avx2", avx2))
 
 setup(
     packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],

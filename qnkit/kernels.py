@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from qnkit import _metrics, _preprocess, _resample
+import importlib
+import types
 
 IMAGE_DTYPES = (np.int16, np.int32, np.uint16, np.float32)
 LABEL_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64)
@@ -19,6 +20,48 @@ TARGET_DTYPES = (np.uint8, np.int16, np.int32, np.int64)
 PROB_DTYPES = (np.uint8, np.float32)
 
 _num_threads = int(os.environ.get("QNKIT_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return {"avx2", "fma", "f16c"} <= set(flags)
+    except OSError:
+        features = getattr(getattr(np, "_core", None), "_multiarray_umath", None)
+        features = getattr(features, "__cpu_features__", {})
+        return all(features.get(name, False) for name in ("AVX2", "FMA3", "F16C"))
+
+
+def available_builds() -> list[str]:
+    """Compiled builds of the kernels this machine can run: "baseline", and "avx2" where supported."""
+    builds = ["baseline"]
+    if _cpu_has_avx2():
+        try:
+            importlib.import_module("qnkit._preprocess_avx2")
+            builds.append("avx2")
+        except ImportError:
+            pass
+    return builds
+
+
+def use_build(build: str) -> None:
+    """Run the kernels from one compiled build (default: the fastest this CPU supports).
+
+    QNKIT_KERNELS=baseline forces the portable build at import.
+    """
+    global _impl, BUILD
+    if build not in available_builds():
+        raise ValueError(f"kernel build {build!r} is not available here; available: {available_builds()}")
+    suffix = "" if build == "baseline" else f"_{build}"
+    _impl = types.SimpleNamespace(**{name: importlib.import_module(f"qnkit._{name}{suffix}")
+                                     for name in ("preprocess", "metrics", "resample")})
+    BUILD = build
+
+
+_impl: types.SimpleNamespace
+BUILD: str
+use_build(os.environ.get("QNKIT_KERNELS") or available_builds()[-1])
 
 
 def set_num_threads(n: int) -> None:
@@ -71,7 +114,7 @@ def downsample_image(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
     z, h, w = ct.shape
     out = np.empty((z, _half(h), _half(w)), dtype=np.float32)
     scratch = np.empty((z, w), dtype=np.float32)
-    _preprocess.downsample_image(ct, out, scratch, float(lo), float(hi), _exact_in_float32(ct.dtype, lo, hi),
+    _impl.preprocess.downsample_image(ct, out, scratch, float(lo), float(hi), _exact_in_float32(ct.dtype, lo, hi),
                                  _num_threads)
     return out
 
@@ -93,7 +136,7 @@ def downsample_labels(labels: np.ndarray) -> np.ndarray:
     labels = _volume(labels, "labels", LABEL_DTYPES)
     z, h, w = labels.shape
     out = np.empty((z, _half(h), _half(w)), dtype=np.uint8)
-    _preprocess.downsample_labels(labels, out, np.empty((z, w), dtype=np.uint8), _num_threads)
+    _impl.preprocess.downsample_labels(labels, out, np.empty((z, w), dtype=np.uint8), _num_threads)
     return out
 
 
@@ -108,7 +151,7 @@ def kidney_slice_range(labels: np.ndarray, margin: int = 20) -> tuple[int, int] 
     labels = _volume(labels, "labels", LABEL_DTYPES, contiguous=False)
     if not labels.dtype.isnative:
         labels = labels.astype(labels.dtype.newbyteorder("="))
-    first, last = _preprocess.first_last_foreground_slice(labels)
+    first, last = _impl.preprocess.first_last_foreground_slice(labels)
     if first < 0:
         return None
     return max(0, first - int(margin)), min(labels.shape[0], last + 1 + int(margin))
@@ -121,7 +164,7 @@ def class_weights(labels: np.ndarray) -> np.ndarray:
     """
     labels = _volume(labels, "labels", LABEL_DTYPES)
     counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
-    if not _preprocess.label_histogram(labels, counts, _num_threads):
+    if not _impl.preprocess.label_histogram(labels, counts, _num_threads):
         raise ValueError("labels must lie in [0, 255] for class weighting")
     return _median_frequency(counts.sum(axis=0))
 
@@ -145,13 +188,13 @@ def border_weights(labels: np.ndarray, omega0: float = 2.0) -> np.ndarray:
         raise ValueError(f"omega0 must be finite, got {omega0}")
     labels = _volume(labels, "labels", LABEL_DTYPES)
     counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
-    if not _preprocess.label_histogram(labels, counts, _num_threads):
+    if not _impl.preprocess.label_histogram(labels, counts, _num_threads):
         raise ValueError("labels must lie in [0, 255] for class weighting")
     totals = counts.sum(axis=0)
     lut = _median_frequency(totals)
     out = np.empty(labels.shape, dtype=np.float32)
     binary = not totals[2:].any()
-    _preprocess.border_weights(labels, lut, np.float32(omega0), out, binary, _num_threads)
+    _impl.preprocess.border_weights(labels, lut, np.float32(omega0), out, binary, _num_threads)
     return out
 
 
@@ -179,7 +222,7 @@ def dice(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5, smooth: f
         raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
     p = _flat(pred, "pred", PRED_DTYPES)
     t = _flat(target, "target", TARGET_DTYPES)
-    n_pred, n_target, n_both = _metrics.overlap_counts(p, t, float(threshold), _num_threads)
+    n_pred, n_target, n_both = _impl.metrics.overlap_counts(p, t, float(threshold), _num_threads)
     denominator = n_pred + n_target + smooth
     if denominator == 0:
         raise ValueError("dice is undefined for two empty masks with smooth=0")
@@ -204,5 +247,5 @@ def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: floa
         raise ValueError(f"output in-plane shape {(H, W)} does not fit a 2x upsampling of {(h, w)}")
     out = np.empty((z, H, W), dtype=np.uint8)
     scratch = np.empty((z, 3, w), dtype=np.float32)
-    _resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _num_threads)
+    _impl.resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _num_threads)
     return out

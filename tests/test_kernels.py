@@ -29,12 +29,17 @@ def blob_labels(shape):
             + ((w - c[2]) / max(1, shape[2] / 4)) ** 2 < 1).astype(np.uint8) * RNG.integers(1, 3)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"], autouse=True)
-def threads(request):
-    before = kernels.get_num_threads()
-    kernels.set_num_threads(request.param)
+@pytest.fixture(params=[(build, threads) for build in kernels.available_builds() for threads in (1, 2)],
+                ids=lambda p: f"{p[0]}-{p[1]}threads", autouse=True)
+def build_and_threads(request):
+    """Every test runs on each compiled build this CPU supports, single- and multi-threaded."""
+    build, threads = request.param
+    before = kernels.get_num_threads(), kernels.BUILD
+    kernels.use_build(build)
+    kernels.set_num_threads(threads)
     yield
-    kernels.set_num_threads(before)
+    kernels.set_num_threads(before[0])
+    kernels.use_build(before[1])
 
 
 # ---------------------------------------------------------------- downsample_image
@@ -276,3 +281,8 @@ def test_upsample_threshold_refuses_bad_input():
 def test_set_num_threads_validates():
     with pytest.raises(ValueError):
         kernels.set_num_threads(0)
+
+
+def test_use_build_refuses_unknown_build():
+    with pytest.raises(ValueError, match="not available"):
+        kernels.use_build("avx512-nonexistent")

@@ -13,6 +13,7 @@ def _system_info() -> dict:
     import numpy as np
 
     import qnkit
+    from qnkit import kernels
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -21,7 +22,8 @@ def _system_info() -> dict:
     except OSError:
         pass
     return {"qnkit": qnkit.__version__, "python": platform.python_version(), "numpy": np.__version__,
-            "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+            "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "kernel_build": kernels.BUILD, "kernel_threads": kernels.get_num_threads()}
 
 
 def command(
