@@ -1,17 +1,36 @@
-"""`qnkit synth`: synthetic CT cases in the KiTS19 layout (placeholder until qnkit.synth lands)."""
+"""`qnkit synth`: synthetic CT cases in the KiTS19 layout."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import typer
 
 
 def command(
-    out_dir: Path = typer.Argument(..., help="Folder to write case_XXXXX/ folders and kits.json into."),
-    cases: int = typer.Option(4, "--cases", min=1, help="Number of cases."),
-    size: int = typer.Option(512, "--size", min=32, help="In-plane size in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same cases."),
-    labels_from: Path = typer.Option(None, "--labels-from", help="Folder of real KiTS19 cases whose label geometry to use."),
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write case_XXXXX/{imaging,segmentation}.nii.gz and kits.json into (created if needed)."
+    ),
+    cases: int = typer.Option(4, "--cases", "-n", help="Number of cases (>= 1)."),
+    size: int = typer.Option(
+        512, "--size", help="In-plane size in pixels (even, >= 32); the body keeps its physical size."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed (>= 0); the same seed, size and case index give the same case."),
+    labels_from: Path = typer.Option(
+        None,
+        "--labels-from",
+        help="Folder of real KiTS19 cases (case_*/segmentation.nii.gz, optional kits.json) whose kidney and tumor "
+        "masks to build the phantoms around; cycled when --cases exceeds them.",
+    ),
+    kidneys: str = typer.Option("both", "--kidneys", help="Kidneys to keep: both, left or right (patient sides)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
-    """Write synthetic CT cases in the KiTS19 layout."""
+    """Write synthetic abdominal CT cases (int16 HU, labels 0/1/2) in the KiTS19 layout.
+
+    Each case has a body, spine, ribs, liver, spleen, bowel, vessels and two kidneys with cortex/medulla contrast and, in most cases, a tumor; kits.json lists case_id and radiographic_size (largest tumor diameter, cm) for every case.
+    """
     from qnkit.synth import write_dataset
 
-    write_dataset(out_dir, cases=cases, size=size, seed=seed, labels_from=labels_from)
+    folders = write_dataset(
+        out_dir, cases=cases, size=size, seed=seed, labels_from=labels_from, progress=progress, kidneys=kidneys
+    )
+    typer.echo(f"wrote {len(folders)} case(s) and kits.json to {out_dir}")
