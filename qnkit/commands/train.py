@@ -1,0 +1,62 @@
+"""`qnkit train`: train QuickNAT on a KiTS19-layout folder (also under torchrun)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def command(
+    data: Path = typer.Option(None, "--data", help="KiTS19-layout folder: case_XXXXX/{imaging,segmentation}.nii.gz "
+                                                   "(+ kits.json). Optional with --resume."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, logs, splits, cache)."),
+    settings: str = typer.Option(None, "--settings", help="Settings .ini file, or a preset: local | cluster."),
+    epochs: int = typer.Option(None, "--epochs", help="[TRAINING] epochs."),
+    num_filters: int = typer.Option(None, "--num-filters", help="[NETWORK] num_filters."),
+    micro_batch: int = typer.Option(None, "--micro-batch", help="[TRAINING] micro_batch (slices per forward pass)."),
+    effective_batch: int = typer.Option(None, "--effective-batch", help="[TRAINING] effective_batch (all ranks)."),
+    lr: float = typer.Option(None, "--lr", help="[TRAINING] lr."),
+    device: str = typer.Option(None, "--device", help="[COMMON] device: cpu | cuda | auto."),
+    seed: int = typer.Option(None, "--seed", help="[COMMON] seed (splits, initialisation, shuffling)."),
+    num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="[DATA] cache_dir for the preprocessed .npy cache."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision (CUDA only)."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="[COMMON] progress bar."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out (removes its checkpoints "
+                                                      "and logs; keeps the cache)."),
+) -> None:
+    """Train QuickNAT (alpha*Dice + beta*weighted BCE, Adam, StepLR, early stopping) and keep the best checkpoint.
+
+    Settings come from the dataclass defaults, then --settings, then these options. Under
+    `torchrun --nproc_per_node=N -m qnkit train ...` it trains with DistributedDataParallel.
+    """
+    from rich.console import Console
+
+    from qnkit.errors import QnkitInputError
+    from qnkit.train import distributed as dist
+    from qnkit.train.runner import resume_settings, train
+    from qnkit.train.settings import load_settings
+
+    overrides = {
+        ("TRAINING", "epochs"): epochs, ("NETWORK", "num_filters"): num_filters,
+        ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
+        ("TRAINING", "lr"): lr, ("COMMON", "device"): device, ("COMMON", "seed"): seed,
+        ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
+        ("COMMON", "progress"): progress,
+    }
+    if resume and force:
+        raise QnkitInputError("--resume and --force exclude each other")
+    if resume:
+        if settings is not None:
+            raise QnkitInputError("--settings cannot be used with --resume (the run's settings.ini is used)")
+        cfg = resume_settings(out, overrides)
+    else:
+        cfg = load_settings(settings, overrides)
+    console = Console(stderr=True) if dist.from_env().is_main else None
+    summary = train(data, out, cfg, resume=resume, force=force, console=console)
+    if console is not None:
+        state = "stopped early" if summary["stopped_early"] else "finished"
+        console.print(f"{state} after {summary['epoch']} epoch(s) in {summary['seconds']:.1f} s; best validation "
+                      f"Dice {summary['best_dice']:.4f} (epoch {summary['best_epoch']}); checkpoints in "
+                      f"{out / 'checkpoints'}")

@@ -1,0 +1,152 @@
+"""Data: discovery, splits, filter rule, the .npy cache and the slice dataset."""
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from qnkit.errors import QnkitInputError
+from qnkit.train import data as D
+from qnkit.train.dataset import SliceDataset
+from qnkit.train.settings import DataSettings
+
+
+def _copy_cases(src, dst, ids):
+    dst.mkdir(parents=True, exist_ok=True)
+    for cid in ids:
+        shutil.copytree(src / cid, dst / cid)
+    return dst
+
+
+def test_discover_reads_kits_json_and_accepts_plain_nii(synth_dataset, tmp_path):
+    cases = D.discover_cases(synth_dataset)
+    assert [c.case_id for c in cases] == [f"case_{i:05d}" for i in range(8)]
+    assert all(c.radiographic_size_cm is not None for c in cases)
+    data = _copy_cases(synth_dataset, tmp_path / "d", ["case_00000"])
+    for name in ("imaging", "segmentation"):
+        gz = data / "case_00000" / f"{name}.nii.gz"
+        (data / "case_00000" / f"{name}.nii").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    (found,) = D.discover_cases(data)
+    assert found.image.name == "imaging.nii" and found.radiographic_size_cm is None
+
+
+def test_discover_errors(tmp_path, synth_dataset):
+    with pytest.raises(QnkitInputError, match="not found"):
+        D.discover_cases(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QnkitInputError, match="no KiTS19 cases"):
+        D.discover_cases(tmp_path / "empty")
+    data = _copy_cases(synth_dataset, tmp_path / "d", ["case_00000", "case_00001"])
+    (data / "case_00001" / "segmentation.nii.gz").unlink()
+    with pytest.raises(QnkitInputError, match="case_00001"):
+        D.discover_cases(data)
+    (data / "case_00001" / "segmentation.nii.gz").write_bytes(b"")
+    (data / "kits.json").write_text("{not json")
+    with pytest.raises(QnkitInputError, match="kits.json"):
+        D.discover_cases(data)
+
+
+def test_splits_are_deterministic_disjoint_and_80_20():
+    cases = [D.Case(f"case_{i:05d}", None, None) for i in range(20)]
+    pool, test = D.split_test(cases, 0.2, seed=3)
+    assert len(test) == 4 and len(pool) == 16
+    assert (pool, test) == D.split_test(list(reversed(cases)), 0.2, seed=3)
+    assert test != D.split_test(cases, 0.2, seed=4)[1]
+    train, val = D.split_train_val([c.case_id for c in pool], 0.2, seed=3)
+    assert len(val) == 3 and len(train) == 13
+    assert not set(train) & set(val) and not (set(train) | set(val)) & {c.case_id for c in test}
+    small_pool, small_test = D.split_test(cases[:3], 0.2, seed=0)
+    assert len(small_test) == 1 and len(small_pool) == 2
+    with pytest.raises(QnkitInputError):
+        D.split_train_val(["case_00000"], 0.2, seed=0)
+
+
+def test_filter_rule_records_reasons():
+    cases = [D.Case("a", None, None, 2.0), D.Case("b", None, None, 12.0), D.Case("c", None, None, None)]
+    entries = {"a": D.CacheEntry("a", None, 10, 100, 10), "b": D.CacheEntry("b", None, 10, 100, 10),
+               "c": D.CacheEntry("c", None, 10, 100, 150)}
+    rule = DataSettings(max_radiographic_size_cm=10.0, max_tumor_kidney_ratio=1.0)
+    kept, filtered = D.apply_filter(entries, cases, rule)
+    assert kept == ["a"]
+    reasons = {f["case_id"]: f["reason"] for f in filtered}
+    assert "radiographic_size" in reasons["b"] and "ratio" in reasons["c"]
+    kept, filtered = D.apply_filter(entries, cases, DataSettings(max_tumor_kidney_ratio=None))
+    assert kept == ["a", "b", "c"] and not filtered
+
+
+def test_cache_is_reused_and_rebuilt_when_sources_or_params_change(synth_dataset, tmp_path):
+    from qnkit import io as qio
+    from qnkit import kernels
+
+    data = _copy_cases(synth_dataset, tmp_path / "d", ["case_00000", "case_00001"])
+    cases = D.discover_cases(data)
+    params = D.PreprocessParams(-200.0, 400.0, 2, 2.0)
+    built = []
+    entries = D.build_cache(cases, params, tmp_path / "cache", progress=built.append)
+    e = entries["case_00000"]
+    labels, _ = qio.load_labels(cases[0].labels)
+    start, stop = kernels.kidney_slice_range(labels, 2)
+    image = np.load(e.path("image"))
+    assert image.dtype == np.float32 and image.shape == (stop - start, 32, 32) and e.num_slices == stop - start
+    lab = np.load(e.path("labels"))
+    np.testing.assert_array_equal(lab, kernels.downsample_labels(np.ascontiguousarray(labels[start:stop])))
+    np.testing.assert_array_equal(np.load(e.path("weights")), kernels.border_weights(lab, 2.0))
+    assert e.kidney_voxels == int((labels == 1).sum()) and e.tumor_voxels == int((labels == 2).sum())
+
+    stamp = e.path("image").stat().st_mtime_ns
+    D.build_cache(cases, params, tmp_path / "cache")
+    assert e.path("image").stat().st_mtime_ns == stamp  # reused
+    st = cases[0].labels.stat()
+    os.utime(cases[0].labels, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # source changed
+    D.build_cache(cases, params, tmp_path / "cache")
+    assert e.path("image").stat().st_mtime_ns != stamp
+    (e.folder / "manifest.json").unlink()  # as if killed mid-write: never used, rebuilt
+    with pytest.raises(RuntimeError):
+        D.cached_entries(cases, params, tmp_path / "cache")
+    D.build_cache(cases, params, tmp_path / "cache")
+    assert D.cached_entries(cases, params, tmp_path / "cache")["case_00000"].num_slices == e.num_slices
+    other = D.build_cache(cases, D.PreprocessParams(-100.0, 400.0, 2, 2.0), tmp_path / "cache")
+    assert other["case_00000"].folder != e.folder
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+
+
+def write_mismatched_case(src, dst):
+    """Copy of case_00000 whose labels lack the last slice (image and labels shapes differ)."""
+    import nibabel as nib
+
+    data = _copy_cases(src, dst, ["case_00000"])
+    seg = data / "case_00000" / "segmentation.nii.gz"
+    img = nib.load(seg)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-1], img.affine, img.header), seg)
+    return data
+
+
+def test_mismatched_image_and_labels_are_refused(synth_dataset, tmp_path):
+    data = write_mismatched_case(synth_dataset, tmp_path / "d")
+    with pytest.raises(QnkitInputError, match="shape"):
+        D.build_cache(D.discover_cases(data), D.PreprocessParams(-200.0, 400.0, 20, 2.0), tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_slice_dataset_maps_indices_and_pads(tmp_path):
+    entries = []
+    for v, (z, h, w) in enumerate([(3, 20, 24), (2, 20, 24)]):
+        folder = tmp_path / f"v{v}"
+        folder.mkdir()
+        np.save(folder / "image.npy", np.full((z, h, w), v + 1, np.float32) * np.arange(z)[:, None, None])
+        np.save(folder / "labels.npy", np.ones((z, h, w), np.uint8))
+        np.save(folder / "weights.npy", np.full((z, h, w), 2.0, np.float32))
+        entries.append(D.CacheEntry(f"v{v}", folder, z, 0, 0))
+    ds = SliceDataset(entries, pad_multiple=16)
+    assert len(ds) == 5
+    assert [ds.locate(i) for i in range(5)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    x, y, w, vol = ds[4]
+    assert x.shape == y.shape == w.shape == (1, 32, 32) and vol == 1
+    assert float(x[0, 0, 0]) == 2.0 and float(x[0, 20:].abs().sum()) == 0
+    assert float(w[0, :20, :24].min()) == 2.0 and float(w[0, :, 24:].max()) == 0.0
+    with pytest.raises(IndexError):
+        ds[5]
+    assert list(ds.volume_slices(1)) == [3, 4]

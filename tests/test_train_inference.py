@@ -1,0 +1,49 @@
+"""qnkit.inference: torch-free segmentation path shared by evaluate and segment."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qnkit import kernels
+from qnkit.inference import pad_slices, padded_size, predict_volume, segment_volume
+
+
+def test_pad_slices_pads_bottom_right_with_zeros():
+    x = np.ones((2, 5, 17), np.float32)
+    y = pad_slices(x, 16)
+    assert y.shape == (2, 16, 32)
+    assert y[:, :5, :17].min() == 1 and y[:, 5:].max() == 0 and y[:, :, 17:].max() == 0
+    assert pad_slices(np.ones((1, 16, 32)), 16).shape == (1, 16, 32)
+    assert padded_size(256, 16) == 256 and padded_size(33, 16) == 48
+
+
+@pytest.mark.parametrize("shape", [(5, 64, 64), (3, 50, 70), (4, 33, 31)])
+def test_segment_volume_with_a_threshold_backend(shape):
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+    seen = []
+
+    def predict_batch(x):  # "kidney" wherever the windowed image is bright
+        assert x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 1
+        assert x.shape[2] % 16 == 0 and x.shape[3] % 16 == 0
+        seen.append(len(x))
+        return (x > 0.5).astype(np.float32)
+
+    mask, probs = segment_volume(ct, predict_batch, hu_window=(-200, 400), batch_size=2)
+    half = kernels.downsample_image(ct, -200, 400)
+    assert probs.shape == half.shape and probs.dtype == np.float32
+    np.testing.assert_array_equal(probs, (half > 0.5).astype(np.float32))
+    assert mask.shape == shape and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, kernels.upsample_threshold(probs, shape[1:], 0.5))
+    assert sum(seen) == shape[0] and max(seen) <= 2
+
+
+def test_predict_volume_checks_backend_shape():
+    with pytest.raises(ValueError, match="shape"):
+        predict_volume(np.zeros((2, 16, 16), np.float32), lambda x: x[:, :, :8])
+
+
+def test_inference_imports_no_torch():
+    code = "import sys, qnkit.inference; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

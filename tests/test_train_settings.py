@@ -1,0 +1,65 @@
+"""Settings: defaults, .ini parsing, presets, overrides and clear errors."""
+import pytest
+
+from qnkit.errors import QnkitInputError
+from qnkit.train.settings import PRESETS, Settings, load_settings, read_ini
+
+
+def test_defaults_are_the_reports():
+    s = Settings()
+    assert (s.data.hu_lo, s.data.hu_hi, s.data.slice_margin, s.data.omega0) == (-200, 400, 20, 2.0)
+    assert (s.data.test_fraction, s.data.val_fraction) == (0.2, 0.2)
+    t = s.training
+    assert (t.effective_batch, t.lr, t.beta1, t.beta2, t.eps) == (16, 1e-3, 0.9, 0.999, 1e-8)
+    assert (t.step_size, t.gamma, t.alpha, t.beta, t.early_stop_patience) == (50, 0.5, 1.0, 0.5, 2)
+    assert s.network.num_filters == 64 and s.network.se_block == "CSSE" and s.network.drop_out == 0.2
+    assert s.eval.threshold == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_parse(name):
+    s = load_settings(name)
+    assert s.network.num_filters == 64
+    if name == "cluster":
+        assert s.common.device == "cuda" and s.common.dist_backend == "nccl"
+
+
+def test_ini_and_overrides(tmp_path):
+    ini = tmp_path / "s.ini"
+    ini.write_text("[TRAINING]\nepochs = 7\namp = yes\n[DATA]\nmax_tumor_kidney_ratio =\nhu_lo = -100\n")
+    s = load_settings(ini, {("TRAINING", "epochs"): 3, ("NETWORK", "num_filters"): 8, ("COMMON", "seed"): None})
+    assert s.training.epochs == 3 and s.training.amp is True and s.network.num_filters == 8
+    assert s.data.max_tumor_kidney_ratio is None and s.data.hu_lo == -100.0
+    again = Settings.from_dict(s.to_dict())
+    assert again == s
+    (tmp_path / "round.ini").write_text(s.to_ini())
+    assert read_ini(tmp_path / "round.ini") == s
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[TRAINNG]\nepochs = 3\n", ["TRAINNG", "unknown section"]),
+    ("[TRAINING]\nepoch = 3\n", ["[TRAINING]", "epoch", "unknown key"]),
+    ("[TRAINING]\nepochs = three\n", ["[TRAINING]", "epochs", "integer"]),
+    ("[TRAINING]\nepochs = 0\n", ["[TRAINING]", "epochs", ">= 1"]),
+    ("[DATA]\nhu_hi = -500\n", ["[DATA]", "hu_hi"]),
+    ("[TRAINING]\namp = maybe\n", ["amp", "boolean"]),
+    ("[TRAINING]\nlr = nan\n", ["lr", "finite"]),
+    ("no section header\n", ["not a valid .ini"]),
+])
+def test_bad_settings_name_file_section_key(tmp_path, text, words):
+    ini = tmp_path / "bad.ini"
+    ini.write_text(text)
+    with pytest.raises(QnkitInputError) as err:
+        load_settings(ini)
+    message = str(err.value)
+    assert str(ini) in message
+    for word in words:
+        assert word in message
+    assert "\n" not in message
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(QnkitInputError, match="not found"):
+        load_settings(tmp_path / "nope.ini")
+    with pytest.raises(QnkitInputError, match="device"):
+        load_settings(None, {("COMMON", "device"): "tpu"})

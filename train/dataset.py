@@ -1,0 +1,61 @@
+"""Map-style slice dataset over the preprocessed `.npy` cache (the report's NiftiData).
+
+`__len__` is the total number of slices; `__getitem__(i)` finds the volume with a bisect over the
+cumulative slice counts and reads just that slice through `np.load(..., mmap_mode='r')`, so memory
+stays flat however many volumes there are. Slices are zero-padded to a multiple of 16 exactly as
+`qnkit.inference` pads at prediction time; padded pixels get loss weight 0.
+"""
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from qnkit.inference import pad_slices
+
+
+class SliceDataset(Dataset):
+    """Slices of several cached volumes. Items: (image (1,h,w), label (1,h,w), weight (1,h,w), volume index)."""
+
+    def __init__(self, entries: list, pad_multiple: int = 16):
+        self.entries = list(entries)
+        self.pad_multiple = pad_multiple
+        counts = [int(e.num_slices) for e in self.entries]
+        self.offsets = np.cumsum([0] + counts).tolist()  # offsets[v] = first global index of volume v
+        self._maps: dict[int, tuple] = {}  # opened lazily, per process (DataLoader workers included)
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global slice index -> (volume index, slice index within the volume)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"slice index {index} out of range [0, {len(self)})")
+        volume = bisect.bisect_right(self.offsets, index) - 1
+        return volume, index - self.offsets[volume]
+
+    def _arrays(self, volume: int) -> tuple:
+        maps = self._maps.get(volume)
+        if maps is None:
+            entry = self.entries[volume]
+            maps = tuple(np.load(entry.path(name), mmap_mode="r") for name in ("image", "labels", "weights"))
+            self._maps[volume] = maps
+        return maps
+
+    def __getitem__(self, index: int):
+        volume, z = self.locate(int(index))
+        image, labels, weights = self._arrays(volume)
+        m = self.pad_multiple
+        x, y, w = (torch.from_numpy(pad_slices(np.array(a[z], dtype=np.float32), m))[None]
+                   for a in (image, labels, weights))  # np.array copies out of the read-only map
+        return x, y, w, volume
+
+    def __getstate__(self):  # memory maps are not sent to worker processes; they reopen them
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def volume_slices(self, volume: int) -> range:
+        return range(self.offsets[volume], self.offsets[volume + 1])

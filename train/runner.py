@@ -1,0 +1,244 @@
+"""`qnkit train` end to end: run folder, splits, cache, model, solver; single process or torchrun.
+
+RUN_DIR after a run:
+    settings.ini            effective settings (defaults <- .ini <- command line)
+    evaluation_data.json    the test split (never read by training)
+    splits.json             train / validation / test / filtered cases (with reasons), preprocessing
+    cache/                  preprocessed .npy cache (unless [DATA] cache_dir points elsewhere)
+    checkpoints/{best,last} see qnkit.train.checkpoint
+    tensorboard/{train,validation,evaluation}
+    metrics.jsonl           one JSON line per epoch
+A run that fails before its first epoch (bad data, bad settings) removes the folder it created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from qnkit.errors import QnkitInputError
+from qnkit.train import checkpoint as ckpt
+from qnkit.train import data as D
+from qnkit.train import distributed as dist
+from qnkit.train.dataset import SliceDataset
+from qnkit.train.settings import Settings, read_ini
+from qnkit.train.solver import Solver, count_parameters, seed_everything
+from qnkit.train.tb_logging import Logger
+
+ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard")
+RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
+                     ("COMMON", "progress")}
+
+
+def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise QnkitInputError("device cuda requested but no CUDA device is available (use --device cpu)")
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def network_config(settings: Settings):
+    """The QuickNATConfig of [NETWORK]; invalid combinations become QnkitInputError."""
+    from qnkit.nn.quicknat import QuickNATConfig
+
+    try:
+        cfg = QuickNATConfig.from_dict(dataclasses.asdict(settings.network))
+    except ValueError as exc:
+        raise QnkitInputError(f"[NETWORK]: {exc}") from None
+    if settings.data.pad_multiple % cfg.size_divisor:
+        raise QnkitInputError(f"[DATA] pad_multiple = {settings.data.pad_multiple} must be a multiple of "
+                              f"{cfg.size_divisor} (the network pools 4 times by {cfg.pool})")
+    return cfg
+
+
+def resume_settings(run_dir: Path, overrides: dict) -> Settings:
+    """The run's own settings.ini, with only the overrides that make sense mid-run."""
+    path = run_dir / "settings.ini"
+    if not path.is_file() or not (run_dir / "checkpoints").is_dir():
+        raise QnkitInputError(f"{run_dir}: nothing to resume (no settings.ini or checkpoints/)")
+    settings = read_ini(path)
+    current = settings.to_dict()
+    for (section, key), value in overrides.items():
+        if value is None:
+            continue
+        if (section, key) not in RESUME_CHANGEABLE:
+            probe = Settings.from_dict(current)
+            probe.set(section, key, value, "command line")
+            if probe.to_dict()[section][key] != current[section][key]:
+                raise QnkitInputError(f"cannot change [{section}] {key} when resuming ({run_dir}/settings.ini "
+                                      f"has {current[section][key]!r})")
+            continue
+        settings.set(section, key, value, "command line")
+    settings.validate("command line")
+    return settings
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> str:
+    """Check RUN_DIR; return 'new' / 'empty' when this run starts it (a failed start then cleans up)."""
+    if resume:
+        if not run_dir.is_dir():
+            raise QnkitInputError(f"{run_dir}: no such run folder to resume")
+        return "resume"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QnkitInputError(f"{run_dir} exists and is not a folder")
+    if not run_dir.exists():
+        return "new"
+    if any(run_dir.iterdir()):
+        if not force:
+            raise QnkitInputError(f"{run_dir} exists and is not empty (use --resume to continue it, "
+                                  f"--force to start over)")
+        return "forced"
+    return "empty"
+
+
+def _undo_start(run_dir: Path, state: str) -> None:
+    """Remove what a failed start wrote into a run folder that was new or empty."""
+    if state == "new":
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif state == "empty" and run_dir.is_dir():
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _clear_artefacts(run_dir: Path) -> None:
+    for name in ARTEFACTS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _cache_root(settings: Settings, run_dir: Path) -> Path:
+    c = settings.data.cache_dir
+    return run_dir / "cache" if not c else (Path(c) if os.path.isabs(c) else run_dir / c)
+
+
+def _set_threads(settings: Settings, info: dist.DistInfo) -> None:
+    n = settings.common.num_threads or max(1, (os.cpu_count() or 1) // max(info.local_world_size, 1))
+    torch.set_num_threads(n)
+
+
+def _deterministic(device: torch.device) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Max-unpooling with non-overlapping pools writes each output once, so it is deterministic in practice.
+    warnings.filterwarnings("ignore", message="max_unpooling2d.*deterministic")
+    torch.backends.cudnn.benchmark = False
+
+
+def _on_main(info: dist.DistInfo, fn):
+    """Run fn on rank 0; other ranks wait, and an input error there is raised on every rank."""
+    error, result = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except QnkitInputError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise QnkitInputError(error)
+    return result
+
+
+def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: bool = False, force: bool = False,
+          console=None) -> dict:
+    """Train (or resume) a run; returns a summary dict (best Dice, epochs, parameters, seconds)."""
+    started = time.perf_counter()
+    info = dist.from_env()
+    run_dir = Path(run_dir)
+    device = resolve_device(settings.common.device, info)
+    cfg = network_config(settings)
+    start_state = _prepare_run_dir(run_dir, resume, force) if info.is_main else "other-rank"
+    dist.init(info, device, settings.common.dist_backend)
+    params = D.PreprocessParams.from_settings(settings.data)
+    try:
+        if resume:
+            try:
+                splits = json.loads((run_dir / "splits.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise QnkitInputError(f"{run_dir}/splits.json: cannot resume without it ({exc})") from None
+            data_dir = Path(data_dir or splits["data_dir"])
+            by_id = {c.case_id: c for c in D.discover_cases(data_dir)}
+            missing = [i for i in splits["train"] + splits["validation"] if i not in by_id]
+            if missing:
+                raise QnkitInputError(f"{data_dir}: cases of this run are missing: {', '.join(missing[:5])}")
+            train_ids, val_ids = splits["train"], splits["validation"]
+            pool = [by_id[i] for i in train_ids + val_ids]
+            filtered = splits["filtered"]
+        else:
+            if data_dir is None:
+                raise QnkitInputError("--data is required")
+            cases = D.discover_cases(data_dir)
+            pool, test = D.split_test(cases, settings.data.test_fraction, settings.common.seed)
+        cache_root = _cache_root(settings, run_dir)
+
+        def build():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            D.build_cache(pool, params, cache_root,
+                          progress=(lambda cid: console.log(f"cached {cid}")) if console else None)
+            if start_state == "forced":
+                _clear_artefacts(run_dir)  # only once the data are known to be good
+
+        _on_main(info, build)
+        dist.barrier()
+        entries = D.cached_entries(pool, params, cache_root)
+        if not resume:
+            kept, filtered = D.apply_filter(entries, pool, settings.data)
+            train_ids, val_ids = D.split_train_val(kept, settings.data.val_fraction, settings.common.seed)
+            if info.is_main:
+                D.write_splits(run_dir, data_dir=Path(data_dir), seed=settings.common.seed, test=test,
+                               train=train_ids, val=val_ids, filtered=filtered, params=params)
+                from qnkit._atomic import write_text_atomic
+
+                write_text_atomic(run_dir / "settings.ini", settings.to_ini())
+    except BaseException:
+        if info.is_main:
+            _undo_start(run_dir, start_state)
+        raise
+    _set_threads(settings, info)  # process-wide torch settings: only once the input is known to be good
+    if settings.common.deterministic:
+        _deterministic(device)
+    train_ds = SliceDataset([entries[i] for i in train_ids], settings.data.pad_multiple)
+    val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple)
+    if info.is_main and console is not None:
+        console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "
+                      f"{len(filtered)} filtered; world size {info.world_size}, device {device}")
+
+    seed_everything(settings.common.seed)
+    model = ckpt.build_model(cfg.to_dict())
+    meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
+            "preprocessing": {**dataclasses.asdict(params), "downsample": 2, "pad_multiple": settings.data.pad_multiple,
+                              "pad_value": 0.0, "threshold": settings.eval.threshold},
+            "data": {"train": train_ids, "validation": val_ids, "filtered": filtered}}
+    last_epoch = None
+    if resume:
+        folder = ckpt.locate(run_dir, "last")
+        last_epoch = ckpt.read_meta(folder)["epoch"]
+    logger = Logger(run_dir, log_dir=settings.common.log_dir, enabled=info.is_main, purge_after=last_epoch)
+    try:
+        solver = Solver(model, settings, device=device, info=info, run_dir=run_dir, meta=meta, logger=logger)
+        if resume:
+            solver.resume_from(folder)
+        if info.is_main and console is not None:
+            t = settings.training
+            console.print(f"QuickNAT {meta['parameters']:,} parameters; micro-batch {t.micro_batch} x "
+                          f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
+                          f"{t.micro_batch * solver.accum * info.world_size}")
+        loop = solver.fit(train_ds, val_ds, console)
+    finally:
+        logger.close()
+        dist.barrier()
+        dist.shutdown()
+    return {**loop, "parameters": meta["parameters"], "seconds": time.perf_counter() - started,
+            "train_cases": len(train_ids), "val_cases": len(val_ids), "world_size": info.world_size}

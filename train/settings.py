@@ -1,0 +1,271 @@
+"""Training settings: typed dataclasses with the report's defaults, read from `.ini` files.
+
+The report keeps its settings in two `.ini` files (local machine, cluster) with sections for
+common, data, network, training and evaluation settings. Every key has a typed default here, so an
+`.ini` only lists what differs; command-line options override both. Unknown sections or keys and
+values that do not parse or are out of range raise QnkitInputError naming file, section and key,
+because a silently ignored typo in a training configuration costs hours.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import io
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from qnkit.errors import QnkitInputError
+
+HERE = Path(__file__).resolve().parent
+PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini"}
+
+
+@dataclass
+class CommonSettings:
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    num_workers: int = 0
+    log_dir: str = ""  # TensorBoard folder; "" -> RUN_DIR/tensorboard; relative paths are under RUN_DIR
+    deterministic: bool = True
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    num_threads: int = 0  # torch intra-op threads per process; 0 -> cores / local processes
+    progress: bool = True
+
+
+@dataclass
+class DataSettings:
+    hu_lo: float = -200.0
+    hu_hi: float = 400.0
+    slice_margin: int = 20
+    omega0: float = 2.0
+    # Filter rule for cases whose tumor distorts the kidney (either limit; empty = no limit).
+    max_radiographic_size_cm: typing.Optional[float] = None
+    max_tumor_kidney_ratio: typing.Optional[float] = 1.0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    cache_dir: str = ""  # "" -> RUN_DIR/cache; relative paths are under RUN_DIR
+    pad_multiple: int = 16
+
+
+@dataclass
+class NetworkSettings:
+    num_channels: int = 1
+    num_filters: int = 64
+    kernel_h: int = 5
+    kernel_w: int = 5
+    kernel_c: int = 1
+    stride_conv: int = 1
+    pool: int = 2
+    stride_pool: int = 2
+    num_class: int = 1
+    se_block: str = "CSSE"
+    drop_out: float = 0.2
+
+
+@dataclass
+class TrainingSettings:
+    epochs: int = 20
+    micro_batch: int = 4
+    effective_batch: int = 16
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    step_size: int = 50
+    gamma: float = 0.5
+    alpha: float = 1.0  # weight of the Dice loss
+    beta: float = 0.5  # weight of the weighted BCE loss
+    early_stop_patience: int = 2  # stop when the validation loss rose for more than this many epochs in a row
+    amp: bool = False  # mixed precision; used on CUDA only
+    log_images: int = 4  # slices shown for the best and worst batch; 0 = no images
+
+
+@dataclass
+class EvalSettings:
+    threshold: float = 0.5
+    batch_size: int = 16
+    checkpoint: str = "best"  # best | last
+
+
+SECTIONS = {
+    "COMMON": ("common", CommonSettings),
+    "DATA": ("data", DataSettings),
+    "NETWORK": ("network", NetworkSettings),
+    "TRAINING": ("training", TrainingSettings),
+    "EVAL": ("eval", EvalSettings),
+}
+
+
+@dataclass
+class Settings:
+    common: CommonSettings = field(default_factory=CommonSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, attr)) for name, (attr, _) in SECTIONS.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "settings") -> "Settings":
+        out = cls()
+        for section, values in data.items():
+            for key, value in values.items():
+                out.set(section, key, value, source)
+        out.validate(source)
+        return out
+
+    def to_ini(self) -> str:
+        parser = configparser.ConfigParser(interpolation=None)
+        for section, values in self.to_dict().items():
+            parser[section] = {k: "" if v is None else str(v) for k, v in values.items()}
+        buf = io.StringIO()
+        parser.write(buf)
+        return buf.getvalue()
+
+    def set(self, section: str, key: str, value, source: str) -> None:
+        """Set one value, parsing strings by the field's type; errors name source, section and key."""
+        section = section.upper()
+        if section not in SECTIONS:
+            raise QnkitInputError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        attr, klass = SECTIONS[section]
+        hints = typing.get_type_hints(klass)
+        key = key.lower()
+        if key not in hints:
+            known = ", ".join(f.name for f in fields(klass))
+            raise QnkitInputError(f"{source}: unknown key '{key}' in [{section}] (known: {known})")
+        try:
+            parsed = _parse(value, hints[key])
+        except ValueError as exc:
+            raise QnkitInputError(f"{source}: [{section}] {key} = {value!r}: {exc}") from None
+        setattr(getattr(self, attr), key, parsed)
+
+    def validate(self, source: str = "settings") -> None:
+        """Range checks that parsing alone cannot do."""
+        c, d, n, t, e = self.common, self.data, self.network, self.training, self.eval
+        checks = [
+            ("COMMON", "device", c.device in ("cpu", "cuda", "auto"), "must be cpu, cuda or auto"),
+            ("COMMON", "num_workers", c.num_workers >= 0, "must be >= 0"),
+            ("COMMON", "dist_backend", c.dist_backend in ("auto", "nccl", "gloo"), "must be auto, nccl or gloo"),
+            ("COMMON", "num_threads", c.num_threads >= 0, "must be >= 0"),
+            ("DATA", "hu_hi", d.hu_hi > d.hu_lo, "must be greater than hu_lo"),
+            ("DATA", "slice_margin", d.slice_margin >= 0, "must be >= 0"),
+            ("DATA", "omega0", d.omega0 >= 0, "must be >= 0"),
+            ("DATA", "max_radiographic_size_cm", d.max_radiographic_size_cm is None or d.max_radiographic_size_cm > 0,
+             "must be > 0 or empty"),
+            ("DATA", "max_tumor_kidney_ratio", d.max_tumor_kidney_ratio is None or d.max_tumor_kidney_ratio > 0,
+             "must be > 0 or empty"),
+            ("DATA", "test_fraction", 0 <= d.test_fraction < 1, "must be in [0, 1)"),
+            ("DATA", "val_fraction", 0 < d.val_fraction < 1, "must be in (0, 1)"),
+            ("DATA", "pad_multiple", d.pad_multiple >= 1, "must be >= 1"),
+            ("NETWORK", "num_channels", n.num_channels == 1, "must be 1 (CT has one channel)"),
+            ("NETWORK", "num_filters", n.num_filters >= 1, "must be >= 1"),
+            ("NETWORK", "num_class", n.num_class == 1, "must be 1 (kidney vs background, sigmoid output)"),
+            ("NETWORK", "drop_out", 0 <= n.drop_out < 1, "must be in [0, 1)"),
+            ("TRAINING", "epochs", t.epochs >= 1, "must be >= 1"),
+            ("TRAINING", "micro_batch", t.micro_batch >= 1, "must be >= 1"),
+            ("TRAINING", "effective_batch", t.effective_batch >= 1, "must be >= 1"),
+            ("TRAINING", "lr", t.lr > 0, "must be > 0"),
+            ("TRAINING", "beta1", 0 <= t.beta1 < 1, "must be in [0, 1)"),
+            ("TRAINING", "beta2", 0 <= t.beta2 < 1, "must be in [0, 1)"),
+            ("TRAINING", "eps", t.eps > 0, "must be > 0"),
+            ("TRAINING", "step_size", t.step_size >= 1, "must be >= 1"),
+            ("TRAINING", "gamma", t.gamma > 0, "must be > 0"),
+            ("TRAINING", "alpha", t.alpha >= 0, "must be >= 0"),
+            ("TRAINING", "beta", t.beta >= 0, "must be >= 0"),
+            ("TRAINING", "early_stop_patience", t.early_stop_patience >= 0, "must be >= 0"),
+            ("TRAINING", "log_images", t.log_images >= 0, "must be >= 0"),
+            ("EVAL", "threshold", 0 < e.threshold < 1, "must be in (0, 1)"),
+            ("EVAL", "batch_size", e.batch_size >= 1, "must be >= 1"),
+            ("EVAL", "checkpoint", e.checkpoint in ("best", "last"), "must be best or last"),
+        ]
+        for section, key, ok, message in checks:
+            if not ok:
+                value = getattr(getattr(self, SECTIONS[section][0]), key)
+                raise QnkitInputError(f"{source}: [{section}] {key} = {value!r} {message}")
+        if t.alpha == 0 and t.beta == 0:
+            raise QnkitInputError(f"{source}: [TRAINING] alpha and beta are both 0 (no loss)")
+
+
+def _parse(value, kind):
+    """Parse `value` (usually a string from an .ini or the command line) as `kind`."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return _parse(value, inner)
+    if isinstance(value, str):
+        value = value.strip()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected a boolean (true/false)")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected an integer") from None
+    if kind is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        return out
+    if kind is str:
+        return str(value)
+    raise ValueError(f"unsupported setting type {kind}")
+
+
+def read_ini(path: str | Path, base: Settings | None = None) -> Settings:
+    """Settings from an .ini file on top of `base` (default: the dataclass defaults)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise QnkitInputError(f"settings file not found: {path}")
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"), source=source)
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        message = " ".join(str(exc).split())
+        raise QnkitInputError(f"{source}: not a valid .ini file: {message}") from None
+    settings = Settings.from_dict(base.to_dict()) if base is not None else Settings()
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            settings.set(section, key, value, source)
+    settings.validate(source)
+    return settings
+
+
+def load_settings(path: str | Path | None = None, overrides: dict | None = None) -> Settings:
+    """Defaults <- .ini (a path, or a preset name: local | cluster) <- command-line overrides.
+
+    `overrides` maps (SECTION, key) to a value; None values are skipped.
+    """
+    if path is None:
+        settings = Settings()
+    else:
+        path = PRESETS.get(str(path), path)
+        settings = read_ini(path)
+    apply_overrides(settings, overrides or {})
+    return settings
+
+
+def apply_overrides(settings: Settings, overrides: dict) -> Settings:
+    for (section, key), value in overrides.items():
+        if value is not None:
+            settings.set(section, key, value, f"command-line option for {key}")
+    settings.validate("command line")
+    return settings

@@ -1,0 +1,270 @@
+"""The training loop (the report's Solver): loss, Adam + StepLR, gradient accumulation, validation,
+early stopping, best/last checkpoints, and exact resume.
+
+Determinism: every epoch reseeds python/numpy/torch from (seed, epoch, rank) and the sampler is a
+DistributedSampler (also with one process) whose permutation depends only on (seed, epoch), so an
+epoch computes the same thing whether the run was interrupted before it or not. The RNG states are
+still saved in the last checkpoint and restored on resume, as a second line of defence.
+
+Gradient accumulation: micro-batches of `micro_batch` slices are accumulated into one optimiser step
+of about `effective_batch` slices counted over all ranks; each micro-loss is divided by the size of
+its group, and under DDP the all-reduce runs only on the last micro-step of a group (`no_sync`).
+
+Metrics per epoch: training loss/Dice are running values over the epoch's micro-batches (Dice per
+volume from accumulated voxel counts, averaged over volumes); validation loss is the mean over
+slices and validation Dice is per volume on the half-resolution grid, averaged over volumes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from qnkit.train import checkpoint as ckpt
+from qnkit.train import distributed as dist
+from qnkit.train.losses import CombinedLoss
+from qnkit.train.tb_logging import Logger, panel
+
+KILL_ENV = "QNKIT_TEST_KILL_AT"  # "EPOCH:STEP": SIGKILL itself at that micro-step (resume tests only)
+
+
+def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, epoch, rank)."""
+    import random
+
+    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def volume_dice(counts: np.ndarray, smooth: float = 1.0) -> np.ndarray:
+    """Per-volume Dice from rows (intersection, predicted, target) voxel counts."""
+    inter, pred, target = counts[:, 0], counts[:, 1], counts[:, 2]
+    return (2.0 * inter + smooth) / (pred + target + smooth)
+
+
+def _counts(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(N, 3) per-slice (intersection, predicted, target) counts, ignoring padding (weight 0)."""
+    valid = w > 0
+    p, t = pred & valid, (y > 0.5) & valid
+    return torch.stack([(p & t).flatten(1).sum(1), p.flatten(1).sum(1), t.flatten(1).sum(1)], 1).double()
+
+
+class Solver:
+    def __init__(self, model: torch.nn.Module, settings, *, device: torch.device, info: dist.DistInfo,
+                 run_dir: Path, meta: dict, logger: Logger | None = None):
+        self.s, self.device, self.info, self.run_dir = settings, device, info, Path(run_dir)
+        self.meta = meta  # network / preprocessing / data description stored in every checkpoint
+        self.net = model.to(device)
+        t = settings.training
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                    weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=t.step_size, gamma=t.gamma)
+        self.amp = bool(t.amp) and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.loss_fn = CombinedLoss(t.alpha, t.beta)
+        self.accum = max(1, round(t.effective_batch / (t.micro_batch * info.world_size)))
+        self.logger = logger or Logger(run_dir, enabled=False)
+        self.loop = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "prev_val_loss": None, "rises": 0,
+                     "stopped_early": False}
+        self.model = self.net
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "loop": dict(self.loop),
+                "sampler_epoch": self.loop["epoch"]}
+
+    def resume_from(self, folder: Path) -> None:
+        """Restore weights, optimiser, scheduler, scaler, RNG and loop state from a last checkpoint."""
+        ckpt.load_weights(folder, self.net)
+        state = ckpt.load_state(folder)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.loop.update(state["loop"])
+
+    def _save(self, kind: str, record: dict) -> None:
+        if self.info.is_main:
+            meta = {**self.meta, "epoch": self.loop["epoch"], "metrics": record, "settings": self.s.to_dict()}
+            ckpt.save(self.run_dir, kind, self.net, meta, self.state() if kind == "last" else None)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, train_ds, val_ds, console=None) -> dict:
+        s, info = self.s, self.info
+        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=s.common.seed, drop_last=False)
+        loader = DataLoader(train_ds, batch_size=s.training.micro_batch, sampler=sampler,
+                            num_workers=s.common.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        while self.loop["epoch"] < s.training.epochs and not self.loop["stopped_early"]:
+            epoch = self.loop["epoch"] + 1
+            started = time.perf_counter()
+            seed_everything(s.common.seed, epoch, info.rank)
+            sampler.set_epoch(epoch)
+            train = self.train_epoch(loader, len(train_ds.entries), epoch, console)
+            val = self.validate(val_ds, epoch)
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step()
+            self._early_stopping(val["loss"])
+            improved = val["dice"] > self.loop["best_dice"]
+            if improved:
+                self.loop["best_dice"], self.loop["best_epoch"] = val["dice"], epoch
+            self.loop["epoch"] = epoch
+            record = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_dice": train["dice"],
+                      "val_loss": val["loss"], "val_dice": val["dice"], "best_val_dice": self.loop["best_dice"],
+                      "best_epoch": self.loop["best_epoch"], "rises": self.loop["rises"],
+                      "stopped_early": self.loop["stopped_early"],
+                      "seconds": round(time.perf_counter() - started, 3)}
+            self._log_epoch(epoch, train, val, lr)
+            self.logger.epoch_record(record)
+            if improved:
+                self._save("best", record)
+            self._save("last", record)
+            if console is not None and info.is_main:
+                console.print(f"epoch {epoch}: train loss {train['loss']:.4f} dice {train['dice']:.4f} | "
+                              f"val loss {val['loss']:.4f} dice {val['dice']:.4f}"
+                              f"{'  (best)' if improved else ''}")
+        return dict(self.loop)
+
+    def _early_stopping(self, val_loss: float) -> None:
+        """Stop when the validation loss rose for more than `early_stop_patience` epochs in a row."""
+        prev = self.loop["prev_val_loss"]
+        self.loop["rises"] = self.loop["rises"] + 1 if prev is not None and val_loss > prev else 0
+        self.loop["prev_val_loss"] = val_loss
+        if self.loop["rises"] > self.s.training.early_stop_patience:
+            self.loop["stopped_early"] = True
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def train_epoch(self, loader, num_volumes: int, epoch: int, console=None) -> dict:
+        self.model.train()
+        n, accum = len(loader), self.accum
+        kill = os.environ.get(KILL_ENV, "")
+        kill_epoch, kill_step = (int(v) for v in kill.split(":")) if kill else (-1, -1)
+        counts = torch.zeros(num_volumes, 3, dtype=torch.float64)
+        loss_sum, seen = 0.0, 0
+        extremes = _Extremes(self.s.training.log_images if self.info.is_main else 0)
+        self.opt.zero_grad(set_to_none=True)
+        with _progress(console, self.info.is_main and self.s.common.progress, f"epoch {epoch}", n) as advance:
+            for k, (x, y, w, vol) in enumerate(loader):
+                if epoch == kill_epoch and k == kill_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
+                start = (k // accum) * accum
+                group = min(accum, n - start)
+                last = k - start == group - 1
+                sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.model.no_sync()
+                with sync:
+                    with self._autocast():
+                        logits = self.model(x)
+                    loss = self.loss_fn(logits, y, w)
+                    self.scaler.scale(loss / group).backward()
+                if last:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                    self.opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    pred = logits.detach() > 0
+                    counts.index_add_(0, vol, _counts(pred, y, w).cpu())
+                    loss_sum += float(loss) * len(x)
+                    seen += len(x)
+                    extremes.offer(float(loss), x, y, pred)
+                advance()
+        counts = torch.tensor(dist.all_reduce_sum(counts.flatten().tolist(), self.device)).view(-1, 3).numpy()
+        loss_sum, seen = dist.all_reduce_sum([loss_sum, seen], self.device)
+        present = counts.sum(1) > 0  # volumes this epoch's slices came from
+        dice = float(volume_dice(counts[present]).mean()) if present.any() else float("nan")
+        return {"loss": loss_sum / max(seen, 1), "dice": dice, "extremes": extremes}
+
+    @torch.no_grad()
+    def validate(self, val_ds, epoch: int) -> dict:
+        """Validation loss (mean over slices) and per-volume Dice averaged over volumes (half-res grid).
+
+        Volumes are shared round-robin between ranks; sums are all-reduced.
+        """
+        self.net.eval()
+        bs = self.s.eval.batch_size
+        extremes = _Extremes(self.s.training.log_images if self.info.is_main else 0)
+        dice_sum, n_vol, loss_sum, seen = 0.0, 0, 0.0, 0
+        for v in range(self.info.rank, len(val_ds.entries), self.info.world_size):
+            counts = torch.zeros(3, dtype=torch.float64)
+            idx = val_ds.volume_slices(v)
+            for start in range(idx.start, idx.stop, bs):
+                items = [val_ds[i] for i in range(start, min(start + bs, idx.stop))]
+                x, y, w = (torch.stack([it[j] for it in items]).to(self.device) for j in range(3))
+                with self._autocast():
+                    logits = self.net(x)
+                loss = float(self.loss_fn(logits, y, w))
+                pred = logits > 0
+                counts += _counts(pred, y, w).sum(0).cpu()
+                loss_sum += loss * len(x)
+                seen += len(x)
+                extremes.offer(loss, x, y, pred)
+            dice_sum += float(volume_dice(counts.numpy()[None])[0])
+            n_vol += 1
+        dice_sum, n_vol, loss_sum, seen = dist.all_reduce_sum([dice_sum, n_vol, loss_sum, seen], self.device)
+        return {"loss": loss_sum / max(seen, 1), "dice": dice_sum / max(n_vol, 1), "extremes": extremes}
+
+    def _log_epoch(self, epoch: int, train: dict, val: dict, lr: float) -> None:
+        lg = self.logger
+        lg.scalars("train", epoch, {"loss": train["loss"], "dice": train["dice"], "lr": lr})
+        lg.scalars("validation", epoch, {"loss": val["loss"], "dice": val["dice"]})
+        for writer, stats in (("train", train), ("validation", val)):
+            ex = stats["extremes"]
+            lg.images(writer, "best_batch", epoch, ex.best)
+            lg.images(writer, "worst_batch", epoch, ex.worst)
+        lg.flush()
+
+
+class _Extremes:
+    """Keeps image panels of the lowest- and highest-loss batches (input | label | prediction)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.best = self.worst = None
+        self.lo, self.hi = math.inf, -math.inf
+
+    def offer(self, loss: float, x, y, pred) -> None:
+        if self.count <= 0:
+            return
+        if loss < self.lo:
+            self.lo, self.best = loss, panel(x, y, pred.float(), self.count)
+        if loss > self.hi:
+            self.hi, self.worst = loss, panel(x, y, pred.float(), self.count)
+
+
+@contextlib.contextmanager
+def _progress(console, enabled: bool, description: str, total: int):
+    """A rich progress bar (rank 0 only); yields an `advance()` callable."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
