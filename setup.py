@@ -52,7 +52,7 @@ for name in ("preprocess", "metrics", "resample"):
         extensions.append(_extension(f"{name}_avx2", avx2))
 
 setup(
-    packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
+    packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
     package_dir={
         "qnkit": "qnkit",
         "qnkit.train": "train",

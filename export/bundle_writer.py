@@ -1,0 +1,236 @@
+"""`qnkit export`: a training checkpoint -> a verified model bundle (see :mod:`qnkit.bundle`).
+
+Steps: load the checkpoint (hash-checked, safetensors) -> weights.safetensors -> model.onnx
+(FP32) -> [model.fp16.onnx] -> [model.int8.onnx] -> verification of each graph against the
+eager model on ONNX Runtime CPU -> [TensorRT engine + timing cache, verified on the GPU] ->
+qnkit.json with every artefact's SHA-256. Everything is written into a temporary folder beside
+the target and renamed into place at the end, so a failure (including a figure below its bar)
+leaves no bundle; an existing bundle is replaced only with ``force``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
+                          WEIGHTS, sha256_file)
+from qnkit.errors import QnkitInputError
+
+from . import verify
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, ExportError
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise QnkitInputError(f"{out.parent}: no such folder for the bundle")
+        return
+    if not force:
+        raise QnkitInputError(f"{out} exists (use --force to replace the bundle)")
+    if not out.is_dir() or not ((out / METADATA_NAME).is_file() or not any(out.iterdir())):
+        raise QnkitInputError(f"{out} exists and is not a qnkit bundle; not replacing it, even with --force")
+
+
+def _input_size(run_dir: Path, meta: dict, divisor: int, log) -> tuple[int, int]:
+    """The training slices' grid (from the run's preprocessed cache), padded to the divisor; else 256x256."""
+    cache = (meta.get("settings", {}).get("DATA", {}) or {}).get("cache_dir") or "cache"
+    root = Path(cache) if os.path.isabs(cache) else run_dir / cache
+    multiple = max(divisor, int(meta.get("preprocessing", {}).get("pad_multiple", divisor)))
+    for image in sorted(root.glob("*/*/image.npy"))[:1]:
+        h, w = np.load(image, mmap_mode="r").shape[-2:]
+        return (-(-h // multiple) * multiple, -(-w // multiple) * multiple)
+    log("input size: no preprocessed training slices in the run; assuming 256x256 (512x512 CT); "
+        "set --input-size to change it")
+    return (256, 256)
+
+
+def _tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import qnkit
+
+    tools = {"qnkit": qnkit.__version__, "python": platform.python_version(), "numpy": np.__version__,
+             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import tensorrt
+
+        tools["tensorrt"] = str(tensorrt.__version__)
+    except ImportError:
+        pass
+    return tools
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", fp16: bool = False,
+                  engine: bool = False, int8: bool = False, batches: tuple[int, int, int] = (1, 16, 32),
+                  input_size: tuple[int, int] | None = None, force: bool = False, log=print) -> dict:
+    """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qnkit.nn.eager import make_predict_batch
+    from qnkit.train import checkpoint as ckpt
+
+    from .onnx_export import export_fp32
+
+    run_dir, out = Path(run_dir), Path(out).absolute()
+    _check_target(out, force)
+    if checkpoint not in ("best", "last"):
+        raise QnkitInputError(f"--checkpoint must be best or last, not {checkpoint!r}")
+    if engine:
+        from .tensorrt_build import unavailable_reason, uses_strongly_typed_fp16, tensorrt_or_none
+
+        reason = unavailable_reason()
+        if reason:
+            raise QnkitInputError(f"--engine: cannot build a TensorRT engine here: {reason}")
+        if not fp16 and uses_strongly_typed_fp16(tensorrt_or_none()):
+            log(f"--engine: TensorRT {tensorrt_or_none().__version__} builds FP16 from the FP16 ONNX; adding --fp16")
+            fp16 = True
+    lo_b, opt_b, hi_b = batches
+    if not 1 <= lo_b <= opt_b <= hi_b:
+        raise QnkitInputError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {lo_b}/{opt_b}/{hi_b}")
+    model, cmeta = ckpt.load_model(run_dir, checkpoint)
+    cfg = model.config
+    pre = cmeta.get("preprocessing", {})
+    hu_window = (float(pre.get("hu_lo", -200.0)), float(pre.get("hu_hi", 400.0)))
+    threshold = float(pre.get("threshold", 0.5))
+    hw = tuple(input_size) if input_size else _input_size(run_dir, cmeta, cfg.size_divisor, log)
+    if hw[0] % cfg.size_divisor or hw[1] % cfg.size_divisor or min(hw) < cfg.size_divisor:
+        raise QnkitInputError(f"input size {hw[0]}x{hw[1]} must be positive multiples of {cfg.size_divisor}")
+    trained = bool(cmeta.get("epoch")) and bool(cmeta.get("metrics"))
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "qnkit-quicknat-weights"})
+        log(f"exporting {FP32_ONNX} ({hw[0]}x{hw[1]} grid, dynamic batch/height/width)...")
+        exports = {"fp32": export_fp32(model, tmp / FP32_ONNX, hw)}
+        x, labels = verify.synthetic_slices(hw, hu_window)
+        torch.manual_seed(0)
+        eager = verify.batched(make_predict_batch(model, "cpu"), x)
+        record = {"reference": "eager torch FP32 (CPU) of the checkpoint", "threshold": threshold,
+                  **verify.context(eager, labels, threshold, trained)}
+
+        from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        def check(kind: str, path: Path, bar_applies: bool = True) -> dict:
+            backend = OnnxRuntimeBackend(model_path=path, precision=kind, batch_size=16,
+                                         size_divisor=cfg.size_divisor)
+            figures = {"runtime": "onnxruntime CPU", **verify.agreement(eager, backend.predict(x), threshold)}
+            why = verify.check(kind, figures)
+            figures["bar"], figures["passed"] = verify.BARS[kind], why is None
+            log(f"verify {path.name}: |diff| max {figures['max_abs_diff']:.2e}, p99.9 {figures['p999_abs_diff']:.2e}; "
+                f"mask Dice {figures['dice']:.5f}")
+            if why and bar_applies:
+                raise ExportError(f"verification failed: {why}; no bundle written")
+            return figures
+
+        record["fp32"] = check("fp32", tmp / FP32_ONNX)
+        # dynamic height/width: a second grid, larger by one divisor step in each direction
+        big = np.zeros((4, 1, hw[0] + cfg.size_divisor, hw[1] + 2 * cfg.size_divisor), np.float32)
+        big[:, :, :hw[0], :hw[1]] = x[:4]
+        ref_big = make_predict_batch(model, "cpu")(big)
+        ort_big = OnnxRuntimeBackend(model_path=tmp / FP32_ONNX, size_divisor=cfg.size_divisor).predict(big)
+        diff = np.abs(ref_big - ort_big)
+        record["fp32"]["other_grid"] = {"shape": list(big.shape[2:]), "max_abs_diff": float(diff.max()),
+                                        "p999_abs_diff": float(np.quantile(diff, 0.999))}
+        if record["fp32"]["other_grid"]["p999_abs_diff"] > verify.BARS["fp32"]["p999_abs_diff"]:
+            raise ExportError(f"verification failed: {FP32_ONNX} differs from eager on a {big.shape[2]}x"
+                              f"{big.shape[3]} grid; no bundle written")
+        if fp16:
+            from .fp16 import export_fp16
+
+            log(f"exporting {FP16_ONNX}...")
+            exports["fp16"] = export_fp16(model, tmp / FP16_ONNX, hw)
+            record["fp16"] = check("fp16", tmp / FP16_ONNX)
+        if int8:
+            from .int8 import quantize_int8
+
+            log(f"quantising {INT8_ONNX} (static QDQ, synthetic calibration)...")
+            calib, _ = verify.synthetic_slices(hw, hu_window, seed=777, cases=2)
+            exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, calib)
+            record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=record["eager_foreground_pixels"] > 0)
+        engine_record = None
+        if engine:
+            engine_record, record["tensorrt"] = _build_engine(tmp, hw, batches, cfg.size_divisor, x, eager,
+                                                              threshold, log)
+        metadata = {
+            "format": FORMAT, "version": VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"architecture": "QuickNAT", "network": cfg.to_dict(), "input_size": list(hw),
+                      "dynamic_hw": True, "input": {"name": INPUT_NAME, "shape": ["batch", 1, "height", "width"],
+                                                    "dtype": "float32", "range": [0.0, 1.0]},
+                      "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, "height", "width"],
+                                 "dtype": "float32", "meaning": "kidney probability (sigmoid applied)"}},
+            "preprocessing": {"hu_window": list(hu_window), "downsample": 2, "size_divisor": cfg.size_divisor,
+                              "pad_multiple": int(pre.get("pad_multiple", cfg.size_divisor)), "pad_value": 0.0,
+                              "pad_where": "bottom/right", "layout": "KiTS19 (slices, rows, cols)"},
+            "threshold": threshold,
+            "training": {"run_dir": str(run_dir.absolute()), "checkpoint": checkpoint, "epoch": cmeta.get("epoch"),
+                         "metrics": cmeta.get("metrics"), "parameters": cmeta.get("parameters"),
+                         "checkpoint_sha256": cmeta.get("files", {})},
+            "export": {**exports, "seconds": round(time.perf_counter() - started, 2)},
+            "tools": _tool_versions(),
+            "engine": engine_record,
+            "verification": record,
+        }
+        metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metadata
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place (the old bundle, with --force, goes only after)."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for p in tmp.iterdir():
+        os.chmod(p, 0o666 & ~mask)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _build_engine(tmp: Path, hw, batches, divisor: int, x, eager, threshold: float, log) -> tuple[dict, dict]:
+    """Build, save and verify the TensorRT engine (FP16) in the bundle folder being written."""
+    from qnkit.backends.tensorrt_backend import TensorRTBackend
+
+    from .tensorrt_build import build_engine, tensorrt_or_none, uses_strongly_typed_fp16
+
+    source = FP16_ONNX if uses_strongly_typed_fp16(tensorrt_or_none()) else FP32_ONNX
+    data, rec = build_engine(tmp / source, hw=hw, precision="fp16", batches=batches,
+                             timing_cache=tmp / TIMING_CACHE, log=log)
+    (tmp / ENGINE).write_bytes(data)
+    backend = TensorRTBackend(data, precision="fp16", batch_size=batches[1], size_divisor=divisor, record=rec)
+    figures = {"runtime": f"TensorRT {rec['tensorrt']} on {rec['gpu']}",
+               **verify.agreement(eager, backend.predict(x), threshold)}
+    backend.close()
+    why = verify.check("fp16", figures)
+    figures["bar"], figures["passed"] = verify.BARS["fp16"], why is None
+    log(f"verify {ENGINE}: max |diff| {figures['max_abs_diff']:.2e}, mask Dice {figures['dice']:.5f}")
+    if why:
+        raise ExportError(f"verification failed: TensorRT engine: {why}; no bundle written")
+    return {"file": ENGINE, "timing_cache": TIMING_CACHE, **rec}, figures

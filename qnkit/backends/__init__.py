@@ -1,0 +1,156 @@
+"""Inference backends behind one interface, and :func:`open_backend` to pick one for a bundle.
+
+``backend.predict(x)``: float32 ``(N, 1, h, w)`` preprocessed slices -> float32 probabilities of
+the same shape (any N; batched internally at ``backend.batch_size``), so ``backend.predict`` is
+the ``predict_batch`` of :func:`qnkit.inference.segment_volume`. Importing this package imports
+neither torch nor onnxruntime; each backend imports what it needs when opened.
+
+``kind="auto"`` tries, in order: TensorRT (package + GPU; the bundle's engine when it was built
+for this TensorRT/GPU, else rebuilt from the ONNX) -> ONNX Runtime on the GPU (TensorRT/CUDA EP)
+-> ONNX Runtime on the CPU -> eager torch, and logs which one it chose and why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from qnkit.backends.base import PRECISIONS, Backend
+from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, WEIGHTS, Bundle, BundleError
+from qnkit.errors import QnkitInputError
+
+__all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "nvidia_gpu_present"]
+
+AVAILABLE_KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
+_ONNX_FOR = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def nvidia_gpu_present() -> bool:
+    """Cheap check for an NVIDIA driver/device, so that CPU machines never import torch to find out."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
+
+
+def _torch_cuda() -> bool:
+    if not (_installed("torch") and nvidia_gpu_present()):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_device(device: str, kind: str) -> str:
+    if device == "auto":
+        return "cuda:0" if _torch_cuda() or (kind == "onnxruntime" and nvidia_gpu_present()) else "cpu"
+    if device == "cuda":
+        return "cuda:0"
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise QnkitInputError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return device
+
+
+def _resolve_precision(precision: str, device: str, bundle: Bundle, kind: str) -> str:
+    if precision == "auto":
+        if device == "cpu":
+            return "fp32"
+        return "fp16" if kind != "onnxruntime" or bundle.has(FP16_ONNX) else "fp32"
+    if precision not in PRECISIONS:
+        raise QnkitInputError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def _open(bundle: Bundle, kind: str, precision: str, device: str, batch_size: int, log, options: dict) -> Backend:
+    if kind == "tensorrt":
+        if not _installed("tensorrt"):
+            raise QnkitInputError("the tensorrt backend needs the tensorrt Python package (pip install tensorrt)")
+        if not _torch_cuda():
+            raise QnkitInputError("the tensorrt backend needs an NVIDIA GPU visible to torch")
+        if device == "cpu":
+            raise QnkitInputError("the tensorrt backend runs on a GPU only (device cpu was asked for)")
+        from qnkit.backends.tensorrt_backend import open_tensorrt
+
+        return open_tensorrt(bundle, precision=precision, batch_size=batch_size, device=device, log=log,
+                             rebuild=options.get("rebuild_engine", True), batches=options.get("engine_batches"))
+    if kind == "onnxruntime":
+        if not _installed("onnxruntime"):
+            raise QnkitInputError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)")
+        if precision not in _ONNX_FOR:
+            raise QnkitInputError(f"the onnxruntime backend supports fp32, fp16 and int8, not {precision}")
+        if not bundle.has(_ONNX_FOR[precision]):
+            raise QnkitInputError(f"{bundle.path}: no {_ONNX_FOR[precision]} for {precision} "
+                                  f"(re-export with --{precision} or choose another precision)")
+        from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, precision=precision, device=device, batch_size=batch_size,
+                                  threads=options.get("threads"), tensorrt_ep=options.get("tensorrt_ep", True))
+    if kind == "torch":
+        if not _installed("torch") or not _installed("safetensors"):
+            raise QnkitInputError("the torch backend needs torch and safetensors (pip install torch safetensors)")
+        if not bundle.has(WEIGHTS):
+            raise QnkitInputError(f"{bundle.path}: no {WEIGHTS} for the torch backend")
+        from qnkit.backends.torch_backend import TorchBackend
+
+        return TorchBackend(bundle, precision=precision, device=device, batch_size=batch_size,
+                            cuda_graphs=options.get("cuda_graphs", False), threads=options.get("threads"))
+    raise QnkitInputError(f"unknown backend {kind!r} (choose from {', '.join(AVAILABLE_KINDS)})")
+
+
+def _auto_candidates(bundle: Bundle, device: str) -> list[tuple[str, str, str]]:
+    """(kind, device, why) in order of preference, with the reason each was (not) considered."""
+    gpu = device != "cpu" and _torch_cuda()
+    cands = []
+    if gpu and _installed("tensorrt"):
+        cands.append(("tensorrt", "cuda:0" if device == "auto" else device, "TensorRT and a GPU are present"))
+    if device != "cpu" and nvidia_gpu_present() and _installed("onnxruntime"):
+        from qnkit.backends.onnxruntime_backend import gpu_providers
+
+        if gpu_providers():
+            cands.append(("onnxruntime", "cuda:0" if device == "auto" else device,
+                          "onnxruntime-gpu and a GPU are present"))
+    if _installed("onnxruntime") and bundle.has(FP32_ONNX):
+        cands.append(("onnxruntime", "cpu", "no usable GPU runtime" if not cands else "GPU backends failed"))
+    if _installed("torch") and bundle.has(WEIGHTS):
+        cands.append(("torch", "cuda:0" if gpu else "cpu", "onnxruntime is unavailable"))
+    return cands
+
+
+def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto", device: str = "auto",
+                 batch_size: int = 16, log=print, **options) -> Backend:
+    """Open an inference backend for ``bundle``.
+
+    ``kind``: auto | torch | onnxruntime | tensorrt; ``precision``: auto | fp32 | fp16 | bf16 | int8
+    (auto: fp16 on a GPU, fp32 on the CPU); ``device``: auto | cpu | cuda | cuda:N. Options:
+    ``threads`` (CPU intra-op threads), ``cuda_graphs`` (torch), ``tensorrt_ep`` (onnxruntime),
+    ``rebuild_engine`` (tensorrt: False refuses a foreign engine instead of rebuilding it),
+    ``engine_batches`` (tensorrt: (min, opt, max) profile of a rebuilt engine).
+    An explicitly asked kind that cannot run raises QnkitInputError naming what is missing.
+    """
+    if kind not in AVAILABLE_KINDS:
+        raise QnkitInputError(f"unknown backend {kind!r} (choose from {', '.join(AVAILABLE_KINDS)})")
+    if int(batch_size) < 1:
+        raise QnkitInputError(f"batch size must be >= 1, got {batch_size}")
+    if kind != "auto":
+        dev = _resolve_device(device, kind)
+        prec = _resolve_precision(precision, dev, bundle, kind)
+        backend = _open(bundle, kind, prec, dev, int(batch_size), log, options)
+        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size})")
+        return backend
+    failures = []
+    for cand_kind, dev, why in _auto_candidates(bundle, device):
+        prec = _resolve_precision(precision, dev, bundle, cand_kind)
+        try:
+            backend = _open(bundle, cand_kind, prec, dev, int(batch_size), log, options)
+        except BundleError:
+            raise  # a tampered or foreign artefact is an error, never a reason to quietly fall back
+        except (QnkitInputError, ImportError, RuntimeError, OSError) as exc:
+            failures.append(f"{cand_kind} on {dev}: {exc}")
+            log(f"backend: {cand_kind} on {dev} unavailable ({exc}); trying the next one")
+            continue
+        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size}) - {why}")
+        return backend
+    detail = "; ".join(failures) or "install onnxruntime or torch"
+    raise QnkitInputError(f"no inference backend can run {bundle.path}: {detail}")

@@ -1,0 +1,99 @@
+"""The one small interface every inference backend implements, and the batching they share.
+
+A backend maps preprocessed slices, float32 ``(N, 1, h, w)`` in [0, 1], to float32 kidney
+probabilities of the same shape. :meth:`Backend.predict` accepts any ``N`` and any ``h, w``
+that are multiples of the bundle's size divisor: it checks the input, zero-pads ``h, w`` up to
+a fixed-size model's grid (bottom/right, as :mod:`qnkit.inference` pads), splits ``N`` into
+chunks of ``batch_size`` (padding the last chunk when the backend needs a fixed batch, e.g.
+CUDA graphs), calls :meth:`Backend._run` per chunk and crops the result back.
+"""
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from qnkit.errors import QnkitInputError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+class Backend(abc.ABC):
+    """Base class: subclasses set the attributes and implement :meth:`_run` on one chunk."""
+
+    name: str = "?"
+    precision: str = "fp32"
+    device: str = "cpu"
+    batch_size: int = 16
+    size_divisor: int = 16
+    fixed_hw: tuple[int, int] | None = None  # a model that only runs on this grid (inputs are padded to it)
+    fixed_batch: bool = False  # pad the last chunk to batch_size (static shapes, CUDA graphs)
+
+    @abc.abstractmethod
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities for one contiguous float32 chunk (n <= batch_size, 1, H, W)."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "precision": self.precision, "device": self.device,
+                "batch_size": self.batch_size, **self._details()}
+
+    def _details(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Release device memory and sessions (the backend is unusable afterwards)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict(batch)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 1, h, w) in [0, 1] -> float32 probabilities (N, 1, h, w)."""
+        x = np.asarray(batch)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"{self.name} backend expects slices (N, 1, h, w), got shape {x.shape}")
+        n, _, h, w = x.shape
+        d = self.size_divisor
+        if h % d or w % d:
+            raise ValueError(f"{self.name} backend needs h and w divisible by {d}, got {h}x{w}")
+        hh, ww = h, w
+        if self.fixed_hw is not None:
+            hh, ww = self.fixed_hw
+            if h > hh or w > ww:
+                raise QnkitInputError(
+                    f"slices of {h}x{w} do not fit the {self.name} model's {hh}x{ww} input grid "
+                    f"(use the onnxruntime or torch backend, or re-export with a larger --input-size)")
+        out = np.empty((n, 1, h, w), dtype=np.float32)
+        bs = self.batch_size
+        for start in range(0, n, bs):
+            chunk = x[start:start + bs]
+            m = len(chunk)
+            rows = bs if self.fixed_batch else m
+            if (rows, hh, ww) != (m, h, w) or chunk.dtype != np.float32 or not chunk.flags.c_contiguous:
+                buf = np.zeros((rows, 1, hh, ww), dtype=np.float32)
+                buf[:m, :, :h, :w] = chunk
+                chunk = buf
+            y = self._run(chunk)
+            out[start:start + m] = y[:m, :, :h, :w]
+        return out
+
+
+def check_precision(precision: str, allowed: tuple[str, ...], kind: str) -> str:
+    if precision not in allowed:
+        raise QnkitInputError(f"the {kind} backend supports precision {' | '.join(allowed)}, not {precision!r}")
+    return precision
+
+
+def default_threads() -> int:
+    """Intra-op threads: QNKIT_NUM_THREADS if set, else every CPU core."""
+    import os
+
+    env = os.environ.get("QNKIT_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

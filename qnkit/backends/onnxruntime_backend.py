@@ -1,0 +1,110 @@
+"""ONNX Runtime backend: the bundle's ONNX graph on the CPU, CUDA or TensorRT execution provider.
+
+Precision picks the graph: fp32 -> ``model.onnx``, fp16 -> ``model.fp16.onnx`` (FP32 in/out),
+int8 -> ``model.int8.onnx`` (QDQ). Sessions use graph optimisation level ALL and a fixed number
+of intra-op threads. On a GPU (onnxruntime-gpu) the providers are TensorRT EP (engine and timing
+caches under the qnkit cache folder) -> CUDA EP -> CPU, and inputs/outputs go through IO binding
+so that the input is copied to the device once and the output straight back.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qnkit.backends.base import Backend, check_precision, default_threads
+from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle
+from qnkit.errors import QnkitInputError
+
+GRAPHS = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
+
+
+def cache_dir() -> Path:
+    """Where engines built on this machine are kept (QNKIT_CACHE_DIR, else ~/.cache/qnkit)."""
+    root = os.environ.get("QNKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qnkit")
+    return Path(root)
+
+
+def gpu_providers() -> list[str]:
+    """The GPU execution providers this onnxruntime offers (empty for the CPU-only wheel)."""
+    import onnxruntime as ort
+
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only
+    return so
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle | None = None, *, precision: str = "fp32", device: str = "cpu",
+                 batch_size: int = 16, threads: int | None = None, tensorrt_ep: bool = True,
+                 model_path: str | Path | None = None, size_divisor: int = 16):
+        import onnxruntime as ort
+
+        self.precision = check_precision(precision, tuple(GRAPHS), "onnxruntime")
+        self.batch_size = int(batch_size)
+        if model_path is None:
+            model_path = bundle.artefact(GRAPHS[precision])
+            self.size_divisor = bundle.size_divisor
+            self.fixed_hw = None if bundle.dynamic_hw else bundle.input_size
+        else:
+            self.size_divisor = size_divisor
+        self.model_path = Path(model_path)
+        self._device_id = 0
+        if device == "cpu":
+            providers: list = ["CPUExecutionProvider"]
+        else:
+            self._device_id = int(device.split(":")[1]) if ":" in device else 0
+            available = gpu_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise QnkitInputError(f"device {device} asked for, but this onnxruntime has no CUDA execution "
+                                      f"provider (install onnxruntime-gpu)")
+            providers = []
+            if tensorrt_ep and "TensorrtExecutionProvider" in available:
+                cache = cache_dir() / "ort-trt"
+                cache.mkdir(parents=True, exist_ok=True)
+                providers.append(("TensorrtExecutionProvider", {
+                    "device_id": self._device_id, "trt_fp16_enable": precision == "fp16",
+                    "trt_int8_enable": False, "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": str(cache)}))
+            providers += [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(threads),
+                                            providers=providers)
+        self.providers = self.session.get_providers()
+        on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        self.device = f"cuda:{self._device_id}" if on_gpu else "cpu"
+        self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+        self._ort = ort
+        self._threads = self.session.get_session_options().intra_op_num_threads
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if self.device == "cpu":
+            return self.session.run([self._output], {self._input: x})[0]
+        binding = self.session.io_binding()
+        value = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self._device_id)
+        binding.bind_ortvalue_input(self._input, value)
+        binding.bind_output(self._output, "cuda", self._device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _details(self) -> dict:
+        return {"onnxruntime": self._ort.__version__, "model": self.model_path.name, "providers": self.providers,
+                "intra_op_threads": self._threads}
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,91 @@
+"""`qnkit export`: a training run's checkpoint -> a verified model bundle (ONNX, FP16, INT8, TensorRT)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    from qnkit.errors import QnkitInputError
+
+    if text is None:
+        return None
+    parts = text.lower().replace("x", " ").split()
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise QnkitInputError(f"--input-size must be H or HxW (e.g. 256x256), not {text!r}")
+    return size
+
+
+def _check(bundle_dir: Path) -> None:
+    """Verify an existing bundle (hashes; engine target vs this machine) and print its summary."""
+    from qnkit.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, verify=True)
+    meta = bundle.metadata
+    print(f"{bundle.path}: qnkit bundle v{meta['version']}, input {bundle.input_size[0]}x{bundle.input_size[1]}, "
+          f"HU window {bundle.hu_window}, threshold {bundle.threshold}")
+    print(f"artefacts (SHA-256 verified): {', '.join(sorted(meta['artefacts']))}")
+    ver = meta.get("verification", {})
+    for kind in ("fp32", "fp16", "int8", "tensorrt"):
+        if kind in ver:
+            print(f"  {kind}: max |diff| {ver[kind]['max_abs_diff']:.2e}, mask Dice {ver[kind]['dice']:.5f}")
+    if bundle.engine:
+        from qnkit.backends.tensorrt_backend import select_engine
+        from qnkit.export.tensorrt_build import gpu_info, tensorrt_or_none
+
+        trt, gpu = tensorrt_or_none(), gpu_info()
+        if trt is None or gpu is None:
+            print(f"engine: built for TensorRT {bundle.engine['tensorrt']} on {bundle.engine['gpu']}; "
+                  f"not checked here (no TensorRT or GPU)")
+        else:
+            select_engine(bundle, {"tensorrt": str(trt.__version__), **gpu}, bundle.engine["precision"],
+                          rebuild=False)
+            print("engine: matches this machine's TensorRT and GPU")
+
+
+def command(
+    run_dir: Path = typer.Argument(None, help="Training run folder (RUN_DIR/checkpoints/{best,last})."),
+    out: Path = typer.Option(None, "--out", help="Bundle folder to write."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (FP16 graph, FP32 I/O), verified."),
+    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine (needs tensorrt and a GPU)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static QDQ, synthetic calibration)."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Which checkpoint: best | last."),
+    input_size: str = typer.Option(None, "--input-size", help="Model input grid HxW (default: the run's slices)."),
+    min_batch: int = typer.Option(1, "--min-batch", help="TensorRT profile: smallest batch."),
+    opt_batch: int = typer.Option(16, "--opt-batch", help="TensorRT profile: batch to optimise for."),
+    max_batch: int = typer.Option(32, "--max-batch", help="TensorRT profile: largest batch."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    check: Path = typer.Option(None, "--check", help="Only verify an existing bundle (hashes, engine target) "
+                                                    "and print its summary."),
+    json_out: bool = typer.Option(False, "--json", help="Print the written qnkit.json."),
+) -> None:
+    """Export RUN_DIR's checkpoint into a model bundle: model.onnx, weights, qnkit.json, and optionally
+    model.fp16.onnx, model.int8.onnx and a TensorRT engine, each verified against the eager model."""
+    from qnkit.errors import QnkitInputError
+
+    if check is not None:
+        if run_dir is not None or out is not None:
+            raise QnkitInputError("--check takes only the bundle folder (no RUN_DIR or --out)")
+        _check(check)
+        return
+    if run_dir is None or out is None:
+        raise QnkitInputError("usage: qnkit export RUN_DIR --out BUNDLE_DIR [options] (or --check BUNDLE_DIR)")
+    if not run_dir.is_dir():
+        raise QnkitInputError(f"{run_dir}: no such run folder")
+    from qnkit.export.bundle_writer import export_bundle
+
+    meta = export_bundle(run_dir, out, checkpoint=checkpoint, fp16=fp16, engine=engine, int8=int8,
+                         batches=(min_batch, opt_batch, max_batch), input_size=_parse_size(input_size),
+                         force=force, log=lambda m: typer.echo(m, err=True))
+    if json_out:
+        typer.echo(json.dumps(meta, indent=1))
+    files = ", ".join(sorted(meta["artefacts"]))
+    typer.echo(f"bundle written to {out} ({files}) in {meta['export']['seconds']:.1f} s", err=True)

@@ -1,0 +1,147 @@
+"""Backends on the CPU: ONNX Runtime (FP32/FP16/INT8) against eager torch, batching, selection."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from test_export import shared_bundle  # noqa: E402  (the session's exported bundle)
+
+from qnkit import kernels  # noqa: E402
+from qnkit.backends import AVAILABLE_KINDS, open_backend  # noqa: E402
+from qnkit.backends.base import Backend  # noqa: E402
+from qnkit.bundle import load_bundle  # noqa: E402
+from qnkit.errors import QnkitInputError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, run_qnkit):
+    return load_bundle(shared_bundle(tmp_path_factory, run_qnkit)[1])
+
+
+@pytest.fixture(scope="module")
+def cases():
+    from qnkit.synth import make_case
+
+    return [make_case(i, size=128, seed=11) for i in range(2)]
+
+
+def _quiet(_msg):
+    pass
+
+
+def _masks(backend, cases, bundle):
+    from qnkit.inference import segment_volume
+
+    return [segment_volume(c.imaging, backend.predict, hu_window=bundle.hu_window, batch_size=backend.batch_size,
+                           threshold=bundle.threshold)[0] for c in cases]
+
+
+@pytest.fixture(scope="module")
+def eager_masks(bundle, cases):
+    with open_backend(bundle, "torch", device="cpu", log=_quiet) as eager:
+        return _masks(eager, cases, bundle)
+
+
+@pytest.mark.parametrize("precision, bar", [("fp32", 0.999), ("fp16", 0.99)])
+def test_onnxruntime_agrees_with_eager_on_synthetic_cases(bundle, cases, eager_masks, precision, bar):
+    with open_backend(bundle, "onnxruntime", precision=precision, device="cpu", batch_size=16, log=_quiet) as ort:
+        assert (ort.name, ort.precision, ort.device) == ("onnxruntime", precision, "cpu")
+        masks = _masks(ort, cases, bundle)
+    assert sum(int(m.sum()) for m in eager_masks) > 500, "the fitted model should find kidneys"
+    for ours, ref in zip(masks, eager_masks):
+        assert kernels.dice(ours, ref) >= bar
+
+
+def test_int8_backend_runs_and_records_agreement(bundle, cases, eager_masks):
+    with open_backend(bundle, "onnxruntime", precision="int8", device="cpu", log=_quiet) as q:
+        masks = _masks(q, cases[:1], bundle)
+    assert masks[0].shape == eager_masks[0].shape
+    assert 0.0 <= bundle.metadata["verification"]["int8"]["dice"] <= 1.0
+
+
+def test_predict_any_batch_and_grid(bundle):
+    rng = np.random.default_rng(0)
+    x = rng.random((37, 1, 64, 64), dtype=np.float32)
+    with open_backend(bundle, "onnxruntime", device="cpu", batch_size=16, log=_quiet) as ort, \
+            open_backend(bundle, "torch", device="cpu", batch_size=5, log=_quiet) as eager:
+        y = ort.predict(x)
+        assert y.shape == x.shape and y.dtype == np.float32 and 0 <= y.min() and y.max() <= 1
+        np.testing.assert_allclose(y, eager.predict(x), atol=1e-4)
+        wide = rng.random((3, 1, 48, 96), dtype=np.float32)  # dynamic height/width
+        np.testing.assert_allclose(ort.predict(wide), eager.predict(wide), atol=1e-4)
+        with pytest.raises(ValueError, match="divisible by 16"):
+            ort.predict(x[:, :, :40])
+        with pytest.raises(ValueError, match=r"\(N, 1, h, w\)"):
+            ort.predict(x[:, 0])
+        d = ort.describe()
+        assert d["name"] == "onnxruntime" and d["providers"] == ["CPUExecutionProvider"]
+
+
+def test_torch_bf16_autocast_on_cpu(bundle):
+    x = np.random.default_rng(1).random((4, 1, 64, 64), dtype=np.float32)
+    with open_backend(bundle, "torch", precision="bf16", device="cpu", log=_quiet) as b:
+        y = b.predict(x)
+    assert y.shape == x.shape and y.dtype == np.float32 and b.describe()["precision"] == "bf16"
+
+
+def test_auto_picks_onnxruntime_on_cpu_and_says_why(bundle):
+    from qnkit.backends import nvidia_gpu_present
+
+    if nvidia_gpu_present():
+        pytest.skip("a GPU is present; auto picks a GPU backend there (test_backends_gpu)")
+    lines = []
+    with open_backend(bundle, log=lines.append) as b:
+        assert (b.name, b.precision, b.device) == ("onnxruntime", "fp32", "cpu")
+    assert any("onnxruntime" in line and "no usable GPU" in line for line in lines)
+
+
+def test_explicit_unavailable_kinds_are_clear_errors(bundle):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(QnkitInputError, match="tensorrt Python package"):
+            open_backend(bundle, "tensorrt", log=_quiet)
+    with pytest.raises(QnkitInputError, match="unknown backend"):
+        open_backend(bundle, "openvino", log=_quiet)
+    with pytest.raises(QnkitInputError, match="precision"):
+        open_backend(bundle, "torch", precision="fp8", log=_quiet)
+    with pytest.raises(QnkitInputError, match="onnxruntime backend supports"):
+        open_backend(bundle, "onnxruntime", precision="bf16", device="cpu", log=_quiet)
+    assert AVAILABLE_KINDS == ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+class _Echo(Backend):
+    """Returns its input; records the chunk shapes it was given."""
+
+    name, size_divisor = "echo", 16
+
+    def __init__(self, batch_size, fixed_hw=None, fixed_batch=False):
+        self.batch_size, self.fixed_hw, self.fixed_batch, self.seen = batch_size, fixed_hw, fixed_batch, []
+
+    def _run(self, x):
+        self.seen.append(x.shape)
+        return x.copy()
+
+
+def test_base_batching_pads_and_crops():
+    x = np.random.default_rng(2).random((10, 1, 32, 48), dtype=np.float32)
+    b = _Echo(4)
+    np.testing.assert_array_equal(b.predict(x), x)
+    assert b.seen == [(4, 1, 32, 48), (4, 1, 32, 48), (2, 1, 32, 48)]
+    b = _Echo(4, fixed_hw=(64, 64), fixed_batch=True)
+    np.testing.assert_array_equal(b.predict(x), x)
+    assert b.seen == [(4, 1, 64, 64)] * 3
+    with pytest.raises(QnkitInputError, match="do not fit"):
+        b.predict(np.zeros((1, 1, 80, 64), np.float32))
+
+
+def test_backends_package_imports_no_torch_or_onnxruntime():
+    code = ("import sys, qnkit.backends, qnkit.bundle; "
+            "bad = {'torch', 'onnxruntime', 'tensorrt'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

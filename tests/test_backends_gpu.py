@@ -1,0 +1,126 @@
+"""GPU backends: torch CUDA (FP16 autocast, CUDA graphs), ONNX Runtime GPU, TensorRT engines.
+
+Skipped, not faked, without a CUDA GPU or the package each test needs; the code they run is the
+code `qnkit segment` and `qnkit export --engine` run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from test_export import shared_bundle  # noqa: E402
+
+from qnkit import kernels  # noqa: E402
+from qnkit.backends import open_backend  # noqa: E402
+from qnkit.bundle import BundleError, load_bundle  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_qnkit):
+    return shared_bundle(tmp_path_factory, run_qnkit)
+
+
+@pytest.fixture(scope="module")
+def slices(exported):
+    from qnkit.export.verify import synthetic_slices
+
+    b = load_bundle(exported[1])
+    return synthetic_slices(b.input_size, b.hu_window, seed=99)[0]
+
+
+@pytest.fixture(scope="module")
+def eager_cpu(exported, slices):
+    with open_backend(load_bundle(exported[1]), "torch", device="cpu", log=print) as b:
+        return b.predict(slices)
+
+
+def _dice(probs, ref):
+    return kernels.dice(probs, (ref > 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize("precision, graphs", [("fp32", False), ("fp16", False), ("fp16", True), ("bf16", True)])
+def test_torch_cuda(exported, slices, eager_cpu, precision, graphs):
+    b = open_backend(load_bundle(exported[1]), "torch", device="cuda", precision=precision, cuda_graphs=graphs,
+                     batch_size=8, log=print)
+    assert b.device == "cuda:0" and b.describe()["cuda_graphs"] == graphs
+    y = b.predict(slices)
+    np.testing.assert_array_equal(b.predict(slices), y)  # graph replay is repeatable
+    assert _dice(y, eager_cpu) >= (0.999 if precision == "fp32" else 0.98)
+
+
+@pytest.mark.skipif(not any(p in __import__("onnxruntime").get_available_providers()
+                            for p in ("CUDAExecutionProvider",)), reason="onnxruntime-gpu not installed")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnxruntime_gpu(exported, slices, eager_cpu, precision, tmp_path, monkeypatch):
+    monkeypatch.setenv("QNKIT_CACHE_DIR", str(tmp_path))
+    b = open_backend(load_bundle(exported[1]), "onnxruntime", device="cuda", precision=precision, log=print)
+    assert b.device == "cuda:0" and b.describe()["providers"][0] != "CPUExecutionProvider"
+    assert _dice(b.predict(slices), eager_cpu) >= (0.999 if precision == "fp32" else 0.99)
+
+
+needs_trt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt not installed")
+
+
+@pytest.fixture(scope="module")
+def engine_bundle(exported, tmp_path_factory):
+    from qnkit.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("trt") / "bundle"
+    export_bundle(exported[0], out, fp16=True, engine=True, batches=(1, 8, 16), input_size=(64, 64), log=print)
+    return out
+
+
+@needs_trt
+def test_export_engine_records_target_and_verification(engine_bundle):
+    import tensorrt as trt
+
+    meta = json.loads((engine_bundle / "qnkit.json").read_text())
+    eng = meta["engine"]
+    assert eng["tensorrt"] == trt.__version__ and eng["gpu"] == torch.cuda.get_device_name(0)
+    assert eng["profile"]["min"][0] == 1 and eng["profile"]["opt"][0] == 8 and eng["profile"]["max"][0] == 16
+    assert {"model.engine", "timing.cache"} <= set(meta["artefacts"])
+    assert meta["verification"]["tensorrt"]["dice"] >= 0.99
+    assert eng["strongly_typed"] == (int(trt.__version__.split(".")[0]) >= 11)
+
+
+@needs_trt
+def test_tensorrt_backend_runs_the_bundle_engine(engine_bundle, slices, eager_cpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("QNKIT_CACHE_DIR", str(tmp_path))
+    lines = []
+    with open_backend(load_bundle(engine_bundle), "tensorrt", log=lines.append) as b:
+        assert (b.name, b.precision, b.device) == ("tensorrt", "fp16", "cuda:0")
+        y = b.predict(slices)  # 24 slices through an engine whose profile allows up to 16
+    assert not any("rebuild" in line for line in lines)
+    assert _dice(y, eager_cpu) >= 0.99
+    assert not (tmp_path / "engines").exists()
+
+
+@needs_trt
+def test_foreign_engine_is_rebuilt_or_refused(engine_bundle, slices, eager_cpu, tmp_path, monkeypatch):
+    monkeypatch.setenv("QNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "bundle"
+    shutil.copytree(engine_bundle, copy)
+    meta = json.loads((copy / "qnkit.json").read_text())
+    meta["engine"]["tensorrt"] = "8.6.1"
+    (copy / "qnkit.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"TensorRT 8\.6\.1"):
+        open_backend(load_bundle(copy), "tensorrt", rebuild_engine=False, log=print)
+    lines = []
+    with open_backend(load_bundle(copy), "tensorrt", log=lines.append) as b:
+        assert _dice(b.predict(slices), eager_cpu) >= 0.99
+    assert any("8.6.1" in line and "rebuilding" in line for line in lines)
+    assert len(list((tmp_path / "cache" / "engines").glob("*.engine"))) == 1
+    lines.clear()
+    open_backend(load_bundle(copy), "tensorrt", log=lines.append).close()  # second time: the cached rebuild
+    assert any("rebuilt earlier" in line for line in lines)

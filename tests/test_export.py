@@ -1,0 +1,219 @@
+"""`qnkit export`: bundle contents, clean graphs, verification figures, failure modes.
+
+The checkpoint is a tiny QuickNAT (8 filters) fitted for a few seconds on 64x64 slices of
+synthetic cases (size 128) and saved with the training code's checkpoint writer; the bundle is
+exported once per session through the CLI (FP32 + FP16 + INT8) and shared read-only by
+test_export*, test_backends* and test_bundle (via :func:`shared_bundle`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from qnkit import kernels  # noqa: E402
+
+HW = (64, 64)
+HU = (-200.0, 400.0)
+_CACHE: dict = {}
+
+
+def _slices(cases, seed: int):
+    from qnkit.synth import make_case
+
+    xs, ys = [], []
+    for i in cases:
+        case = make_case(i, size=2 * HW[0], seed=seed)
+        span = kernels.kidney_slice_range(case.segmentation, margin=3)
+        ct = np.ascontiguousarray(case.imaging[span[0]:span[1]])
+        xs.append(kernels.downsample_image(ct, *HU))
+        ys.append((case.segmentation[span[0]:span[1], ::2, ::2] > 0).astype(np.float32))
+    return np.concatenate(xs)[:, None], np.concatenate(ys)[:, None]
+
+
+def make_run(root: Path) -> Path:
+    """RUN_DIR with a 'best' checkpoint of a tiny QuickNAT briefly fitted on synthetic slices."""
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+    from qnkit.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = QuickNATConfig(num_filters=8, drop_out=0.0)
+    model = QuickNAT(cfg)
+    x, y = (torch.from_numpy(a) for a in _slices(range(3), seed=5))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(0, len(x), (8,), generator=gen)
+        p = torch.sigmoid(model(x[idx]))
+        inter = (p * y[idx]).sum()
+        loss = 1 - (2 * inter + 1) / (p.sum() + y[idx].sum() + 1) + torch.nn.functional.binary_cross_entropy(p, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    run = root / "run"
+    meta = {"network": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()), "epoch": 1,
+            "metrics": {"epoch": 1, "train_loss": float(loss.detach()), "val_dice": None},
+            "preprocessing": {"hu_lo": HU[0], "hu_hi": HU[1], "slice_margin": 20, "omega0": 2.0, "downsample": 2,
+                              "pad_multiple": 16, "pad_value": 0.0, "threshold": 0.5}}
+    ckpt.save(run, "best", model, meta)
+    return run
+
+
+def shared_bundle(tmp_path_factory, run_qnkit) -> tuple[Path, Path]:
+    """(RUN_DIR, BUNDLE_DIR) exported once per session with --fp16 --int8 through the CLI."""
+    if "bundle" not in _CACHE:
+        root = tmp_path_factory.mktemp("export")
+        run = make_run(root)
+        bundle = root / "bundle"
+        _CACHE["bundle"] = (run, bundle, run_qnkit("export", run, "--out", bundle, "--fp16", "--int8",
+                                                   "--input-size", "64x64"))
+    run, bundle, proc = _CACHE["bundle"]  # a failed export fails every user once, without re-running it
+    assert proc.returncode == 0, proc.stderr
+    return run, bundle
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_qnkit):
+    return shared_bundle(tmp_path_factory, run_qnkit)
+
+
+def _meta(bundle: Path) -> dict:
+    return json.loads((bundle / "qnkit.json").read_text())
+
+
+def test_bundle_layout_hashes_and_checker(exported):
+    from qnkit.bundle import sha256_file
+
+    _, bundle = exported
+    meta = _meta(bundle)
+    names = {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "weights.safetensors"}
+    assert set(meta["artefacts"]) == names
+    assert {p.name for p in bundle.iterdir()} == names | {"qnkit.json"}
+    for name, rec in meta["artefacts"].items():
+        assert rec["sha256"] == sha256_file(bundle / name) and rec["bytes"] == (bundle / name).stat().st_size
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        onnx.checker.check_model(str(bundle / name), full_check=True)
+    assert meta["model"]["input_size"] == [64, 64] and meta["model"]["network"]["num_filters"] == 8
+    assert meta["preprocessing"]["hu_window"] == list(HU) and meta["preprocessing"]["size_divisor"] == 16
+    assert meta["preprocessing"]["downsample"] == 2 and meta["threshold"] == 0.5
+    assert {"torch", "onnx", "onnxruntime", "qnkit"} <= set(meta["tools"])
+    assert meta["training"]["epoch"] == 1 and meta["engine"] is None
+    assert meta["export"]["fp32"]["opset"] >= 17
+    # no hidden temporary folders left beside the bundle
+    assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_verification_figures_recorded_and_meet_the_bars(exported):
+    ver = _meta(exported[1])["verification"]
+    assert ver["eager_foreground_pixels"] > 100, "the fitted model should find kidneys"
+    assert ver["fp32"]["passed"] and ver["fp32"]["dice"] >= 0.999 and ver["fp32"]["p999_abs_diff"] < 1e-4
+    assert ver["fp32"]["max_abs_diff"] < 0.5  # isolated max-pool near-ties may flip (see qnkit.export.verify)
+    assert ver["fp32"]["other_grid"]["p999_abs_diff"] < 1e-4  # dynamic height/width verified
+    assert ver["fp16"]["passed"] and ver["fp16"]["dice"] >= 0.99
+    assert 0.0 <= ver["int8"]["dice"] <= 1.0 and "passed" in ver["int8"]
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.fp16.onnx"])
+def test_graphs_have_no_scatter_unpool_or_batchnorm(exported, name):
+    from qnkit.export.onnx_export import op_types
+
+    graph = onnx.load(str(exported[1] / name))
+    ops = op_types(graph)
+    assert not {"ScatterND", "ScatterElements", "MaxUnpool", "BatchNormalization"} & set(ops)
+    assert graph.opset_import[0].version >= 17
+    inp, out = graph.graph.input[0], graph.graph.output[0]
+    assert (inp.name, out.name) == ("image", "probability")
+    assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_fp16_graph_is_strongly_typed_fp16(exported):
+    graph = onnx.load(str(exported[1] / "model.fp16.onnx"))
+    assert {t.data_type for t in graph.graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    assert "Cast" in {n.op_type for n in graph.graph.node}
+
+
+def test_fold_batchnorm_matches_eager_and_removes_bn():
+    from qnkit.export.onnx_export import ChannelAffine, fold_batchnorm
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+
+    torch.manual_seed(1)
+    model = QuickNAT(QuickNATConfig(num_filters=4, drop_out=0.0))
+    with torch.no_grad():  # non-trivial statistics, including negative gammas (scale+shift path)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-1.0, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    folded, counts = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, ChannelAffine) for m in folded.modules()) == 27
+    assert counts.get("scale_shift", 0) > 0
+    x = torch.rand(3, 1, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    # optionally, all-positive scales go into the following conv (exact in algebra)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.abs_().add_(0.1)
+        folded, counts = fold_batchnorm(model, into_conv=True)
+        assert counts == {"into_conv": 27}
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_existing_bundle_needs_force_and_failed_export_leaves_nothing(exported, run_qnkit, tmp_path):
+    run, bundle = exported
+    proc = run_qnkit("export", run, "--out", bundle, "--input-size", "64")
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    # a non-bundle folder is never replaced
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    proc = run_qnkit("export", run, "--out", other, "--force")
+    assert proc.returncode == 2 and (other / "keep.txt").exists()
+
+
+def test_export_below_the_bar_fails_and_writes_nothing(exported, tmp_path, monkeypatch):
+    from qnkit.export import bundle_writer, verify
+    from qnkit.export.onnx_export import ExportError
+
+    monkeypatch.setitem(verify.BARS, "fp32", {"min_dice": 1.5, "p999_abs_diff": 1e-3})
+    with pytest.raises(ExportError, match="verification failed"):
+        bundle_writer.export_bundle(exported[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_without_tensorrt_is_a_clear_error(exported, run_qnkit, tmp_path):
+    pytest.importorskip("qnkit.export.tensorrt_build")
+    from qnkit.export.tensorrt_build import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present (see test_backends_gpu)")
+    proc = run_qnkit("export", exported[0], "--out", tmp_path / "b", "--engine")
+    assert proc.returncode == 2 and "--engine" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_tampered_checkpoint_is_refused(exported, run_qnkit, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported[0], run)
+    with open(run / "checkpoints" / "best" / "model.safetensors", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\0\1\2\3")
+    proc = run_qnkit("export", run, "--out", tmp_path / "b")
+    assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
