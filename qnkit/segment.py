@@ -1,0 +1,390 @@
+"""The `qnkit segment` pipeline: CT file in, kidney mask on the input's exact grid out.
+
+load + reorient (qnkit.io) -> clip/scale/downsample (compiled kernel, in a background thread, one
+batch ahead of inference; the kernel releases the GIL) -> batched inference on a backend ->
+upsample + threshold back to the full grid (kernel) -> 3-D post-processing (closing, two largest
+components) -> right/left from patient coordinates -> mask, stats, preview.
+
+The model part is :mod:`qnkit.inference`'s, chunk by chunk: each chunk is exactly one batch of
+:func:`qnkit.inference.predict_volume`, so the backend sees the same batches with the same padding
+as in :func:`qnkit.inference.segment_volume` (what `qnkit evaluate` scores) and, without
+post-processing, the mask is identical to evaluate's. Padding matters: QuickNAT's channel SE
+pools over the whole (padded) slice, so a prediction depends on the padded size.
+
+Nothing here imports torch; a backend is any ``predict(x (N,1,h,w) float32) -> probabilities``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qnkit import inference, kernels
+from qnkit import io as qio
+from qnkit import postprocess as post
+from qnkit.errors import QnkitInputError
+
+__all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_overlapped", "segment_ct", "segment_file",
+           "load_case", "resolve_inputs", "output_path", "check_writable_folder", "parse_closing", "MASK_SUFFIX"]
+
+MASK_SUFFIX = "_kidneys.nii.gz"
+STAGES = ("load", "preprocess", "inference", "postprocess", "write")
+#: Resample in-plane only when the pixel spacing is more than this factor outside the training range.
+SPACING_TOLERANCE = 1.5
+
+
+@dataclass
+class SegmentOptions:
+    """What to do after inference (and how the model is fed)."""
+
+    batch_size: int = 16
+    postprocess: bool = True
+    keep: int = 2  # largest connected components kept
+    closing: float = 0.0  # closing radius; 0 = no closing
+    closing_unit: str = "mm"  # mm | voxels
+    split_sides: bool = False  # mask values 1 right, 2 left (else 1 kidney)
+
+
+@dataclass
+class CaseInput:
+    """One CT to segment: a display name (used for output names) and its NIfTI file."""
+
+    name: str
+    image: Path
+    source: Path  # what the user named: the file, or the KiTS case folder
+
+
+@dataclass
+class CaseResult:
+    name: str
+    input: Path
+    output: Path | None
+    shape: tuple
+    spacing: tuple
+    voxel_volume_ml: float
+    stats: dict
+    timings: dict
+    resampled: dict | None = None
+    sides: np.ndarray | None = field(default=None, repr=False)  # internal layout, 1 right, 2 left
+    ct: np.ndarray | None = field(default=None, repr=False)
+    geometry: qio.Geometry | None = field(default=None, repr=False)
+
+    @property
+    def slices(self) -> int:
+        return int(self.shape[0])
+
+    def to_json(self) -> dict:
+        total = sum(self.timings.get(k, 0.0) for k in STAGES)
+        infer = self.timings.get("inference", 0.0)
+        return {
+            "name": self.name, "input": str(self.input), "output": str(self.output) if self.output else None,
+            "shape_internal": list(self.shape), "spacing_mm": [round(s, 4) for s in self.spacing],
+            "voxel_volume_ml": self.voxel_volume_ml, "resampled": self.resampled,
+            "kidneys": self.stats,
+            "timings_s": {k: round(self.timings.get(k, 0.0), 4) for k in (*STAGES, "wall")},
+            "slices": self.slices,
+            "slices_per_s": round(self.slices / total, 2) if total > 0 else None,
+            "inference_slices_per_s": round(self.slices / infer, 2) if infer > 0 else None,
+        }
+
+
+# --- the model part -------------------------------------------------------------------------
+
+
+def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, batch_size: int = 16, threshold: float = 0.5,
+                       pad_multiple: int = 16, progress: Callable[[int], None] | None = None,
+                       timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`qnkit.inference.segment_volume` with downsampling overlapped with inference.
+
+    A worker thread downsamples chunk i+1 (and i+2) while the backend runs chunk i. A chunk is
+    one batch, so the results equal segment_volume's bit for bit. `progress(n)` is called with
+    the number of slices finished; `timings` gets 'preprocess' (worker time), 'inference' and
+    'upsample' seconds added. Returns (mask uint8 (Z, H, W), probabilities (Z, h, w)).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lo, hi = hu_window
+    z, H, W = ct.shape
+    times = {"preprocess": 0.0, "inference": 0.0, "upsample": 0.0}
+    probs = np.empty((z, (H + 1) // 2, (W + 1) // 2), dtype=np.float32)
+
+    def downsample(start: int) -> np.ndarray:
+        t = time.perf_counter()
+        half = kernels.downsample_image(ct[start:start + batch_size], lo, hi)
+        times["preprocess"] += time.perf_counter() - t
+        return half
+
+    starts = list(range(0, z, batch_size))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnkit-preprocess") as pool:
+        pending: deque = deque()
+        ahead = iter(starts)
+        try:
+            for start in starts:
+                while len(pending) < 2:
+                    nxt = next(ahead, None)
+                    if nxt is None:
+                        break
+                    pending.append(pool.submit(downsample, nxt))
+                half = pending.popleft().result()
+                t = time.perf_counter()
+                probs[start:start + len(half)] = inference.predict_volume(
+                    half, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
+                times["inference"] += time.perf_counter() - t
+                if progress is not None:
+                    progress(start + len(half))
+        finally:
+            for fut in pending:
+                fut.cancel()
+    t = time.perf_counter()
+    mask = kernels.upsample_threshold(probs, (H, W), threshold=threshold)
+    times["upsample"] += time.perf_counter() - t
+    if timings is not None:
+        for k, v in times.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return mask, probs
+
+
+def _pad_multiple(bundle) -> int:
+    """Padding multiple used in training/evaluation (recorded in the bundle), at least the size divisor."""
+    pre = bundle.metadata.get("preprocessing", {})
+    return int(pre.get("pad_multiple", bundle.size_divisor))
+
+
+def _spacing_range(bundle) -> tuple[float, float] | None:
+    """Training pixel-spacing range (mm) recorded in the bundle, if any."""
+    meta = getattr(bundle, "metadata", {}) or {}
+    for section in ("preprocessing", "training"):
+        rng = (meta.get(section) or {}).get("pixel_spacing_range")
+        if rng:
+            lo, hi = (float(v) for v in rng)
+            if 0 < lo <= hi:
+                return lo, hi
+    return None
+
+
+def _resize_inplane(volume: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """Resample the two in-plane axes to `shape` (pixel edges to pixel edges), float32."""
+    from scipy import ndimage as ndi
+
+    z, h, w = volume.shape
+    factors = (1.0, shape[0] / h, shape[1] / w)
+    out = ndi.zoom(volume.astype(np.float32, copy=False), factors, order=order, mode="nearest", grid_mode=True)
+    if out.shape[1:] != tuple(shape):  # zoom rounds; never off by more than one
+        out = out[:, :shape[0], :shape[1]]
+        out = np.pad(out, [(0, 0), (0, shape[0] - out.shape[1]), (0, shape[1] - out.shape[2])], mode="edge")
+    return np.ascontiguousarray(out)
+
+
+def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_window, threshold: float = 0.5,
+               pad_multiple: int = 16, spacing_range: tuple[float, float] | None = None,
+               options: SegmentOptions | None = None, progress=None,
+               timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """Segment an internal-layout CT. Returns (mask, sides, resampled).
+
+    `mask` is the output volume (uint8: 1 kidney, or 1 right / 2 left with split_sides),
+    `sides` always has 1 right / 2 left, `resampled` describes an in-plane resampling (or None).
+    Resampling happens only when `spacing_range` (the training pixel spacings) is given and the
+    input's pixel spacing is more than 1.5x outside it; probabilities are then resampled back to
+    the input's half-resolution grid before the usual upsample + threshold.
+    """
+    options = options or SegmentOptions()
+    timings = timings if timings is not None else {}
+    lo, hi = hu_window
+    resampled = None
+    _, row_mm, col_mm = geometry.spacing
+    pixel = (row_mm + col_mm) / 2
+    if spacing_range is not None and not (spacing_range[0] / SPACING_TOLERANCE <= pixel
+                                          <= spacing_range[1] * SPACING_TOLERANCE):
+        target = min(max(pixel, spacing_range[0]), spacing_range[1])
+        H, W = ct.shape[1:]
+        new = (max(2, round(H * row_mm / target)), max(2, round(W * col_mm / target)))
+        t = time.perf_counter()
+        ct_r = _resize_inplane(ct, new, order=1)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
+        _, probs_r = predict_overlapped(ct_r, predict_batch, hu_window=(lo, hi), batch_size=options.batch_size,
+                                        threshold=threshold, pad_multiple=pad_multiple, progress=progress,
+                                        timings=timings)
+        t = time.perf_counter()
+        probs = _resize_inplane(probs_r, ((H + 1) // 2, (W + 1) // 2), order=1)
+        mask = kernels.upsample_threshold(probs, (H, W), threshold=threshold)
+        timings["upsample"] = timings.get("upsample", 0.0) + time.perf_counter() - t
+        resampled = {"pixel_spacing_mm": round(pixel, 4), "model_pixel_spacing_mm": round(target, 4),
+                     "grid": list(new)}
+    else:
+        mask, _ = predict_overlapped(ct, predict_batch, hu_window=(lo, hi), batch_size=options.batch_size,
+                                     threshold=threshold, pad_multiple=pad_multiple, progress=progress,
+                                     timings=timings)
+    t = time.perf_counter()
+    if options.postprocess:
+        mask = post.postprocess(mask, spacing=geometry.spacing, keep=options.keep, closing=options.closing,
+                                closing_unit=options.closing_unit)
+    kidney_slices = np.nonzero(mask.any(axis=(1, 2)))[0]
+    body_slices = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
+    midline = post.body_midline_x(ct, geometry.internal_affine, body_slices)
+    sides = post.split_sides(mask, geometry.internal_affine, midline)
+    out = sides if options.split_sides else (mask > 0).astype(np.uint8)
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
+    return out, sides, resampled
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def load_case(case: CaseInput) -> tuple[np.ndarray, qio.Geometry, float]:
+    """(CT in the internal layout, its Geometry, seconds taken); bad files raise QnkitInputError."""
+    t = time.perf_counter()
+    ct, geometry = qio.load_image(case.image)
+    return ct, geometry, time.perf_counter() - t
+
+
+def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundle, options: SegmentOptions,
+                 overwrite: bool = False, progress=None, keep_arrays: bool = False, loaded=None) -> CaseResult:
+    """Load (unless `loaded` is :func:`load_case`'s result), segment and (when `out_path` is given)
+    write one case; returns its CaseResult. Callers open the backend after :func:`load_case`, so
+    a bad file fails before any backend is opened."""
+    from qnkit.report import kidney_stats
+
+    wall = time.perf_counter()
+    ct, geometry, load_s = loaded if loaded is not None else load_case(case)
+    timings: dict = {"load": load_s}
+    if progress is not None:
+        progress(0, ct.shape[0])
+    mask, sides, resampled = segment_ct(
+        ct, geometry, predict_batch, hu_window=bundle.hu_window, threshold=bundle.threshold,
+        pad_multiple=_pad_multiple(bundle), spacing_range=_spacing_range(bundle), options=options,
+        progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings)
+    stats = kidney_stats(sides, ct, geometry)
+    t = time.perf_counter()
+    if out_path is not None:
+        qio.save_mask(mask, geometry, out_path, overwrite=overwrite)
+    timings["write"] = time.perf_counter() - t
+    timings["wall"] = time.perf_counter() - wall + (load_s if loaded is not None else 0.0)
+    return CaseResult(name=case.name, input=case.image, output=out_path, shape=tuple(ct.shape),
+                      spacing=geometry.spacing, voxel_volume_ml=geometry.voxel_volume_ml, stats=stats,
+                      timings=timings, resampled=resampled,
+                      sides=sides if keep_arrays else None, ct=ct if keep_arrays else None,
+                      geometry=geometry if keep_arrays else None)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _kits_image(folder: Path) -> Path | None:
+    for name in ("imaging.nii.gz", "imaging.nii"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _is_our_output(path: Path) -> bool:
+    return _stem(path).endswith(MASK_SUFFIX[: -len(".nii.gz")])
+
+
+def resolve_inputs(inputs: list[Path]) -> tuple[list[CaseInput], bool]:
+    """Expand the command line's inputs into cases; returns (cases, batch_mode).
+
+    A NIfTI file is one case; a KiTS19 case folder (with imaging.nii[.gz]) is one case named after
+    the folder; any other folder is batch mode over its NIfTI files (not recursing, skipping
+    earlier `*_kidneys` outputs) and its KiTS19 case folders. Batch mode also means several inputs.
+    """
+    cases: list[CaseInput] = []
+    batch = len(inputs) > 1
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise QnkitInputError(f"{path}: no such file or folder")
+        if path.is_file():
+            if not qio.is_nifti_path(path):
+                raise QnkitInputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+            cases.append(CaseInput(_stem(path), path, path))
+        elif _kits_image(path) is not None:
+            cases.append(CaseInput(path.resolve().name, _kits_image(path), path))
+        elif path.is_dir():
+            batch = True
+            found = []
+            for child in sorted(path.iterdir()):
+                if child.is_file() and qio.is_nifti_path(child) and not _is_our_output(child):
+                    found.append(CaseInput(_stem(child), child, child))
+                elif child.is_dir() and _kits_image(child) is not None:
+                    found.append(CaseInput(child.name, _kits_image(child), child))
+            if not found:
+                raise QnkitInputError(f"{path}: no NIfTI images (.nii, .nii.gz) or KiTS19 case folders in this folder")
+            cases.extend(found)
+        else:
+            raise QnkitInputError(f"{path}: not a file or folder")
+    names = {}
+    for case in cases:
+        if case.name in names:
+            raise QnkitInputError(f"two inputs have the same name {case.name!r} ({names[case.name]} and "
+                                  f"{case.image}); their outputs would collide")
+        names[case.name] = case.image
+    return cases, batch
+
+
+def output_path(case: CaseInput, out: Path | None, batch: bool) -> Path:
+    """Where a case's mask goes: beside the input (inside a KiTS case folder), in `out` if it is a
+    folder, or exactly `out` for a single input with a NIfTI file name."""
+    name = case.name + MASK_SUFFIX
+    if out is None:
+        folder = case.source if case.source.is_dir() else case.image.parent
+        return folder / name
+    if qio.is_nifti_path(out) and not out.is_dir():
+        if batch:
+            raise QnkitInputError(f"--out {out}: with several inputs --out must be a folder")
+        return out
+    return out / name
+
+
+def check_writable_folder(folder: Path, create: bool = False) -> None:
+    """Raise QnkitInputError unless a file can be created in `folder` (probed, so root and ACLs count)."""
+    folder = Path(folder)
+    if create and not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise QnkitInputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    if not folder.is_dir():
+        raise QnkitInputError(f"output folder {folder} does not exist or is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".qnkit-probe-"):
+            pass
+    except OSError as exc:
+        raise QnkitInputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def parse_closing(text: str | None) -> tuple[float, str]:
+    """'2', '2mm', '1.5 mm', '1vox', '1voxel(s)' -> (radius, unit); a bare number is mm."""
+    if text is None or str(text).strip() in ("", "0"):
+        return 0.0, "mm"
+    s = str(text).strip().lower().replace(" ", "")
+    unit = "mm"
+    for suffix, u in (("voxels", "voxels"), ("voxel", "voxels"), ("vox", "voxels"), ("vx", "voxels"), ("mm", "mm")):
+        if s.endswith(suffix):
+            s, unit = s[: -len(suffix)], u
+            break
+    try:
+        radius = float(s)
+    except ValueError:
+        raise QnkitInputError(f"--closing {text!r}: expected a radius like 2mm or 1vox") from None
+    if not (0 <= radius <= 50) or not np.isfinite(radius):
+        raise QnkitInputError(f"--closing {text!r}: radius must be between 0 and 50")
+    return radius, unit
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (Path(a).exists() and os.path.samefile(a, b))
+    except OSError:
+        return False

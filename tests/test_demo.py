@@ -1,0 +1,42 @@
+"""`qnkit demo` end to end, shrunken (5 cases of 64x64, 1 epoch, 4 filters): synth -> train -> export (FP16)
+-> segment a held-out case -> Dice, volumes, backend, speed. A rerun reuses the data, run and bundle.
+The full-size demo's Dice and time are measured by running `qnkit demo` itself, not asserted here."""
+from __future__ import annotations
+
+import json
+
+SHRUNKEN = ("--cases", "5", "--epochs", "1", "--size", "64", "--num-filters", "4", "--no-progress")
+
+
+def test_demo_end_to_end_and_rerun(run_qnkit, tmp_path):
+    work = tmp_path / "demo"
+    proc = run_qnkit("demo", "--workdir", work, *SHRUNKEN)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("Dice", "kidney volumes: right", "left", "backend: onnxruntime", "slices/s", "demo time"):
+        assert needle in proc.stdout, proc.stdout
+    stamp = json.loads((work / "demo.json").read_text())
+    assert 0.0 <= stamp["last"]["dice"] <= 1.0
+    assert stamp["last"]["backend"] == "onnxruntime"
+    bundle = json.loads((work / "bundle" / "qnkit.json").read_text())
+    assert "model.fp16.onnx" in bundle["artefacts"]
+    case = stamp["last"]["case"]
+    split = json.loads((work / "run" / "evaluation_data.json").read_text())
+    assert case in split["test"]  # a held-out case
+    assert (work / "output" / f"{case}_kidneys.nii.gz").is_file()
+    assert (work / "output" / f"{case}_preview.png").is_file()
+
+    weights = (work / "run" / "checkpoints" / "best" / "model.safetensors").stat().st_mtime_ns
+    again = run_qnkit("demo", "--workdir", work, *SHRUNKEN)
+    assert again.returncode == 0, again.stderr
+    assert (work / "run" / "checkpoints" / "best" / "model.safetensors").stat().st_mtime_ns == weights
+    assert set(json.loads((work / "demo.json").read_text())["last"]["stages_s"]) == {"segment"}
+
+
+def test_demo_refuses_a_foreign_workdir(run_qnkit, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("precious")
+    proc = run_qnkit("demo", "--workdir", tmp_path, *SHRUNKEN)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("qnkit: error: ") and "not made by qnkit demo" in proc.stderr
+    assert (tmp_path / "data" / "mine.txt").read_text() == "precious"
+    assert not (tmp_path / "demo.json").exists()

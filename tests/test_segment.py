@@ -1,0 +1,392 @@
+"""`qnkit segment`: the pipeline equals qnkit.inference/`qnkit evaluate`, any orientation and in-plane size,
+outputs on the input's exact grid, stats and sides, preview, batch mode.
+
+One bundle is exported (with FP16) from the session's tiny trained run (conftest `trained_run`, 64x64 cases)
+and shared. The model is weak; what is checked is that segment reproduces evaluate's Dice exactly, not that
+the Dice is high (the demo test and `qnkit demo` show a trained model).
+
+Bad input (second half): one clear line on stderr, exit code 2, no traceback, no file written; the command
+runs in a subprocess, exactly as a user runs it.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qnkit import inference, kernels
+from qnkit import io as qio
+from qnkit import segment as S
+from qnkit.postprocess import LEFT, RIGHT
+from qnkit.synth import make_case, write_case
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    from qnkit.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("segment") / "bundle"
+    export_bundle(trained_run, out, fp16=True, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def split(trained_run) -> dict:
+    record = json.loads((trained_run / "evaluation_data.json").read_text())
+    evaluation = json.loads((trained_run.parent / "evaluation.json").read_text())
+    return {"data": Path(record["data_dir"]), "test": list(record["test"]),
+            "dice": {r["case_id"]: r["dice"] for r in evaluation["cases"]}}
+
+
+def _dice_of(mask_path: Path, labels_path: Path) -> float:
+    mask, mgeo = qio.load_labels(mask_path)
+    labels, lgeo = qio.load_labels(labels_path)
+    qio.check_same_grid(mgeo, lgeo)
+    return kernels.dice(mask, (labels > 0).astype(np.uint8))
+
+
+def _assert_same_grid(mask_path: Path, image_path: Path) -> None:
+    m, i = nib.load(mask_path), nib.load(image_path)
+    assert m.shape == i.shape
+    assert np.array_equal(m.affine, i.affine)
+    assert int(m.header["sform_code"]) == int(i.header["sform_code"])
+    assert int(m.header["qform_code"]) == int(i.header["qform_code"])
+    assert m.get_data_dtype() == np.uint8
+
+
+def _tiny_predict():
+    import torch
+
+    from qnkit.nn.eager import make_predict_batch
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+
+    torch.manual_seed(0)
+    return make_predict_batch(QuickNAT(QuickNATConfig(num_filters=4)))
+
+
+@pytest.mark.parametrize("shape,batch", [((7, 50, 38), 3), ((5, 32, 32), 16), ((4, 31, 45), 1)])
+def test_overlapped_pipeline_equals_segment_volume(shape, batch):
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
+    predict = _tiny_predict()
+    ref_mask, ref_probs = inference.segment_volume(ct, predict, hu_window=(-200, 400), batch_size=batch)
+    seen = []
+    mask, probs = S.predict_overlapped(ct, predict, hu_window=(-200, 400), batch_size=batch, progress=seen.append)
+    assert np.array_equal(probs, ref_probs) and np.array_equal(mask, ref_mask)
+    assert seen[-1] == shape[0] and seen == sorted(seen)
+
+
+class _Bundle:
+    """What the pipeline reads from a bundle (for oracle tests without a model)."""
+
+    hu_window, threshold, size_divisor = (-200.0, 400.0), 0.5, 16
+    metadata = {"preprocessing": {"pad_multiple": 16}}
+
+
+def _oracle(labels: np.ndarray):
+    """predict_batch that returns the true (half-resolution, padded) kidney mask: one call per volume."""
+    half = kernels.downsample_labels(labels).astype(np.float32)
+
+    def predict(x):
+        assert x.shape[0] == half.shape[0]
+        return inference.pad_slices(half)[:, None]
+    return predict
+
+
+@pytest.mark.parametrize("kidneys", ["left", "right", "both"])
+def test_sides_and_stats_on_known_phantom(tmp_path, kidneys):
+    case = make_case(5, size=64, seed=2, kidneys=kidneys)
+    folder = write_case(case, tmp_path)
+    out = tmp_path / "mask.nii.gz"
+    result = S.segment_file(S.CaseInput(case.case_id, folder / "imaging.nii.gz", folder), out,
+                            _oracle(case.segmentation), bundle=_Bundle(),
+                            options=S.SegmentOptions(batch_size=1000, split_sides=True, closing=2))
+    mask, geo = qio.load_labels(out)
+    want = {"left": {LEFT}, "right": {RIGHT}, "both": {LEFT, RIGHT}}[kidneys]
+    assert set(np.unique(mask)) - {0} == want
+    ml = abs(np.linalg.det(geo.affine[:3, :3])) / 1000  # from the header (float32 sform), as written
+    for side, value in (("right", RIGHT), ("left", LEFT)):
+        n = int((mask == value).sum())
+        assert result.stats[side]["voxels"] == n
+        assert result.stats[side]["volume_ml"] == pytest.approx(n * ml, rel=1e-12)
+        assert (n > 0) == (value in want)
+    # the oracle's mask is the labels up to the 2x down/up-sampling (coarse at 64 px: ~7 mm pixels)
+    assert kernels.dice(mask > 0, case.segmentation > 0) > 0.75
+    doc = result.to_json()
+    assert set(doc["timings_s"]) >= {"load", "preprocess", "inference", "postprocess", "write"}
+    assert doc["slices"] == case.imaging.shape[0] and doc["slices_per_s"] > 0
+
+
+def test_inplane_resampling_when_spacing_is_far_outside_training_range():
+    """With a recorded training pixel-spacing range, a coarse CT is resampled to it and back, in register."""
+    case = make_case(6, size=64, seed=0)  # ~7 mm pixels
+    geo = qio.Geometry.from_affine(case.affine, case.imaging.shape)
+
+    def bright(x):  # a stand-in "model": soft probability of bright tissue (enhancing cortex, bone, contrast)
+        return np.clip((x - 0.6) * 4, 0, 1).astype(np.float32)
+
+    plain, _, none = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400),
+                                  options=S.SegmentOptions(postprocess=False, batch_size=8))
+    resampled, _, info = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), spacing_range=(3.0, 4.0),
+                                      options=S.SegmentOptions(postprocess=False, batch_size=8))
+    assert none is None and info["model_pixel_spacing_mm"] == 4.0
+    assert info["grid"][0] > case.imaging.shape[1]
+    assert resampled.shape == plain.shape
+    # same structures, in register: no one-pixel shift matches better
+    shifted = [kernels.dice(np.roll(resampled, (dy, dx), axis=(1, 2)), plain)
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert shifted[4] > 0.75 and shifted[4] == max(shifted)
+    inside, _, none = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), spacing_range=(5.0, 8.0),
+                                   options=S.SegmentOptions(postprocess=False, batch_size=8))
+    assert none is None and np.array_equal(inside, plain)
+
+
+def _reoriented(src: Path, dst: Path, codes: tuple[str, str, str], dtype=None) -> Path:
+    """Store the image (or labels) at `src` in another orientation, same patient-space grid."""
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    out = nib.orientations.apply_orientation(data, ornt)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    new = nib.Nifti1Image(out.astype(dtype or data.dtype), affine)
+    new.header.set_qform(affine, code=1)
+    new.header.set_sform(affine, code=1)
+    nib.save(new, dst)
+    assert nib.aff2axcodes(affine) == codes
+    return dst
+
+
+@pytest.mark.parametrize("codes", [("I", "P", "L"), ("R", "A", "S"), ("L", "P", "S")])
+def test_segment_any_orientation_matches_evaluate(run_qnkit, bundle, split, tmp_path, codes):
+    case_id = split["test"][0]
+    folder = split["data"] / case_id
+    image = _reoriented(folder / "imaging.nii.gz", tmp_path / "ct.nii.gz", codes)
+    labels = _reoriented(folder / "segmentation.nii.gz", tmp_path / "seg.nii.gz", codes)
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.nii.gz"
+        proc = run_qnkit("segment", image, "--model", bundle, "--out", out, "--backend", backend,
+                         "--no-postprocess", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        _assert_same_grid(out, image)
+        # torch runs the checkpoint's weights exactly as evaluate does; ONNX Runtime may flip a voxel or two
+        tol = 1e-9 if backend == "torch" else 2e-3
+        assert _dice_of(out, labels) == pytest.approx(split["dice"][case_id], abs=tol)
+
+
+def _crop_case(case, rows: slice, cols: slice):
+    """A non-square in-plane crop of a synthetic case, with the affine moved to the crop's origin."""
+    shift = np.eye(4)
+    shift[1, 3], shift[2, 3] = rows.start, cols.start
+    case.imaging = np.ascontiguousarray(case.imaging[:, rows, cols])
+    case.segmentation = np.ascontiguousarray(case.segmentation[:, rows, cols])
+    case.affine = case.affine @ shift
+    return case
+
+
+@pytest.mark.parametrize("kind", ["512", "non-square"])
+def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, trained_run, tmp_path, kind):
+    """The test cases regenerated at 512x512 or cropped to a non-square grid; evaluate and segment agree."""
+    from qnkit.train.evaluation import evaluate
+
+    data = tmp_path / "data"
+    for n, case_id in enumerate(split["test"]):
+        index = int(case_id.split("_")[1])
+        if kind == "512":  # one 512x512 case (phantom 9 has 38 slices: quick on a CPU); the others as they were
+            case = make_case(9, size=512, seed=0) if n == 0 else make_case(index, size=64, seed=0)
+            case.case_id = case_id
+        else:
+            case = _crop_case(make_case(index, size=64, seed=0), slice(4, 58), slice(9, 53))  # 54 x 44
+        write_case(case, data)
+    expected = {r["case_id"]: r["dice"] for r in evaluate(trained_run, data_dir=data, log=False)["cases"]}
+    out = tmp_path / "masks"
+    proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--no-postprocess",
+                     "--stats", tmp_path / "stats.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert [c["name"] for c in stats["cases"]] == sorted(split["test"])
+    for case_id in split["test"]:
+        mask = out / f"{case_id}_kidneys.nii.gz"
+        _assert_same_grid(mask, data / case_id / "imaging.nii.gz")
+        assert _dice_of(mask, data / case_id / "segmentation.nii.gz") == pytest.approx(expected[case_id], abs=1e-9)
+
+
+def test_stats_split_sides_preview_and_force(run_qnkit, bundle, split, tmp_path):
+    case_id = split["test"][0]
+    src = split["data"] / case_id
+    folder = tmp_path / case_id
+    shutil.copytree(src, folder)
+    args = ("segment", folder, "--model", bundle, "--split-sides", "--closing", "3mm", "--stats",
+            tmp_path / "s.json", "--preview", tmp_path / "p.png", "--no-progress")
+    proc = run_qnkit(*args)
+    assert proc.returncode == 0, proc.stderr
+    out = folder / f"{case_id}_kidneys.nii.gz"  # default: inside the KiTS case folder
+    _assert_same_grid(out, folder / "imaging.nii.gz")
+    mask, geo = qio.load_labels(out)
+    assert set(np.unique(mask)) <= {0, RIGHT, LEFT}
+    doc = json.loads((tmp_path / "s.json").read_text())
+    entry = doc["cases"][0]
+    assert doc["backend"]["name"] == "onnxruntime" and doc["backend"]["device"] == "cpu"
+    for side, value in (("right", RIGHT), ("left", LEFT)):
+        n = int((mask == value).sum())
+        assert entry["kidneys"][side]["voxels"] == n
+        assert entry["kidneys"][side]["volume_ml"] == pytest.approx(n * geo.voxel_volume_ml, rel=1e-12)
+    assert set(entry["timings_s"]) >= {"load", "preprocess", "inference", "postprocess", "write"}
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "right" in proc.stdout and "slices/s" in proc.stdout
+    # outputs exist now: refused without --force (nothing changed), replaced with it
+    before = out.stat().st_mtime_ns
+    again = run_qnkit(*args)
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert out.stat().st_mtime_ns == before
+    assert run_qnkit(*args, "--force").returncode == 0
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_case(tmp_path_factory) -> Path:
+    return write_case(make_case(0, size=32, seed=0), tmp_path_factory.mktemp("good")) / "imaging.nii.gz"
+
+
+def _files(folder: Path) -> set:
+    return {p.relative_to(folder) for p in folder.rglob("*")}
+
+
+def _refused(proc, *needles, code: int = 2) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("qnkit: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _segment(run_qnkit, bundle, *inputs, out=None, extra=()):
+    args = ["segment", *inputs, "--model", bundle, "--no-progress", *extra]
+    if out is not None:
+        args += ["--out", out]
+    return run_qnkit(*args)
+
+
+def _write(path: Path, data: np.ndarray, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 3.0, 1.0]) if affine is None else affine), path)
+    return path
+
+
+def test_missing_file(run_qnkit, bundle, tmp_path):
+    proc = _segment(run_qnkit, bundle, tmp_path / "nope.nii.gz", out=tmp_path / "o")
+    _refused(proc, "nope.nii.gz", "no such file")
+    assert _files(tmp_path) == set()
+
+
+def test_folder_without_images(run_qnkit, bundle, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("no images here")
+    proc = _segment(run_qnkit, bundle, tmp_path / "in")
+    _refused(proc, "no NIfTI images")
+    assert _files(tmp_path) == {Path("in"), Path("in/readme.txt")}
+
+
+@pytest.mark.parametrize("kind", ["2-D", "4-D", "truncated", "not-nifti-name", "garbage", "nan"])
+def test_bad_image_files(run_qnkit, bundle, good_case, tmp_path, kind):
+    src = tmp_path / "in"
+    src.mkdir()
+    if kind == "2-D":
+        bad = _write(src / "ct.nii.gz", np.zeros((32, 32), np.int16))
+        needles = ("expected a 3-D volume", "2-D")
+    elif kind == "4-D":
+        bad = _write(src / "ct.nii.gz", np.zeros((32, 32, 8, 3), np.int16))
+        needles = ("expected a 3-D volume", "4-D")
+    elif kind == "truncated":
+        bad = src / "ct.nii.gz"
+        data = good_case.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        needles = ("ct.nii.gz",)
+    elif kind == "not-nifti-name":
+        bad = src / "ct.txt"
+        bad.write_text("hello")
+        needles = ("not a NIfTI file",)
+    elif kind == "garbage":
+        bad = src / "ct.nii.gz"
+        bad.write_bytes(gzip.compress(b"this is not a NIfTI header" * 20))
+        needles = ("ct.nii.gz", "not a readable NIfTI")
+    else:
+        data = np.zeros((32, 32, 8), np.float32)
+        data[3, 4, 5] = np.nan
+        bad = _write(src / "ct.nii.gz", data)
+        needles = ("NaN",)
+    before = _files(tmp_path)
+    proc = _segment(run_qnkit, bundle, bad, extra=("--stats", tmp_path / "s.json", "--preview",
+                                                              tmp_path / "p.png"))
+    _refused(proc, *needles)
+    assert _files(tmp_path) == before
+
+
+def test_unwritable_output_folder(run_qnkit, bundle, good_case, tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere a mode allows nothing: use a folder no one can write to
+        folder = Path("/proc/self")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+    proc = _segment(run_qnkit, bundle, good_case, out=folder / "mask.nii.gz")
+    _refused(proc, str(folder), "not writable")
+    assert not (folder / "mask.nii.gz").exists()
+    assert not (good_case.parent / "imaging_kidneys.nii.gz").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "tampered", "no-bundle"])
+def test_bad_bundle(run_qnkit, bundle, good_case, tmp_path, damage):
+    damaged = tmp_path / "bundle"
+    shutil.copytree(bundle, damaged)
+    if damage == "missing":
+        (damaged / "model.onnx").unlink()
+        needles = ("model.onnx", "missing")
+    elif damage == "tampered":
+        data = bytearray((damaged / "weights.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (damaged / "weights.safetensors").write_bytes(bytes(data))
+        needles = ("weights.safetensors", "SHA-256")
+    else:
+        (damaged / "qnkit.json").unlink()
+        needles = ("not a qnkit bundle",)
+    out = tmp_path / "out"
+    proc = _segment(run_qnkit, damaged, good_case, out=out)
+    _refused(proc, *needles)
+    assert not out.exists()
+
+
+def test_existing_output_and_input_protection(run_qnkit, bundle, good_case, tmp_path):
+    target = tmp_path / "mask.nii.gz"
+    target.write_bytes(b"old")
+    _refused(_segment(run_qnkit, bundle, good_case, out=target), "exists; pass --force")
+    assert target.read_bytes() == b"old"
+    _refused(_segment(run_qnkit, bundle, good_case, out=good_case, extra=("--force",)),
+             "over an input")
+    _refused(_segment(run_qnkit, bundle, good_case, good_case, out=tmp_path / "x.nii.gz"),
+             "same name")
+
+
+def test_batch_mode_reports_a_failing_case_and_goes_on(run_qnkit, bundle, good_case, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(good_case, src / "a.nii.gz")
+    (src / "b.nii.gz").write_bytes(good_case.read_bytes()[:300])  # truncated
+    shutil.copy(good_case, src / "c.nii.gz")
+    out = tmp_path / "out"
+    proc = _segment(run_qnkit, bundle, src, out=out, extra=("--stats", tmp_path / "s.json"))
+    assert proc.returncode == 2, proc.stderr
+    assert "b failed" in proc.stderr and "1 of 3 case(s) failed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a_kidneys.nii.gz", "c_kidneys.nii.gz"]
+    assert "2 case(s) segmented, 1 failed" in proc.stdout
+    # --out must be a folder in batch mode
+    _refused(_segment(run_qnkit, bundle, src, out=tmp_path / "one.nii.gz"), "must be a folder")
