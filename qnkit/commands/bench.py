@@ -1,4 +1,8 @@
-"""`qnkit bench`: measured side by side in one run, reported as ratios."""
+"""`qnkit bench`: kernels, backends and the whole pipeline, measured side by side in one run.
+
+Every figure is a median of repeated timings after warm-up, and every speed is also a ratio to a
+baseline measured in the same run (NumPy and a memory copy for kernels, eager FP32 for backends).
+"""
 from __future__ import annotations
 
 import json
@@ -8,8 +12,14 @@ from pathlib import Path
 
 import typer
 
+from qnkit.errors import QnkitInputError
+
+SECTIONS = ("kernels", "backends", "e2e")
+
 
 def _system_info() -> dict:
+    import importlib.metadata as md
+
     import numpy as np
 
     import qnkit
@@ -21,45 +31,164 @@ def _system_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"qnkit": qnkit.__version__, "python": platform.python_version(), "numpy": np.__version__,
-            "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "kernel_build": kernels.BUILD, "kernel_threads": kernels.get_num_threads()}
+    versions = {}
+    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt", "nibabel"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    info = {"qnkit": qnkit.__version__, "python": platform.python_version(), "numpy": np.__version__,
+            **versions, "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "kernel_build": kernels.BUILD, "kernel_threads": kernels.get_num_threads(), "gpu": None}
+    if _gpu_present():
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _gpu_present() -> bool:
+    from qnkit.backends import nvidia_gpu_present
+
+    return nvidia_gpu_present()
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise QnkitInputError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise QnkitInputError(f"--batch-sizes must be positive integers, got {text!r}")
+    return sizes
 
 
 def command(
+    model: Path = typer.Option(None, "--model", help="Bundle to benchmark (default: a random-weight full-size QuickNAT)."),
     json_out: Path = typer.Option(None, "--json", help="Write every figure to this JSON file."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke run on a small volume with few repeats (for tests)."),
-    repeats: int = typer.Option(7, "--repeats", min=1, help="Timed repeats per figure (median is reported)."),
+    plot_out: Path = typer.Option(None, "--plot", help="Write throughput curves and the stage breakdown to this PNG."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: small volume, tiny network, few repeats (for tests)."),
+    only: str = typer.Option(",".join(SECTIONS), "--only", help="Sections to run: kernels,backends,e2e."),
+    batch_sizes: str = typer.Option("1,4,16,32", "--batch-sizes", help="Batch sizes for the backend rows."),
+    repeats: int = typer.Option(0, "--repeats", help="Timed repeats per figure (default: 7 kernels, 3 backends)."),
+    workdir: Path = typer.Option(None, "--workdir", help="Where to put the random-weight bundle and the e2e case."),
 ) -> None:
-    """Benchmark the compiled kernels against NumPy and against their memory floor."""
+    """Benchmark kernels against NumPy, backends against eager PyTorch, and `qnkit segment` end to end."""
+    import tempfile
+
     from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from qnkit._atomic import write_text_atomic
-    from qnkit.benchmarks import kernels as kernel_bench
 
-    if json_out is not None and not json_out.parent.is_dir():
-        from qnkit.errors import QnkitInputError
+    sections = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown or not sections:
+        raise QnkitInputError(f"--only takes a comma-separated subset of {','.join(SECTIONS)}, got {only!r}")
+    for out in (json_out, plot_out):
+        if out is not None and not out.absolute().parent.is_dir():
+            raise QnkitInputError(f"folder does not exist: {out.absolute().parent}")
+    if model is not None and not model.exists():
+        raise QnkitInputError(f"bundle not found: {model}")
+    if repeats < 0:
+        raise QnkitInputError(f"--repeats must be >= 0, got {repeats}")
+    batches = (1, 4) if quick else _parse_batches(batch_sizes)
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
 
-        raise QnkitInputError(f"folder of --json does not exist: {json_out.parent}")
-    shape = (8, 128, 128) if quick else (100, 512, 512)
-    repeats = 2 if quick else repeats
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("kernels", total=None)
-        rows = kernel_bench.run(shape, repeats=repeats, numpy_repeats=1 if quick else 3,
-                                progress=lambda what: progress.update(task, description=what))
+    console, out_console = Console(stderr=True), Console()
+    report: dict = {"system": _system_info(), "quick": quick}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
 
-    table = Table(title=f"Kernels on a {shape[2]}x{shape[1]}x{shape[0]} volume (median of {repeats})")
-    for column in ("kernel", "threads", "time ms", "numpy ms", "x numpy", "floor ms", "x floor", "GB/s"):
-        table.add_column(column, justify="left" if column == "kernel" else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(row["kernel"], str(row["threads"]), f"{row['kernel_s']['median_s'] * 1e3:.2f}",
-                      f"{row['numpy_s']['median_s'] * 1e3:.1f}", f"{row['speedup_vs_numpy']:.1f}",
-                      f"{row['floor_s']['median_s'] * 1e3:.2f}", f"{row['ratio_to_floor']:.2f}",
-                      f"{row['gb_per_s']:.1f}")
-    Console().print(table)
+        def say(what: str) -> None:
+            progress.update(task, description=what)
+
+        if "kernels" in sections:
+            from qnkit.benchmarks import kernels as kernel_bench
+
+            shape = (8, 128, 128) if quick else (100, 512, 512)
+            report["kernels"] = kernel_bench.run(shape, repeats=2 if quick else (repeats or 7),
+                                                 numpy_repeats=1 if quick else 3, progress=say)
+        if "backends" in sections or "e2e" in sections:
+            from qnkit.backends import open_backend
+            from qnkit.benchmarks import backends as backend_bench
+            from qnkit.benchmarks import e2e
+
+            say("preparing the bundle")
+            bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick, log=lambda *a: None)
+            report["bundle"] = {"path": str(bundle.path), "trained": trained,
+                                "input_size": list(bundle.input_size), "network": bundle.network}
+            if "backends" in sections:
+                gpu = _gpu_present() and report["system"]["gpu"] is not None
+                import importlib.util
+
+                report["backends"] = backend_bench.run(
+                    bundle, batch_sizes=batches, repeats=2 if quick else (repeats or 3), trained=trained, gpu=gpu,
+                    tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
+            if "e2e" in sections:
+                say("end to end: qnkit segment")
+                backend = open_backend(bundle, "auto", batch_size=16, log=lambda *a: None)
+                with backend:
+                    size, slices = (128, 24) if quick else (512, 100)
+                    report["end_to_end"] = e2e.run(bundle, backend, size=size, slices=slices,
+                                                   repeats=1 if quick else 3, workdir=workdir)
+
+    _print(out_console, report)
     if json_out is not None:
-        report = {"system": _system_info(), "quick": quick, "kernels": rows}
-        write_text_atomic(json_out, json.dumps(report, indent=2))
+        write_text_atomic(json_out, json.dumps(report, indent=2, default=str))
+    if plot_out is not None:
+        from qnkit.benchmarks.plot import plot
+
+        plot(report, plot_out)
+
+
+def _print(console, report: dict) -> None:
+    from rich.table import Table
+
+    system = report["system"]
+    console.print(f"[bold]qnkit bench[/bold]  cpu: {system['cpu']} ({system['cores']} cores), "
+                  f"gpu: {system['gpu'] or 'none'}, kernels: {system['kernel_build']} build, "
+                  f"{system['kernel_threads']} threads")
+    rows = report.get("kernels")
+    if rows:
+        shape = rows[0]["shape"]
+        table = Table(title=f"Kernels on a {shape[2]}x{shape[1]}x{shape[0]} volume (median)")
+        for column in ("kernel", "threads", "ms", "NumPy ms", "x NumPy", "floor ms", "x floor", "GB/s"):
+            table.add_column(column, justify="left" if column == "kernel" else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(row["kernel"], str(row["threads"]), f"{row['kernel_s']['median_s'] * 1e3:.2f}",
+                          f"{row['numpy_s']['median_s'] * 1e3:.1f}", f"{row['speedup_vs_numpy']:.1f}",
+                          f"{row['floor_s']['median_s'] * 1e3:.2f}", f"{row['ratio_to_floor']:.2f}",
+                          f"{row['gb_per_s']:.1f}")
+        console.print(table)
+    rows = report.get("backends")
+    if rows:
+        bundle = report["bundle"]
+        note = "" if bundle["trained"] else " (untrained weights: agreement not meaningful)"
+        table = Table(title=f"Backends, QuickNAT {bundle['network'].get('num_filters')} filters, "
+                            f"{bundle['input_size'][0]}x{bundle['input_size'][1]} input{note}")
+        for column in ("backend", "batch", "slices/s", "spread", "x eager FP32", "Dice vs eager"):
+            table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
+        for row in rows:
+            if "error" in row:
+                table.add_row(row["backend"], "-", "-", "-", "-", f"[red]{row['error'][:60]}[/red]")
+                continue
+            speedup = row["speedup_vs_eager_fp32"]
+            table.add_row(row["backend"], str(row["batch"]), f"{row['slices_per_s']:.2f}",
+                          f"{row['seconds']['spread']:.0%}", f"{speedup:.2f}" if speedup else "-",
+                          f"{row['dice_agreement_vs_eager']:.4f}")
+        console.print(table)
+    e2e = report.get("end_to_end")
+    if e2e:
+        table = Table(title=f"qnkit segment on a {'x'.join(map(str, e2e['shape'][::-1]))} CT "
+                            f"({e2e['backend']['name']} {e2e['backend']['precision']} {e2e['backend']['device']})")
+        for column in ("stage", "seconds"):
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for stage, seconds in e2e["stages_s"].items():
+            table.add_row(stage, f"{seconds:.3f}")
+        table.add_row("outside inference", f"{e2e['share_outside_inference']:.1%}")
+        table.add_row("slices/s", f"{e2e['slices_per_s']:.1f}")
+        console.print(table)

@@ -1,0 +1,138 @@
+"""Backend rows of `qnkit bench`: slices per second per backend and batch size, against eager FP32.
+
+Every backend runs the same preprocessed synthetic slices, after warm-up, as the median of
+repeated timings; its speed is also given as a ratio to the eager FP32 model measured in the same
+run, and its masks are compared with eager's (Dice agreement). With an untrained bundle the
+agreement figures are flagged as not meaningful (speed does not depend on the weights).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qnkit import kernels
+from qnkit.benchmarks.timing import measure
+from qnkit.bundle import FP16_ONNX, INT8_ONNX, Bundle, load_bundle
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str
+    precision: str
+    device: str
+    options: tuple = ()
+
+    @property
+    def label(self) -> str:
+        extra = "".join(f" +{k}" for k, v in self.options if v)
+        return f"{self.kind} {self.precision} {self.device}{extra}"
+
+
+def random_weight_bundle(workdir: Path, *, num_filters: int = 64, input_size=(256, 256), log=print) -> Bundle:
+    """A bundle of a randomly initialised QuickNAT (FP32, FP16 and INT8 ONNX), for speed figures only."""
+    import torch
+
+    from qnkit.export.bundle_writer import export_bundle
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+    from qnkit.train import checkpoint
+
+    torch.manual_seed(0)
+    config = QuickNATConfig(num_filters=num_filters)
+    model = QuickNAT(config).eval()
+    run = workdir / "random-run"
+    checkpoint.save(run, "best", model, {"network": config.to_dict(), "epoch": 0, "metrics": {},
+                                          "preprocessing": {"hu_lo": -200.0, "hu_hi": 400.0, "threshold": 0.5}})
+    out = workdir / "random-bundle"
+    export_bundle(run, out, fp16=True, int8=True, input_size=tuple(input_size), force=True, log=log)
+    return load_bundle(out)
+
+
+def configs_for(bundle: Bundle, gpu: bool, tensorrt: bool) -> list[BackendConfig]:
+    """Every backend configuration this machine can run for this bundle; eager FP32 CPU first."""
+    rows = [BackendConfig("torch", "fp32", "cpu"), BackendConfig("onnxruntime", "fp32", "cpu")]
+    if bundle.has(FP16_ONNX):
+        rows.append(BackendConfig("onnxruntime", "fp16", "cpu"))
+    if bundle.has(INT8_ONNX):
+        rows.append(BackendConfig("onnxruntime", "int8", "cpu"))
+    if gpu:
+        rows += [BackendConfig("torch", "fp32", "cuda:0"), BackendConfig("torch", "fp16", "cuda:0"),
+                 BackendConfig("torch", "bf16", "cuda:0"),
+                 BackendConfig("torch", "fp16", "cuda:0", (("cuda_graphs", True),))]
+        from qnkit.backends.onnxruntime_backend import gpu_providers
+
+        if gpu_providers():
+            rows.append(BackendConfig("onnxruntime", "fp32", "cuda:0", (("tensorrt_ep", False),)))
+            if bundle.has(FP16_ONNX):
+                rows.append(BackendConfig("onnxruntime", "fp16", "cuda:0", (("tensorrt_ep", False),)))
+        if tensorrt:
+            rows.append(BackendConfig("tensorrt", "fp16", "cuda:0"))
+    return rows
+
+
+def bench_slices(bundle: Bundle, count: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """`count` preprocessed slices around synthetic kidneys (with labels), on the bundle's grid."""
+    from qnkit.export import verify
+
+    x, labels = verify.synthetic_slices(bundle.input_size, bundle.hu_window, cases=2, per_case=max(1, count // 2))
+    reps = -(-count // len(x))
+    return np.ascontiguousarray(np.tile(x, (reps, 1, 1, 1))[:count]), np.tile(labels, (reps, 1, 1, 1))[:count]
+
+
+def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained: bool = True,
+        gpu: bool = False, tensorrt: bool = False, progress: Callable[[str], None] | None = None,
+        log=print) -> list[dict]:
+    """One row per (backend, batch size) with slices/s, speed-up over eager FP32 and mask agreement."""
+    from qnkit.backends import open_backend
+
+    x, _ = bench_slices(bundle, max(batch_sizes))
+    rows, eager_rate, eager_masks = [], {}, None
+    for config in configs_for(bundle, gpu, tensorrt):
+        if progress:
+            progress(config.label)
+        try:
+            backend = open_backend(bundle, config.kind, precision=config.precision, device=config.device,
+                                   batch_size=max(batch_sizes), log=lambda *a: None, **dict(config.options))
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot open here is reported, not fatal
+            rows.append({"backend": config.label, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        with backend:
+            probs = backend.predict(x)
+            masks = (probs > bundle.threshold).astype(np.uint8)
+            if eager_masks is None:
+                eager_masks = masks
+            agreement = kernels.dice(masks, eager_masks, smooth=1.0)
+            for batch in batch_sizes:
+                if progress:
+                    progress(f"{config.label} batch {batch}")
+                backend.batch_size = batch
+                chunk = x[:batch]
+                timing = measure(lambda: backend.predict(chunk), repeats=repeats, warmup=1)
+                rate = batch / timing.median_s
+                if config.kind == "torch" and config.precision == "fp32" and config.device == "cpu":
+                    eager_rate[batch] = rate
+                rows.append({
+                    "backend": config.label, "kind": config.kind, "precision": config.precision,
+                    "device": config.device, "batch": batch, "seconds": timing.as_dict(),
+                    "slices_per_s": rate,
+                    "speedup_vs_eager_fp32": rate / eager_rate[batch] if batch in eager_rate else None,
+                    "dice_agreement_vs_eager": agreement, "agreement_meaningful": trained,
+                    "describe": backend.describe(),
+                })
+    return rows
+
+
+def open_or_make_bundle(model: Path | None, workdir: Path | None = None, *, quick: bool = False,
+                        log=print) -> tuple[Bundle, bool]:
+    """The given bundle (trained), or a random-weight full-size one made in `workdir` (untrained)."""
+    if model is not None:
+        bundle = load_bundle(model)
+        trained = bool((bundle.metadata.get("training") or {}).get("metrics"))
+        return bundle, trained
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="qnkit-bench-"))
+    if quick:
+        return random_weight_bundle(workdir, num_filters=4, input_size=(64, 64), log=log), False
+    return random_weight_bundle(workdir, log=log), False
