@@ -138,6 +138,7 @@ def test_slice_dataset_maps_indices_and_pads(tmp_path):
         folder.mkdir()
         np.save(folder / "image.npy", np.full((z, h, w), v + 1, np.float32) * np.arange(z)[:, None, None])
         np.save(folder / "labels.npy", np.ones((z, h, w), np.uint8))
+        np.save(folder / "coverage.npy", np.full((z, h, w), 0.75, np.float32))
         np.save(folder / "weights.npy", np.full((z, h, w), 2.0, np.float32))
         entries.append(D.CacheEntry(f"v{v}", folder, z, 0, 0))
     ds = SliceDataset(entries, pad_multiple=16)
@@ -147,6 +148,22 @@ def test_slice_dataset_maps_indices_and_pads(tmp_path):
     assert x.shape == y.shape == w.shape == (1, 32, 32) and vol == 1
     assert float(x[0, 0, 0]) == 2.0 and float(x[0, 20:].abs().sum()) == 0
     assert float(w[0, :20, :24].min()) == 2.0 and float(w[0, :, 24:].max()) == 0.0
+    assert float(y[0, 0, 0]) == 0.75  # soft target: kidney fraction of the 2x2 block
+    assert float(SliceDataset(entries, pad_multiple=16, target="labels")[4][1][0, 0, 0]) == 1.0
     with pytest.raises(IndexError):
         ds[5]
     assert list(ds.volume_slices(1)) == [3, 4]
+
+
+def test_preprocess_case_soft_target_is_the_kidney_fraction_of_each_block(tmp_path):
+    from qnkit.synth import make_case, write_case
+
+    folder = write_case(make_case(3, size=64, seed=5), tmp_path)
+    case = D.discover_cases(tmp_path)[0]
+    arrays, stats = D.preprocess_case(case, D.PreprocessParams(-200.0, 400.0, 2, 2.0))
+    start, stop = stats["slice_range"]
+    seg = make_case(3, size=64, seed=5).segmentation[start:stop] > 0
+    fraction = seg.reshape(seg.shape[0], 32, 2, 32, 2).mean(axis=(2, 4))
+    np.testing.assert_array_equal(arrays["coverage"], fraction.astype(np.float32))
+    np.testing.assert_array_equal(arrays["labels"], (fraction >= 0.5).astype(np.uint8))
+    assert folder.is_dir()

@@ -5,7 +5,8 @@ Order of operations (so that the test set is never touched by training):
 2. `split_test` draws the 80:20 test split from all cases with a seeded RNG; the names go to
    RUN_DIR/evaluation_data.json and training never opens those files.
 3. `build_cache` preprocesses the remaining cases once with the compiled kernels (downsample image
-   and labels, crop to the kidney slice range, border weights) into `.npy` files, recording tumor and
+   and labels, kidney fraction per 2x2 block (soft target), crop to the kidney slice range, border
+   weights) into `.npy` files, recording tumor and
    kidney voxel counts on the way.
 4. `apply_filter` drops cases whose tumor distorts the kidney (kits.json radiographic size and/or
    tumor/kidney voxel ratio) and records why; `split_train_val` draws 80:20 from the rest.
@@ -30,9 +31,9 @@ from qnkit import kernels
 from qnkit._atomic import atomic_path, write_text_atomic
 from qnkit.errors import QnkitInputError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CASE_RE = re.compile(r"^case_\d{5}$")
-ARRAYS = ("image", "labels", "weights")
+ARRAYS = ("image", "labels", "coverage", "weights")
 
 
 @dataclass
@@ -237,7 +238,9 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     labels_half = kernels.downsample_labels(np.ascontiguousarray(labels[start:stop]))
     image_half = kernels.downsample_image(np.ascontiguousarray(image[start:stop]), params.hu_lo, params.hu_hi)
     weights = kernels.border_weights(labels_half, params.omega0)
-    arrays = {"image": image_half, "labels": labels_half, "weights": weights}
+    # Kidney fraction of each 2x2 block: the mean of the 0/1 mask, by the same downsampling kernel.
+    coverage = kernels.downsample_image((labels[start:stop] > 0).astype(np.uint16), 0.0, 1.0)
+    arrays = {"image": image_half, "labels": labels_half, "coverage": coverage, "weights": weights}
     stats = {"num_slices": int(stop - start), "kidney_voxels": kidney, "tumor_voxels": tumor,
              "slice_range": [int(start), int(stop)], "shape": list(labels.shape),
              "half_shape": list(labels_half.shape)}

@@ -19,9 +19,12 @@ from qnkit.inference import pad_slices
 class SliceDataset(Dataset):
     """Slices of several cached volumes. Items: (image (1,h,w), label (1,h,w), weight (1,h,w), volume index)."""
 
-    def __init__(self, entries: list, pad_multiple: int = 16):
+    def __init__(self, entries: list, pad_multiple: int = 16, target: str = "coverage"):
+        if target not in ("coverage", "labels"):
+            raise ValueError(f"target must be coverage or labels, got {target!r}")
         self.entries = list(entries)
         self.pad_multiple = pad_multiple
+        self.target = target  # soft kidney fraction per 2x2 block, or the binary half-resolution mask
         counts = [int(e.num_slices) for e in self.entries]
         self.offsets = np.cumsum([0] + counts).tolist()  # offsets[v] = first global index of volume v
         self._maps: dict[int, tuple] = {}  # opened lazily, per process (DataLoader workers included)
@@ -40,7 +43,7 @@ class SliceDataset(Dataset):
         maps = self._maps.get(volume)
         if maps is None:
             entry = self.entries[volume]
-            maps = tuple(np.load(entry.path(name), mmap_mode="r") for name in ("image", "labels", "weights"))
+            maps = tuple(np.load(entry.path(name), mmap_mode="r") for name in ("image", self.target, "weights"))
             self._maps[volume] = maps
         return maps
 

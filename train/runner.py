@@ -209,8 +209,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     _set_threads(settings, info)  # process-wide torch settings: only once the input is known to be good
     if settings.common.deterministic:
         _deterministic(device)
-    train_ds = SliceDataset([entries[i] for i in train_ids], settings.data.pad_multiple)
-    val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple)
+    target = "coverage" if settings.data.soft_targets else "labels"
+    train_ds = SliceDataset([entries[i] for i in train_ids], settings.data.pad_multiple, target)
+    val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target)
     if info.is_main and console is not None:
         console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "
                       f"{len(filtered)} filtered; world size {info.world_size}, device {device}")

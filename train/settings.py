@@ -46,6 +46,10 @@ class DataSettings:
     val_fraction: float = 0.2
     cache_dir: str = ""  # "" -> RUN_DIR/cache; relative paths are under RUN_DIR
     pad_multiple: int = 16
+    # Train on the kidney fraction of each 2x2 block (0, .25, .5, .75, 1) instead of the binary
+    # half-resolution mask: the bilinear upsampling at inference then puts the border where the
+    # full-resolution one is, and kidney volumes lose the binary rule's outward bias.
+    soft_targets: bool = True
 
 
 @dataclass

@@ -54,7 +54,7 @@ def volume_dice(counts: np.ndarray, smooth: float = 1.0) -> np.ndarray:
 def _counts(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(N, 3) per-slice (intersection, predicted, target) counts, ignoring padding (weight 0)."""
     valid = w > 0
-    p, t = pred & valid, (y > 0.5) & valid
+    p, t = pred & valid, (y >= 0.5) & valid  # a soft target counts where half the block is kidney
     return torch.stack([(p & t).flatten(1).sum(1), p.flatten(1).sum(1), t.flatten(1).sum(1)], 1).double()
 
 
