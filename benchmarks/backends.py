@@ -82,45 +82,75 @@ def bench_slices(bundle: Bundle, count: int = 32) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(np.tile(x, (reps, 1, 1, 1))[:count]), np.tile(labels, (reps, 1, 1, 1))[:count]
 
 
+def measure_config(bundle_path: str, config: dict, batch_sizes, repeats: int, masks_out: str) -> dict:
+    """Open one backend, save its masks on the bench slices (for agreement) and time each batch size."""
+    from qnkit.backends import open_backend
+
+    bundle = load_bundle(bundle_path)
+    x, _ = bench_slices(bundle, max(batch_sizes))
+    backend = open_backend(bundle, config["kind"], precision=config["precision"], device=config["device"],
+                           batch_size=max(batch_sizes), log=lambda *a: None, **dict(config["options"]))
+    with backend:
+        np.save(masks_out, (backend.predict(x) > bundle.threshold).astype(np.uint8))
+        timings = {}
+        for batch in batch_sizes:
+            backend.batch_size = batch
+            chunk = x[:batch]
+            timings[batch] = measure(lambda: backend.predict(chunk), repeats=repeats, warmup=1).as_dict()
+        return {"timings": timings, "describe": backend.describe()}
+
+
+def _in_subprocess(bundle: Bundle, config: BackendConfig, batch_sizes, repeats: int, masks_out: Path) -> dict:
+    """measure_config in a fresh interpreter: each backend gets the machine (memory, thread pools) to itself."""
+    import json
+    import subprocess
+    import sys
+
+    job = {"bundle": str(bundle.path), "config": {"kind": config.kind, "precision": config.precision,
+                                                  "device": config.device, "options": list(config.options)},
+           "batch_sizes": list(batch_sizes), "repeats": repeats, "masks_out": str(masks_out)}
+    proc = subprocess.run([sys.executable, "-m", "qnkit.benchmarks.backends"], input=json.dumps(job),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"worker exited with {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["timings"] = {int(k): v for k, v in result["timings"].items()}
+    return result
+
+
 def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained: bool = True,
         gpu: bool = False, tensorrt: bool = False, progress: Callable[[str], None] | None = None,
         log=print) -> list[dict]:
-    """One row per (backend, batch size) with slices/s, speed-up over eager FP32 and mask agreement."""
-    from qnkit.backends import open_backend
+    """One row per (backend, batch size) with slices/s, speed-up over eager FP32 and mask agreement.
 
-    x, _ = bench_slices(bundle, max(batch_sizes))
+    Each backend runs in its own process, one after the other, on the same slices.
+    """
     rows, eager_rate, eager_masks = [], {}, None
-    for config in configs_for(bundle, gpu, tensorrt):
-        if progress:
-            progress(config.label)
-        try:
-            backend = open_backend(bundle, config.kind, precision=config.precision, device=config.device,
-                                   batch_size=max(batch_sizes), log=lambda *a: None, **dict(config.options))
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot open here is reported, not fatal
-            rows.append({"backend": config.label, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        with backend:
-            probs = backend.predict(x)
-            masks = (probs > bundle.threshold).astype(np.uint8)
+    with tempfile.TemporaryDirectory(prefix="qnkit-bench-masks-") as tmp:
+        for i, config in enumerate(configs_for(bundle, gpu, tensorrt)):
+            if progress:
+                progress(f"{config.label}, batch sizes {', '.join(map(str, batch_sizes))}")
+            masks_path = Path(tmp) / f"masks_{i}.npy"
+            result = _in_subprocess(bundle, config, batch_sizes, repeats, masks_path)
+            if "error" in result:
+                rows.append({"backend": config.label, "error": result["error"]})
+                continue
+            masks = np.load(masks_path)
             if eager_masks is None:
                 eager_masks = masks
             agreement = kernels.dice(masks, eager_masks, smooth=1.0)
             for batch in batch_sizes:
-                if progress:
-                    progress(f"{config.label} batch {batch}")
-                backend.batch_size = batch
-                chunk = x[:batch]
-                timing = measure(lambda: backend.predict(chunk), repeats=repeats, warmup=1)
-                rate = batch / timing.median_s
+                timing = result["timings"][batch]
+                rate = batch / timing["median_s"]
                 if config.kind == "torch" and config.precision == "fp32" and config.device == "cpu":
                     eager_rate[batch] = rate
                 rows.append({
                     "backend": config.label, "kind": config.kind, "precision": config.precision,
-                    "device": config.device, "batch": batch, "seconds": timing.as_dict(),
-                    "slices_per_s": rate,
+                    "device": config.device, "batch": batch, "seconds": timing, "slices_per_s": rate,
                     "speedup_vs_eager_fp32": rate / eager_rate[batch] if batch in eager_rate else None,
                     "dice_agreement_vs_eager": agreement, "agreement_meaningful": trained,
-                    "describe": backend.describe(),
+                    "describe": result["describe"],
                 })
     return rows
 
@@ -136,3 +166,17 @@ def open_or_make_bundle(model: Path | None, workdir: Path | None = None, *, quic
     if quick:
         return random_weight_bundle(workdir, num_filters=4, input_size=(64, 64), log=log), False
     return random_weight_bundle(workdir, log=log), False
+
+
+def _worker() -> None:
+    """`python -m qnkit.benchmarks.backends`: one measure_config job as JSON on stdin, result on stdout."""
+    import json
+    import sys
+
+    job = json.loads(sys.stdin.read())
+    result = measure_config(job["bundle"], job["config"], job["batch_sizes"], job["repeats"], job["masks_out"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker()
