@@ -43,6 +43,9 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only
+    # The CPU arena keeps the peak of every input shape it has seen; with dynamic batch and grid
+    # sizes that grows past the machine's memory (full-size QuickNAT, batch 32: > 24 GB).
+    so.enable_cpu_mem_arena = False
     return so
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import typer
@@ -97,7 +98,8 @@ def command(
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    console, out_console = Console(stderr=True), Console()
+    # Tables are wide; when piped (no terminal width to honour) keep every column readable.
+    console, out_console = Console(stderr=True), Console(width=None if sys.stdout.isatty() else 160)
     report: dict = {"system": _system_info(), "quick": quick}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

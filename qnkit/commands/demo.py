@@ -24,7 +24,7 @@ def command(
     workdir: Path = typer.Option(Path("qnkit-demo"), "--workdir", help="Folder for the demo's data, run, bundle "
                                                                        "and outputs."),
     cases: int = typer.Option(12, "--cases", min=4, help="Synthetic cases (20% test, then 20% validation)."),
-    epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs."),
+    epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs."),
     size: int = typer.Option(128, "--size", min=32, help="In-plane size of the synthetic CT (pixels)."),
     num_filters: int = typer.Option(16, "--num-filters", min=2, help="QuickNAT filters per layer (64 in the report)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of data, split and training."),
