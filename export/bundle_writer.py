@@ -22,6 +22,7 @@ import numpy as np
 
 from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
                           WEIGHTS, sha256_file)
+from qnkit._atomic import current_umask
 from qnkit.errors import QnkitInputError
 
 from . import verify
@@ -198,7 +199,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place (the old bundle, with --force, goes only after)."""
-    mask = _umask()
+    mask = current_umask()
     os.chmod(tmp, 0o777 & ~mask)
     for p in tmp.iterdir():
         os.chmod(p, 0o666 & ~mask)
@@ -209,12 +210,6 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _build_engine(tmp: Path, hw, batches, divisor: int, x, eager, threshold: float, log) -> tuple[dict, dict]:

@@ -157,16 +157,20 @@ def kidney_slice_range(labels: np.ndarray, margin: int = 20) -> tuple[int, int] 
     return max(0, first - int(margin)), min(labels.shape[0], last + 1 + int(margin))
 
 
+def _label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label value 0..255 (validated C-contiguous labels)."""
+    counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
+    if not _impl.preprocess.label_histogram(labels, counts, _num_threads):
+        raise ValueError("labels must lie in [0, 255] for class weighting")
+    return counts.sum(axis=0)
+
+
 def class_weights(labels: np.ndarray) -> np.ndarray:
     """Median-frequency class weights as a 256-entry float32 lookup table indexed by label value.
 
     weight[c] = median(counts of the classes present) / count(c); classes absent get 0.
     """
-    labels = _volume(labels, "labels", LABEL_DTYPES)
-    counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
-    if not _impl.preprocess.label_histogram(labels, counts, _num_threads):
-        raise ValueError("labels must lie in [0, 255] for class weighting")
-    return _median_frequency(counts.sum(axis=0))
+    return _median_frequency(_label_counts(_volume(labels, "labels", LABEL_DTYPES)))
 
 
 def _median_frequency(counts: np.ndarray) -> np.ndarray:
@@ -187,10 +191,7 @@ def border_weights(labels: np.ndarray, omega0: float = 2.0) -> np.ndarray:
     if not np.isfinite(omega0):
         raise ValueError(f"omega0 must be finite, got {omega0}")
     labels = _volume(labels, "labels", LABEL_DTYPES)
-    counts = np.zeros((labels.shape[0], 256), dtype=np.int64)
-    if not _impl.preprocess.label_histogram(labels, counts, _num_threads):
-        raise ValueError("labels must lie in [0, 255] for class weighting")
-    totals = counts.sum(axis=0)
+    totals = _label_counts(labels)
     lut = _median_frequency(totals)
     out = np.empty(labels.shape, dtype=np.float32)
     binary = not totals[2:].any()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qnkit._atomic import remove_path
 from qnkit.errors import QnkitInputError
 from qnkit.train import checkpoint as ckpt
 from qnkit.train import data as D
@@ -107,16 +108,12 @@ def _undo_start(run_dir: Path, state: str) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
     elif state == "empty" and run_dir.is_dir():
         for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            remove_path(child)
 
 
 def _clear_artefacts(run_dir: Path) -> None:
     for name in ARTEFACTS:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        remove_path(run_dir / name)
 
 
 def _cache_root(settings: Settings, run_dir: Path) -> Path:

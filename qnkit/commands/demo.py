@@ -10,7 +10,6 @@ matches (a second run only segments again) and redoes the rest; --fresh starts o
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -142,12 +141,10 @@ def _prepare(workdir: Path, fresh: bool) -> dict:
 
 
 def _clear(workdir: Path, parts, stamp: dict) -> None:
+    from qnkit._atomic import remove_path
+
     for part in parts:
-        path = workdir / part
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        remove_path(workdir / part)
         stamp.pop(part, None)
 
 
