@@ -586,13 +586,13 @@ def _split_sides(seg: np.ndarray, grid: _Grid):
     m = np.cumsum(prof * x)
     w0, w1 = c[:-1], total - c[:-1]
     ok = (w0 > 0) & (w1 > 0)
-    best, split = -1.0, None
+    split = None
     if ok.any():
         mu0 = np.where(ok, m[:-1] / np.maximum(w0, 1), 0)
         mu1 = np.where(ok, (m[-1] - m[:-1]) / np.maximum(w1, 1), 0)
         var = np.where(ok, w0 * w1 * (mu0 - mu1) ** 2, -1)
         i = int(np.argmax(var))
-        best, split = var[i], i
+        split = i
     if split is not None:
         frac0 = c[split] / total
         mu0 = m[split] / c[split]

@@ -1,6 +1,5 @@
 """Data: discovery, splits, filter rule, the .npy cache and the slice dataset."""
 import gzip
-import json
 import os
 import shutil
 
