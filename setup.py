@@ -25,20 +25,29 @@ def _avx2_flags():
         return None
     if sys.platform == "win32":
         return ["/arch:AVX2"]
-    return ["-mavx2", "-mfma", "-mf16c"]
+    return ["-mavx2", "-mfma", "-mf16c", "-mpopcnt"]
+
+
+def _avx512_flags(avx2):
+    """A third build for CPUs with AVX-512 (BW, VL, DQ) and BMI2; the row kernels use them where they pay."""
+    if avx2 is None or os.environ.get("QNKIT_NO_AVX512") or sys.platform == "win32":
+        return None
+    return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mbmi2"]
 
 
 compile_omp, link_omp = _openmp_flags()
 # -ffp-contract=off keeps float rounding identical to the NumPy references (no fused multiply-add).
 compile_args = ["-O3", "-ffp-contract=off"] + compile_omp
 avx2 = _avx2_flags()
+avx512 = _avx512_flags(avx2)
 
 
 def _extension(name, extra=()):
     return Extension(
         f"qnkit._{name}",
         [f"csrc/_{name}.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "csrc"],
+        depends=["csrc/qn_rows.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args + list(extra),
         extra_link_args=link_omp,
@@ -50,6 +59,8 @@ for name in ("preprocess", "metrics", "resample"):
     extensions.append(_extension(name))
     if avx2 is not None:
         extensions.append(_extension(f"{name}_avx2", avx2))
+    if avx512 is not None:
+        extensions.append(_extension(f"{name}_avx512", avx512))
 
 setup(
     packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],

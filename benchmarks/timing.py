@@ -34,3 +34,18 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timi
         fn()
         times.append(time.perf_counter() - start)
     return Timing(median(times), min(times), max(times), len(times))
+
+
+def measure_interleaved(fns: list[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[Timing]:
+    """Time several functions in turn, one call of each per round, so that a change of machine load
+    during the run falls on all of them alike (their ratios are the figures that matter)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, repeats)):
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [Timing(median(t), min(t), max(t), len(t)) for t in times]

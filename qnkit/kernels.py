@@ -1,7 +1,8 @@
 """Validated public entry points to the compiled preprocessing, resampling and metric kernels.
 
 Each function checks dtype, shape and layout, makes C-contiguous what must be, allocates the output
-and calls a private kernel from csrc/ that runs without the GIL (OpenMP over slices).
+(or checks the one given as `out`, to reuse a buffer across calls) and calls a private kernel from
+csrc/ that runs without the GIL (OpenMP over slices).
 Threads: `set_num_threads` (default: QNKIT_NUM_THREADS or all cores).
 """
 from __future__ import annotations
@@ -22,26 +23,37 @@ PROB_DTYPES = (np.uint8, np.float32)
 _num_threads = int(os.environ.get("QNKIT_NUM_THREADS", "0")) or (os.cpu_count() or 1)
 
 
-def _cpu_has_avx2() -> bool:
+# CPU features each optional build needs: /proc/cpuinfo flag names and NumPy's names for them.
+_BUILD_FEATURES = {
+    "avx2": ({"avx2", "fma", "f16c", "popcnt"}, ("AVX2", "FMA3", "F16C", "POPCNT")),
+    "avx512": ({"avx2", "fma", "f16c", "popcnt", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+               ("AVX2", "FMA3", "F16C", "POPCNT", "AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ")),
+}
+
+
+def _cpu_has(build: str) -> bool:
+    flags_needed, numpy_names = _BUILD_FEATURES[build]
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        return {"avx2", "fma", "f16c"} <= set(flags)
+        return flags_needed <= set(flags)
     except OSError:
         features = getattr(getattr(np, "_core", None), "_multiarray_umath", None)
         features = getattr(features, "__cpu_features__", {})
-        return all(features.get(name, False) for name in ("AVX2", "FMA3", "F16C"))
+        return all(features.get(name, False) for name in numpy_names)
 
 
 def available_builds() -> list[str]:
-    """Compiled builds of the kernels this machine can run: "baseline", and "avx2" where supported."""
+    """Compiled builds of the kernels this machine can run, slowest first: "baseline" (portable),
+    then "avx2" and "avx512" where the CPU supports them and they were compiled."""
     builds = ["baseline"]
-    if _cpu_has_avx2():
-        try:
-            importlib.import_module("qnkit._preprocess_avx2")
-            builds.append("avx2")
-        except ImportError:
-            pass
+    for build in _BUILD_FEATURES:
+        if _cpu_has(build):
+            try:
+                importlib.import_module(f"qnkit._preprocess_{build}")
+                builds.append(build)
+            except ImportError:
+                pass
     return builds
 
 
@@ -101,21 +113,56 @@ def _half(n: int) -> int:
     return (n + 1) // 2
 
 
-def downsample_image(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
+# Outputs at least this large are written with non-temporal stores: they do not fit in cache, and
+# streaming them skips reading each destination line before it is overwritten.
+STREAM_BYTES = 1 << 23
+_ALIGN = 64
+
+
+def _empty_aligned(shape, dtype) -> np.ndarray:
+    """np.empty whose data starts on a cache-line boundary (non-temporal stores need 32 bytes)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _output(out, shape, dtype, source: np.ndarray) -> np.ndarray:
+    """A new aligned output, or `out` once checked: exact dtype and shape, C-contiguous, writable."""
+    if out is None:
+        return _empty_aligned(shape, dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.dtype(dtype) or out.shape != tuple(shape):
+        raise ValueError(f"out must be {np.dtype(dtype).name} of shape {tuple(shape)}, "
+                         f"got {out.dtype} of shape {out.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if np.may_share_memory(out, source):
+        raise ValueError("out must not overlap the input")
+    return out
+
+
+def _stream(out: np.ndarray) -> bool:
+    return out.nbytes >= STREAM_BYTES
+
+
+def downsample_image(ct: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
     """Clip CT to [lo, hi], scale lo->0 and hi->1, and average each 2x2 in-plane block.
 
-    `ct`: (Z, H, W) int16, int32, uint16 or float32. Returns float32 (Z, ceil(H/2), ceil(W/2)).
-    An odd last row or column is averaged with itself (edge replication), so every output pixel is
-    the mean of the input pixels it covers.
+    `ct`: (Z, H, W) int16, int32, uint16 or float32. Returns float32 (Z, ceil(H/2), ceil(W/2)),
+    written into `out` when given. An odd last row or column is averaged with itself (edge
+    replication), so every output pixel is the mean of the input pixels it covers.
     """
     if not np.isfinite(lo) or not np.isfinite(hi) or not hi > lo:
         raise ValueError(f"HU window must satisfy lo < hi, got lo={lo}, hi={hi}")
     ct = _volume(ct, "ct", IMAGE_DTYPES)
     z, h, w = ct.shape
-    out = np.empty((z, _half(h), _half(w)), dtype=np.float32)
+    out = _output(out, (z, _half(h), _half(w)), np.float32, ct)
+    exact = _exact_in_float32(ct.dtype, lo, hi)
     scratch = np.empty((z, w), dtype=np.float32)
-    _impl.preprocess.downsample_image(ct, out, scratch, float(lo), float(hi), _exact_in_float32(ct.dtype, lo, hi),
-                                 _num_threads)
+    _impl.preprocess.downsample_image(ct, out, scratch, float(lo), float(hi), exact, _stream(out), _num_threads)
     return out
 
 
@@ -126,17 +173,19 @@ def _exact_in_float32(dtype: np.dtype, lo: float, hi: float) -> bool:
             and abs(lo) < limit and abs(hi) < limit)
 
 
-def downsample_labels(labels: np.ndarray) -> np.ndarray:
+def downsample_labels(labels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Binary kidney mask at half in-plane resolution.
 
     Foreground is any label > 0 (tumor counts as kidney). An output pixel is 1 when at least half
     of its 2x2 block is foreground (2 of 4); an odd last row or column is replicated, as in
-    `downsample_image`. Returns uint8 (Z, ceil(H/2), ceil(W/2)) in {0, 1}.
+    `downsample_image`. Returns uint8 (Z, ceil(H/2), ceil(W/2)) in {0, 1}, written into `out`
+    when given.
     """
     labels = _volume(labels, "labels", LABEL_DTYPES)
     z, h, w = labels.shape
-    out = np.empty((z, _half(h), _half(w)), dtype=np.uint8)
-    _impl.preprocess.downsample_labels(labels, out, np.empty((z, w), dtype=np.uint8), _num_threads)
+    out = _output(out, (z, _half(h), _half(w)), np.uint8, labels)
+    scratch = np.empty((z, w), dtype=np.uint8)
+    _impl.preprocess.downsample_labels(labels, out, scratch, _num_threads)
     return out
 
 
@@ -180,22 +229,22 @@ def _median_frequency(counts: np.ndarray) -> np.ndarray:
     return lut
 
 
-def border_weights(labels: np.ndarray, omega0: float = 2.0) -> np.ndarray:
+def border_weights(labels: np.ndarray, omega0: float = 2.0, out: np.ndarray | None = None) -> np.ndarray:
     """QuickNAT per-voxel loss weights for one volume.
 
     Each voxel gets median(class counts) / count(its class) (median-frequency balancing over the
     classes present in this volume) plus `omega0` where the in-plane label gradient, as
     `numpy.gradient` over the two in-plane axes computes it, is non-zero. Returns float32 of the
-    labels' shape. Label values must lie in [0, 255].
+    labels' shape, written into `out` when given. Label values must lie in [0, 255].
     """
     if not np.isfinite(omega0):
         raise ValueError(f"omega0 must be finite, got {omega0}")
     labels = _volume(labels, "labels", LABEL_DTYPES)
     totals = _label_counts(labels)
     lut = _median_frequency(totals)
-    out = np.empty(labels.shape, dtype=np.float32)
+    out = _output(out, labels.shape, np.float32, labels)
     binary = not totals[2:].any()
-    _impl.preprocess.border_weights(labels, lut, np.float32(omega0), out, binary, _num_threads)
+    _impl.preprocess.border_weights(labels, lut, np.float32(omega0), out, binary, _stream(out), _num_threads)
     return out
 
 
@@ -230,13 +279,15 @@ def dice(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5, smooth: f
     return (2.0 * n_both + smooth) / denominator
 
 
-def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Map a half-resolution probability map (or 0/1 mask) back to full resolution as a mask.
 
     2x bilinear interpolation with half-pixel centres (as torch's `interpolate(scale_factor=2,
     mode="bilinear", align_corners=False)`), cropped to `shape` = (H, W), thresholded
     (foreground where > threshold) in the same pass. `prob`: (Z, h, w) float32 or uint8 with
-    h = ceil(H/2) .. H/2 + padding, i.e. H <= 2h and W <= 2w. Returns uint8 (Z, H, W) in {0, 1}.
+    h = ceil(H/2) .. H/2 + padding, i.e. H <= 2h and W <= 2w. Returns uint8 (Z, H, W) in {0, 1},
+    written into `out` when given.
     """
     prob = _volume(prob, "prob", PROB_DTYPES)
     try:
@@ -246,7 +297,7 @@ def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: floa
     z, h, w = prob.shape
     if not (0 < H <= 2 * h and 0 < W <= 2 * w):
         raise ValueError(f"output in-plane shape {(H, W)} does not fit a 2x upsampling of {(h, w)}")
-    out = np.empty((z, H, W), dtype=np.uint8)
-    scratch = np.empty((z, 3, w), dtype=np.float32)
-    _impl.resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _num_threads)
+    out = _output(out, (z, H, W), np.uint8, prob)
+    scratch = np.empty((z, w + 2), dtype=np.float32)
+    _impl.resample.upsample_threshold(prob, out, scratch, np.float32(threshold), _stream(out), _num_threads)
     return out

@@ -286,3 +286,123 @@ def test_set_num_threads_validates():
 def test_use_build_refuses_unknown_build():
     with pytest.raises(ValueError, match="not available"):
         kernels.use_build("avx512-nonexistent")
+
+
+# ---------------------------------------------------------------- vector row kernels (csrc/qn_rows.h)
+# The row kernels work in blocks of 16 to 64 columns; these widths put every block edge, tail and
+# odd last column in play, on both cached and streamed (non-temporal) stores.
+WIDE_SHAPES = [(2, 5, 517), (1, 4, 66), (3, 3, 97), (1, 2, 34), (2, 3, 35), (1, 6, 130)]
+
+
+@pytest.fixture(params=["cached", "streamed"])
+def store_kind(request, monkeypatch):
+    if request.param == "streamed":
+        monkeypatch.setattr(kernels, "STREAM_BYTES", 0)
+    return request.param
+
+
+def unaligned_out(shape, dtype):
+    """A C-contiguous output whose data starts one element past a 64-byte boundary."""
+    raw = kernels._empty_aligned((int(np.prod(shape)) + 1,), dtype)
+    return raw[1:].reshape(shape)
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES)
+@pytest.mark.parametrize("window", [(-200.0, 400.0), (-32768.0, 32767.0), (-40000.0, 3.0), (-1000.5, 2000.0)])
+def test_downsample_image_wide_rows(shape, window, store_kind):
+    ct = random_ct(shape, np.int16)
+    want = ref.downsample_image(ct, *window)
+    np.testing.assert_allclose(kernels.downsample_image(ct, *window), want, rtol=1e-6, atol=1e-7)
+    out = unaligned_out(want.shape, np.float32)
+    assert kernels.downsample_image(ct[:, :, :], *window, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES)
+def test_downsample_labels_wide_rows(shape):
+    labels = random_labels(shape, classes=3, p_fg=0.5)
+    np.testing.assert_array_equal(kernels.downsample_labels(labels), ref.downsample_labels(labels))
+    labels[:] = 200  # any value > 0 is foreground
+    assert kernels.downsample_labels(labels).all()
+
+
+@pytest.mark.parametrize("shape", WIDE_SHAPES)
+@pytest.mark.parametrize("omega0", [2.0, -1.5, 0.0])
+def test_border_weights_binary_wide_rows(shape, omega0, store_kind):
+    labels = blob_labels(shape).clip(0, 1) | random_labels(shape, classes=2, p_fg=0.05)
+    want = ref.border_weights(labels, omega0)
+    np.testing.assert_allclose(kernels.border_weights(labels, omega0), want, rtol=1e-6)
+    out = unaligned_out(shape, np.float32)
+    kernels.border_weights(labels, omega0, out=out)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_label_counts_mixed_blocks():
+    """Counting goes block by block (8192 voxels): empty, binary, few-valued and many-valued blocks."""
+    labels = np.zeros((1, 8, 8192), np.uint8)
+    labels[0, 1, ::3] = 1
+    labels[0, 2, ::5] = 2
+    labels[0, 2, ::7] = 4
+    labels[0, 3] = RNG.integers(0, 256, 8192)
+    labels[0, 4, -1] = 255
+    counts = kernels._label_counts(np.ascontiguousarray(labels[:, :, 5:]))
+    np.testing.assert_array_equal(counts, np.bincount(labels[:, :, 5:].ravel(), minlength=256))
+    np.testing.assert_allclose(kernels.border_weights(labels[:, :5]), ref.border_weights(labels[:, :5]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [-0.5, 0.0, 0.5, 1.0, 1.5, 127.9, 254.5, 255.0, float("inf"), float("nan")])
+def test_dice_uint8_prediction_thresholds(threshold):
+    pred = RNG.integers(0, 256, 300_001).astype(np.uint8)
+    target = RNG.integers(0, 2, 300_001).astype(np.uint8)
+    assert kernels.dice(pred, target, threshold) == pytest.approx(ref.dice(pred, target, threshold), rel=1e-12)
+
+
+def test_dice_float_prediction_long_and_nan():
+    pred = RNG.random(1_000_003).astype(np.float32)
+    pred[::1000] = np.nan
+    target = (RNG.random(1_000_003) > 0.5).astype(np.uint8)
+    assert kernels.dice(pred, target) == pytest.approx(ref.dice(pred, target), rel=1e-12)
+    assert kernels.dice(pred[1:], target[1:]) == pytest.approx(ref.dice(pred[1:], target[1:]), rel=1e-12)
+
+
+@pytest.mark.parametrize("full_shape", [(4, 1034), (3, 517), (5, 66), (2, 63), (3, 32), (2, 97)])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_upsample_threshold_wide_rows(full_shape, dtype, store_kind):
+    h, w = (full_shape[0] + 1) // 2, (full_shape[1] + 1) // 2
+    if dtype == np.uint8:
+        prob = (RNG.random((2, h, w)) > 0.5).astype(np.uint8)
+    else:
+        prob = RNG.random((2, h, w)).astype(np.float32)
+        prob[:, :, w // 3] = 0.5  # exactly at the threshold
+    want = ref.upsample_threshold(prob, full_shape)
+    np.testing.assert_array_equal(kernels.upsample_threshold(prob, full_shape), want)
+    out = unaligned_out((2, *full_shape), np.uint8)
+    kernels.upsample_threshold(prob, full_shape, out=out)
+    np.testing.assert_array_equal(out, want)
+    cropped = (full_shape[0] - 1, full_shape[1] - 3)  # crop of a padded grid
+    np.testing.assert_array_equal(kernels.upsample_threshold(prob, cropped, 0.3),
+                                  ref.upsample_threshold(prob, cropped, 0.3))
+
+
+def test_out_argument_is_checked():
+    ct = random_ct((2, 8, 8), np.int16)
+    with pytest.raises(ValueError, match="float32 of shape"):
+        kernels.downsample_image(ct, -200, 400, out=np.empty((2, 4, 4), np.float64))
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 4\)"):
+        kernels.downsample_image(ct, -200, 400, out=np.empty((2, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.downsample_image(ct, -200, 400, out=np.empty((2, 4, 8), np.float32)[:, :, ::2])
+    read_only = np.empty((2, 4, 4), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.downsample_image(ct, -200, 400, out=read_only)
+    with pytest.raises(TypeError, match="out must be a numpy array"):
+        kernels.downsample_labels(ct.astype(np.uint8), out=[[0]])
+    base = np.zeros(64, np.uint8)
+    labels, out = base[:16].reshape(1, 4, 4), base.view(np.float32).reshape(1, 4, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.border_weights(labels, out=out)
+    prob = np.zeros((1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.upsample_threshold(prob, (8, 8), out=prob.view(np.uint8).reshape(1, 8, 8))
+
