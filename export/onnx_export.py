@@ -15,6 +15,10 @@ Export: ``torch.onnx.export(dynamo=True)``, opset 18, weights inline, input ``im
 (batch, 1, height, width) -> output ``probability`` (sigmoid applied); batch, height and width
 are dynamic (height and width multiples of 16), verified at export time. The mask form of
 max-unpooling keeps the graph free of MaxUnpool/ScatterND.
+
+Activation: QuickNAT's PReLU has one slope per dense block, so each PRelu node becomes the same
+function as ``LeakyRelu(alpha=slope)``, which ONNX Runtime runs as a vectorised activation
+instead of a broadcasting binary op (full-size model, batch 4, INT8: 221 ms -> 33 ms per run).
 """
 from __future__ import annotations
 
@@ -110,6 +114,7 @@ def export_module(module: nn.Module, path: Path, example: torch.Tensor, *, opset
     seconds = time.perf_counter() - started
     graph = onnx.load(str(path))
     _rename_dims(graph)
+    _scalar_prelu_to_leaky_relu(graph)
     onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     ops = op_types(graph)
@@ -134,6 +139,32 @@ def _quiet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _scalar_prelu_to_leaky_relu(model) -> int:
+    """Replace each PRelu whose slope is one constant value by LeakyRelu with that alpha (the same
+    function); returns how many were replaced. Unused slope initializers are dropped."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    constants = {node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node
+                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"}
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type != "PRelu":
+            continue
+        slope_name = node.input[1]
+        slope = (numpy_helper.to_array(initializers[slope_name]) if slope_name in initializers
+                 else constants.get(slope_name))
+        if slope is None or slope.size != 1:
+            continue
+        node.CopyFrom(helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name,
+                                       alpha=float(slope.reshape(-1)[0])))
+        replaced += 1
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [init for init in model.graph.initializer if init.name not in used]:
+        model.graph.initializer.remove(init)
+    return replaced
 
 
 def _rename_dims(graph) -> None:

@@ -81,6 +81,7 @@ def test_predict_any_batch_and_grid(bundle):
             ort.predict(x[:, 0])
         d = ort.describe()
         assert d["name"] == "onnxruntime" and d["providers"] == ["CPUExecutionProvider"]
+        assert d["batch_size"] == 16 and d["max_run_slices"] == 4  # CPU sessions run small chunks
 
 
 def test_torch_bf16_autocast_on_cpu(bundle):
@@ -139,6 +140,18 @@ def test_base_batching_pads_and_crops():
     assert b.seen == [(4, 1, 64, 64)] * 3
     with pytest.raises(QnkitInputError, match="do not fit"):
         b.predict(np.zeros((1, 1, 80, 64), np.float32))
+
+
+def test_max_run_slices_splits_large_batches():
+    x = np.random.default_rng(3).random((10, 1, 32, 48), dtype=np.float32)
+    b = _Echo(16)
+    b.max_run_slices = 3
+    np.testing.assert_array_equal(b.predict(x), x)
+    assert b.seen == [(3, 1, 32, 48)] * 3 + [(1, 1, 32, 48)]
+    b = _Echo(2)
+    b.max_run_slices = 3
+    b.predict(x)
+    assert b.seen == [(2, 1, 32, 48)] * 5
 
 
 def test_backends_package_imports_no_torch_or_onnxruntime():

@@ -28,6 +28,7 @@ class Backend(abc.ABC):
     size_divisor: int = 16
     fixed_hw: tuple[int, int] | None = None  # a model that only runs on this grid (inputs are padded to it)
     fixed_batch: bool = False  # pad the last chunk to batch_size (static shapes, CUDA graphs)
+    max_run_slices: int | None = None  # most slices per _run call, whatever the batch size
 
     @abc.abstractmethod
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -70,6 +71,8 @@ class Backend(abc.ABC):
                     f"(use the onnxruntime or torch backend, or re-export with a larger --input-size)")
         out = np.empty((n, 1, h, w), dtype=np.float32)
         bs = self.batch_size
+        if self.max_run_slices and not self.fixed_batch:
+            bs = min(bs, self.max_run_slices)
         for start in range(0, n, bs):
             chunk = x[start:start + bs]
             m = len(chunk)
