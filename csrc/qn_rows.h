@@ -89,6 +89,11 @@ static inline void qn_downsample_row_i16(const int16_t* a, const int16_t* b, flo
         __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(a1, ones), _mm256_madd_epi16(b1, ones));
         __m256 r0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0), vq), vlof), vinv);
         __m256 r1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1), vq), vlof), vinv);
+#if defined(__AVX512DQ__)
+        if (stream && ((uintptr_t)(o + j) & 63) == 0) {  /* one store for the whole line */
+            _mm512_stream_ps(o + j, _mm512_insertf32x8(_mm512_castps256_ps512(r0), r1, 1));
+        } else
+#endif
         if (stream) {
             _mm256_stream_ps(o + j, r0);
             _mm256_stream_ps(o + j + 8, r1);
@@ -166,12 +171,18 @@ static inline void qn_border_row_binary_u8(const uint8_t* prev, const uint8_t* r
         const __m256 table = _mm256_setr_ps(values[0], values[1], values[2], values[3], 0.0f, 0.0f, 0.0f, 0.0f);
         uint8_t index[32] __attribute__((aligned(32)));
         qn_ssize last = W - 33, k;
-        /* Streamed blocks start on 32-byte boundaries; the columns before the first one and after
+#if defined(__AVX512F__)
+        const __m512 table16 = _mm512_castps256_ps512(table);
+        const qn_ssize line = 16;  /* floats per streamed store: a whole cache line */
+#else
+        const qn_ssize line = 8;
+#endif
+        /* Streamed blocks start on store-size boundaries; the columns before the first one and after
          * the last one are stored one by one, so that no line mixes streamed and cached stores. */
         stream = stream && ((uintptr_t)o & 3) == 0;
         if (stream) {
-            qn_ssize first = 8 - (qn_ssize)(((uintptr_t)(o + 1) >> 2) & 7) + 1;
-            first = first == 9 ? 1 : first;
+            qn_ssize first = line - (qn_ssize)(((uintptr_t)(o + 1) >> 2) & (line - 1)) + 1;
+            first = first == line + 1 ? 1 : first;
             if (first > 1) {
                 qn_border_index32(prev, row, next, 1, index);
                 for (k = 1; k < first; k++) o[k] = values[index[k - 1]];
@@ -180,6 +191,15 @@ static inline void qn_border_row_binary_u8(const uint8_t* prev, const uint8_t* r
         }
         for (; j <= last; j += 32) {
             qn_border_index32(prev, row, next, j, index);
+#if defined(__AVX512F__)
+            for (int q = 0; q < 2; q++) {
+                __m512 value = _mm512_permutexvar_ps(
+                    _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(index + 16 * q))), table16);
+                if (stream) _mm512_stream_ps(o + j + 16 * q, value);
+                else _mm512_storeu_ps(o + j + 16 * q, value);
+            }
+            continue;
+#endif
             for (int q = 0; q < 4; q++) {
                 __m256 value = _mm256_permutevar8x32_ps(
                     table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(index + 8 * q))));
@@ -241,9 +261,16 @@ static inline void qn_count_values_u8(const uint8_t* p, qn_ssize n, int64_t* cou
     }
 }
 
+/* Add the counts of one block of 32 voxels, given as bit masks of P and T. */
+static inline void qn_add_overlap_bits(uint32_t pred_bits, uint32_t target_bits, int64_t* counts) {
+    counts[0] += qn_popcount32(pred_bits);
+    counts[1] += qn_popcount32(target_bits);
+    counts[2] += qn_popcount32(pred_bits & target_bits);
+}
+
 /* Counts over p > threshold (float32) and t != 0: adds |P|, |T| and |P and T| to sums[0..2]. */
 static inline void qn_overlap_f32_u8(const float* p, const uint8_t* t, qn_ssize n, float threshold, int64_t* sums) {
-    int64_t n_pred = 0, n_target = 0, n_both = 0;
+    int64_t counts[3] = {0, 0, 0};
     qn_ssize k = 0;
 #if defined(__AVX2__)
     const __m256 thr = _mm256_set1_ps(threshold);
@@ -257,25 +284,16 @@ static inline void qn_overlap_f32_u8(const float* p, const uint8_t* t, qn_ssize 
                     | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + k + 16), thr, _CMP_GT_OQ)) << 16
                     | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + k + 24), thr, _CMP_GT_OQ)) << 24;
         uint32_t tm = ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i*)(t + k)), zero));
-        n_pred += qn_popcount32(pm);
-        n_target += qn_popcount32(tm);
-        n_both += qn_popcount32(pm & tm);
+        qn_add_overlap_bits(pm, tm, counts);
     }
 #endif
-    for (; k < n; k++) {
-        int a = p[k] > threshold, b = t[k] != 0;
-        n_pred += a;
-        n_target += b;
-        n_both += a & b;
-    }
-    sums[0] += n_pred;
-    sums[1] += n_target;
-    sums[2] += n_both;
+    for (; k < n; k++) qn_add_overlap_bits(p[k] > threshold, t[k] != 0, counts);
+    for (int c = 0; c < 3; c++) sums[c] += counts[c];
 }
 
 /* As qn_overlap_f32_u8 for a uint8 prediction, foreground where p >= cutoff. */
 static inline void qn_overlap_u8_u8(const uint8_t* p, const uint8_t* t, qn_ssize n, uint8_t cutoff, int64_t* sums) {
-    int64_t n_pred = 0, n_target = 0, n_both = 0;
+    int64_t counts[3] = {0, 0, 0};
     qn_ssize k = 0;
 #if defined(__AVX2__)
     const __m256i c = _mm256_set1_epi8((char)cutoff), zero = _mm256_setzero_si256();
@@ -285,20 +303,11 @@ static inline void qn_overlap_u8_u8(const uint8_t* p, const uint8_t* t, qn_ssize
         __m256i pv = _mm256_loadu_si256((const __m256i*)(p + k));
         uint32_t pm = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(pv, c), pv));
         uint32_t tm = ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i*)(t + k)), zero));
-        n_pred += qn_popcount32(pm);
-        n_target += qn_popcount32(tm);
-        n_both += qn_popcount32(pm & tm);
+        qn_add_overlap_bits(pm, tm, counts);
     }
 #endif
-    for (; k < n; k++) {
-        int a = p[k] >= cutoff, b = t[k] != 0;
-        n_pred += a;
-        n_target += b;
-        n_both += a & b;
-    }
-    sums[0] += n_pred;
-    sums[1] += n_target;
-    sums[2] += n_both;
+    for (; k < n; k++) qn_add_overlap_bits(p[k] >= cutoff, t[k] != 0, counts);
+    for (int c = 0; c < 3; c++) sums[c] += counts[c];
 }
 
 /* One vertically blended low-res row with its edges repeated: vp[1 + j] = 0.75 near[j] + 0.25 far[j],
@@ -379,6 +388,8 @@ static inline void qn_upsample_row_f32(const float* near, const float* far, qn_s
     qn_ssize j = 0, i;
     __m512 before = _mm512_set1_ps(near_w * near[0] + far_w * far[0]);  /* lane 15 = v[j - 1], clamped */
     stream = stream && qn_aligned32(o);
+    __m256i pending = _mm256_setzero_si256();  /* first half of a 64-byte line, when streaming */
+    int have_pending = 0;
     for (; j + 16 <= pairs; j += 16) {
         qn_ssize m = j + 16 < w ? j + 16 : w - 1;
         __m512 v = _mm512_add_ps(_mm512_mul_ps(vn, _mm512_loadu_ps(near + j)), _mm512_mul_ps(vf, _mm512_loadu_ps(far + j)));
@@ -390,8 +401,17 @@ static inline void qn_upsample_row_f32(const float* near, const float* far, qn_s
         uint32_t right = _mm512_cmp_ps_mask(_mm512_add_ps(centre, _mm512_mul_ps(vf, v_right)), thr, _CMP_GT_OQ);
         /* pdep interleaves the left and right bits; a masked move turns bits into 0/1 bytes. */
         __m256i bytes = _mm256_maskz_mov_epi8((__mmask32)(_pdep_u32(left, 0x55555555u) | _pdep_u32(right, 0xAAAAAAAAu)), one8);
-        if (stream) _mm256_stream_si256((__m256i*)(o + 2 * j), bytes);
-        else _mm256_storeu_si256((__m256i*)(o + 2 * j), bytes);
+        if (!stream) {
+            _mm256_storeu_si256((__m256i*)(o + 2 * j), bytes);
+        } else if (have_pending) {
+            _mm512_stream_si512((__m512i*)(o + 2 * j - 32), _mm512_inserti64x4(_mm512_castsi256_si512(pending), bytes, 1));
+            have_pending = 0;
+        } else if (((uintptr_t)(o + 2 * j) & 63) == 0 && j + 32 <= pairs) {
+            pending = bytes;  /* streamed with the next block as one whole line */
+            have_pending = 1;
+        } else {
+            _mm256_stream_si256((__m256i*)(o + 2 * j), bytes);
+        }
         before = v;
     }
     for (; j < pairs + W % 2; j++) {
