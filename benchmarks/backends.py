@@ -2,7 +2,8 @@
 
 Every backend runs the same preprocessed synthetic slices, after warm-up, as the median of
 repeated timings; its speed is also given as a ratio to the eager FP32 model measured in the same
-run, and its masks are compared with eager's (Dice agreement). With an untrained bundle the
+run on the same device, and its masks are compared with those of eager FP32 on the CPU (Dice
+agreement). With an untrained bundle the
 agreement figures are flagged as not meaningful (speed does not depend on the weights).
 """
 from __future__ import annotations
@@ -143,12 +144,14 @@ def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained
             for batch in batch_sizes:
                 timing = result["timings"][batch]
                 rate = batch / timing["median_s"]
-                if config.kind == "torch" and config.precision == "fp32" and config.device == "cpu":
-                    eager_rate[batch] = rate
+                # The baseline is eager FP32 on the same device: the CPU for CPU rows, the GPU for GPU rows.
+                if config.kind == "torch" and config.precision == "fp32" and not config.options:
+                    eager_rate[config.device, batch] = rate
+                baseline = eager_rate.get((config.device, batch))
                 rows.append({
                     "backend": config.label, "kind": config.kind, "precision": config.precision,
                     "device": config.device, "batch": batch, "seconds": timing, "slices_per_s": rate,
-                    "speedup_vs_eager_fp32": rate / eager_rate[batch] if batch in eager_rate else None,
+                    "speedup_vs_eager_fp32": rate / baseline if baseline else None,
                     "dice_agreement_vs_eager": agreement, "agreement_meaningful": trained,
                     "describe": result["describe"],
                 })

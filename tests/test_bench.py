@@ -41,7 +41,14 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
     assert set(e2e["stages_s"]) >= {"load", "preprocess", "inference", "postprocess", "write", "wall"}
     assert 0 <= e2e["share_outside_inference"] <= 1
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Backends" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Backends" in out and "Performance targets" in out
+
+    targets = {row["target"]: row for row in report["targets"]}
+    assert any(t.startswith("every kernel within 2x") for t in targets)
+    assert any(t.startswith("best CPU backend") and "batch 4" in t for t in targets)
+    gpu = next(row for t, row in targets.items() if "on the GPU" in t)
+    assert gpu["met"] is None or report["system"]["gpu"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,3 +61,46 @@ def test_bench_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert run_cli("bench", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def _kernel(name, threads, floor_ratio, numpy_speedup):
+    return {"kernel": name, "threads": threads, "ratio_to_floor": floor_ratio, "speedup_vs_numpy": numpy_speedup}
+
+
+def _backend(label, device, batch, speedup, dice):
+    kind, precision = label.split()[:2]
+    return {"backend": f"{label} {device}", "kind": kind, "precision": precision, "device": device,
+            "batch": batch, "speedup_vs_eager_fp32": speedup, "dice_agreement_vs_eager": dice}
+
+
+def test_targets_met_missed_and_unknown():
+    from qnkit.benchmarks.targets import evaluate
+
+    report = {
+        "kernels": [_kernel("downsample_image", 1, 1.3, 90.0), _kernel("border_weights", 1, 2.4, 8.0),
+                    _kernel("downsample_image", 2, 0.9, 120.0), _kernel("border_weights", 2, 1.1, 12.0)],
+        "bundle": {"trained": True},
+        "backends": [_backend("torch fp32", "cpu", 4, 1.0, 1.0), _backend("onnxruntime fp32", "cpu", 4, 1.9, 0.999),
+                     _backend("onnxruntime int8", "cpu", 4, 3.5, 0.995),
+                     _backend("torch fp32", "cpu", 1, 1.0, 1.0), _backend("onnxruntime int8", "cpu", 1, 3.1, 0.95),
+                     _backend("onnxruntime fp32", "cpu", 1, 1.5, 0.999)],
+        "end_to_end": {"share_outside_inference": 0.064, "backend": {"name": "onnxruntime", "precision": "fp32"}},
+    }
+    rows = {row["target"]: row for row in evaluate(report)}
+    met = {target: row["met"] for target, row in rows.items()}
+    assert met["every kernel within 2x its memory floor, 1 thread(s)"] is False
+    assert "border_weights 2.40x" in rows["every kernel within 2x its memory floor, 1 thread(s)"]["measured"]
+    assert met["every kernel within 2x its memory floor, 2 thread(s)"] is True
+    assert met["downsample_image at least 10x its NumPy reference"] is True
+    assert met["border_weights at least 10x its NumPy reference"] is False  # the slower thread count counts
+    batch4 = next(row for target, row in rows.items() if target.startswith("best CPU") and target.endswith("batch 4"))
+    assert batch4["met"] is True and "onnxruntime int8 cpu 3.50x" in batch4["measured"]
+    # At batch 1 INT8 is fast but disagrees with eager, so FP32 ONNX Runtime is the best that agrees.
+    batch1 = next(row for target, row in rows.items() if target.startswith("best CPU") and target.endswith("batch 1"))
+    assert batch1["met"] is False and "onnxruntime fp32 cpu 1.50x" in batch1["measured"]
+    assert next(row for target, row in rows.items() if "GPU" in target)["met"] is None
+    assert met["end to end, time outside inference at most 10%"] is True
+
+    report["bundle"]["trained"] = False  # untrained weights: a fast row cannot be called met
+    batch4 = next(row for row in evaluate(report) if row["target"].startswith("best CPU") and "batch 4" in row["target"])
+    assert batch4["met"] is None and "untrained" in batch4["measured"]

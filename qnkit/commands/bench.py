@@ -138,6 +138,9 @@ def command(
                     report["end_to_end"] = e2e.run(bundle, backend, size=size, slices=slices,
                                                    repeats=1 if quick else 3, workdir=workdir)
 
+    from qnkit.benchmarks.targets import evaluate
+
+    report["targets"] = evaluate(report)
     _print(out_console, report)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report, indent=2, default=str))
@@ -193,4 +196,13 @@ def _print(console, report: dict) -> None:
             table.add_row(stage, f"{seconds:.3f}")
         table.add_row("outside inference", f"{e2e['share_outside_inference']:.1%}")
         table.add_row("slices/s", f"{e2e['slices_per_s']:.1f}")
+        console.print(table)
+    targets = report.get("targets")
+    if targets:
+        table = Table(title="Performance targets")
+        for column in ("target", "measured", "met"):
+            table.add_column(column)
+        marks = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "cannot tell"}
+        for row in targets:
+            table.add_row(row["target"], row["measured"], marks[row["met"]])
         console.print(table)
