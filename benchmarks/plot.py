@@ -9,6 +9,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from qnkit._atomic import atomic_path
 
@@ -22,6 +23,11 @@ def plot(report: dict, path: Path) -> None:
         ax_rate.plot([b for b, _ in points], [r for _, r in points], marker="o", label=label)
     ax_rate.set_xscale("log", base=2)
     ax_rate.set_yscale("log")
+    # Plain numbers on both axes (batch sizes and rates), not powers of ten.
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax_rate.xaxis.set_major_formatter(plain)
+    ax_rate.yaxis.set_major_formatter(plain)
+    ax_rate.yaxis.set_minor_formatter(plain)
     ax_rate.set_xlabel("batch size (slices)")
     ax_rate.set_ylabel("slices per second")
     ax_rate.set_title("Inference throughput")
