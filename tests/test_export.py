@@ -191,7 +191,7 @@ def test_export_below_the_bar_fails_and_writes_nothing(exported, tmp_path, monke
     from qnkit.export import bundle_writer, verify
     from qnkit.export.onnx_export import ExportError
 
-    monkeypatch.setitem(verify.BARS, "fp32", {"min_dice": 1.5, "p999_abs_diff": 1e-3})
+    monkeypatch.setitem(verify.BARS, "fp32", {"min_dice": 1.5, "p99_abs_diff": 1e-3})
     with pytest.raises(ExportError, match="verification failed"):
         bundle_writer.export_bundle(exported[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
