@@ -27,9 +27,8 @@ typedef ptrdiff_t qn_ssize;
 #define qn_popcount32(x) __builtin_popcount(x)
 #endif
 
-static inline float qn_clipf(float v, float lo, float hi) {
-    v = v < lo ? lo : v;
-    return v > hi ? hi : v;
+static inline int32_t qn_clip_i16(int16_t v, int16_t lo, int16_t hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
 }
 
 #if defined(__AVX2__)
@@ -104,15 +103,12 @@ static inline void qn_downsample_row_i16(const int16_t* a, const int16_t* b, flo
     }
 #endif
     for (; j < half_w; j++) {
-        int32_t s = (int32_t)(a[2 * j] < lo ? lo : (a[2 * j] > hi ? hi : a[2 * j]))
-                  + (int32_t)(a[2 * j + 1] < lo ? lo : (a[2 * j + 1] > hi ? hi : a[2 * j + 1]))
-                  + (int32_t)(b[2 * j] < lo ? lo : (b[2 * j] > hi ? hi : b[2 * j]))
-                  + (int32_t)(b[2 * j + 1] < lo ? lo : (b[2 * j + 1] > hi ? hi : b[2 * j + 1]));
+        int32_t s = qn_clip_i16(a[2 * j], lo, hi) + qn_clip_i16(a[2 * j + 1], lo, hi)
+                  + qn_clip_i16(b[2 * j], lo, hi) + qn_clip_i16(b[2 * j + 1], lo, hi);
         o[j] = ((float)s * quarter - lo_f) * inv_span;
     }
     if (W % 2 == 1) {
-        int32_t s = 2 * ((int32_t)(a[W - 1] < lo ? lo : (a[W - 1] > hi ? hi : a[W - 1]))
-                         + (int32_t)(b[W - 1] < lo ? lo : (b[W - 1] > hi ? hi : b[W - 1])));
+        int32_t s = 2 * (qn_clip_i16(a[W - 1], lo, hi) + qn_clip_i16(b[W - 1], lo, hi));
         o[half_w] = ((float)s * quarter - lo_f) * inv_span;
     }
 }
@@ -156,14 +152,39 @@ static inline void qn_border_index32(const uint8_t* prev, const uint8_t* row, co
     __m256i flat = _mm256_and_si256(_mm256_cmpeq_epi8(up, down), _mm256_cmpeq_epi8(left, right));
     _mm256_store_si256((__m256i*)index, _mm256_or_si256(_mm256_min_epu8(centre, one8), _mm256_andnot_si256(flat, two8)));
 }
+
+/* o[0:32] = table[index[0:32]], the four weights in lanes 0-3 of `table`; AVX-512 stores whole lines. */
+static inline void qn_border_write32(__m256 table, const uint8_t* index, float* o, int stream) {
+#if defined(__AVX512F__)
+    const __m512 table16 = _mm512_castps256_ps512(table);
+    for (int q = 0; q < 2; q++) {
+        __m512 value = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(index + 16 * q))),
+                                             table16);
+        if (stream) _mm512_stream_ps(o + 16 * q, value);
+        else _mm512_storeu_ps(o + 16 * q, value);
+    }
+#else
+    for (int q = 0; q < 4; q++) {
+        __m256 value = _mm256_permutevar8x32_ps(table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(index + 8 * q))));
+        if (stream) _mm256_stream_ps(o + 8 * q, value);
+        else _mm256_storeu_ps(o + 8 * q, value);
+    }
 #endif
+}
+#endif
+
+/* One weight by the formula, for the columns that the vector blocks do not cover. */
+static inline float qn_border_weight(uint8_t up, uint8_t down, uint8_t left, uint8_t centre, uint8_t right,
+                                     float cw0, float cw1, float omega0) {
+    return (centre ? cw1 : cw0) + omega0 * (float)((up != down) | (left != right));
+}
 
 /* QuickNAT weights of one row of a 0/1 mask (1 < W), between the rows above and below:
  * o[j] = (row[j] ? cw1 : cw0) + (omega0 where the in-plane central difference is non-zero). */
 static inline void qn_border_row_binary_u8(const uint8_t* prev, const uint8_t* row, const uint8_t* next,
                                            float* o, qn_ssize W, float cw0, float cw1, float omega0, int stream) {
     qn_ssize j = 1;
-    o[0] = (row[0] ? cw1 : cw0) + omega0 * (float)((prev[0] != next[0]) | (row[1] != row[0]));
+    o[0] = qn_border_weight(prev[0], next[0], row[0], row[0], row[1], cw0, cw1, omega0);
 #if defined(__AVX2__)
     if (W - 1 >= 33) {
         /* Each voxel is one of four values, indexed by 2 * edge + foreground: a vpermps table. */
@@ -172,7 +193,6 @@ static inline void qn_border_row_binary_u8(const uint8_t* prev, const uint8_t* r
         uint8_t index[32] __attribute__((aligned(32)));
         qn_ssize last = W - 33, k;
 #if defined(__AVX512F__)
-        const __m512 table16 = _mm512_castps256_ps512(table);
         const qn_ssize line = 16;  /* floats per streamed store: a whole cache line */
 #else
         const qn_ssize line = 8;
@@ -191,38 +211,22 @@ static inline void qn_border_row_binary_u8(const uint8_t* prev, const uint8_t* r
         }
         for (; j <= last; j += 32) {
             qn_border_index32(prev, row, next, j, index);
-#if defined(__AVX512F__)
-            for (int q = 0; q < 2; q++) {
-                __m512 value = _mm512_permutexvar_ps(
-                    _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i*)(index + 16 * q))), table16);
-                if (stream) _mm512_stream_ps(o + j + 16 * q, value);
-                else _mm512_storeu_ps(o + j + 16 * q, value);
-            }
-            continue;
-#endif
-            for (int q = 0; q < 4; q++) {
-                __m256 value = _mm256_permutevar8x32_ps(
-                    table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(index + 8 * q))));
-                if (stream) _mm256_stream_ps(o + j + 8 * q, value);
-                else _mm256_storeu_ps(o + j + 8 * q, value);
-            }
+            qn_border_write32(table, index, o + j, stream);
         }
         if (j < W - 1) {
             qn_border_index32(prev, row, next, last, index);
             if (stream) {
                 for (k = j; k < W - 1; k++) o[k] = values[index[k - last]];
             } else {
-                for (int q = 0; q < 4; q++)
-                    _mm256_storeu_ps(o + last + 8 * q, _mm256_permutevar8x32_ps(
-                        table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(index + 8 * q)))));
+                qn_border_write32(table, index, o + last, 0);
             }
             j = W - 1;
         }
     }
 #endif
     for (; j < W - 1; j++)
-        o[j] = (row[j] ? cw1 : cw0) + omega0 * (float)((prev[j] != next[j]) | (row[j + 1] != row[j - 1]));
-    o[W - 1] = (row[W - 1] ? cw1 : cw0) + omega0 * (float)((prev[W - 1] != next[W - 1]) | (row[W - 1] != row[W - 2]));
+        o[j] = qn_border_weight(prev[j], next[j], row[j - 1], row[j], row[j + 1], cw0, cw1, omega0);
+    o[W - 1] = qn_border_weight(prev[W - 1], next[W - 1], row[W - 2], row[W - 1], row[W - 1], cw0, cw1, omega0);
 }
 
 /* Add the number of voxels of each value in p[0:n] to counts[256]. Masks hold few distinct
