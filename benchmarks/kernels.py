@@ -79,15 +79,14 @@ def kernel_cases(ct: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> list[K
     ]
 
 
-def _copy_floor(nbytes: int, threads: int) -> Callable[[], None]:
-    """A copy of nbytes / 2 bytes, split over `threads` threads (NumPy releases the GIL to copy)."""
+def _copy_floor(nbytes: int, threads: int, pool: ThreadPoolExecutor) -> Callable[[], None]:
+    """A copy of nbytes / 2 bytes, split over `threads` threads of `pool` (NumPy releases the GIL to copy)."""
     size = max(1, nbytes // 2)
     src = np.ones(size, np.uint8)
     dst = np.empty_like(src)
     if threads == 1:
         return lambda: np.copyto(dst, src)
     bounds = np.linspace(0, size, threads + 1).astype(int)
-    pool = ThreadPoolExecutor(threads)
     chunks = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return lambda: list(pool.map(lambda c: np.copyto(*c), chunks))
 
@@ -108,11 +107,14 @@ def run(shape=(100, 512, 512), thread_counts=None, repeats: int = 5, numpy_repea
             numpy_times[case.name] = measure(case.numpy, repeats=numpy_repeats, warmup=1)
         for threads in thread_counts:
             kernels.set_num_threads(threads)
-            for case in cases:
-                if progress:
-                    progress(f"{case.name} x{threads}")
-                kernel, floor = measure_interleaved([case.run, _copy_floor(case.bytes_moved, threads)],
-                                                    repeats=repeats, warmup=2)
+            with ThreadPoolExecutor(threads) as pool:
+                timings = []
+                for case in cases:
+                    if progress:
+                        progress(f"{case.name} x{threads}")
+                    timings.append(measure_interleaved([case.run, _copy_floor(case.bytes_moved, threads, pool)],
+                                                       repeats=repeats, warmup=2))
+            for case, (kernel, floor) in zip(cases, timings):
                 rows.append({
                     "kernel": case.name, "threads": threads, "shape": list(shape),
                     "kernel_s": kernel.as_dict(), "numpy_s": numpy_times[case.name].as_dict(),

@@ -51,17 +51,17 @@ def _cpu_backend_rows(backends: list[dict], trained: bool) -> list[dict]:
         fast = (best["speedup_vs_eager_fp32"] or 0.0) >= CPU_BACKEND_SPEEDUP
         agreement = (f"Dice {best['dice_agreement_vs_eager']:.4f} vs eager" if trained
                      else "agreement not measured: untrained weights")
+        # Untrained weights: a fast row cannot be called met, since its agreement is unknown.
+        met = fast if trained else (None if fast else False)
         rows.append(_row(f"best CPU backend at least {CPU_BACKEND_SPEEDUP:g}x eager FP32 with Dice >= "
                          f"{MIN_AGREEMENT:g}, batch {batch}",
-                         f"{best['backend']} {best['speedup_vs_eager_fp32']:.2f}x, {agreement}",
-                         fast if trained or not fast else None))
+                         f"{best['backend']} {best['speedup_vs_eager_fp32']:.2f}x, {agreement}", met))
     return rows
 
 
 def _gpu_rows(backends: list[dict]) -> list[dict]:
-    eager = {r["batch"]: r for r in backends
-             if "error" not in r and r["device"] != "cpu" and (r["kind"], r["precision"]) == ("torch", "fp32")}
-    if not eager:
+    if not any("error" not in r and r["device"] != "cpu" and (r["kind"], r["precision"]) == ("torch", "fp32")
+               for r in backends):
         return [_row(f"TensorRT FP16 at least {GPU_TENSORRT_SPEEDUP:g}x eager FP32 on the GPU",
                      "no GPU in this run", None)]
     rows = []

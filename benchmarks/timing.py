@@ -26,14 +26,7 @@ class Timing:
 
 def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times timed with a monotonic clock."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return Timing(median(times), min(times), max(times), len(times))
+    return measure_interleaved([fn], repeats=repeats, warmup=warmup)[0]
 
 
 def measure_interleaved(fns: list[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[Timing]:
