@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qnkit.errors import QnkitInputError
+from qnkit.nn.config import QuickNATConfig
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini"}
@@ -52,19 +53,11 @@ class DataSettings:
     soft_targets: bool = True
 
 
-@dataclass
-class NetworkSettings:
-    num_channels: int = 1
-    num_filters: int = 64
-    kernel_h: int = 5
-    kernel_w: int = 5
-    kernel_c: int = 1
-    stride_conv: int = 1
-    pool: int = 2
-    stride_pool: int = 2
-    num_class: int = 1
-    se_block: str = "CSSE"
-    drop_out: float = 0.2
+# [NETWORK] holds the fields of QuickNATConfig with its defaults, mutable so that .ini files and
+# command-line options can set them one by one; runner.network_config validates the result.
+NetworkSettings = dataclasses.make_dataclass(
+    "NetworkSettings", [(f.name, f.type, field(default=f.default)) for f in fields(QuickNATConfig)])
+NetworkSettings.__module__ = __name__
 
 
 @dataclass
