@@ -60,18 +60,13 @@ def overlap_counts(const pred_t[::1] pred, const target_t[::1] target, double th
             n_target += sums[3 * k + 1]
             n_both += sums[3 * k + 2]
         return n_pred, n_target, n_both
-    if pred_t is float:
-        for k in prange(n, nogil=True, num_threads=num_threads, schedule="static"):
+    for k in prange(n, nogil=True, num_threads=num_threads, schedule="static"):
+        if pred_t is float:
             p = pred[k] > threshold_f
-            t = target[k] > 0
-            n_pred += p
-            n_target += t
-            n_both += p & t
-    else:
-        for k in prange(n, nogil=True, num_threads=num_threads, schedule="static"):
+        else:
             p = pred[k] > threshold
-            t = target[k] > 0
-            n_pred += p
-            n_target += t
-            n_both += p & t
+        t = target[k] > 0
+        n_pred += p
+        n_target += t
+        n_both += p & t
     return n_pred, n_target, n_both
