@@ -7,12 +7,12 @@ Threads: `set_num_threads` (default: QNKIT_NUM_THREADS or all cores).
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import types
 
 import numpy as np
-
-import importlib
-import types
 
 IMAGE_DTYPES = (np.int16, np.int32, np.uint16, np.float32)
 LABEL_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64)
@@ -31,6 +31,7 @@ _BUILD_FEATURES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_has(build: str) -> bool:
     flags_needed, numpy_names = _BUILD_FEATURES[build]
     try:
