@@ -63,14 +63,14 @@ for name in ("preprocess", "metrics", "resample"):
         extensions.append(_extension(f"{name}_avx512", avx512))
 
 setup(
-    packages=["qnkit", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
+    packages=["qnkit", "qnkit.synth", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
     package_dir={
         "qnkit": "qnkit",
         "qnkit.train": "train",
         "qnkit.export": "export",
         "qnkit.benchmarks": "benchmarks",
     },
-    package_data={"qnkit.train": ["*.ini"]},
+    package_data={"qnkit.train": ["*.ini"], "qnkit.synth": ["data/*"]},
     ext_modules=cythonize(
         extensions,
         compiler_directives={
