@@ -1,15 +1,21 @@
-"""3-D post-processing of a predicted kidney mask, and left/right labelling of its components.
+"""3-D post-processing of a predicted kidney mask: sides first, then one kidney per side.
 
 QuickNAT segments slice by slice, so its errors are mostly small blobs on slices above and below
 the kidneys and ragged borders between slices; the report's future work proposes 3-D
-post-processing for exactly that. Here: an optional binary closing with a small ellipsoidal
-ball (radius in voxels or mm, so anisotropic CT gets a round ball in patient space), then keep
-the two largest 26-connected components (cc3d). Sides come from patient coordinates: a
-component's centroid goes through the voxel->RAS+ affine and is compared with the body's
-mid-sagittal plane. RAS+ x grows towards the patient's RIGHT (nibabel's RAS+: +x = Right,
-+y = Anterior, +z = Superior; it is DICOM's LPS where +x is left), so a component with a larger
-x than the plane is the right kidney. The plane is the body's centre, not x = 0, because scanner
-origins are arbitrary (KiTS19 affines put x = 0 at an image corner).
+post-processing for exactly that. Real patients add harder cases: one kidney after a
+nephrectomy (a false positive must not become "the other kidney"), a kidney split in two by a
+missed slice or a tumor, and a horseshoe kidney that crosses the midline. So the order is:
+
+1. optional binary closing with a small ellipsoidal ball (radius in mm or voxels);
+2. sides: the patient's midline is the x of the body's centroid (the largest connected region
+   above -300 HU, so a table or a stray object does not pull it), never x = 0, because scanner
+   origins are arbitrary (KiTS19 affines put x = 0 at an image corner). A 26-connected component
+   goes to the side of its centroid; one with a large share on both sides (a horseshoe) is cut
+   at the midline. RAS+ x grows towards the patient's RIGHT (nibabel's RAS+; DICOM's LPS has +x
+   left), so a larger x than the midline is the right side;
+3. per side, the largest piece is the kidney when it reaches ``min_kidney_ml`` (else that side
+   is reported absent, not invented); pieces on the same side within ``merge_mm`` (nearest voxel
+   centres, in mm) of the kidney are the same kidney and kept; everything else is dropped.
 
 All arrays are in qnkit's internal (I, P, L) layout; all functions are torch-free.
 """
@@ -19,11 +25,19 @@ import cc3d
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["RIGHT", "LEFT", "ball", "close_mask", "keep_largest", "body_midline_x", "split_sides",
-           "postprocess"]
+__all__ = ["RIGHT", "LEFT", "MIN_KIDNEY_ML", "MERGE_MM", "ball", "close_mask", "body_midline_x", "split_sides",
+           "select_kidneys", "kidney_sides"]
 
 RIGHT, LEFT = 1, 2  # label values of --split-sides masks
 BODY_HU = -300.0  # voxels above this are body (soft tissue, bone), below are air/lung
+#: Smallest kidney reported: adult kidneys are 100-200 mL, atrophic ones rarely below 30 mL;
+#: false-positive blobs of a slice-wise network are mostly a few mL.
+MIN_KIDNEY_ML = 10.0
+#: Pieces this close (mm, nearest voxel centres) to a kidney are part of it: one missed 5 mm
+#: slice leaves a 10 mm gap between the halves of a kidney.
+MERGE_MM = 15.0
+#: A component with at least this share of its voxels on each side of the midline is cut there.
+HORSESHOE_SHARE = 0.25
 
 
 def ball(radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -39,6 +53,15 @@ def ball(radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     return np.asarray(dist <= 1.0 + 1e-9)
 
 
+def _bounding_box(mask: np.ndarray, pad=(0, 0, 0)) -> tuple[slice, slice, slice]:
+    """Index box of the foreground of a non-empty 3-D mask, grown by `pad` voxels per axis and clipped."""
+    box = []
+    for axis, p in enumerate(pad):
+        hit = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        box.append(slice(max(0, int(hit[0]) - p), min(mask.shape[axis], int(hit[-1]) + 1 + p)))
+    return tuple(box)
+
+
 def close_mask(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Binary closing with `ball(radius, spacing)`; uint8 mask of the same shape.
 
@@ -50,11 +73,7 @@ def close_mask(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.n
     if radius <= 0 or se.size == 1 or not mask.any():
         return mask.astype(np.uint8)
     pad = [n // 2 + 1 for n in se.shape]
-    idx = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], \
-        np.nonzero(mask.any(axis=(0, 1)))[0]
-    lo = [max(0, int(i[0]) - p) for i, p in zip(idx, pad)]
-    hi = [min(n, int(i[-1]) + 1 + p) for i, n, p in zip(idx, mask.shape, pad)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = _bounding_box(mask, pad)
     sub = np.pad(mask[box], [(p, p) for p in pad])
     closed = ndi.binary_closing(sub, structure=se)[tuple(slice(p, -p) for p in pad)]
     out = mask.copy()
@@ -62,57 +81,115 @@ def close_mask(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.n
     return out.astype(np.uint8)
 
 
-def keep_largest(mask: np.ndarray, k: int = 2) -> np.ndarray:
-    """The `k` largest 26-connected components of `mask` as a uint8 {0, 1} mask."""
-    mask = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
-    if not mask.any():
-        return mask
-    return (cc3d.largest_k(mask, k=int(k), connectivity=26, binary_image=True) > 0).astype(np.uint8)
-
-
 def body_midline_x(ct: np.ndarray, affine: np.ndarray, slices: slice | None = None) -> float:
-    """RAS+ x (mm) of the body's centroid (voxels above -300 HU) in `slices` (default: all).
+    """RAS+ x (mm) of the body's centroid in `slices` (default: all).
 
-    Sampled every 4th voxel in-plane, which is plenty for a centre. Falls back to the volume's
-    centre when nothing is body (e.g. an empty or non-CT image).
+    The body is the largest 26-connected region above -300 HU, sampled every 4th voxel in-plane
+    (plenty for a centre), so the table, a calibration phantom or an arm lying apart does not pull
+    the midline. Falls back to the volume's centre when nothing is body (an empty or non-CT image).
     """
     sl = slices if slices is not None else slice(None)
     offset = sl.start or 0
-    sub = ct[sl, ::4, ::4]
-    body = np.nonzero(sub > BODY_HU)
-    if body[0].size:
-        centre = np.array([body[0].mean() + offset, body[1].mean() * 4, body[2].mean() * 4])
+    body = np.ascontiguousarray(ct[sl, ::4, ::4] > BODY_HU, dtype=np.uint8)
+    if body.any():
+        body = cc3d.largest_k(body, k=1, connectivity=26, binary_image=True)
+        idx = np.nonzero(body)
+        centre = np.array([idx[0].mean() + offset, idx[1].mean() * 4, idx[2].mean() * 4])
     else:
         centre = (np.array(ct.shape, dtype=float) - 1) / 2
     return float((affine @ np.append(centre, 1.0))[0])
 
 
 def split_sides(mask: np.ndarray, affine: np.ndarray, midline_x: float) -> np.ndarray:
-    """uint8 labels: each connected component of `mask` becomes RIGHT (1) or LEFT (2).
+    """uint8 labels of every foreground voxel: RIGHT (1) or LEFT (2); nothing is dropped.
 
-    A component whose centroid lies at RAS+ x > `midline_x` is on the patient's right.
+    A 26-connected component goes to the side of its centroid (RAS+ x > `midline_x` is right);
+    a component with at least a quarter of its voxels on each side (a horseshoe kidney) is cut at
+    the midline, each voxel going to its own side.
     """
-    labels = cc3d.connected_components(np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8),
-                                       connectivity=26)
-    n = int(labels.max())
-    out = np.zeros(labels.shape, dtype=np.uint8)
+    fg = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
+    out = np.zeros(fg.shape, dtype=np.uint8)
+    labels, n = cc3d.connected_components(fg, connectivity=26, return_N=True)
     if n == 0:
         return out
-    stats = cc3d.statistics(labels)
-    lut = np.zeros(n + 1, dtype=np.uint8)
-    for i in range(1, n + 1):
-        if stats["voxel_counts"][i] == 0:
+    idx = np.nonzero(labels)
+    comp = labels[idx].astype(np.int64)
+    x = affine[0, 0] * idx[0] + affine[0, 1] * idx[1] + affine[0, 2] * idx[2] + affine[0, 3]
+    right = x > midline_x
+    total = np.bincount(comp, minlength=n + 1)
+    on_right = np.bincount(comp, weights=right, minlength=n + 1)
+    centre_x = np.bincount(comp, weights=x, minlength=n + 1) / np.maximum(total, 1)
+    straddles = np.minimum(on_right, total - on_right) >= HORSESHOE_SHARE * total
+    by_centroid = np.where(centre_x > midline_x, RIGHT, LEFT).astype(np.uint8)
+    out[idx] = np.where(straddles[comp], np.where(right, RIGHT, LEFT), by_centroid[comp])
+    return out
+
+
+def _near(group: np.ndarray, pieces: np.ndarray, spacing, merge_mm: float) -> set[int]:
+    """Labels of `pieces` with a voxel within `merge_mm` (voxel centres, mm) of the `group` mask."""
+    pad = tuple(int(np.ceil(merge_mm / float(s))) for s in spacing)
+    box = _bounding_box(group, pad)
+    distance = ndi.distance_transform_edt(~group[box], sampling=spacing)
+    hit = pieces[box][distance <= merge_mm + 1e-6]
+    return set(np.unique(hit[hit > 0]).tolist())
+
+
+def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml: float = MIN_KIDNEY_ML,
+                   merge_mm: float = MERGE_MM) -> np.ndarray:
+    """Per side, the kidney and the pieces of it: a cleaned copy of `sides` (1 right, 2 left).
+
+    The largest 26-connected piece of a side is its kidney if it has at least `min_kidney_ml`,
+    else the side is left empty (absent). Pieces of the same side within `merge_mm` of the
+    kidney (repeatedly, so a chain of fragments counts) join it; all other pieces are dropped.
+    """
+    sides = np.asarray(sides, dtype=np.uint8)
+    out = np.zeros_like(sides)
+    if not sides.any():
+        return out
+    box = _bounding_box(sides > 0)  # every piece lies inside: work on the kidneys' box, not the CT
+    sides, whole, out = np.ascontiguousarray(sides[box]), out, out[box]
+    pieces, n = cc3d.connected_components(sides, connectivity=26, return_N=True)  # never across sides
+    counts = np.bincount(pieces.ravel(), minlength=n + 1)
+    piece_side = np.zeros(n + 1, dtype=np.uint8)
+    piece_side[pieces.ravel()] = sides.ravel()
+    for side in (RIGHT, LEFT):
+        candidates = [p for p in range(1, n + 1) if piece_side[p] == side]
+        if not candidates:
             continue
-        x = (affine @ np.append(stats["centroids"][i], 1.0))[0]
-        lut[i] = RIGHT if x > midline_x else LEFT
-    return lut[labels]
+        main = max(candidates, key=lambda p: counts[p])
+        if counts[main] * voxel_ml < min_kidney_ml:
+            continue
+        kept, rest = {main}, set(candidates) - {main}
+        while rest:
+            joined = _near(np.isin(pieces, list(kept)), pieces, spacing, merge_mm) & rest
+            if not joined:
+                break
+            kept |= joined
+            rest -= joined
+        out[np.isin(pieces, list(kept))] = side
+    return whole
 
 
-def postprocess(mask: np.ndarray, *, spacing, keep: int = 2, closing: float = 0.0,
-                closing_unit: str = "mm") -> np.ndarray:
-    """Closing (when `closing` > 0, radius in `closing_unit` 'mm' or 'voxels') then keep `keep` largest."""
-    if closing_unit not in ("mm", "voxels"):
-        raise ValueError(f"closing unit must be mm or voxels, got {closing_unit!r}")
-    if closing and closing > 0:
-        mask = close_mask(mask, closing, spacing if closing_unit == "mm" else (1.0, 1.0, 1.0))
-    return keep_largest(mask, keep) if keep else np.asarray(mask > 0, dtype=np.uint8)
+def kidney_sides(mask: np.ndarray, ct: np.ndarray, geometry, options) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processing of `qnkit segment`: (output mask, sides), both uint8 on the CT's grid.
+
+    `geometry` is a :class:`qnkit.io.Geometry`; `options` has the fields of
+    :class:`qnkit.segment.SegmentOptions` (postprocess, closing, closing_unit, min_kidney_ml,
+    merge_mm, split_sides). `sides` has 1 right / 2 left; the output mask is `sides` with
+    split_sides, else 1 kidney. Without postprocess the mask is kept as predicted and only
+    labelled with sides.
+    """
+    if options.closing_unit not in ("mm", "voxels"):
+        raise ValueError(f"closing unit must be mm or voxels, got {options.closing_unit!r}")
+    mask = np.asarray(mask) > 0
+    if options.postprocess and options.closing and options.closing > 0:
+        spacing = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
+        mask = close_mask(mask, options.closing, spacing) > 0
+    kidney_slices = np.nonzero(mask.any(axis=(1, 2)))[0]
+    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
+    sides = split_sides(mask, geometry.internal_affine, body_midline_x(ct, geometry.internal_affine, body))
+    if options.postprocess:
+        sides = select_kidneys(sides, geometry.spacing, geometry.voxel_volume_ml,
+                               min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
+    out = sides if options.split_sides else (sides > 0).astype(np.uint8)
+    return out, sides

@@ -1,6 +1,7 @@
 """Per-kidney statistics of a segmentation, for `qnkit segment --stats` and the demo.
 
-For each side (right, left): voxel count, volume in mL (voxel count x voxel volume from the
+For each side (right, left): whether a kidney was found (``present``; post-processing reports a
+kidney it did not find as absent, with volume 0, rather than inventing one), voxel count, volume in mL (voxel count x voxel volume from the
 header's affine), bounding box and centroid both in the input file's voxel indices and in
 patient coordinates (RAS+ mm, through the file's affine), and mean HU of the CT under the mask.
 Voxel indices are those of the input file's axes (what a viewer shows), not qnkit's internal
@@ -13,7 +14,7 @@ import numpy as np
 from qnkit.io import Geometry
 from qnkit.postprocess import LEFT, RIGHT
 
-__all__ = ["SIDES", "kidney_stats", "side_volumes_ml"]
+__all__ = ["SIDES", "kidney_stats", "side_volumes_ml", "describe_sides"]
 
 SIDES = {"right": RIGHT, "left": LEFT}
 
@@ -41,7 +42,7 @@ def _round(values, digits: int = 3) -> list:
 def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
     """{'right': {...}, 'left': {...}} for an internal-layout label volume (1 right, 2 left).
 
-    A side with no voxels gets voxels 0, volume 0.0 and None for box, centroid and HU.
+    A side with no voxels is absent: present False, voxels 0, volume 0.0, None for box, centroid and HU.
     """
     to_file = _internal_to_file(geometry)
     to_ras = geometry.internal_affine
@@ -50,7 +51,7 @@ def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
     for name, value in SIDES.items():
         sel = sides == value
         count = int(np.count_nonzero(sel))
-        entry = {"voxels": count, "volume_ml": count * ml}
+        entry = {"present": count > 0, "voxels": count, "volume_ml": count * ml}
         if count:
             axes = [np.nonzero(sel.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
             lo = np.array([ax[0] for ax in axes])
@@ -75,3 +76,9 @@ def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
 def side_volumes_ml(stats: dict) -> tuple[float, float]:
     """(right mL, left mL) from :func:`kidney_stats` output."""
     return stats["right"]["volume_ml"], stats["left"]["volume_ml"]
+
+
+def describe_sides(stats: dict) -> str:
+    """'right 152.3 mL, left absent' from :func:`kidney_stats` output (for console lines and titles)."""
+    return ", ".join(f"{name} {stats[name]['volume_ml']:.1f} mL" if stats[name]["present"] else f"{name} absent"
+                     for name in SIDES)

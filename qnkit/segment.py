@@ -2,8 +2,8 @@
 
 load + reorient (qnkit.io) -> clip/scale/downsample (compiled kernel, in a background thread, one
 batch ahead of inference; the kernel releases the GIL) -> batched inference on a backend ->
-upsample + threshold back to the full grid (kernel) -> 3-D post-processing (closing, two largest
-components) -> right/left from patient coordinates -> mask, stats, preview.
+upsample + threshold back to the full grid (kernel) -> sides from the body's midline, then one kidney
+per side (qnkit.postprocess) -> mask, stats, preview.
 
 The model part is :mod:`qnkit.inference`'s, chunk by chunk: each chunk is exactly one batch of
 :func:`qnkit.inference.predict_volume`, so the backend sees the same batches with the same padding
@@ -46,7 +46,8 @@ class SegmentOptions:
 
     batch_size: int = 16
     postprocess: bool = True
-    keep: int = 2  # largest connected components kept
+    min_kidney_ml: float = post.MIN_KIDNEY_ML  # a side's largest piece below this is no kidney (absent)
+    merge_mm: float = post.MERGE_MM  # pieces this close to a side's kidney are part of it
     closing: float = 0.0  # closing radius; 0 = no closing
     closing_unit: str = "mm"  # mm | voxels
     split_sides: bool = False  # mask values 1 right, 2 left (else 1 kidney)
@@ -222,14 +223,7 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
                                      threshold=threshold, pad_multiple=pad_multiple, progress=progress,
                                      timings=timings)
     t = time.perf_counter()
-    if options.postprocess:
-        mask = post.postprocess(mask, spacing=geometry.spacing, keep=options.keep, closing=options.closing,
-                                closing_unit=options.closing_unit)
-    kidney_slices = np.nonzero(mask.any(axis=(1, 2)))[0]
-    body_slices = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
-    midline = post.body_midline_x(ct, geometry.internal_affine, body_slices)
-    sides = post.split_sides(mask, geometry.internal_affine, midline)
-    out = sides if options.split_sides else (mask > 0).astype(np.uint8)
+    out, sides = post.kidney_sides(mask, ct, geometry, options)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
     return out, sides, resampled
 

@@ -1,13 +1,16 @@
-"""Post-processing (closing, largest components, sides) and per-kidney statistics, on small arrays and on
-synthetic phantoms whose sides are known."""
+"""Post-processing (closing, sides, one kidney per side) and per-kidney statistics, on small arrays, on
+synthetic phantoms whose sides are known, and on hand-built patients whose every voxel is known: one kidney
+with a false positive on the other side, a kidney split in two by a missed slice, a horseshoe kidney."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from qnkit import io as qio
 from qnkit import postprocess as P
-from qnkit.report import kidney_stats
+from qnkit.report import describe_sides, kidney_stats
 from qnkit.synth import make_case
 
 
@@ -28,17 +31,6 @@ def test_closing_fills_gaps_and_keeps_edges():
     assert out[:, 0:3, 0:3].all()  # not eroded by the border
     assert (out >= mask).all()
     assert P.close_mask(mask, 0).tolist() == mask.tolist()
-
-
-def test_keep_largest_two_components():
-    mask = np.zeros((10, 30, 30), np.uint8)
-    mask[1:9, 2:12, 2:12] = 1  # big
-    mask[1:9, 2:10, 18:28] = 1  # second
-    mask[5, 25, 5] = 1  # speck
-    out = P.keep_largest(mask, 2)
-    assert out.dtype == np.uint8
-    assert out.sum() == mask.sum() - 1 and out[5, 25, 5] == 0
-    assert P.keep_largest(np.zeros((3, 4, 5), np.uint8)).sum() == 0
 
 
 @pytest.mark.parametrize("kidneys", ["left", "right"])
@@ -68,9 +60,9 @@ def test_stats_volumes_boxes_and_hu():
     sides = (case.segmentation > 0).astype(np.uint8) * P.LEFT
     s = kidney_stats(sides, case.imaging, geo)
     n = int((case.segmentation > 0).sum())
-    assert s["left"]["voxels"] == n
+    assert s["left"]["present"] and s["left"]["voxels"] == n
     assert s["left"]["volume_ml"] == pytest.approx(n * abs(np.linalg.det(case.affine[:3, :3])) / 1000)
-    assert s["right"] == {"voxels": 0, "volume_ml": 0.0, "bbox_voxels": None, "bbox_mm": None,
+    assert s["right"] == {"present": False, "voxels": 0, "volume_ml": 0.0, "bbox_voxels": None, "bbox_mm": None,
                           "centroid_voxels": None, "centroid_mm": None, "mean_hu": None}
     idx = np.nonzero(case.segmentation)
     assert s["left"]["bbox_voxels"] == {"min": [int(i.min()) for i in idx], "max": [int(i.max()) for i in idx]}
@@ -78,3 +70,136 @@ def test_stats_volumes_boxes_and_hu():
     lo, hi = np.array(s["left"]["bbox_mm"]["min"]), np.array(s["left"]["bbox_mm"]["max"])
     centre = np.array(s["left"]["centroid_mm"])
     assert (lo <= centre).all() and (centre <= hi).all()
+
+
+# --- hand-built patients ----------------------------------------------------------------------------------
+# 40 slices of 5 mm, 128 x 160 pixels of 2 mm, KiTS-like affine (x = 0 at the image's first column, x grows
+# towards the patient's right = lower columns). The body is an ellipse centred on column 84, not on the image
+# centre (79.5), and not at x = 0. Kidneys are ellipsoids either side of it.
+
+SPACING = (5.0, 2.0, 2.0)
+SHAPE = (40, 128, 160)
+BODY_COL, BODY_ROW = 84, 60
+AFFINE = np.array([[0, 0, -SPACING[2], 0], [0, -SPACING[1], 0, 0], [-SPACING[0], 0, 0, 0], [0, 0, 0, 1]], float)
+GEOMETRY = qio.Geometry.from_affine(AFFINE, SHAPE)
+ML = GEOMETRY.voxel_volume_ml
+
+
+def _ellipsoid(centre_vox, semi_mm) -> np.ndarray:
+    z, y, x = np.ogrid[tuple(slice(0, n) for n in SHAPE)]
+    return (((z - centre_vox[0]) * SPACING[0] / semi_mm[0]) ** 2 + ((y - centre_vox[1]) * SPACING[1] / semi_mm[1]) ** 2
+            + ((x - centre_vox[2]) * SPACING[2] / semi_mm[2]) ** 2) <= 1.0
+
+
+def _ct() -> np.ndarray:
+    """Air, and a soft-tissue body (40 HU) 280 mm wide and 200 mm deep, over every slice."""
+    ct = np.full(SHAPE, -1000, np.int16)
+    y, x = np.ogrid[0:SHAPE[1], 0:SHAPE[2]]
+    ct[:, ((y - BODY_ROW) / 50.0) ** 2 + ((x - BODY_COL) / 70.0) ** 2 <= 1.0] = 40
+    return ct
+
+
+def _kidney(side: int, semi_mm=(55.0, 22.0, 28.0), z: int = 20) -> np.ndarray:
+    """A kidney whose centre is 65 mm from the midline on `side` (RIGHT: lower columns)."""
+    col = BODY_COL + (-1 if side == P.RIGHT else 1) * 65.0 / SPACING[2]
+    return _ellipsoid((z, BODY_ROW + 15, col), semi_mm)
+
+
+def _options(**kw):
+    """The defaults of `qnkit segment` (SegmentOptions), with `kw` changed."""
+    from qnkit.segment import SegmentOptions
+
+    return SegmentOptions(**kw)
+
+
+def _run(mask: np.ndarray, ct=None, **kw):
+    out, sides = P.kidney_sides(mask.astype(np.uint8), _ct() if ct is None else ct, GEOMETRY, _options(**kw))
+    return out, sides, kidney_stats(sides, _ct() if ct is None else ct, GEOMETRY)
+
+
+def test_midline_is_the_body_centre_not_the_image_or_x0():
+    ct = _ct()
+    want = float(AFFINE[0, 2] * BODY_COL)
+    assert P.body_midline_x(ct, GEOMETRY.internal_affine) == pytest.approx(want, abs=0.5)
+    # an arm (or a table, a calibration rod) lying apart from the body does not pull the midline
+    ct[:, 40:90, 2:12] = 60
+    assert P.body_midline_x(ct, GEOMETRY.internal_affine) == pytest.approx(want, abs=0.5)
+
+
+def test_one_kidney_and_a_false_positive_on_the_other_side():
+    """After a right nephrectomy the network still fires on a blob on the right: right is absent, not the blob."""
+    left = _kidney(P.LEFT)
+    blob = _ellipsoid((14, BODY_ROW + 10, BODY_COL - 40), (9.0, 9.0, 9.0))  # ~3 mL where the right kidney was
+    far = _ellipsoid((36, BODY_ROW - 30, BODY_COL + 20), (8.0, 8.0, 8.0))  # ~2 mL on the left, far from the kidney
+    assert 1.0 < blob.sum() * ML < P.MIN_KIDNEY_ML and not (left & (blob | far)).any()
+    out, sides, stats = _run(left | blob | far)
+    assert np.array_equal(sides == P.LEFT, left) and not (sides == P.RIGHT).any()
+    assert np.array_equal(out, left.astype(np.uint8))
+    assert stats["right"]["present"] is False and stats["right"]["volume_ml"] == 0.0
+    assert stats["left"]["present"] is True
+    assert stats["left"]["volume_ml"] == pytest.approx(left.sum() * ML)
+    assert describe_sides(stats) == f"right absent, left {left.sum() * ML:.1f} mL"
+    # without post-processing nothing is dropped, but every voxel still gets its side
+    _, raw, _ = _run(left | blob | far, postprocess=False)
+    assert np.array_equal(raw == P.RIGHT, blob) and np.array_equal(raw == P.LEFT, left | far)
+
+
+def test_kidney_split_in_two_by_a_missed_slice():
+    """A missed slice cuts the right kidney in two halves, each larger than the (atrophic) left kidney."""
+    right = _kidney(P.RIGHT)
+    right[21] = False  # one 5 mm slice missed: a 10 mm gap between the halves' voxel centres
+    left = _kidney(P.LEFT, semi_mm=(30.0, 16.0, 18.0))
+    halves = [right[:21].sum() * ML, right[22:].sum() * ML]
+    assert min(halves) > left.sum() * ML > P.MIN_KIDNEY_ML
+    out, sides, stats = _run(right | left, split_sides=True)
+    assert np.array_equal(sides == P.RIGHT, right) and np.array_equal(sides == P.LEFT, left)
+    assert np.array_equal(out, sides)
+    assert stats["right"]["volume_ml"] == pytest.approx(sum(halves))
+    assert stats["left"]["volume_ml"] == pytest.approx(left.sum() * ML) and stats["left"]["present"]
+    # a piece beyond merge_mm is not the same kidney: with a 5 mm reach the smaller (lower) half is dropped
+    _, sides, _ = _run(right | left, merge_mm=5.0)
+    assert halves[0] > halves[1]
+    assert np.array_equal(sides == P.RIGHT, right & (np.arange(SHAPE[0]) < 21)[:, None, None])
+
+
+def test_horseshoe_kidney_is_cut_at_the_midline():
+    """Two kidneys fused at their lower poles by an isthmus across the midline: one component, two sides."""
+    right, left = _kidney(P.RIGHT), _kidney(P.LEFT)
+    isthmus = np.zeros(SHAPE, bool)
+    isthmus[28:32, BODY_ROW + 8:BODY_ROW + 20, BODY_COL - 35:BODY_COL + 35] = True
+    kidneys = right | left | isthmus
+    assert P.split_sides(kidneys, GEOMETRY.internal_affine, 0.0).max() > 0  # (one 26-connected component:)
+    import cc3d
+
+    assert cc3d.connected_components(kidneys.astype(np.uint8), connectivity=26).max() == 1
+    cols = np.arange(SHAPE[2])[None, None, :]
+    want_right, want_left = kidneys & (cols < BODY_COL), kidneys & (cols >= BODY_COL)
+    _, sides, stats = _run(kidneys)
+    assert np.array_equal(sides == P.RIGHT, want_right) and np.array_equal(sides == P.LEFT, want_left)
+    assert stats["right"]["volume_ml"] == pytest.approx(want_right.sum() * ML)
+    assert stats["left"]["volume_ml"] == pytest.approx(want_left.sum() * ML)
+    # a kidney merely touching the midline is not cut: it goes whole to its centroid's side
+    nudged = _kidney(P.RIGHT, semi_mm=(55.0, 22.0, 66.0))  # reaches 1 mm past the midline
+    assert (nudged & (cols >= BODY_COL)).any()
+    _, sides, _ = _run(nudged)
+    assert np.array_equal(sides == P.RIGHT, nudged)
+
+
+def test_closing_then_sides():
+    """--closing fills a hole before the pieces are judged; a closed mask never loses a voxel."""
+    right, left = _kidney(P.RIGHT), _kidney(P.LEFT)
+    holed = right.copy()
+    hole = (slice(19, 22), slice(BODY_ROW + 14, BODY_ROW + 16), slice(BODY_COL - 40, BODY_COL - 25))
+    holed[hole] = False  # a 4 mm gap inside the kidney
+    out, _, _ = _run(holed | left, closing=4.0)
+    assert (out >= (holed | left)).all() and out[hole].all()
+    assert not _run(holed | left)[0][hole].any()
+    with pytest.raises(ValueError, match="mm or voxels"):
+        P.kidney_sides(right, _ct(), GEOMETRY, _options(closing=1.0, closing_unit="inch"))
+
+
+def test_empty_mask_has_no_kidneys():
+    out, sides, stats = _run(np.zeros(SHAPE, bool))
+    assert not out.any() and not sides.any()
+    assert not stats["right"]["present"] and not stats["left"]["present"]
+    assert describe_sides(stats) == "right absent, left absent"

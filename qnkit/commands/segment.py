@@ -31,7 +31,13 @@ def command(
                                                                          "backend (default: all cores)."),
     split_sides: bool = typer.Option(False, "--split-sides", help="Write 1 = right, 2 = left kidney (else 1 = kidney)."),
     no_postprocess: bool = typer.Option(False, "--no-postprocess", help="Skip the 3-D post-processing (closing, "
-                                                                        "two largest components)."),
+                                                                        "one kidney per side); sides are still labelled."),
+    min_kidney_ml: Optional[float] = typer.Option(None, "--min-kidney-ml", min=0.0, show_default=False,
+                                                  help="A side whose largest piece is smaller is reported absent "
+                                                       "(mL; default 10)."),
+    merge_mm: Optional[float] = typer.Option(None, "--merge-mm", min=0.0, show_default=False,
+                                             help="Pieces this close (mm) to a side's kidney are part of it "
+                                                  "(default 15)."),
     closing: Optional[str] = typer.Option(None, "--closing", metavar="R",
                                           help="Binary closing with a ball of radius R before keeping the "
                                                "largest components: 2mm (a bare number is mm) or 1vox."),
@@ -52,7 +58,9 @@ def command(
         raise QnkitInputError("--closing is part of the post-processing; it cannot be used with --no-postprocess")
     radius, unit = S.parse_closing(closing)
     options = S.SegmentOptions(batch_size=batch_size, postprocess=not no_postprocess, closing=radius,
-                               closing_unit=unit, split_sides=split_sides)
+                               closing_unit=unit, split_sides=split_sides,
+                               **{k: v for k, v in (("min_kidney_ml", min_kidney_ml), ("merge_mm", merge_mm))
+                                  if v is not None})
     cases, batch = S.resolve_inputs(inputs)
 
     from qnkit.backends import open_backend
@@ -139,6 +147,7 @@ def run_cases(cases, plan, engine, bundle, options, *, force: bool, progress: bo
     from qnkit import segment as S
     from qnkit.errors import QnkitInputError
     from qnkit.preview import render_preview
+    from qnkit.report import describe_sides
 
     results, failures = [], []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -159,8 +168,7 @@ def run_cases(cases, plan, engine, bundle, options, *, force: bool, progress: bo
                 if case.name in plan["previews"]:
                     try:
                         png = render_preview(result.ct, result.sides, result.spacing, window=bundle.hu_window,
-                                             title=f"{case.name}: right {result.stats['right']['volume_ml']:.1f} "
-                                                   f"mL, left {result.stats['left']['volume_ml']:.1f} mL")
+                                             title=f"{case.name}: {describe_sides(result.stats)}")
                         from qnkit._atomic import write_bytes_atomic
 
                         write_bytes_atomic(plan["previews"][case.name], png)
@@ -190,13 +198,13 @@ def summarize(results, failures, engine, plan, bundle, *, console) -> None:
 
     from qnkit import __version__ as version
     from qnkit._atomic import write_text_atomic
+    from qnkit.report import describe_sides
 
     desc = engine.describe() if engine is not None else {"name": "none", "precision": "-", "device": "-",
                                                           "batch_size": 0}
     for r in results:
         j = r.to_json()
-        console.print(f"{r.name}: right {r.stats['right']['volume_ml']:.1f} mL, left "
-                      f"{r.stats['left']['volume_ml']:.1f} mL; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
+        console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
                       f"({j['slices_per_s']} slices/s) -> {r.output}", markup=False)
     console.print(f"backend {desc['name']} ({desc['precision']}, {desc['device']}, batch {desc['batch_size']}); "
                   f"{len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else ""),
