@@ -10,7 +10,6 @@ the next.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from qnkit import kernels
+from qnkit.cpus import available_cpus
 from qnkit.benchmarks import reference
 from qnkit.benchmarks.timing import measure, measure_interleaved
 
@@ -96,7 +96,7 @@ def run(shape=(100, 512, 512), thread_counts=None, repeats: int = 5, numpy_repea
     """Time every kernel at each thread count; one row per (kernel, threads)."""
     ct, labels, prob = bench_volume(shape)
     cases = kernel_cases(ct, labels, prob)
-    thread_counts = thread_counts or sorted({1, os.cpu_count() or 1})
+    thread_counts = thread_counts or sorted({1, available_cpus()})
     numpy_times = {}
     rows = []
     before = kernels.get_num_threads()

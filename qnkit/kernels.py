@@ -3,7 +3,7 @@
 Each function checks dtype, shape and layout, makes C-contiguous what must be, allocates the output
 (or checks the one given as `out`, to reuse a buffer across calls) and calls a private kernel from
 csrc/ that runs without the GIL (OpenMP over slices).
-Threads: `set_num_threads` (default: QNKIT_NUM_THREADS or all cores).
+Threads: `set_num_threads` (default: :func:`qnkit.cpus.default_threads`, the rule the backends share).
 """
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import types
 
 import numpy as np
 
+from qnkit.cpus import default_threads
+
 IMAGE_DTYPES = (np.int16, np.int32, np.uint16, np.float32)
 LABEL_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64)
 PRED_DTYPES = (np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64)
 TARGET_DTYPES = (np.uint8, np.int16, np.int32, np.int64)
 PROB_DTYPES = (np.uint8, np.float32)
 
-_num_threads = int(os.environ.get("QNKIT_NUM_THREADS", "0")) or (os.cpu_count() or 1)
+_num_threads = default_threads()
 
 
 # CPU features each optional build needs: /proc/cpuinfo flag names and NumPy's names for them.

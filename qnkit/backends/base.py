@@ -91,12 +91,3 @@ def check_precision(precision: str, allowed: tuple[str, ...], kind: str) -> str:
         raise QnkitInputError(f"the {kind} backend supports precision {' | '.join(allowed)}, not {precision!r}")
     return precision
 
-
-def default_threads() -> int:
-    """Intra-op threads: QNKIT_NUM_THREADS if set, else every CPU core."""
-    import os
-
-    env = os.environ.get("QNKIT_NUM_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

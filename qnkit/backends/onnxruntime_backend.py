@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qnkit.backends.base import Backend, check_precision, default_threads
+from qnkit.backends.base import Backend, check_precision
+from qnkit.cpus import default_threads
 from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle
 from qnkit.errors import QnkitInputError
 

@@ -11,7 +11,8 @@ import contextlib
 
 import numpy as np
 
-from qnkit.backends.base import Backend, check_precision, default_threads
+from qnkit.backends.base import Backend, check_precision
+from qnkit.cpus import default_threads
 from qnkit.bundle import WEIGHTS, Bundle
 from qnkit.errors import QnkitInputError
 

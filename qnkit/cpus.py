@@ -1,0 +1,74 @@
+"""How many CPU threads qnkit uses: the one rule shared by the compiled kernels, the inference
+backends and training.
+
+``QNKIT_NUM_THREADS`` when it is a positive integer; otherwise the CPUs this process may really use:
+the CPUs in its affinity mask (``taskset``, ``numactl``, Slurm), capped by a cgroup CPU quota
+(containers: ``docker --cpus``, Kubernetes limits), never less than 1. An unusable
+``QNKIT_NUM_THREADS`` (``abc``, ``0``, ``-2``) is reported once on stderr and ignored: a setting
+read at import must never stop every command from starting.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from pathlib import Path
+
+ENV = "QNKIT_NUM_THREADS"
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_limit(root: Path = _CGROUP_ROOT) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max" and float(period) > 0:
+            return float(quota) / float(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = float((folder / "cpu.cfs_quota_us").read_text())
+            period = float((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup quota (rounded up), at least 1."""
+    cpus = _affinity_cpus()
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(value: str) -> None:
+    print(f"qnkit: warning: {ENV}={value!r} is not a positive integer; using {available_cpus()} threads",
+          file=sys.stderr)
+
+
+def default_threads() -> int:
+    """Threads to use when none were asked for: ``QNKIT_NUM_THREADS`` if valid, else :func:`available_cpus`."""
+    value = os.environ.get(ENV, "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n > 0:
+            return n
+        _warn_once(value)
+    return available_cpus()
