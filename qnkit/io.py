@@ -129,6 +129,12 @@ class Geometry:
         return tuple(float(s) for s in np.linalg.norm(self.internal_affine[:3, :3], axis=0))
 
     @property
+    def orientation_guessed(self) -> bool:
+        """True when the header's qform and sform codes are both 0 ('unknown'): the affine is then
+        nibabel's guess from the voxel sizes alone, so left/right and up/down may be wrong."""
+        return int(self.header["qform_code"]) == 0 and int(self.header["sform_code"]) == 0
+
+    @property
     def voxel_volume_ml(self) -> float:
         """Volume of one voxel in millilitres (exact for oblique/sheared affines)."""
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
@@ -181,6 +187,11 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     else:
         data = _image_int(_as_native(_read(path, lambda: np.asanyarray(proxy))))
     return to_internal(data.reshape(geometry.shape), geometry), geometry
+
+
+def load_geometry(path: str | os.PathLike) -> Geometry:
+    """The Geometry of a NIfTI file from its header (voxel data are not read)."""
+    return _open(path)[1]
 
 
 def load_labels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:

@@ -62,3 +62,31 @@ def trained_run(synth_dataset, tmp_path_factory) -> Path:
     proc = _run_qnkit("evaluate", run, "--json", run.parent / "evaluation.json")
     assert proc.returncode == 0, proc.stderr
     return run
+
+
+def write_resampled_case(case_dir: Path, out_root: Path, size: int) -> Path:
+    """Copy of a KiTS-layout case resampled in-plane to size x size over the same field of view
+    (image bilinear, labels by kidney fraction >= 0.5), written in the internal layout with the matching
+    affine. Returns the new case folder (same name, under `out_root`)."""
+    import nibabel as nib
+    import numpy as np
+
+    from qnkit import io as qio
+    from qnkit import resample
+
+    ct, geometry = qio.load_image(next(case_dir.glob("imaging.nii*")))
+    labels, _ = qio.load_labels(next(case_dir.glob("segmentation.nii*")))
+    z, h, w = ct.shape
+    image = np.round(resample.probabilities_to_grid(ct.astype(np.float32), (size, size))).astype(np.int16)
+    cover = [resample.probabilities_to_grid((labels == k).astype(np.float32), (size, size)) for k in (1, 2)]
+    seg = np.where(cover[0] + cover[1] >= 0.5, np.where(cover[1] > cover[0], 2, 1), 0).astype(np.uint8)
+    affine = geometry.internal_affine.copy()
+    for axis, (old, new) in ((1, (h, size)), (2, (w, size))):
+        f = old / new  # old pixels per new pixel; new pixel centre i sits at old index (i + 0.5) * f - 0.5
+        affine[:3, 3] += affine[:3, axis] * (0.5 * f - 0.5)
+        affine[:3, axis] *= f
+    folder = Path(out_root) / case_dir.name
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), folder / "imaging.nii.gz")
+    nib.save(nib.Nifti1Image(seg, affine), folder / "segmentation.nii.gz")
+    return folder

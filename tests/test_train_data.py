@@ -166,3 +166,95 @@ def test_preprocess_case_soft_target_is_the_kidney_fraction_of_each_block(tmp_pa
     np.testing.assert_array_equal(arrays["coverage"], fraction.astype(np.float32))
     np.testing.assert_array_equal(arrays["labels"], (fraction >= 0.5).astype(np.uint8))
     assert folder.is_dir()
+
+
+def test_pixel_spacing_auto_is_twice_the_median_header_spacing(synth_dataset):
+    cases = D.discover_cases(synth_dataset)
+    spacings = [s[1] for s in D.case_spacings(cases)]
+    assert D.resolve_pixel_spacing("auto", cases) == round(2 * float(np.median(spacings)), 2)
+    assert D.resolve_pixel_spacing(" 1.25 ", cases) == 1.25
+    with pytest.raises(QnkitInputError):
+        D.resolve_pixel_spacing("auto", [])
+
+
+def test_factor_two_preprocessing_is_the_kernels_bit_for_bit(tmp_path):
+    from qnkit import io as qio
+    from qnkit import kernels
+    from qnkit.synth import make_case, write_case
+
+    write_case(make_case(1, size=64, seed=2), tmp_path)
+    (case,) = D.discover_cases(tmp_path)
+    spacing = qio.load_geometry(case.image).spacing[1]
+    params = D.PreprocessParams(-200.0, 400.0, 2, 2.0, round(2 * spacing, 2))  # rounded: still a 2:1 grid
+    arrays, stats = D.preprocess_case(case, params)
+    legacy, _ = D.preprocess_case(case, D.PreprocessParams(-200.0, 400.0, 2, 2.0))
+    ct, _ = qio.load_image(case.image)
+    start, stop = stats["slice_range"]
+    np.testing.assert_array_equal(arrays["image"], kernels.downsample_image(ct[start:stop], -200.0, 400.0))
+    for name in D.ARRAYS:
+        np.testing.assert_array_equal(arrays[name], legacy[name])
+    assert stats["model_shape"] == [stop - start, 32, 32] and stats["spacing_mm"][1] == pytest.approx(spacing)
+
+
+def test_cases_at_different_pixel_sizes_reach_the_model_at_one_spacing(synth_dataset, tmp_path):
+    from conftest import write_resampled_case
+
+    src = synth_dataset / "case_00001"
+    write_resampled_case(src, tmp_path / "fine", 96)
+    (coarse,) = D.discover_cases(_copy_cases(synth_dataset, tmp_path / "coarse", ["case_00001"]))
+    (fine,) = D.discover_cases(tmp_path / "fine")
+    params = D.PreprocessParams(-200.0, 400.0, 2, 2.0, D.resolve_pixel_spacing("auto", [coarse]))
+    a, sa = D.preprocess_case(coarse, params)  # 64 px -> 32 px: the 2x2 kernel
+    b, sb = D.preprocess_case(fine, params)  # 96 px -> 32 px: area weights over 3x3 pixels
+    assert sa["model_shape"] == sb["model_shape"] and sa["slice_range"] == sb["slice_range"]
+    assert np.abs(a["image"] - b["image"]).mean() < 0.02
+    inter = np.logical_and(a["labels"], b["labels"]).sum()
+    assert 2 * inter / (a["labels"].sum() + b["labels"].sum()) > 0.9
+    assert a["coverage"].sum() == pytest.approx(b["coverage"].sum(), rel=0.05)
+    other = D.PreprocessParams(-200.0, 400.0, 2, 2.0, params.pixel_spacing_mm * 1.5)
+    assert other.key() != params.key()  # the spacing is part of the cache key
+    c, _ = D.preprocess_case(fine, other)
+    assert c["image"].shape[1:] == (21, 21)
+
+
+def test_model_domain_records_spacing_thickness_window_size_and_source(synth_dataset, tmp_path):
+    import json
+
+    cases = D.discover_cases(synth_dataset)[:3]
+    params = D.PreprocessParams(-200.0, 400.0, 2, 2.0, D.resolve_pixel_spacing("auto", cases))
+    entries = D.build_cache(cases, params, tmp_path / "cache")
+    domain = D.model_domain(params, [entries[c.case_id] for c in cases], cases, 16)
+    thickness = [s[0] for s in D.case_spacings(cases)]
+    assert domain["pixel_spacing_mm"] == params.pixel_spacing_mm
+    assert domain["slice_thickness_mm"] == pytest.approx([min(thickness), max(thickness)])
+    grids = [entries[c.case_id].stats["model_shape"][1:] for c in cases]
+    assert domain["input_size"] == [-(-max(g[i] for g in grids) // 16) * 16 for i in (0, 1)]
+    assert domain["hu_window"] == [-200.0, 400.0] and domain["input_size"][0] >= 32
+    assert domain["training_data"] == {"source": "synthetic", "generator": None, "cases": 3}
+    # kits.json "qnkit_synth" records are passed through; real KiTS19 records are recognised.
+    data = _copy_cases(synth_dataset, tmp_path / "d", ["case_00000", "case_00001"])
+    recipe = {"recipe": "anatomy-v1", "seed": 7}
+    (data / "kits.json").write_text(json.dumps([{"case_id": f"case_0000{i}", "radiographic_size": 1.0,
+                                                 "qnkit_synth": recipe} for i in (0, 1)]))
+    assert D.training_data_record(D.discover_cases(data))["generator"] == recipe
+    (data / "kits.json").write_text(json.dumps([{"case_id": f"case_0000{i}", "radiographic_size": 1.0,
+                                                 "tumor_histologic_subtype": "clear_cell_rcc"} for i in (0, 1)]))
+    assert D.training_data_record(D.discover_cases(data)) == {"source": "kits19", "cases": 2}
+    (data / "kits.json").unlink()  # no kits.json: the NIfTI descrip says qnkit synth
+    assert D.training_data_record(D.discover_cases(data))["source"] == "synthetic"
+
+
+def test_training_slices_of_different_grids_pad_to_one_shape(tmp_path):
+    entries = []
+    for v, (h, w) in enumerate([(30, 34), (33, 20), (30, 34)]):
+        folder = tmp_path / f"v{v}"
+        folder.mkdir()
+        for name, value in (("image", 0.5), ("coverage", 1.0), ("weights", 1.0)):
+            np.save(folder / f"{name}.npy", np.full((2, h, w), value, np.float32))
+        entries.append(D.CacheEntry(f"v{v}", folder, 2, 0, 0, stats={"model_shape": [2, h, w]}))
+    assert D.training_pad_multiple(entries[:1], 16) == 16
+    multiple = D.training_pad_multiple(entries, 16)
+    assert multiple == 48
+    ds = SliceDataset(entries, pad_multiple=multiple)
+    assert {ds[i][0].shape for i in range(len(ds))} == {(1, 48, 48)}
+    assert float(ds[2][2][0, 33:].sum()) == 0.0  # padding carries no loss weight

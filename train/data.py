@@ -4,10 +4,13 @@ Order of operations (so that the test set is never touched by training):
 1. `discover_cases` lists `case_XXXXX/{imaging,segmentation}.nii[.gz]` and reads `kits.json`.
 2. `split_test` draws the 80:20 test split from all cases with a seeded RNG; the names go to
    RUN_DIR/evaluation_data.json and training never opens those files.
-3. `build_cache` preprocesses the remaining cases once with the compiled kernels (downsample image
-   and labels, kidney fraction per 2x2 block (soft target), crop to the kidney slice range, border
-   weights) into `.npy` files, recording tumor and
-   kidney voxel counts on the way.
+3. `resolve_pixel_spacing` fixes the model's in-plane pixel spacing in mm ([DATA] pixel_spacing_mm:
+   a number, or `auto` = 2 x the median pixel spacing of the training-pool headers), and
+   `build_cache` preprocesses the remaining cases once (crop to the kidney slice range, image and
+   kidney fraction resampled in-plane to that spacing by :mod:`qnkit.resample` -- the compiled 2x2
+   kernels when a case is exactly 2:1 --, binary labels = fraction >= 0.5, border weights) into
+   `.npy` files, recording tumor and kidney voxel counts on the way. Cases with different pixel
+   sizes thus all reach the model at one spacing.
 4. `apply_filter` drops cases whose tumor distorts the kidney (kits.json radiographic size and/or
    tumor/kidney voxel ratio) and records why; `split_train_val` draws 80:20 from the rest.
 
@@ -31,7 +34,7 @@ from qnkit import kernels
 from qnkit._atomic import atomic_path, write_text_atomic
 from qnkit.errors import QnkitInputError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CASE_RE = re.compile(r"^case_\d{5}$")
 ARRAYS = ("image", "labels", "coverage", "weights")
 
@@ -42,6 +45,7 @@ class Case:
     image: Path
     labels: Path
     radiographic_size_cm: float | None = None
+    kits: dict = field(default_factory=dict)  # the case's kits.json record ({} without one)
 
 
 @dataclass
@@ -50,10 +54,13 @@ class PreprocessParams:
     hu_hi: float
     slice_margin: int
     omega0: float
+    # The model's in-plane pixel spacing (mm); None: half the resolution of each case (2x its own spacing).
+    pixel_spacing_mm: float | None = None
 
     @classmethod
-    def from_settings(cls, data) -> "PreprocessParams":
-        return cls(float(data.hu_lo), float(data.hu_hi), int(data.slice_margin), float(data.omega0))
+    def from_settings(cls, data, pixel_spacing_mm: float | None = None) -> "PreprocessParams":
+        return cls(float(data.hu_lo), float(data.hu_hi), int(data.slice_margin), float(data.omega0),
+                   None if pixel_spacing_mm is None else float(pixel_spacing_mm))
 
     def key(self) -> str:
         text = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
@@ -69,6 +76,7 @@ class CacheEntry:
     kidney_voxels: int
     tumor_voxels: int
     slice_range: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # the manifest's stats (shape, spacing_mm, model_shape, ...)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.npy"
@@ -86,14 +94,16 @@ def discover_cases(data_dir: str | Path, check_headers: bool = True) -> list[Cas
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise QnkitInputError(f"data folder not found: {data_dir}")
-    sizes = _read_kits_json(data_dir / "kits.json")
+    records = _read_kits_json(data_dir / "kits.json")
     cases, incomplete = [], []
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and CASE_RE.match(p.name)):
         image, labels = _find(folder, "imaging"), _find(folder, "segmentation")
         if image is None or labels is None:
             incomplete.append(folder.name)
             continue
-        cases.append(Case(folder.name, image, labels, sizes.get(folder.name)))
+        record = records.get(folder.name, {})
+        size = record.get("radiographic_size")
+        cases.append(Case(folder.name, image, labels, None if size is None else float(size), record))
     if incomplete:
         raise QnkitInputError(f"{data_dir}: case folder(s) without imaging.nii[.gz] and segmentation.nii[.gz]: "
                               f"{', '.join(incomplete[:5])}{' ...' if len(incomplete) > 5 else ''}")
@@ -126,17 +136,17 @@ def _check_header_shapes(case: Case) -> None:
                               f"({case.image}, {case.labels})")
 
 
-def _read_kits_json(path: Path) -> dict[str, float]:
-    """case_id -> radiographic_size (cm) from an optional kits.json."""
+def _read_kits_json(path: Path) -> dict[str, dict]:
+    """case_id -> its record of an optional kits.json (radiographic_size checked to be a number)."""
     if not path.is_file():
         return {}
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
         out = {}
         for rec in records:
-            size = rec.get("radiographic_size")
-            if size is not None:
-                out[str(rec["case_id"])] = float(size)
+            if rec.get("radiographic_size") is not None:
+                float(rec["radiographic_size"])
+            out[str(rec["case_id"])] = dict(rec)
         return out
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise QnkitInputError(f"{path}: malformed kits.json ({exc})") from None
@@ -214,12 +224,20 @@ def _load_entry(folder: Path, expected: dict) -> CacheEntry | None:
         return None
     s = manifest["stats"]
     return CacheEntry(expected["case_id"], folder, s["num_slices"], s["kidney_voxels"], s["tumor_voxels"],
-                      s["slice_range"])
+                      s["slice_range"], s)
 
 
 def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.ndarray], dict]:
-    """Half-resolution image/labels/weights cropped to the kidney slice range, and label stats."""
+    """Image, labels, kidney fraction and weights on the model's grid, cropped to the kidney slice range,
+    and label stats.
+
+    Image and kidney fraction ("coverage", the soft target) are resampled in-plane to
+    `params.pixel_spacing_mm` by :mod:`qnkit.resample`; binary labels are coverage >= 0.5 and the
+    border weights are computed from them. With `pixel_spacing_mm` None each case goes to half its
+    own resolution (2x its spacing).
+    """
     from qnkit import io as qio
+    from qnkit import resample
 
     labels, lgeom = qio.load_labels(case.labels)
     image, igeom = qio.load_image(case.image)
@@ -235,16 +253,94 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
         raise QnkitInputError(f"{case.labels}: {other} voxel(s) with labels other than 0, 1, 2")
     span = kernels.kidney_slice_range(labels, params.slice_margin)
     start, stop = span if span is not None else (0, labels.shape[0])
-    labels_half = kernels.downsample_labels(np.ascontiguousarray(labels[start:stop]))
-    image_half = kernels.downsample_image(np.ascontiguousarray(image[start:stop]), params.hu_lo, params.hu_hi)
-    weights = kernels.border_weights(labels_half, params.omega0)
-    # Kidney fraction of each 2x2 block: the mean of the 0/1 mask, by the same downsampling kernel.
-    coverage = kernels.downsample_image((labels[start:stop] > 0).astype(np.uint16), 0.0, 1.0)
-    arrays = {"image": image_half, "labels": labels_half, "coverage": coverage, "weights": weights}
+    if params.pixel_spacing_mm is None:
+        spacing_hw, model_mm = (1.0, 1.0), 2.0
+    else:
+        spacing_hw, model_mm = igeom.spacing[1:], params.pixel_spacing_mm
+    # Kidney fraction of each model pixel (tumor counts as kidney); exactly 2:1 it is the 2x2 block mean.
+    coverage = resample.coverage_to_model_grid(labels[start:stop], spacing_hw, model_mm)
+    labels_model = (coverage >= 0.5).view(np.uint8)
+    image_model = resample.to_model_grid(image[start:stop], spacing_hw, model_mm, (params.hu_lo, params.hu_hi))
+    weights = kernels.border_weights(labels_model, params.omega0)
+    arrays = {"image": image_model, "labels": labels_model, "coverage": coverage, "weights": weights}
     stats = {"num_slices": int(stop - start), "kidney_voxels": kidney, "tumor_voxels": tumor,
              "slice_range": [int(start), int(stop)], "shape": list(labels.shape),
-             "half_shape": list(labels_half.shape)}
+             "spacing_mm": [round(float(v), 6) for v in igeom.spacing], "model_shape": list(labels_model.shape)}
     return arrays, stats
+
+
+def case_spacings(cases: list[Case]) -> list[tuple[float, float, float]]:
+    """(slice, row, column) voxel spacing in mm of each case's image, read from its header."""
+    from qnkit import io as qio
+
+    return [qio.load_geometry(case.image).spacing for case in cases]
+
+
+def resolve_pixel_spacing(setting, cases: list[Case]) -> float:
+    """The model's in-plane pixel spacing (mm) from [DATA] pixel_spacing_mm: the number given, or for
+    `auto` 2 x the median in-plane pixel spacing of `cases` (their headers), rounded to 0.01 mm
+    (KiTS19: ~1.6 mm, the report's half-resolution 256x256 input)."""
+    text = str(setting).strip().lower()
+    if text != "auto":
+        return float(text)
+    if not cases:
+        raise QnkitInputError("[DATA] pixel_spacing_mm = auto needs at least one training case")
+    inplane = [(row + col) / 2 for _, row, col in case_spacings(cases)]
+    return max(0.01, round(2 * float(np.median(inplane)), 2))
+
+
+def training_data_record(cases: list[Case]) -> dict:
+    """Where the training cases came from: {"source": "synthetic", "generator": ..., "cases": n} when
+    `qnkit synth` made them (kits.json `synthetic` / `qnkit_synth`, or the NIfTI descrip), else
+    {"source": "kits19" | "other", "cases": n}. `generator` passes the kits.json "qnkit_synth"
+    record through (one dict when all cases share it, else the list of distinct ones; None without)."""
+    def synthetic(case: Case) -> bool:
+        if case.kits:
+            return bool(case.kits.get("synthetic")) or "qnkit_synth" in case.kits
+        import nibabel as nib
+
+        try:
+            return bytes(nib.load(case.image).header["descrip"].item()).startswith(b"qnkit")
+        except Exception:  # noqa: BLE001 - an unreadable header is simply not ours
+            return False
+
+    flags = [synthetic(c) for c in cases]
+    if cases and all(flags):
+        generators = []
+        for case in cases:
+            gen = case.kits.get("qnkit_synth")
+            if gen is not None and gen not in generators:
+                generators.append(gen)
+        generator = generators[0] if len(generators) == 1 else (generators or None)
+        return {"source": "synthetic", "generator": generator, "cases": len(cases)}
+    kits19 = bool(cases) and not any(flags) and all("tumor_histologic_subtype" in c.kits for c in cases)
+    return {"source": "kits19" if kits19 else "other", "cases": len(cases)}
+
+
+def training_pad_multiple(entries: list[CacheEntry], pad_multiple: int) -> int:
+    """Padding multiple that gives every training slice one shape, so that slices of cases with
+    different model grids (other fields of view or pixel sizes) batch together: `pad_multiple` when
+    all grids are equal, else the largest grid side padded to `pad_multiple` (every slice then pads
+    to that square; padded pixels carry loss weight 0)."""
+    grids = {tuple(e.stats["model_shape"][1:]) for e in entries if e.stats.get("model_shape")}
+    if len(grids) <= 1:
+        return int(pad_multiple)
+    side = max(max(g) for g in grids)
+    return -(-side // int(pad_multiple)) * int(pad_multiple)
+
+
+def model_domain(params: PreprocessParams, entries: list[CacheEntry], cases: list[Case], pad_multiple: int) -> dict:
+    """The model's domain for the checkpoint and the bundle: pixel spacing (mm), slice-thickness range
+    of the training cases, HU window, input size (the training slices' grid padded to `pad_multiple`)
+    and the training data's source."""
+    thickness = [e.stats["spacing_mm"][0] for e in entries if e.stats.get("spacing_mm")]
+    grids = [e.stats["model_shape"][1:] for e in entries if e.stats.get("model_shape")]
+    pad = max(1, int(pad_multiple))
+    size = [-(-max(g[i] for g in grids) // pad) * pad for i in (0, 1)] if grids else None
+    return {"pixel_spacing_mm": params.pixel_spacing_mm,
+            "slice_thickness_mm": [min(thickness), max(thickness)] if thickness else None,
+            "hu_window": [params.hu_lo, params.hu_hi], "input_size": size,
+            "training_data": training_data_record(cases)}
 
 
 def _write_entry(folder: Path, case: Case, params: PreprocessParams, expected: dict) -> CacheEntry:
@@ -289,11 +385,11 @@ def cached_entries(cases: list[Case], params: PreprocessParams, cache_root: str 
 
 
 def write_splits(run_dir: Path, *, data_dir: Path, seed: int, test: list[Case], train: list[str],
-                 val: list[str], filtered: list[dict], params: PreprocessParams) -> None:
+                 val: list[str], filtered: list[dict], params: PreprocessParams, domain: dict | None = None) -> None:
     """RUN_DIR/evaluation_data.json (the test split) and RUN_DIR/splits.json (everything)."""
     test_ids = [c.case_id for c in test]
     write_text_atomic(run_dir / "evaluation_data.json", json.dumps(
         {"data_dir": str(Path(data_dir).resolve()), "seed": seed, "test": test_ids}, indent=1))
     write_text_atomic(run_dir / "splits.json", json.dumps(
         {"data_dir": str(Path(data_dir).resolve()), "seed": seed, "train": train, "validation": val,
-         "test": test_ids, "filtered": filtered, "preprocessing": asdict(params)}, indent=1))
+         "test": test_ids, "filtered": filtered, "preprocessing": asdict(params), "domain": domain}, indent=1))

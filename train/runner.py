@@ -159,7 +159,6 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     cfg = network_config(settings)
     start_state = _prepare_run_dir(run_dir, resume, force) if info.is_main else "other-rank"
     dist.init(info, device, settings.common.dist_backend)
-    params = D.PreprocessParams.from_settings(settings.data)
     try:
         if resume:
             try:
@@ -174,11 +173,14 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             train_ids, val_ids = splits["train"], splits["validation"]
             pool = [by_id[i] for i in train_ids + val_ids]
             filtered = splits["filtered"]
+            spacing = (splits.get("preprocessing") or {}).get("pixel_spacing_mm")
         else:
             if data_dir is None:
                 raise QnkitInputError("--data is required")
             cases = D.discover_cases(data_dir)
             pool, test = D.split_test(cases, settings.data.test_fraction, settings.common.seed)
+            spacing = D.resolve_pixel_spacing(settings.data.pixel_spacing_mm, pool)
+        params = D.PreprocessParams.from_settings(settings.data, spacing)
         cache_root = _cache_root(settings, run_dir)
 
         def build():
@@ -194,9 +196,14 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
         if not resume:
             kept, filtered = D.apply_filter(entries, pool, settings.data)
             train_ids, val_ids = D.split_train_val(kept, settings.data.val_fraction, settings.common.seed)
+        by_id = {c.case_id: c for c in pool}
+        used = train_ids + val_ids
+        domain = D.model_domain(params, [entries[i] for i in used], [by_id[i] for i in used],
+                                settings.data.pad_multiple)
+        if not resume:
             if info.is_main:
                 D.write_splits(run_dir, data_dir=Path(data_dir), seed=settings.common.seed, test=test,
-                               train=train_ids, val=val_ids, filtered=filtered, params=params)
+                               train=train_ids, val=val_ids, filtered=filtered, params=params, domain=domain)
                 from qnkit._atomic import write_text_atomic
 
                 write_text_atomic(run_dir / "settings.ini", settings.to_ini())
@@ -208,7 +215,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     if settings.common.deterministic:
         _deterministic(device)
     target = "coverage" if settings.data.soft_targets else "labels"
-    train_ds = SliceDataset([entries[i] for i in train_ids], settings.data.pad_multiple, target)
+    train_entries = [entries[i] for i in train_ids]
+    train_ds = SliceDataset(train_entries, D.training_pad_multiple(train_entries, settings.data.pad_multiple), target)
     val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target)
     if info.is_main and console is not None:
         console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "
@@ -217,8 +225,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     seed_everything(settings.common.seed)
     model = ckpt.build_model(cfg.to_dict())
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
-            "preprocessing": {**dataclasses.asdict(params), "downsample": 2, "pad_multiple": settings.data.pad_multiple,
+            "preprocessing": {**dataclasses.asdict(params), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},
+            "domain": domain,
             "data": {"train": train_ids, "validation": val_ids, "filtered": filtered}}
     last_epoch = None
     if resume:

@@ -47,6 +47,9 @@ class DataSettings:
     val_fraction: float = 0.2
     cache_dir: str = ""  # "" -> RUN_DIR/cache; relative paths are under RUN_DIR
     pad_multiple: int = 16
+    # The model's in-plane pixel spacing in mm (every case is resampled to it), or "auto":
+    # 2 x the median pixel spacing of the training-pool cases (KiTS19: ~1.6 mm, i.e. 512 -> 256 px).
+    pixel_spacing_mm: str = "auto"
     # Train on the kidney fraction of each 2x2 block (0, .25, .5, .75, 1) instead of the binary
     # half-resolution mask: the bilinear upsampling at inference then puts the border where the
     # full-resolution one is, and kidney volumes lose the binary rule's outward bias.
@@ -158,6 +161,7 @@ class Settings:
             ("DATA", "test_fraction", 0 <= d.test_fraction < 1, "must be in [0, 1)"),
             ("DATA", "val_fraction", 0 < d.val_fraction < 1, "must be in (0, 1)"),
             ("DATA", "pad_multiple", d.pad_multiple >= 1, "must be >= 1"),
+            ("DATA", "pixel_spacing_mm", _auto_or_positive(d.pixel_spacing_mm), "must be auto or a number > 0 (mm)"),
             ("NETWORK", "num_channels", n.num_channels == 1, "must be 1 (CT has one channel)"),
             ("NETWORK", "num_filters", n.num_filters >= 1, "must be >= 1"),
             ("NETWORK", "num_class", n.num_class == 1, "must be 1 (kidney vs background, sigmoid output)"),
@@ -185,6 +189,18 @@ class Settings:
                 raise QnkitInputError(f"{source}: [{section}] {key} = {value!r} {message}")
         if t.alpha == 0 and t.beta == 0:
             raise QnkitInputError(f"{source}: [TRAINING] alpha and beta are both 0 (no loss)")
+
+
+def _auto_or_positive(text) -> bool:
+    """`auto`, or a finite number > 0."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return True
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return 0 < value < float("inf")
 
 
 def _parse(value, kind):
