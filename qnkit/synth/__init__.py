@@ -13,8 +13,9 @@ Two generators write the same layout (``case_XXXXX/imaging.nii.gz`` int16 HU,
 """
 from __future__ import annotations
 
-from .classic import (SLICE_THICKNESSES, SynthCase, make_case, max_slices, resample_labels,
-                      tumor_diameter_cm, write_case, write_dataset)
+from .case import make_anatomy_case
+from .classic import SLICE_THICKNESSES, SynthCase, make_case, max_slices, resample_labels, tumor_diameter_cm
+from .writer import GENERATORS, write_case, write_dataset
 
-__all__ = ["SLICE_THICKNESSES", "SynthCase", "make_case", "max_slices", "resample_labels", "tumor_diameter_cm",
+__all__ = ["GENERATORS", "SLICE_THICKNESSES", "SynthCase", "make_anatomy_case", "make_case", "max_slices", "resample_labels", "tumor_diameter_cm",
            "write_case", "write_dataset"]

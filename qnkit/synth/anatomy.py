@@ -1,0 +1,324 @@
+"""A new body per case: the atlas deformed, and real KiTS19 kidneys put where its kidneys were.
+
+:func:`make_anatomy` draws an output grid (pixel spacing, slice thickness, field of view, slab
+around the kidneys), a random smooth deformation of the atlas (body size and shape, organ
+positions), samples the atlas's tissue labels through it, then swaps each atlas kidney for a
+real kidney (with its tumor, if any) taken from a KiTS19 label map, centred where the atlas
+kidney lay. One kidney may be left out (a nephrectomy or a solitary kidney) and cysts may be
+added. The result is a tissue-label volume and a KiTS label volume (0, 1 kidney, 2 tumor) on
+the output grid, in qnkit's internal layout (slices superior->inferior, rows anterior->posterior,
+columns patient right->left).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from qnkit.errors import QnkitInputError
+
+from .atlas import LABEL, load_atlas
+
+KITS_SEGMENTATION = "segmentation.nii.gz"
+
+
+@dataclass
+class Anatomy:
+    """Tissue labels and KiTS labels on one output grid, and how it was drawn."""
+
+    tissue: np.ndarray  # uint8 (Z, H, W), atlas.TISSUES
+    labels: np.ndarray  # uint8 (Z, H, W): 0, 1 kidney, 2 tumor
+    affine: np.ndarray  # internal layout voxel -> world mm (RAS)
+    spacing: tuple  # (slice mm, row mm, col mm)
+    meta: dict = field(default_factory=dict)
+
+
+def output_affine(spacing: tuple, origin: np.ndarray) -> np.ndarray:
+    """KiTS-style affine: axis 0 -> -z (inferior), axis 1 -> -y (posterior), axis 2 -> -x (patient left)."""
+    t, p, q = spacing
+    aff = np.array([[0, 0, -q, 0], [0, -p, 0, 0], [-t, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    aff[:3, 3] = origin
+    return aff
+
+
+def _grid_world(shape: tuple, affine: np.ndarray, step: tuple) -> tuple[np.ndarray, tuple]:
+    """World coordinates (3, z, h, w) of a coarse lattice over an output grid (every `step` voxels)."""
+    axes = [np.arange(0, n + s, s, dtype=np.float64)[: (n + s - 1) // s + 1] for n, s in zip(shape, step)]
+    axes = [np.minimum(a, n - 1) for a, n in zip(axes, shape)]
+    kk, ii, jj = np.meshgrid(*axes, indexing="ij")
+    vox = np.stack([kk, ii, jj, np.ones_like(kk)])
+    world = np.tensordot(affine, vox, axes=1)[:3]
+    return world, tuple(len(a) for a in axes)
+
+
+def _smooth_displacement(rng: np.random.Generator, coarse_shape: tuple, amplitude_mm: float,
+                         smooth_px: float) -> np.ndarray:
+    """(3, *coarse_shape) smooth random displacement in mm, std about `amplitude_mm`."""
+    field_ = rng.standard_normal((3, *coarse_shape))
+    for c in range(3):
+        field_[c] = ndi.gaussian_filter(field_[c], smooth_px, mode="nearest")
+        std = field_[c].std()
+        if std > 0:
+            field_[c] *= amplitude_mm / std
+    field_[0] *= 0.5  # less superior-inferior displacement than in-plane
+    return field_
+
+
+def _upsample_coords(coarse: np.ndarray, shape: tuple, step: tuple) -> np.ndarray:
+    """Linear interpolation of a coarse (3, ...) coordinate lattice back to the full grid, float32."""
+    out = np.empty((3, *shape), dtype=np.float32)
+    grids = np.meshgrid(*[np.minimum(np.arange(n) / s, c - 1) for n, s, c in zip(shape, step, coarse.shape[1:])],
+                        indexing="ij", sparse=True)
+    for c in range(3):
+        out[c] = ndi.map_coordinates(coarse[c], np.broadcast_arrays(*grids), order=1, mode="nearest")
+    return out
+
+
+# --------------------------------------------------------------------------- KiTS kidneys
+
+
+@dataclass
+class KitsKidney:
+    """One real kidney (with its tumor) cut out of a KiTS19 label map."""
+
+    labels: np.ndarray  # uint8 crop, 0/1/2
+    affine: np.ndarray  # crop voxel -> world mm
+    centroid: np.ndarray  # world mm
+    side: str
+    case_id: str
+
+
+def _kits_cases(labels_from: Path) -> list[Path]:
+    found = sorted(p for p in Path(labels_from).glob(f"case_*/{KITS_SEGMENTATION}") if p.is_file())
+    if not found:
+        raise QnkitInputError(f"--labels-from {labels_from}: no case_*/{KITS_SEGMENTATION} files")
+    return found
+
+
+@lru_cache(maxsize=8)
+def kits_kidneys(path: str) -> tuple[KitsKidney, ...]:
+    """The kidneys of one KiTS19 segmentation, split into right and left by their world x (RAS: +x = right).
+
+    Two groups more than 60 mm apart are two kidneys; otherwise the case has one kidney, whose side
+    is that of its centre relative to the case's column centre.
+    """
+    import nibabel as nib
+
+    img = nib.load(path)
+    seg = np.asarray(img.dataobj)
+    while seg.ndim > 3 and seg.shape[-1] == 1:
+        seg = seg[..., 0]
+    seg = seg.astype(np.uint8)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    fg = np.argwhere(seg > 0)
+    if len(fg) == 0:
+        return ()
+    world = fg @ affine[:3, :3].T + affine[:3, 3]
+    x = world[:, 0]
+    order = np.sort(x)
+    # Otsu split of the x coordinates (subsampled for speed).
+    sample = order[:: max(1, len(order) // 4000)]
+    best, split = -1.0, None
+    for s in np.quantile(sample, np.linspace(0.1, 0.9, 33)):
+        a, b = sample[sample <= s], sample[sample > s]
+        if len(a) and len(b):
+            var = len(a) * len(b) * (a.mean() - b.mean()) ** 2
+            if var > best:
+                best, split = var, s
+    groups = []
+    if split is not None and x[x > split].mean() - x[x <= split].mean() > 60:
+        groups = [("right", x > split), ("left", x <= split)]
+    else:
+        centre_x = (affine @ np.array([*(np.array(seg.shape) - 1) / 2, 1.0]))[0]
+        groups = [("right" if x.mean() > centre_x else "left", np.ones(len(x), dtype=bool))]
+    out = []
+    for side, sel in groups:
+        idx = fg[sel]
+        lo = np.maximum(idx.min(axis=0) - 2, 0)
+        hi = np.minimum(idx.max(axis=0) + 3, seg.shape)
+        crop = np.zeros(tuple(hi - lo), dtype=np.uint8)
+        rel = idx - lo
+        crop[rel[:, 0], rel[:, 1], rel[:, 2]] = seg[idx[:, 0], idx[:, 1], idx[:, 2]]
+        caff = affine.copy()
+        caff[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+        out.append(KitsKidney(crop, caff, world[sel].mean(axis=0), side, Path(path).parent.name))
+    return tuple(out)
+
+
+def _kits_sizes(labels_from: Path) -> dict:
+    path = Path(labels_from) / "kits.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(r.get("case_id")): r.get("radiographic_size") for r in records if isinstance(r, dict)}
+
+
+def _place_kidney(rng: np.random.Generator, kidney: KitsKidney, target: np.ndarray, labels: np.ndarray,
+                  affine: np.ndarray) -> np.ndarray:
+    """Paint `kidney` into `labels` (output grid) with its centroid at world `target`; returns its mask."""
+    angle = np.deg2rad(rng.uniform(-12, 12, size=3))
+    rot = _rotation(*angle) * rng.uniform(0.9, 1.12)  # output world offset -> source world offset
+    inv_src = np.linalg.inv(kidney.affine)
+    # Bounding box of the kidney in output voxels (corners of its crop, mapped forwards).
+    corners = np.array([[a, b, c] for a in (0, kidney.labels.shape[0]) for b in (0, kidney.labels.shape[1])
+                        for c in (0, kidney.labels.shape[2])], dtype=np.float64)
+    cw = corners @ kidney.affine[:3, :3].T + kidney.affine[:3, 3] - kidney.centroid
+    cw = cw @ np.linalg.inv(rot).T + target
+    inv_out = np.linalg.inv(affine)
+    cv = cw @ inv_out[:3, :3].T + inv_out[:3, 3]
+    lo = np.maximum(np.floor(cv.min(axis=0)).astype(int) - 2, 0)
+    hi = np.minimum(np.ceil(cv.max(axis=0)).astype(int) + 3, labels.shape)
+    if np.any(hi <= lo):
+        return np.zeros(labels.shape, dtype=bool)
+    kk, ii, jj = np.meshgrid(*[np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi)], indexing="ij")
+    vox = np.stack([kk, ii, jj], axis=-1)
+    world = vox @ affine[:3, :3].T + affine[:3, 3]
+    src_world = (world - target) @ rot.T + kidney.centroid
+    src_vox = src_world @ inv_src[:3, :3].T + inv_src[:3, 3]
+    patch = ndi.map_coordinates(kidney.labels, np.moveaxis(src_vox, -1, 0), order=0, mode="constant", cval=0)
+    patch = patch.astype(np.uint8)
+    region = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    region[patch > 0] = patch[patch > 0]
+    mask = np.zeros(labels.shape, dtype=bool)
+    mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = patch > 0
+    return mask
+
+
+def _rotation(a: float, b: float, c: float) -> np.ndarray:
+    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _add_cysts(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarray, spacing: tuple) -> int:
+    """Simple renal cysts (spheres bulging from the kidney), labelled kidney as in KiTS19; returns how many."""
+    kid = np.argwhere(labels == 1)
+    if len(kid) == 0:
+        return 0
+    n = int(rng.integers(1, 4))
+    sp = np.asarray(spacing)
+    for _ in range(n):
+        c = kid[rng.integers(len(kid))]
+        r = rng.uniform(5, 18)
+        half = np.ceil(r / sp).astype(int)
+        lo, hi = np.maximum(c - half, 0), np.minimum(c + half + 1, labels.shape)
+        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        ball = ((zz - c[0]) * sp[0]) ** 2 + ((yy - c[1]) * sp[1]) ** 2 + ((xx - c[2]) * sp[2]) ** 2 <= r * r
+        sub_l = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sub_t = tissue[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sub_l[ball & (sub_l == 0)] = 1
+        sub_t[ball] = LABEL["kidney_cyst"]
+    return n
+
+
+# --------------------------------------------------------------------------- the case
+
+
+THICKNESSES = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+THICKNESS_P = (0.1, 0.15, 0.15, 0.25, 0.15, 0.2)
+
+
+def draw_grid(rng: np.random.Generator, pixel_range: tuple[float, float]) -> tuple[float, float]:
+    """(in-plane pixel mm, slice thickness mm): pixel size log-uniform in `pixel_range`."""
+    lo, hi = pixel_range
+    pixel = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    thickness = float(rng.choice(THICKNESSES, p=THICKNESS_P))
+    return pixel, thickness
+
+
+def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: float, labels_from: Path | None,
+                 max_size: int = 512) -> Anatomy:
+    """Draw one body: deformed atlas tissues plus real (or atlas) kidneys on a fresh output grid."""
+    atlas, atlas_aff = load_atlas()
+    inv_atlas = np.linalg.inv(atlas_aff)
+    kid_vox = np.argwhere((atlas == LABEL["kidney_right"]) | (atlas == LABEL["kidney_left"]))
+    centre = (atlas_aff @ np.array([*kid_vox.mean(axis=0), 1.0]))[:3]  # between the kidneys (world)
+
+    # Body size and shape: output offset -> atlas offset = A @ offset; A scales by 1/size.
+    size = np.array([rng.uniform(0.82, 1.22), rng.uniform(0.8, 1.25), rng.uniform(0.88, 1.12)])  # x, y, z
+    rot = _rotation(np.deg2rad(rng.uniform(-4, 4)), np.deg2rad(rng.uniform(-4, 4)), np.deg2rad(rng.uniform(-8, 8)))
+    lin = np.diag(1.0 / size) @ rot
+
+    # Field of view: the body's in-plane extent, scaled, plus air and sometimes a cut-off edge.
+    body_vox = np.argwhere(atlas[:, :, atlas.shape[2] // 2] > 0)
+    extent_x = (body_vox[:, 0].max() - body_vox[:, 0].min()) * atlas_aff[0, 0] * size[0]
+    extent_y = (body_vox[:, 1].max() - body_vox[:, 1].min()) * atlas_aff[1, 1] * size[1]
+    margin = rng.uniform(-0.06, 0.25) if rng.random() < 0.85 else rng.uniform(-0.25, -0.08)  # < 0: body cut off
+    fov = max(extent_x, extent_y) * (1 + 2 * max(margin, -0.25)) + 2 * 25.0
+    n = int(np.clip(round(fov / pixel_mm), 64, max_size))
+    pixel_mm = fov / n if round(fov / pixel_mm) <= max_size else pixel_mm
+    # Slab: the kidneys plus 3..11 cm above and 2.5..9 cm below (each at least 22 slices).
+    kz = kid_vox[:, 2]
+    kid_top = (atlas_aff @ np.array([0, 0, kz.max(), 1.0]))[2] - centre[2]
+    kid_bot = (atlas_aff @ np.array([0, 0, kz.min(), 1.0]))[2] - centre[2]
+    above = max(rng.uniform(30, 110), 22 * thickness_mm)
+    below = max(rng.uniform(25, 90), 22 * thickness_mm)
+    z_top = kid_top * size[2] + above
+    z_bot = kid_bot * size[2] - below
+    nz = int(np.clip(round((z_top - z_bot) / thickness_mm), 8, 600))
+    shift = np.array([rng.uniform(-15, 15), rng.uniform(-20, 10), 0.0])  # body off-centre in the FOV
+    origin = np.array([centre[0] + shift[0] + (n - 1) / 2 * pixel_mm,
+                       centre[1] + shift[1] + (n - 1) / 2 * pixel_mm,
+                       centre[2] + z_top])
+    spacing = (thickness_mm, pixel_mm, pixel_mm)
+    affine = output_affine(spacing, origin)
+    shape = (nz, n, n)
+
+    # Output voxel -> atlas voxel: affine body change plus a smooth elastic displacement.
+    step = (max(1, int(round(12 / thickness_mm))), max(1, int(round(12 / pixel_mm))), max(1, int(round(12 / pixel_mm))))
+    world, coarse_shape = _grid_world(shape, affine, step)
+    offset = world - centre[:, None, None, None]
+    src = np.tensordot(lin, offset, axes=1) + centre[:, None, None, None]
+    src += _smooth_displacement(rng, coarse_shape, rng.uniform(3, 9), smooth_px=max(1.0, 40 / 12))
+    src_vox = np.tensordot(inv_atlas[:3, :3], src, axes=1) + inv_atlas[:3, 3][:, None, None, None]
+    coords = _upsample_coords(src_vox, shape, step)
+    tissue = np.empty(shape, dtype=np.uint8)
+    for z0 in range(0, nz, 32):  # in slabs: bounded memory
+        tissue[z0:z0 + 32] = ndi.map_coordinates(atlas, coords[:, z0:z0 + 32], order=0, mode="constant", cval=0)
+    del coords
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    meta: dict = {"pixel_mm": round(pixel_mm, 4), "thickness_mm": thickness_mm, "body_size": size.round(3).tolist()}
+    absent = None
+    r = rng.random()
+    if r < 0.08:
+        absent = "right"
+    elif r < 0.16:
+        absent = "left"
+    meta["absent_kidney"] = absent
+    kits_case = None
+    if labels_from is not None:
+        cases = _kits_cases(Path(labels_from))
+        src_path = cases[int(rng.integers(len(cases)))]
+        kidneys = {k.side: k for k in kits_kidneys(str(src_path))}
+        kits_case = src_path.parent.name
+        meta["source_case"] = kits_case
+        meta["radiographic_size"] = _kits_sizes(Path(labels_from)).get(kits_case)
+    else:
+        kidneys = {}
+    for side in ("right", "left"):
+        atlas_label = LABEL[f"kidney_{side}"]
+        where = np.argwhere(tissue == atlas_label)
+        if len(where) == 0:
+            continue
+        target = where.mean(axis=0) @ affine[:3, :3].T + affine[:3, 3]
+        if side == absent:
+            tissue[tissue == atlas_label] = LABEL["body"]
+            continue
+        if side in kidneys:
+            tissue[tissue == atlas_label] = LABEL["body"]  # perirenal fat where the atlas kidney was
+            mask = _place_kidney(rng, kidneys[side], target, labels, affine)
+            tissue[mask] = atlas_label
+        else:  # the atlas's own (deformed) kidney
+            labels[tissue == atlas_label] = 1
+    if rng.random() < 0.25:
+        meta["cysts"] = _add_cysts(rng, labels, tissue, spacing)
+    return Anatomy(tissue=tissue, labels=labels, affine=affine, spacing=spacing, meta=meta)

@@ -1,0 +1,179 @@
+"""Tissue labels -> a CT image in HU: tissue values, inner structure, body wall, scanner effects.
+
+:func:`render` paints every tissue with its case value (:mod:`.appearance`) plus smooth texture,
+builds what a label map does not hold (renal cortex, medulla and sinus; tumor necrosis; bowel
+wall and lumen contents; cortical bone rims; abdominal wall, subcutaneous fat and skin; the CT
+table), then applies what the scanner adds: partial-volume blur, edge-enhancing or smooth
+reconstruction kernels, correlated noise, a HU offset and the reconstruction circle.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .appearance import Look
+from .atlas import LABEL
+
+_PLAIN = {  # atlas tissue -> appearance tissue, painted as is
+    "liver": "liver", "spleen": "spleen", "pancreas": "pancreas", "gallbladder": "gallbladder",
+    "adrenal": "adrenal", "artery": "artery", "vein": "vein", "portal_vein": "portal_vein", "heart": "heart",
+    "lung": "lung", "cartilage": "cartilage", "spinal_cord": "spinal_cord", "muscle": "muscle",
+    "bladder": "bladder", "prostate": "prostate", "esophagus": "esophagus", "kidney_cyst": "cyst",
+}
+_BOWEL = ("stomach", "duodenum", "small_bowel", "colon")
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple, spacing: tuple, scale_mm: float) -> np.ndarray:
+    """Unit-variance random field, float32, smooth over about `scale_mm` (white noise, upsampled)."""
+    coarse = tuple(max(2, int(np.ceil(n * s / scale_mm)) + 2) for n, s in zip(shape, spacing))
+    noise = ndi.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), 0.7)
+    out = ndi.zoom(noise, [n / c for n, c in zip(shape, coarse)], order=1, grid_mode=True, mode="nearest")
+    out = out[: shape[0], : shape[1], : shape[2]]
+    if out.shape != tuple(shape):
+        out = np.pad(out, [(0, n - m) for n, m in zip(shape, out.shape)], mode="edge")
+    std = float(out.std())
+    return (out - out.mean()) / (std if std > 0 else 1.0)
+
+
+def _depth_mm(mask: np.ndarray, spacing: tuple) -> np.ndarray:
+    """Distance (mm) from each voxel of `mask` to the outside, computed on the mask's bounding box."""
+    out = np.zeros(mask.shape, dtype=np.float32)
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return out
+    lo, hi = np.maximum(idx.min(axis=0) - 1, 0), idx.max(axis=0) + 2
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[box] = ndi.distance_transform_edt(mask[box], sampling=spacing)
+    return out
+
+
+def _inplane_distance_mm(outside: np.ndarray, spacing: tuple) -> np.ndarray:
+    """Per slice: distance (mm) from each `outside` voxel to the nearest non-outside voxel of its slice."""
+    return ndi.distance_transform_edt(outside, sampling=(1e6, spacing[1], spacing[2])).astype(np.float32)
+
+
+def render(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spacing: tuple, look: Look) -> np.ndarray:
+    """HU image (int16, same shape) of a tissue-label volume with KiTS labels (for kidney and tumor)."""
+    shape = tissue.shape
+    hu = look.hu
+    img = np.full(shape, hu["gas"], dtype=np.float32)
+    f1 = smooth_field(rng, shape, spacing, rng.uniform(6, 14))
+    f2 = smooth_field(rng, shape, spacing, rng.uniform(15, 40))
+
+    def paint(mask, name, field=f1):
+        img[mask] = hu[name] + look.texture_hu[name] * field[mask]
+
+    # Body wall around the trunk: muscle, subcutaneous fat (thicker in front or at the sides), skin.
+    # The distance is measured from a smoothed outline: a real abdomen is rounder than its organs.
+    body = tissue > 0
+    signed = _inplane_distance_mm(~body, spacing) - _inplane_distance_mm(body, spacing)
+    d = ndi.gaussian_filter(signed, (0, 12 / spacing[1], 12 / spacing[2]))
+    del signed
+    nz, ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    cy, cx = (np.argwhere(body.any(axis=0)).mean(axis=0) if body.any() else (ny / 2, nx / 2))
+    theta = np.arctan2(yy - cy, xx - cx)
+    wall = rng.uniform(3, 10)
+    fat = rng.uniform(4, 40) * (1 + rng.uniform(0, 0.6) * np.cos(theta - rng.uniform(-np.pi, np.pi)))
+    skin = rng.uniform(1.5, 3.0)
+    outside = ~body & (d > 0)
+    paint(outside & (d <= wall), "muscle")
+    paint(outside & (d > wall) & (d <= wall + fat[None]), "fat", f2)
+    paint(outside & (d > wall + fat[None]) & (d <= wall + fat[None] + skin), "skin")
+
+    # Inside the trunk, unlabelled: visceral fat with soft-tissue strands (vessels, mesentery, bowel).
+    core = (tissue == LABEL["body"]) | (~body & (d <= 0))
+    paint(core, "visceral_fat", f2)
+    strands = core & (f1 > np.quantile(f1, 1 - rng.uniform(0.08, 0.3)))
+    paint(strands, "soft_tissue")
+    del d
+
+    for atlas_name, look_name in _PLAIN.items():
+        m = tissue == LABEL[atlas_name]
+        if m.any():
+            paint(m, look_name)
+
+    # Bone: cortical rim, cancellous inside.
+    bone = tissue == LABEL["bone"]
+    if bone.any():
+        depth = _depth_mm(bone, spacing)
+        rim = rng.uniform(1.2, 2.5)
+        paint(bone & (depth <= rim), "cortical")
+        paint(bone & (depth > rim), "cancellous")
+
+    # Bowel: enhancing wall, lumen of gas, fluid, feces or positive oral contrast.
+    f3 = smooth_field(rng, shape, spacing, rng.uniform(8, 20))
+    for organ in _BOWEL:
+        m = tissue == LABEL[organ]
+        if not m.any():
+            continue
+        depth = _depth_mm(m, spacing)
+        lumen = m & (depth > rng.uniform(1.5, 3.5))
+        paint(m & ~lumen, "bowel_wall")
+        weights = {"gas": look.gas, "fluid": 1.0, "oral_contrast": look.oral_contrast,
+                   "feces": 1.2 if organ == "colon" else 0.05}
+        names = [k for k, v in weights.items() if v > 0]
+        p = np.array([weights[k] for k in names])
+        cuts = np.quantile(f3[lumen], np.cumsum(p / p.sum())[:-1]) if lumen.any() else []
+        which = np.searchsorted(cuts, f3[lumen]) if lumen.any() else np.zeros(0, dtype=int)
+        vals = np.array([hu[k] for k in names], dtype=np.float32)[which]
+        tex = np.array([look.texture_hu[k] for k in names], dtype=np.float32)[which]
+        img[lumen] = vals + tex * f1[lumen]
+
+    _paint_kidneys(rng, img, tissue, labels, spacing, look, f1, f2)
+
+    if look.table:
+        _paint_table(rng, img, body, spacing, hu["table"])
+
+    # Scanner: partial volume, kernel, noise, offset, reconstruction circle.
+    img = ndi.gaussian_filter(img, (look.blur_slices, look.blur_px, look.blur_px))
+    if look.sharpen > 0:
+        img += look.sharpen * (img - ndi.gaussian_filter(img, (0, 1.0, 1.0)))
+    noise = rng.standard_normal(shape).astype(np.float32)
+    if look.noise_grain_px > 0:
+        noise = ndi.gaussian_filter(noise, (0, look.noise_grain_px, look.noise_grain_px))
+        noise /= max(float(noise.std()), 1e-6)
+    img += look.noise_hu * noise + look.hu_offset
+    if look.circle:
+        r = min(ny, nx) / 2
+        img[:, (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > r * r] = look.outside_value
+    return np.clip(np.rint(img), -3024, 3071).astype(np.int16)
+
+
+def _paint_kidneys(rng, img, tissue, labels, spacing, look: Look, f1, f2) -> None:
+    """Cortex, medulla (pyramids between columns of Bertin), sinus fat and pelvis; tumor with necrosis."""
+    hu = look.hu
+    kidney = (labels == 1) & (tissue != LABEL["kidney_cyst"])
+    if kidney.any():
+        depth = _depth_mm(labels > 0, spacing)
+        deep = float(np.quantile(depth[kidney], 0.9)) if kidney.any() else 0.0
+        cortex = kidney & ((depth <= look.cortex_mm) | (f1 > 1.0))
+        img[cortex] = hu["cortex"] + look.texture_hu["cortex"] * f1[cortex]
+        medulla = kidney & ~cortex
+        img[medulla] = hu["medulla"] + look.texture_hu["medulla"] * f1[medulla]
+        if rng.random() < 0.75 and deep > look.cortex_mm:
+            sinus = kidney & (depth > max(look.cortex_mm + 2, deep * rng.uniform(0.8, 1.0)))
+            fat_part = sinus & (f2 > 0)
+            img[fat_part] = hu["sinus_fat"] + 10 * f1[fat_part]
+            img[sinus & ~fat_part] = hu["urine"] + 10 * f1[sinus & ~fat_part]
+    tumor = labels == 2
+    if tumor.any():
+        img[tumor] = hu["tumor"] + look.texture_hu["tumor"] * f1[tumor]
+        necrosis = tumor & (f2 < -rng.uniform(0.3, 1.5))
+        img[necrosis] = hu["necrosis"] + 8 * f1[necrosis]
+
+
+def _paint_table(rng, img, body, spacing, value) -> None:
+    """A CT table: a curved plate some centimetres behind the patient's back."""
+    rows = np.nonzero(body.any(axis=(0, 2)))[0]
+    if rows.size == 0:
+        return
+    ny, nx = img.shape[1:]
+    back = rows.max() + int(rng.uniform(5, 40) / spacing[1])
+    thick = max(1, int(rng.uniform(6, 15) / spacing[1]))
+    xx = np.arange(nx)
+    curve = (((xx - nx / 2) / (nx / 2)) ** 2 * rng.uniform(0, 20) / spacing[1]).astype(int)
+    for j in range(nx):
+        r0 = back - curve[j]
+        if 0 <= r0 < ny:
+            img[:, r0:min(ny, r0 + thick), j] = value
