@@ -19,12 +19,13 @@ from qnkit.inference import pad_slices
 class SliceDataset(Dataset):
     """Slices of several cached volumes. Items: (image (1,h,w), label (1,h,w), weight (1,h,w), volume index)."""
 
-    def __init__(self, entries: list, pad_multiple: int = 16, target: str = "coverage"):
+    def __init__(self, entries: list, pad_multiple: int = 16, target: str = "coverage", augment=None):
         if target not in ("coverage", "labels"):
             raise ValueError(f"target must be coverage or labels, got {target!r}")
         self.entries = list(entries)
         self.pad_multiple = pad_multiple
         self.target = target  # soft kidney fraction per 2x2 block, or the binary half-resolution mask
+        self.augment = augment  # callable (x, y, w) -> (x, y, w) applied to each padded slice, or None
         counts = [int(e.num_slices) for e in self.entries]
         self.offsets = np.cumsum([0] + counts).tolist()  # offsets[v] = first global index of volume v
         self._maps: dict[int, tuple] = {}  # opened lazily, per process (DataLoader workers included)
@@ -53,6 +54,8 @@ class SliceDataset(Dataset):
         m = self.pad_multiple
         x, y, w = (torch.from_numpy(pad_slices(np.array(a[z], dtype=np.float32), m))[None]
                    for a in (image, labels, weights))  # np.array copies out of the read-only map
+        if self.augment is not None:
+            x, y, w = self.augment(x, y, w)
         return x, y, w, volume
 
     def __getstate__(self):  # memory maps are not sent to worker processes; they reopen them

@@ -28,6 +28,7 @@ from qnkit.errors import QnkitInputError
 from qnkit.train import checkpoint as ckpt
 from qnkit.train import data as D
 from qnkit.train import distributed as dist
+from qnkit.train.augment import Augment
 from qnkit.train.dataset import SliceDataset
 from qnkit.train.settings import Settings, read_ini
 from qnkit.train.solver import Solver, count_parameters, seed_everything
@@ -216,7 +217,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
         _deterministic(device)
     target = "coverage" if settings.data.soft_targets else "labels"
     train_entries = [entries[i] for i in train_ids]
-    train_ds = SliceDataset(train_entries, D.training_pad_multiple(train_entries, settings.data.pad_multiple), target)
+    augment = Augment() if settings.training.augment else None
+    train_ds = SliceDataset(train_entries, D.training_pad_multiple(train_entries, settings.data.pad_multiple), target,
+                            augment=augment)
     val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target)
     if info.is_main and console is not None:
         console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "

@@ -79,6 +79,7 @@ class TrainingSettings:
     beta: float = 0.5  # weight of the weighted BCE loss
     early_stop_patience: int = 2  # stop when the validation loss rose for more than this many epochs in a row
     amp: bool = False  # mixed precision; used on CUDA only
+    augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
     log_images: int = 4  # slices shown for the best and worst batch; 0 = no images
 
 

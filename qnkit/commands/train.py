@@ -21,6 +21,8 @@ def command(
     num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="[DATA] cache_dir for the preprocessed .npy cache."),
     amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision (CUDA only)."),
+    augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
+                                                                      "contrast, blur and noise per slice."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="[COMMON] progress bar."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out (removes its checkpoints "
@@ -43,7 +45,7 @@ def command(
         ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
         ("TRAINING", "lr"): lr, ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
-        ("COMMON", "progress"): progress,
+        ("TRAINING", "augment"): augment,        ("COMMON", "progress"): progress,
     }
     if resume and force:
         raise QnkitInputError("--resume and --force exclude each other")

@@ -1,0 +1,85 @@
+"""On-the-fly augmentation of training slices: what differs between scanners, patients and protocols.
+
+Phantoms fix a body, a look and a grid per case; each time a slice is read, :class:`Augment`
+changes what a 2-D network should not depend on: in-plane scale, rotation and position (patient
+size and placement), contrast, brightness and gamma inside the HU window (phase, calibration),
+blur and lost resolution (reconstruction kernel, thick pixels brought up to the model grid), and
+noise (dose). Geometry moves image, target and loss weights together; intensity changes touch
+only the image. Random numbers come from torch's generator, which the solver seeds per epoch
+(and DataLoader per worker), so a run and its resumption see the same slices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _u(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
+def _hit(p: float) -> bool:
+    return float(torch.rand(())) < p
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random changes applied to one padded slice (image, target, weights), each (1, h, w) float32."""
+
+    p_geometry: float = 0.8
+    scale: tuple = (0.85, 1.18)
+    rotate_deg: float = 15.0
+    shift: float = 0.06  # fraction of the slice
+    p_intensity: float = 0.8
+    contrast: tuple = (0.85, 1.15)
+    brightness: float = 0.06
+    gamma: tuple = (0.7, 1.4)
+    p_blur: float = 0.25
+    blur_sigma: tuple = (0.4, 1.2)
+    p_lowres: float = 0.25
+    lowres: tuple = (1.2, 2.2)
+    p_noise: float = 0.5
+    noise_std: tuple = (0.005, 0.04)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple:
+        if _hit(self.p_geometry):
+            x, y, w = self._geometry(x, y, w)
+        if _hit(self.p_intensity):
+            x = (x * _u(*self.contrast) + _u(-self.brightness, self.brightness)).clamp(0, 1)
+            x = x.pow(_u(*self.gamma))
+        if _hit(self.p_lowres):
+            h, wd = x.shape[-2:]
+            f = _u(*self.lowres)
+            small = F.interpolate(x[None], size=(max(1, round(h / f)), max(1, round(wd / f))), mode="area")
+            x = F.interpolate(small, size=(h, wd), mode="bilinear", align_corners=False)[0]
+        if _hit(self.p_blur):
+            x = _gaussian_blur(x, _u(*self.blur_sigma))
+        if _hit(self.p_noise):
+            x = (x + torch.randn(x.shape) * _u(*self.noise_std)).clamp(0, 1)
+        return x.contiguous(), y.contiguous(), w.contiguous()
+
+    def _geometry(self, x, y, w):
+        s = _u(*self.scale)
+        a = math.radians(_u(-self.rotate_deg, self.rotate_deg))
+        tx, ty = _u(-self.shift, self.shift) * 2, _u(-self.shift, self.shift) * 2
+        # Output -> input sampling (normalised coordinates): rotate and shrink by 1/s.
+        theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, tx],
+                              [math.sin(a) / s, math.cos(a) / s, ty]], dtype=torch.float32)[None]
+        grid = F.affine_grid(theta, [1, 1, *x.shape[-2:]], align_corners=False)
+        xy = F.grid_sample(torch.stack([x, y], 0), grid.expand(2, -1, -1, -1), mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+        w2 = F.grid_sample(w[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return xy[0], xy[1], w2[0]
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    out = F.conv2d(F.pad(x[None], (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return out[0]
