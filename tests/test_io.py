@@ -323,11 +323,11 @@ def test_input_is_never_overwritten(tmp_path):
 def test_no_temp_file_left_after_a_failed_write(tmp_path, monkeypatch):
     data, geom = io.load_image(_write(tmp_path / "in.nii.gz", np.ones((4, 5, 6), np.int16)))
 
-    def half_write(img, filename):
+    def half_write(filename, **options):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.nib, "save", half_write)
+    monkeypatch.setattr(io.gzip_codec, "open_write", half_write)
     _error(io.save_mask, data, geom, tmp_path / "out.nii.gz", match="cannot write: disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
 
