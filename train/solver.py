@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -31,8 +29,6 @@ from qnkit.train import checkpoint as ckpt
 from qnkit.train import distributed as dist
 from qnkit.train.losses import CombinedLoss
 from qnkit.train.tb_logging import Logger, panel
-
-KILL_ENV = "QNKIT_TEST_KILL_AT"  # "EPOCH:STEP": SIGKILL itself at that micro-step (resume tests only)
 
 
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
@@ -156,16 +152,12 @@ class Solver:
     def train_epoch(self, loader, num_volumes: int, epoch: int, console=None) -> dict:
         self.model.train()
         n, accum = len(loader), self.accum
-        kill = os.environ.get(KILL_ENV, "")
-        kill_epoch, kill_step = (int(v) for v in kill.split(":")) if kill else (-1, -1)
         counts = torch.zeros(num_volumes, 3, dtype=torch.float64)
         loss_sum, seen = 0.0, 0
         extremes = _Extremes(self.s.training.log_images if self.info.is_main else 0)
         self.opt.zero_grad(set_to_none=True)
         with _progress(console, self.info.is_main and self.s.common.progress, f"epoch {epoch}", n) as advance:
             for k, (x, y, w, vol) in enumerate(loader):
-                if epoch == kill_epoch and k == kill_step:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
                 start = (k // accum) * accum
                 group = min(accum, n - start)
