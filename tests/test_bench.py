@@ -19,6 +19,7 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
                    "--workdir", str(tmp_path / "work"))
     assert code in (0, None)
     report = json.loads(report_path.read_text())
+    assert report["mode"] == "quick"
     assert report["system"]["kernel_build"] in kernels.available_builds()
 
     kernel_rows = {(row["kernel"], row["threads"]) for row in report["kernels"]}
@@ -27,6 +28,11 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
         assert (name, 1) in kernel_rows
     for row in report["kernels"]:
         assert row["speedup_vs_numpy"] > 0 and row["ratio_to_floor"] > 0
+
+    io_rows = {(row["volume"], row["operation"]): row for row in report["io"]}
+    assert set(io_rows) == {(v, op) for v in ("CT int16", "mask uint8") for op in ("write", "read")}
+    for row in io_rows.values():
+        assert row["shape"] == [24, 128, 128] and row["speedup_vs_nibabel"] > 0 and row["file_mb"]["qnkit"] > 0
 
     rows = [row for row in report["backends"] if "error" not in row]
     labels = {row["backend"] for row in rows}
@@ -56,6 +62,7 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
     (["--batch-sizes", "0,4"], "--batch-sizes"),
     (["--json", "/nonexistent-folder/x.json"], "folder does not exist"),
     (["--model", "/nonexistent-bundle"], "bundle not found"),
+    (["--quick", "--full"], "exclude each other"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert run_cli("bench", *args) == 2
@@ -104,3 +111,29 @@ def test_targets_met_missed_and_unknown():
     report["bundle"]["trained"] = False  # untrained weights: a fast row cannot be called met
     batch4 = next(row for row in evaluate(report) if row["target"].startswith("best CPU") and "batch 4" in row["target"])
     assert batch4["met"] is None and "untrained" in batch4["measured"]
+
+
+def test_default_plan_is_bounded_and_full_is_the_complete_sweep():
+    """The default run keeps the batches that blew memory (eager FP32 at 32 held 12.5 GB) for --full."""
+    from qnkit.benchmarks.plan import MODES, PLANS
+
+    assert set(PLANS) == set(MODES)
+    default, full = PLANS["default"], PLANS["full"]
+    assert max(default.batch_sizes) <= 4 and default.batch_sizes[0] == 1
+    assert full.batch_sizes == (1, 4, 16, 32)
+    assert default.io_shape == full.io_shape == (300, 512, 512)  # the whole CT of the I/O rows
+    assert default.kernel_shape[1:] == full.kernel_shape[1:] == (512, 512)
+    assert all(getattr(PLANS["quick"], f) <= getattr(default, f) for f in ("e2e_slices", "e2e_size"))
+
+
+def test_only_io_section(tmp_path, monkeypatch):
+    """`--only io` writes the I/O rows alone and records the mode."""
+    from qnkit.benchmarks import plan
+
+    small = plan.BenchPlan(**{**plan.PLANS["quick"].__dict__, "mode": "default", "io_shape": (6, 64, 64)})
+    monkeypatch.setitem(plan.PLANS, "default", small)
+    report_path = tmp_path / "io.json"
+    assert run_cli("bench", "--only", "io", "--json", str(report_path), "--workdir", str(tmp_path)) in (0, None)
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "default" and set(report) >= {"io", "targets"} and "backends" not in report
+    assert len(report["io"]) == 4 and not list(tmp_path.glob("*.nii.gz"))

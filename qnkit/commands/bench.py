@@ -1,7 +1,9 @@
 """`qnkit bench`: kernels, backends and the whole pipeline, measured side by side in one run.
 
 Every figure is a median of repeated timings after warm-up, and every speed is also a ratio to a
-baseline measured in the same run (NumPy and a memory copy for kernels, eager FP32 for backends).
+baseline measured in the same run (NumPy and a memory copy for kernels, nibabel with the standard
+library's gzip for .nii.gz I/O, eager FP32 for backends). The mode (``--quick``, default, ``--full``)
+sets sizes and batch sizes: see :mod:`qnkit.benchmarks.plan`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import typer
 
 from qnkit.errors import QnkitInputError
 
-SECTIONS = ("kernels", "backends", "e2e")
+SECTIONS = ("kernels", "io", "backends", "e2e")
 
 
 def _system_info() -> dict:
@@ -70,18 +72,24 @@ def command(
     json_out: Path = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot_out: Path = typer.Option(None, "--plot", help="Write throughput curves and the stage breakdown to this PNG."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run: small volume, tiny network, few repeats (for tests)."),
-    only: str = typer.Option(",".join(SECTIONS), "--only", help="Sections to run: kernels,backends,e2e."),
-    batch_sizes: str = typer.Option("1,4,16,32", "--batch-sizes", help="Batch sizes for the backend rows."),
-    repeats: int = typer.Option(0, "--repeats", help="Timed repeats per figure (default: 7 kernels, 3 backends)."),
+    full: bool = typer.Option(False, "--full", help="Complete sweep: batch sizes 1-32, 100-slice kernel volume, more "
+                                                    "repeats (over 25 minutes and 12 GB on 2 cores)."),
+    only: str = typer.Option(",".join(SECTIONS), "--only", help="Sections to run: kernels,io,backends,e2e."),
+    batch_sizes: str = typer.Option(None, "--batch-sizes", help="Batch sizes for the backend rows "
+                                                                "(default 1,4; 1,4,16,32 with --full)."),
+    repeats: int = typer.Option(0, "--repeats", help="Timed repeats per figure (default: set by the mode)."),
     workdir: Path = typer.Option(None, "--workdir", help="Where to put the random-weight bundle and the e2e case."),
 ) -> None:
-    """Benchmark kernels against NumPy, backends against eager PyTorch, and `qnkit segment` end to end."""
+    """Benchmark kernels against NumPy, .nii.gz I/O against nibabel, backends against eager PyTorch, and
+    `qnkit segment` end to end. The default run takes under 10 minutes and 4 GB on 2 cores; --full runs
+    the complete sweep."""
     import tempfile
 
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from qnkit._atomic import write_text_atomic
+    from qnkit.benchmarks.plan import PLANS
 
     sections = [s.strip() for s in only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -94,13 +102,16 @@ def command(
         raise QnkitInputError(f"bundle not found: {model}")
     if repeats < 0:
         raise QnkitInputError(f"--repeats must be >= 0, got {repeats}")
-    batches = (1, 4) if quick else _parse_batches(batch_sizes)
+    if quick and full:
+        raise QnkitInputError("--quick and --full exclude each other")
+    plan = PLANS["quick" if quick else "full" if full else "default"]
+    batches = _parse_batches(batch_sizes) if batch_sizes is not None else plan.batch_sizes
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
     # Tables are wide; when piped (no terminal width to honour) keep every column readable.
     console, out_console = Console(stderr=True), Console(width=None if sys.stdout.isatty() else 160)
-    report: dict = {"system": _system_info(), "quick": quick}
+    report: dict = {"system": _system_info(), "mode": plan.mode}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
@@ -111,9 +122,13 @@ def command(
         if "kernels" in sections:
             from qnkit.benchmarks import kernels as kernel_bench
 
-            shape = (8, 128, 128) if quick else (100, 512, 512)
-            report["kernels"] = kernel_bench.run(shape, repeats=2 if quick else (repeats or 7),
-                                                 numpy_repeats=1 if quick else 3, progress=say)
+            report["kernels"] = kernel_bench.run(plan.kernel_shape, repeats=repeats or plan.kernel_repeats,
+                                                 numpy_repeats=plan.numpy_repeats, progress=say)
+        if "io" in sections:
+            from qnkit.benchmarks import nifti_io
+
+            report["io"] = nifti_io.run(plan.io_shape, repeats=repeats or plan.io_repeats, workdir=workdir,
+                                        progress=say)
         if "backends" in sections or "e2e" in sections:
             from qnkit.backends import open_backend
             from qnkit.benchmarks import backends as backend_bench
@@ -128,15 +143,14 @@ def command(
                 import importlib.util
 
                 report["backends"] = backend_bench.run(
-                    bundle, batch_sizes=batches, repeats=2 if quick else (repeats or 3), trained=trained, gpu=gpu,
+                    bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained, gpu=gpu,
                     tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
             if "e2e" in sections:
                 say("end to end: qnkit segment")
                 backend = open_backend(bundle, "auto", batch_size=16, log=lambda *a: None)
                 with backend:
-                    size, slices = (128, 24) if quick else (512, 100)
-                    report["end_to_end"] = e2e.run(bundle, backend, size=size, slices=slices,
-                                                   repeats=1 if quick else 3, workdir=workdir)
+                    report["end_to_end"] = e2e.run(bundle, backend, size=plan.e2e_size, slices=plan.e2e_slices,
+                                                   repeats=repeats or plan.e2e_repeats, workdir=workdir)
 
     from qnkit.benchmarks.targets import evaluate
 
@@ -154,7 +168,7 @@ def _print(console, report: dict) -> None:
     from rich.table import Table
 
     system = report["system"]
-    console.print(f"[bold]qnkit bench[/bold]  cpu: {system['cpu']} ({system['cores']} cores), "
+    console.print(f"[bold]qnkit bench[/bold] ({report['mode']} run)  cpu: {system['cpu']} ({system['cores']} cores), "
                   f"gpu: {system['gpu'] or 'none'}, kernels: {system['kernel_build']} build, "
                   f"{system['kernel_threads']} threads")
     rows = report.get("kernels")
@@ -168,6 +182,18 @@ def _print(console, report: dict) -> None:
                           f"{row['numpy_s']['median_s'] * 1e3:.1f}", f"{row['speedup_vs_numpy']:.1f}",
                           f"{row['floor_s']['median_s'] * 1e3:.2f}", f"{row['ratio_to_floor']:.2f}",
                           f"{row['gb_per_s']:.1f}")
+        console.print(table)
+    rows = report.get("io")
+    if rows:
+        shape = rows[0]["shape"]
+        table = Table(title=f".nii.gz I/O of a {shape[2]}x{shape[1]}x{shape[0]} volume, qnkit.io ({rows[0]['codec']}) "
+                            f"vs nibabel + stdlib gzip (median)")
+        for column in ("volume", "operation", "qnkit s", "nibabel s", "x nibabel", "qnkit MB/s", "file MB"):
+            table.add_column(column, justify="left" if column in ("volume", "operation") else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(row["volume"], row["operation"], f"{row['qnkit_s']['median_s']:.2f}",
+                          f"{row['nibabel_s']['median_s']:.2f}", f"{row['speedup_vs_nibabel']:.1f}",
+                          f"{row['qnkit_mb_per_s']:.0f}", f"{row['file_mb']['qnkit']:.1f}")
         console.print(table)
     rows = report.get("backends")
     if rows:
