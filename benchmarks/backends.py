@@ -76,9 +76,9 @@ def configs_for(bundle: Bundle, gpu: bool, tensorrt: bool) -> list[BackendConfig
 
 def bench_slices(bundle: Bundle, count: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """`count` preprocessed slices around synthetic kidneys (with labels), on the bundle's grid."""
-    from qnkit.export import verify
+    from qnkit.verification import synthetic_slices
 
-    x, labels = verify.synthetic_slices(bundle.input_size, bundle.hu_window, cases=2, per_case=max(1, count // 2))
+    x, labels = synthetic_slices(bundle.input_size, bundle.hu_window, cases=2, per_case=max(1, count // 2))
     reps = -(-count // len(x))
     return np.ascontiguousarray(np.tile(x, (reps, 1, 1, 1))[:count]), np.tile(labels, (reps, 1, 1, 1))[:count]
 

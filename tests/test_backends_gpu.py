@@ -17,8 +17,6 @@ pytest.importorskip("onnxruntime")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from test_export import shared_bundle  # noqa: E402
-
 from qnkit import kernels  # noqa: E402
 from qnkit.backends import open_backend  # noqa: E402
 from qnkit.bundle import BundleError, load_bundle  # noqa: E402
@@ -27,13 +25,13 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, run_qnkit):
-    return shared_bundle(tmp_path_factory, run_qnkit)
+def exported(shared_bundle):
+    return shared_bundle
 
 
 @pytest.fixture(scope="module")
 def slices(exported):
-    from qnkit.export.verify import synthetic_slices
+    from qnkit.verification import synthetic_slices
 
     b = load_bundle(exported[1])
     return synthetic_slices(b.input_size, b.hu_window, seed=99)[0]
@@ -123,4 +121,30 @@ def test_foreign_engine_is_rebuilt_or_refused(engine_bundle, slices, eager_cpu, 
     assert len(list((tmp_path / "cache" / "engines").glob("*.engine"))) == 1
     lines.clear()
     open_backend(load_bundle(copy), "tensorrt", log=lines.append).close()  # second time: the cached rebuild
-    assert any("rebuilt earlier" in line for line in lines)
+    assert any("rebuilt and verified earlier" in line for line in lines)
+
+
+@needs_trt
+def test_bundle_engine_has_a_dynamic_profile_and_agrees_with_onnxruntime_on_other_sizes(engine_bundle, slices, tmp_path,
+                                                                                       monkeypatch):
+    """The engine runs slices smaller and larger than the export grid (64x64) at their own size, as ONNX
+    Runtime does: masks agree at Dice >= 0.99; slices beyond the profile rebuild it once (verified)."""
+    from qnkit.verification import verification_grids
+
+    monkeypatch.setenv("QNKIT_CACHE_DIR", str(tmp_path))
+    bundle = load_bundle(engine_bundle)
+    profile = bundle.engine["profile"]
+    assert profile["min"][2:] == [16, 16] and profile["opt"][2:] == [64, 64] and profile["max"][2:] == [128, 128]
+    grids = verification_grids(slices, bundle.size_divisor)
+    huge = np.zeros((4, 1, 160, 144), np.float32)
+    huge[:, :, :slices.shape[2], :slices.shape[3]] = slices[:4]
+    grids["beyond the profile"] = huge
+    with open_backend(bundle, "onnxruntime", device="cpu", precision="fp32", log=print) as ort:
+        reference = {k: ort.predict(x) for k, x in grids.items()}
+    lines = []
+    with open_backend(bundle, "tensorrt", log=lines.append) as trt:
+        assert trt.fixed_hw is None
+        for name, x in grids.items():
+            assert _dice(trt.predict(x), reference[name]) >= 0.99, name
+    assert any("larger than the engine's profile" in line for line in lines)
+    assert any("verified the rebuilt engine" in line for line in lines)
