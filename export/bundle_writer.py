@@ -45,12 +45,38 @@ def _input_size(run_dir: Path, meta: dict, divisor: int, log) -> tuple[int, int]
     cache = (meta.get("settings", {}).get("DATA", {}) or {}).get("cache_dir") or "cache"
     root = Path(cache) if os.path.isabs(cache) else run_dir / cache
     multiple = max(divisor, int(meta.get("preprocessing", {}).get("pad_multiple", divisor)))
+    recorded = (meta.get("domain") or {}).get("input_size")
+    if recorded:  # the training slices' padded grid, recorded by training
+        return tuple(-(-int(n) // multiple) * multiple for n in recorded)
     for image in sorted(root.glob("*/*/image.npy"))[:1]:
         h, w = np.load(image, mmap_mode="r").shape[-2:]
         return (-(-h // multiple) * multiple, -(-w // multiple) * multiple)
     log("input size: no preprocessed training slices in the run; assuming 256x256 (512x512 CT); "
         "set --input-size to change it")
     return (256, 256)
+
+
+def _domain(run_dir: Path, cmeta: dict, checkpoint: str) -> dict | None:
+    """The checkpoint's domain record (pixel spacing, slice thickness range, HU window, input size,
+    training data) with the run's figures: best validation Dice (and its epoch) and, when
+    `qnkit evaluate` scored this checkpoint, the test Dice. None for a checkpoint without one (an old
+    model: inference then halves the input's resolution)."""
+    import json
+
+    from qnkit.train.evaluation import TEST_DICE_NAME
+
+    domain = cmeta.get("domain")
+    if not domain:
+        return None
+    metrics = cmeta.get("metrics") or {}
+    figures = {"best_validation_dice": metrics.get("best_val_dice"), "best_epoch": metrics.get("best_epoch")}
+    try:
+        test = json.loads((run_dir / TEST_DICE_NAME).read_text())
+        if test.get("checkpoint") == checkpoint and test.get("epoch") == cmeta.get("epoch"):
+            figures.update(test_dice=test["mean_dice"], test_dice_std=test["std_dice"], test_cases=test["cases"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # not evaluated (or another checkpoint was): no test figure
+    return {**domain, "figures": figures}
 
 
 def _tool_versions() -> dict:
@@ -176,10 +202,13 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
                                                     "dtype": "float32", "range": [0.0, 1.0]},
                       "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, "height", "width"],
                                  "dtype": "float32", "meaning": "kidney probability (sigmoid applied)"}},
-            "preprocessing": {"hu_window": list(hu_window), "downsample": 2, "size_divisor": cfg.size_divisor,
+            "preprocessing": {"hu_window": list(hu_window), "size_divisor": cfg.size_divisor,
+                              **({"pixel_spacing_mm": cmeta["domain"]["pixel_spacing_mm"]} if cmeta.get("domain")
+                                 else {"downsample": 2}),
                               "pad_multiple": int(pre.get("pad_multiple", cfg.size_divisor)), "pad_value": 0.0,
                               "pad_where": "bottom/right", "layout": "KiTS19 (slices, rows, cols)"},
             "threshold": threshold,
+            "domain": _domain(run_dir, cmeta, checkpoint),
             "training": {"run_dir": str(run_dir.absolute()), "checkpoint": checkpoint, "epoch": cmeta.get("epoch"),
                          "metrics": cmeta.get("metrics"), "parameters": cmeta.get("parameters"),
                          "checkpoint_sha256": cmeta.get("files", {})},

@@ -59,6 +59,14 @@ class Bundle:
         return float(lo), float(hi)
 
     @property
+    def domain(self) -> dict | None:
+        """The model's domain (``qnkit.json`` "domain"): pixel_spacing_mm, slice_thickness_mm [min, max],
+        hu_window, input_size, training_data, figures; None for a bundle exported before the
+        millimetre contract (such a model is fed half the input's resolution)."""
+        domain = self.metadata.get("domain")
+        return dict(domain) if isinstance(domain, dict) else None
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """The model's nominal low-resolution input grid (h, w), e.g. (256, 256) for 512x512 CT."""
         h, w = self.metadata["model"]["input_size"]

@@ -4,10 +4,15 @@
 so the test Dice measured after training is the Dice of the deployed pipeline. It imports no torch:
 a backend is any `predict_batch(x) -> probabilities` callable on float32 `(N, 1, h, w)` arrays.
 
-Steps: downsample in-plane by 2 with the HU window (compiled kernel), zero-pad h and w up to a
-multiple of `pad_multiple` (zero is the window's lower bound, i.e. air, and training pads its
-slices the same way), predict in batches, crop the padding, and map the half-resolution
-probabilities back to the original grid with the compiled 2x bilinear upsample + threshold.
+Steps: window the HU and resample each slice in-plane to the model's pixel spacing in mm
+(:func:`to_model_input`, :mod:`qnkit.resample`), zero-pad h and w up to a multiple of `pad_multiple`
+(zero is the window's lower bound, i.e. air, and training pads its slices the same way), predict in
+batches, crop the padding, and bring the probabilities back to the input's exact grid before
+thresholding (:func:`to_input_mask`).
+
+The model's spacing comes from its domain record (checkpoint meta / bundle ``qnkit.json``, see
+:func:`model_pixel_spacing`). A model WITHOUT one (trained before the millimetre contract) keeps the
+old contract: half the resolution of whatever comes in (compiled 2x2 downsample, 2x upsample).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from qnkit import kernels
+from qnkit import kernels, resample
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 
@@ -39,9 +44,43 @@ def pad_slices(x: np.ndarray, multiple: int = 16, value: float = 0.0) -> np.ndar
     return np.pad(x, pad, mode="constant", constant_values=value)
 
 
+def model_pixel_spacing(record) -> float | None:
+    """The model's in-plane pixel spacing (mm) from a domain record, a checkpoint's meta or a bundle
+    (anything with a ``domain`` attribute or ``metadata`` dict); None when there is none (old model:
+    half resolution of the input)."""
+    domain = getattr(record, "domain", None)
+    if domain is None and isinstance(getattr(record, "metadata", None), dict):
+        domain = record.metadata.get("domain")
+    if domain is None and isinstance(record, dict):
+        domain = record.get("domain", record if "pixel_spacing_mm" in record else None)
+    value = (domain or {}).get("pixel_spacing_mm")
+    return None if value is None else float(value)
+
+
+def model_grid_shape(shape_hw, spacing_hw, model_spacing: float | None) -> tuple[int, int]:
+    """In-plane (h, w) of the model grid for an (H, W) slice; ceil(H/2), ceil(W/2) for an old model."""
+    if model_spacing is None:
+        return (int(shape_hw[0]) + 1) // 2, (int(shape_hw[1]) + 1) // 2
+    return resample.model_grid_shape(shape_hw, spacing_hw, model_spacing)
+
+
+def to_model_input(ct_chunk: np.ndarray, *, hu_window, spacing_hw, model_spacing: float | None) -> np.ndarray:
+    """CT slices (Z, H, W) -> float32 (Z, h, w) in [0, 1] on the model grid (HU window, in-plane resampling)."""
+    if model_spacing is None:
+        return kernels.downsample_image(ct_chunk, *hu_window)
+    return resample.to_model_grid(ct_chunk, spacing_hw, model_spacing, hu_window)
+
+
+def to_input_mask(probs: np.ndarray, shape_hw, *, threshold: float, model_spacing: float | None) -> np.ndarray:
+    """Model-grid probabilities (Z, h, w) -> uint8 mask (Z, H, W) on the input's grid, interpolated then thresholded."""
+    if model_spacing is None:
+        return kernels.upsample_threshold(probs, shape_hw, threshold=threshold)
+    return resample.from_model_grid(probs, shape_hw, threshold=threshold)
+
+
 def predict_volume(image_half: np.ndarray, predict_batch: PredictBatch, *, batch_size: int = 16,
                    pad_multiple: int = 16) -> np.ndarray:
-    """Probabilities float32 (Z, h, w) for a downsampled image volume (Z, h, w) in [0, 1]."""
+    """Probabilities float32 (Z, h, w) for an image volume on the model grid (Z, h, w) in [0, 1]."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     z, h, w = image_half.shape
@@ -57,15 +96,15 @@ def predict_volume(image_half: np.ndarray, predict_batch: PredictBatch, *, batch
 
 
 def segment_volume(ct: np.ndarray, predict_batch: PredictBatch, *, hu_window: tuple[float, float],
-                   batch_size: int = 16, threshold: float = 0.5,
-                   pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Kidney mask of a CT volume (Z, H, W) in the internal KiTS layout.
+                   spacing_hw=(1.0, 1.0), model_spacing: float | None = None, batch_size: int = 16,
+                   threshold: float = 0.5, pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Kidney mask of a CT volume (Z, H, W) in the internal KiTS layout, with in-plane pixel spacing
+    `spacing_hw` (mm), for a model working at `model_spacing` mm (None: an old model, half resolution).
 
-    Returns `(mask, probs)`: mask uint8 (Z, H, W) in {0, 1} on the input grid, and the
-    half-resolution probabilities float32 (Z, ceil(H/2), ceil(W/2)).
+    Returns `(mask, probs)`: mask uint8 (Z, H, W) in {0, 1} on the input grid, and the model-grid
+    probabilities float32 (Z, h, w).
     """
-    lo, hi = hu_window
-    image_half = kernels.downsample_image(ct, lo, hi)
-    probs = predict_volume(image_half, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
-    mask = kernels.upsample_threshold(probs, ct.shape[1:], threshold=threshold)
+    image = to_model_input(ct, hu_window=hu_window, spacing_hw=spacing_hw, model_spacing=model_spacing)
+    probs = predict_volume(image, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
+    mask = to_input_mask(probs, ct.shape[1:], threshold=threshold, model_spacing=model_spacing)
     return mask, probs

@@ -126,35 +126,26 @@ def _is_half(big: tuple[int, int], small: tuple[int, int]) -> bool:
 def _apply(x: np.ndarray, shape_hw: tuple[int, int], out: np.ndarray) -> np.ndarray:
     """out[z] = Ry @ x[z] @ Rx.T for float32 x (Z, H, W), the cheaper order first.
 
-    The column pass is one GEMM over all slices' rows; the row pass one GEMM per slice (NumPy's
-    stacked matmul does not reach BLAS, 2-D products do).
+    One pair of 2-D BLAS products per slice (NumPy's stacked matmul does not reach BLAS), so a
+    slice's result does not depend on which other slices share the call (chunking is free).
     """
     z, H, W = x.shape
     h, w = shape_hw
     ry, rx = axis_matrix(H, h), axis_matrix(W, w)
-
-    def columns(src: np.ndarray, dst: np.ndarray) -> None:
-        rows = src.shape[0] * src.shape[1]
-        np.matmul(np.ascontiguousarray(src).reshape(rows, W), rx.T, out=dst.reshape(rows, w))
-
-    def rows(src: np.ndarray, dst: np.ndarray) -> None:
-        for k in range(z):
-            np.matmul(ry, src[k], out=dst[k])
-
     if (H, W) == (h, w):
         out[...] = x
-    elif H == h:
-        columns(x, out)
-    elif W == w:
-        rows(x, out)
-    elif h * W * (H + w) <= H * w * (W + h):
-        tmp = np.empty((z, h, W), dtype=np.float32)
-        rows(x, tmp)
-        columns(tmp, out)
-    else:
-        tmp = np.empty((z, H, w), dtype=np.float32)
-        columns(x, tmp)
-        rows(tmp, out)
+        return out
+    rows_first = h * W * (H + w) <= H * w * (W + h)
+    tmp = np.empty((h, W) if rows_first else (H, w), dtype=np.float32)
+    for k in range(z):
+        if H == h:
+            np.matmul(x[k], rx.T, out=out[k])
+        elif W == w:
+            np.matmul(ry, x[k], out=out[k])
+        elif rows_first:
+            np.matmul(np.matmul(ry, x[k], out=tmp), rx.T, out=out[k])
+        else:
+            np.matmul(ry, np.matmul(x[k], rx.T, out=tmp), out=out[k])
     return out
 
 

@@ -1,8 +1,9 @@
 """The `qnkit segment` pipeline: CT file in, kidney mask on the input's exact grid out.
 
-load + reorient (qnkit.io) -> clip/scale/downsample (compiled kernel, in a background thread, one
-batch ahead of inference; the kernel releases the GIL) -> batched inference on a backend ->
-upsample + threshold back to the full grid (kernel) -> sides from the body's midline, then one kidney
+load + reorient (qnkit.io) -> HU window + in-plane resampling to the model's pixel spacing in mm
+(qnkit.resample: compiled kernels or BLAS, in a background thread, one batch ahead of inference;
+both release the GIL) -> batched inference on a backend -> probabilities back to the input's exact
+grid, then threshold -> sides from the body's midline, then one kidney
 per side (qnkit.postprocess) -> mask, stats, preview.
 
 The model part is :mod:`qnkit.inference`'s, chunk by chunk: each chunk is exactly one batch of
@@ -26,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from qnkit import inference, kernels
+from qnkit import inference
 from qnkit import io as qio
 from qnkit import postprocess as post
 from qnkit.errors import QnkitInputError
@@ -36,8 +37,6 @@ __all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_overlapped", "s
 
 MASK_SUFFIX = "_kidneys.nii.gz"
 STAGES = ("load", "preprocess", "inference", "postprocess", "write")
-#: Resample in-plane only when the pixel spacing is more than this factor outside the training range.
-SPACING_TOLERANCE = 1.5
 
 
 @dataclass
@@ -72,7 +71,7 @@ class CaseResult:
     voxel_volume_ml: float
     stats: dict
     timings: dict
-    resampled: dict | None = None
+    model_grid: dict | None = None  # input and model pixel spacing (mm), model grid (h, w)
     sides: np.ndarray | None = field(default=None, repr=False)  # internal layout, 1 right, 2 left
     ct: np.ndarray | None = field(default=None, repr=False)
     geometry: qio.Geometry | None = field(default=None, repr=False)
@@ -87,7 +86,7 @@ class CaseResult:
         return {
             "name": self.name, "input": str(self.input), "output": str(self.output) if self.output else None,
             "shape_internal": list(self.shape), "spacing_mm": [round(s, 4) for s in self.spacing],
-            "voxel_volume_ml": self.voxel_volume_ml, "resampled": self.resampled,
+            "voxel_volume_ml": self.voxel_volume_ml, "model_grid": self.model_grid,
             "kidneys": self.stats,
             "timings_s": {k: round(self.timings.get(k, 0.0), 4) for k in (*STAGES, "wall")},
             "slices": self.slices,
@@ -99,28 +98,29 @@ class CaseResult:
 # --- the model part -------------------------------------------------------------------------
 
 
-def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, batch_size: int = 16, threshold: float = 0.5,
+def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, spacing_hw=(1.0, 1.0),
+                       model_spacing: float | None = None, batch_size: int = 16, threshold: float = 0.5,
                        pad_multiple: int = 16, progress: Callable[[int], None] | None = None,
                        timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`qnkit.inference.segment_volume` with downsampling overlapped with inference.
+    """:func:`qnkit.inference.segment_volume` with the model-grid preprocessing overlapped with inference.
 
-    A worker thread downsamples chunk i+1 (and i+2) while the backend runs chunk i. A chunk is
+    A worker thread prepares chunk i+1 (and i+2) while the backend runs chunk i. A chunk is
     one batch, so the results equal segment_volume's bit for bit. `progress(n)` is called with
     the number of slices finished; `timings` gets 'preprocess' (worker time), 'inference' and
-    'upsample' seconds added. Returns (mask uint8 (Z, H, W), probabilities (Z, h, w)).
+    'upsample' seconds added. Returns (mask uint8 (Z, H, W), model-grid probabilities (Z, h, w)).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lo, hi = hu_window
     z, H, W = ct.shape
     times = {"preprocess": 0.0, "inference": 0.0, "upsample": 0.0}
-    probs = np.empty((z, (H + 1) // 2, (W + 1) // 2), dtype=np.float32)
+    probs = np.empty((z, *inference.model_grid_shape((H, W), spacing_hw, model_spacing)), dtype=np.float32)
 
-    def downsample(start: int) -> np.ndarray:
+    def prepare(start: int) -> np.ndarray:
         t = time.perf_counter()
-        half = kernels.downsample_image(ct[start:start + batch_size], lo, hi)
+        image = inference.to_model_input(ct[start:start + batch_size], hu_window=hu_window, spacing_hw=spacing_hw,
+                                         model_spacing=model_spacing)
         times["preprocess"] += time.perf_counter() - t
-        return half
+        return image
 
     starts = list(range(0, z, batch_size))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnkit-preprocess") as pool:
@@ -132,19 +132,19 @@ def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, batch_size: 
                     nxt = next(ahead, None)
                     if nxt is None:
                         break
-                    pending.append(pool.submit(downsample, nxt))
-                half = pending.popleft().result()
+                    pending.append(pool.submit(prepare, nxt))
+                image = pending.popleft().result()
                 t = time.perf_counter()
-                probs[start:start + len(half)] = inference.predict_volume(
-                    half, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
+                probs[start:start + len(image)] = inference.predict_volume(
+                    image, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
                 times["inference"] += time.perf_counter() - t
                 if progress is not None:
-                    progress(start + len(half))
+                    progress(start + len(image))
         finally:
             for fut in pending:
                 fut.cancel()
     t = time.perf_counter()
-    mask = kernels.upsample_threshold(probs, (H, W), threshold=threshold)
+    mask = inference.to_input_mask(probs, (H, W), threshold=threshold, model_spacing=model_spacing)
     times["upsample"] += time.perf_counter() - t
     if timings is not None:
         for k, v in times.items():
@@ -158,74 +158,32 @@ def _pad_multiple(bundle) -> int:
     return int(pre.get("pad_multiple", bundle.size_divisor))
 
 
-def _spacing_range(bundle) -> tuple[float, float] | None:
-    """Training pixel-spacing range (mm) recorded in the bundle, if any."""
-    meta = getattr(bundle, "metadata", {}) or {}
-    for section in ("preprocessing", "training"):
-        rng = (meta.get(section) or {}).get("pixel_spacing_range")
-        if rng:
-            lo, hi = (float(v) for v in rng)
-            if 0 < lo <= hi:
-                return lo, hi
-    return None
-
-
-def _resize_inplane(volume: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
-    """Resample the two in-plane axes to `shape` (pixel edges to pixel edges), float32."""
-    from scipy import ndimage as ndi
-
-    z, h, w = volume.shape
-    factors = (1.0, shape[0] / h, shape[1] / w)
-    out = ndi.zoom(volume.astype(np.float32, copy=False), factors, order=order, mode="nearest", grid_mode=True)
-    if out.shape[1:] != tuple(shape):  # zoom rounds; never off by more than one
-        out = out[:, :shape[0], :shape[1]]
-        out = np.pad(out, [(0, 0), (0, shape[0] - out.shape[1]), (0, shape[1] - out.shape[2])], mode="edge")
-    return np.ascontiguousarray(out)
-
-
 def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_window, threshold: float = 0.5,
-               pad_multiple: int = 16, spacing_range: tuple[float, float] | None = None,
+               pad_multiple: int = 16, model_spacing: float | None = None,
                options: SegmentOptions | None = None, progress=None,
-               timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
-    """Segment an internal-layout CT. Returns (mask, sides, resampled).
+               timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Segment an internal-layout CT. Returns (mask, sides, model_grid).
 
     `mask` is the output volume (uint8: 1 kidney, or 1 right / 2 left with split_sides),
-    `sides` always has 1 right / 2 left, `resampled` describes an in-plane resampling (or None).
-    Resampling happens only when `spacing_range` (the training pixel spacings) is given and the
-    input's pixel spacing is more than 1.5x outside it; probabilities are then resampled back to
-    the input's half-resolution grid before the usual upsample + threshold.
+    `sides` always has 1 right / 2 left, `model_grid` says how the model saw the slices:
+    {"input_pixel_spacing_mm": [row, col], "model_pixel_spacing_mm": m, "grid": [h, w]}. Each slice is
+    resampled in-plane to the model's `model_spacing` (mm) and the probabilities brought back to
+    the input's exact grid before thresholding; `model_spacing` None (a model without a domain
+    record) feeds half the input's resolution, as before the millimetre contract.
     """
     options = options or SegmentOptions()
     timings = timings if timings is not None else {}
-    lo, hi = hu_window
-    resampled = None
-    _, row_mm, col_mm = geometry.spacing
-    pixel = (row_mm + col_mm) / 2
-    if spacing_range is not None and not (spacing_range[0] / SPACING_TOLERANCE <= pixel
-                                          <= spacing_range[1] * SPACING_TOLERANCE):
-        target = min(max(pixel, spacing_range[0]), spacing_range[1])
-        H, W = ct.shape[1:]
-        new = (max(2, round(H * row_mm / target)), max(2, round(W * col_mm / target)))
-        t = time.perf_counter()
-        ct_r = _resize_inplane(ct, new, order=1)
-        timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
-        _, probs_r = predict_overlapped(ct_r, predict_batch, hu_window=(lo, hi), batch_size=options.batch_size,
-                                        threshold=threshold, pad_multiple=pad_multiple, progress=progress,
-                                        timings=timings)
-        t = time.perf_counter()
-        probs = _resize_inplane(probs_r, ((H + 1) // 2, (W + 1) // 2), order=1)
-        mask = kernels.upsample_threshold(probs, (H, W), threshold=threshold)
-        timings["upsample"] = timings.get("upsample", 0.0) + time.perf_counter() - t
-        resampled = {"pixel_spacing_mm": round(pixel, 4), "model_pixel_spacing_mm": round(target, 4),
-                     "grid": list(new)}
-    else:
-        mask, _ = predict_overlapped(ct, predict_batch, hu_window=(lo, hi), batch_size=options.batch_size,
-                                     threshold=threshold, pad_multiple=pad_multiple, progress=progress,
-                                     timings=timings)
+    spacing_hw = geometry.spacing[1:]
+    mask, probs = predict_overlapped(ct, predict_batch, hu_window=hu_window, spacing_hw=spacing_hw,
+                                     model_spacing=model_spacing, batch_size=options.batch_size, threshold=threshold,
+                                     pad_multiple=pad_multiple, progress=progress, timings=timings)
+    model_grid = {"input_pixel_spacing_mm": [round(s, 4) for s in spacing_hw],
+                  "model_pixel_spacing_mm": None if model_spacing is None else round(model_spacing, 4),
+                  "grid": list(probs.shape[1:])}
     t = time.perf_counter()
     out, sides = post.kidney_sides(mask, ct, geometry, options)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
-    return out, sides, resampled
+    return out, sides, model_grid
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -250,9 +208,9 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
     timings: dict = {"load": load_s}
     if progress is not None:
         progress(0, ct.shape[0])
-    mask, sides, resampled = segment_ct(
+    mask, sides, model_grid = segment_ct(
         ct, geometry, predict_batch, hu_window=bundle.hu_window, threshold=bundle.threshold,
-        pad_multiple=_pad_multiple(bundle), spacing_range=_spacing_range(bundle), options=options,
+        pad_multiple=_pad_multiple(bundle), model_spacing=inference.model_pixel_spacing(bundle), options=options,
         progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings)
     stats = kidney_stats(sides, ct, geometry)
     t = time.perf_counter()
@@ -262,7 +220,7 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
     timings["wall"] = time.perf_counter() - wall + (load_s if loaded is not None else 0.0)
     return CaseResult(name=case.name, input=case.image, output=out_path, shape=tuple(ct.shape),
                       spacing=geometry.spacing, voxel_volume_ml=geometry.voxel_volume_ml, stats=stats,
-                      timings=timings, resampled=resampled,
+                      timings=timings, model_grid=model_grid,
                       sides=sides if keep_arrays else None, ct=ct if keep_arrays else None,
                       geometry=geometry if keep_arrays else None)
 

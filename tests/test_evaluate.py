@@ -21,7 +21,7 @@ def test_evaluate_json_and_dice_floor(trained_run):
 
 def test_evaluate_matches_a_direct_full_grid_computation(trained_run):
     from qnkit import io as qio
-    from qnkit import kernels
+    from qnkit import kernels, resample
     from qnkit.inference import segment_volume
     from qnkit.nn.eager import make_predict_batch
     from qnkit.train import checkpoint as ckpt
@@ -31,10 +31,13 @@ def test_evaluate_matches_a_direct_full_grid_computation(trained_run):
     model, meta = ckpt.load_model(trained_run, "last")
     data = json.loads((trained_run / "evaluation_data.json").read_text())
     case = data["test"][0]
-    ct, _ = qio.load_image(f"{data['data_dir']}/{case}/imaging.nii.gz")
+    ct, geometry = qio.load_image(f"{data['data_dir']}/{case}/imaging.nii.gz")
     labels, _ = qio.load_labels(f"{data['data_dir']}/{case}/segmentation.nii.gz")
-    mask, probs = segment_volume(ct, make_predict_batch(model), hu_window=(-200, 400), batch_size=5)
+    model_mm = meta["domain"]["pixel_spacing_mm"]  # the run's model works in millimetres
+    mask, probs = segment_volume(ct, make_predict_batch(model), hu_window=(-200, 400), spacing_hw=geometry.spacing[1:],
+                                 model_spacing=model_mm, batch_size=5)
     assert mask.shape == ct.shape  # full volume, original grid, no slice cropping
+    assert probs.shape[1:] == resample.model_grid_shape(ct.shape[1:], geometry.spacing[1:], model_mm)
     assert result["cases"][0]["dice"] == pytest.approx(kernels.dice(mask, labels.astype(np.uint8)))
 
 

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qnkit import inference, kernels
+from qnkit import inference, kernels, resample
 from qnkit import io as qio
 from qnkit import segment as S
 from qnkit.postprocess import LEFT, RIGHT
@@ -40,7 +40,7 @@ def bundle(trained_run, tmp_path_factory) -> Path:
 def split(trained_run) -> dict:
     record = json.loads((trained_run / "evaluation_data.json").read_text())
     evaluation = json.loads((trained_run.parent / "evaluation.json").read_text())
-    return {"data": Path(record["data_dir"]), "test": list(record["test"]),
+    return {"data": Path(record["data_dir"]), "test": list(record["test"]), "run": trained_run,
             "dice": {r["case_id"]: r["dice"] for r in evaluation["cases"]}}
 
 
@@ -70,14 +70,17 @@ def _tiny_predict():
     return make_predict_batch(QuickNAT(QuickNATConfig(num_filters=4)))
 
 
-@pytest.mark.parametrize("shape,batch", [((7, 50, 38), 3), ((5, 32, 32), 16), ((4, 31, 45), 1)])
-def test_overlapped_pipeline_equals_segment_volume(shape, batch):
+@pytest.mark.parametrize("shape,batch,model_spacing", [((7, 50, 38), 3, None), ((5, 32, 32), 16, None),
+                                                       ((4, 31, 45), 1, None), ((7, 50, 38), 3, 1.3),
+                                                       ((4, 31, 45), 2, 0.6)])
+def test_overlapped_pipeline_equals_segment_volume(shape, batch, model_spacing):
     rng = np.random.default_rng(0)
     ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
     predict = _tiny_predict()
-    ref_mask, ref_probs = inference.segment_volume(ct, predict, hu_window=(-200, 400), batch_size=batch)
+    grid = dict(hu_window=(-200, 400), spacing_hw=(0.8, 0.8), model_spacing=model_spacing)
+    ref_mask, ref_probs = inference.segment_volume(ct, predict, batch_size=batch, **grid)
     seen = []
-    mask, probs = S.predict_overlapped(ct, predict, hu_window=(-200, 400), batch_size=batch, progress=seen.append)
+    mask, probs = S.predict_overlapped(ct, predict, batch_size=batch, progress=seen.append, **grid)
     assert np.array_equal(probs, ref_probs) and np.array_equal(mask, ref_mask)
     assert seen[-1] == shape[0] and seen == sorted(seen)
 
@@ -163,28 +166,81 @@ def test_default_postprocessing_scored_against_labels(tmp_path):
         assert kernels.dice(sides == side, truth == side) > 0.9
 
 
-def test_inplane_resampling_when_spacing_is_far_outside_training_range():
-    """With a recorded training pixel-spacing range, a coarse CT is resampled to it and back, in register."""
+def test_slices_are_resampled_to_the_model_spacing_and_back_in_register():
+    """A model at 4 mm sees a 7 mm CT on a finer grid; the mask comes back on the CT's grid, in register."""
     case = make_case(6, size=64, seed=0)  # ~7 mm pixels
     geo = qio.Geometry.from_affine(case.affine, case.imaging.shape)
 
     def bright(x):  # a stand-in "model": soft probability of bright tissue (enhancing cortex, bone, contrast)
         return np.clip((x - 0.6) * 4, 0, 1).astype(np.float32)
 
-    plain, _, none = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400),
-                                  options=S.SegmentOptions(postprocess=False, batch_size=8))
-    resampled, _, info = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), spacing_range=(3.0, 4.0),
-                                      options=S.SegmentOptions(postprocess=False, batch_size=8))
-    assert none is None and info["model_pixel_spacing_mm"] == 4.0
-    assert info["grid"][0] > case.imaging.shape[1]
-    assert resampled.shape == plain.shape
+    options = S.SegmentOptions(postprocess=False, batch_size=8)
+    old, _, legacy = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), options=options)
+    assert legacy["model_pixel_spacing_mm"] is None and legacy["grid"] == [32, 32]  # no domain: half resolution
+    fine, _, info = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), model_spacing=4.0, options=options)
+    assert info["model_pixel_spacing_mm"] == 4.0
+    assert info["input_pixel_spacing_mm"] == pytest.approx(list(geo.spacing[1:]), abs=1e-4)
+    assert info["grid"] == list(resample.model_grid_shape((64, 64), geo.spacing[1:], 4.0)) and info["grid"][0] > 64
+    assert fine.shape == old.shape == case.imaging.shape
     # same structures, in register: no one-pixel shift matches better
-    shifted = [kernels.dice(np.roll(resampled, (dy, dx), axis=(1, 2)), plain)
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    assert shifted[4] > 0.75 and shifted[4] == max(shifted)
-    inside, _, none = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), spacing_range=(5.0, 8.0),
-                                   options=S.SegmentOptions(postprocess=False, batch_size=8))
-    assert none is None and np.array_equal(inside, plain)
+    shifted = [kernels.dice(np.roll(fine, (dy, dx), axis=(1, 2)), old) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert shifted[4] > 0.6 and shifted[4] == max(shifted)
+    same, _, info = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), model_spacing=geo.spacing[1],
+                                 options=options)
+    assert info["grid"] == [64, 64]  # the model's own spacing: no resampling, the stand-in model pixel by pixel
+    window = (np.clip(case.imaging, -200, 400).astype(np.float32) + 200) / 600
+    assert np.array_equal(same, (bright(window) > 0.5).astype(np.uint8))
+    half, _, _ = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), model_spacing=2 * geo.spacing[1],
+                              options=options)
+    assert np.array_equal(half, old)  # exactly 2:1: the same kernels as an old model
+
+
+def test_same_ct_at_two_pixel_sizes_gives_the_same_kidneys(bundle, split, tmp_path):
+    """The trained model on one CT scanned at 64 px and at 96 px over the same field of view (both made
+    from a 128 px phantom by area averaging, as a scanner integrates over its pixels): the two masks,
+    brought to the 64 px grid, agree. Each reaches the model on the same grid, in millimetres."""
+    from conftest import write_resampled_case
+
+    from qnkit.bundle import load_bundle
+    from qnkit.nn.eager import make_predict_batch
+    from qnkit.train import checkpoint as ckpt
+
+    b = load_bundle(bundle)
+    model, _ = ckpt.load_model(split["run"], "best")
+    predict = make_predict_batch(model)
+    source = write_case(make_case(3, size=128, seed=11), tmp_path / "source")
+    masks, grids = [], []
+    for size in (64, 96):
+        folder = write_resampled_case(source, tmp_path / str(size), size)
+        ct, geo = qio.load_image(next(folder.glob("imaging.nii*")))
+        mask, _, info = S.segment_ct(ct, geo, predict, hu_window=b.hu_window, threshold=b.threshold,
+                                     pad_multiple=S._pad_multiple(b), model_spacing=inference.model_pixel_spacing(b),
+                                     options=S.SegmentOptions(postprocess=False, batch_size=8))
+        assert mask.shape[1:] == (size, size) and info["model_pixel_spacing_mm"] == b.domain["pixel_spacing_mm"]
+        masks.append((mask > 0).astype(np.uint8))
+        grids.append(info["grid"])
+    coarse, fine = masks
+    assert grids[0] == grids[1]
+    fine_on_coarse = (resample.coverage_to_model_grid(fine, (1.0, 1.0), 1.5) >= 0.5).view(np.uint8)
+    assert coarse.sum() > 50
+    assert kernels.dice(fine_on_coarse, coarse) >= 0.95
+
+
+def test_bundle_records_the_models_domain_and_figures(bundle, split):
+    from qnkit.bundle import load_bundle
+    from qnkit.train import checkpoint as ckpt
+
+    domain = load_bundle(bundle).domain
+    _, meta = ckpt.load_model(split["run"], "best")
+    run_domain = json.loads((split["run"] / "splits.json").read_text())["domain"]
+    assert {k: v for k, v in domain.items() if k != "figures"} == meta["domain"] == run_domain
+    assert domain["pixel_spacing_mm"] > 0 and domain["hu_window"] == [-200.0, 400.0]
+    lo, hi = domain["slice_thickness_mm"]
+    assert 0 < lo <= hi and domain["training_data"]["source"] == "synthetic"
+    assert domain["figures"]["best_validation_dice"] == meta["metrics"]["best_val_dice"]
+    test = json.loads((split["run"].parent / "evaluation.json").read_text())  # the fixture evaluated this checkpoint
+    assert domain["figures"]["test_dice"] == pytest.approx(test["mean_dice"])
+    assert load_bundle(bundle).input_size == tuple(domain["input_size"])
 
 
 def _reoriented(src: Path, dst: Path, codes: tuple[str, str, str], dtype=None) -> Path:
@@ -251,10 +307,40 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert [c["name"] for c in stats["cases"]] == sorted(split["test"])
+    model_mm = json.loads((bundle / "qnkit.json").read_text())["domain"]["pixel_spacing_mm"]
+    for entry in stats["cases"]:  # how the model saw each case: its own pixel size, the model's, the grid
+        geo = qio.load_geometry(data / entry["name"] / "imaging.nii.gz")
+        assert entry["model_grid"] == {"input_pixel_spacing_mm": [round(s, 4) for s in geo.spacing[1:]],
+                                       "model_pixel_spacing_mm": model_mm,
+                                       "grid": list(resample.model_grid_shape(geo.internal_shape[1:],
+                                                                              geo.spacing[1:], model_mm))}
     for case_id in split["test"]:
         mask = out / f"{case_id}_kidneys.nii.gz"
         _assert_same_grid(mask, data / case_id / "imaging.nii.gz")
         assert _dice_of(mask, data / case_id / "segmentation.nii.gz") == pytest.approx(expected[case_id], abs=1e-9)
+
+
+def test_default_postprocessing_of_the_trained_model(run_qnkit, bundle, split, tmp_path):
+    """`qnkit segment` as a user runs it (post-processing on) scored against the labels of the held-out cases:
+    never worse than the raw masks `qnkit evaluate` scores, and the stats say which kidneys were found."""
+    out = tmp_path / "masks"
+    data = tmp_path / "data"
+    for case_id in split["test"]:
+        shutil.copytree(split["data"] / case_id, data / case_id)
+    proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--split-sides",
+                     "--stats", tmp_path / "stats.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    stats = {c["name"]: c["kidneys"] for c in json.loads((tmp_path / "stats.json").read_text())["cases"]}
+    gains = []
+    for case_id in split["test"]:
+        mask_path = out / f"{case_id}_kidneys.nii.gz"
+        dice = _dice_of(mask_path, data / case_id / "segmentation.nii.gz")
+        gains.append(dice - split["dice"][case_id])
+        mask, _ = qio.load_labels(mask_path)
+        for side, value in (("right", RIGHT), ("left", LEFT)):
+            assert stats[case_id][side]["present"] == bool((mask == value).any())
+            assert stats[case_id][side]["present"] == (stats[case_id][side]["volume_ml"] > 0)
+    assert min(gains) >= -0.01 and np.mean(gains) >= 0, gains
 
 
 def test_stats_split_sides_preview_and_force(run_qnkit, bundle, split, tmp_path):

@@ -1,9 +1,11 @@
 """Test-set evaluation of a run: per-volume Dice on the ORIGINAL image grid.
 
 Each test case of RUN_DIR/evaluation_data.json is segmented whole (no slice cropping) through
-`qnkit.inference.segment_volume`, the path `qnkit segment` uses, with the eager torch backend, and
-compared with its labels (tumor counts as kidney). Mean and standard deviation over volumes go to
-the evaluation TensorBoard writer at the checkpoint's epoch.
+`qnkit.inference.segment_volume`, the path `qnkit segment` uses, with the eager torch backend (each
+slice resampled to the model's pixel spacing and the probabilities brought back to the case's grid),
+and compared with its labels (tumor counts as kidney). Mean and standard deviation over volumes go to
+the evaluation TensorBoard writer at the checkpoint's epoch and to RUN_DIR/test_dice.json, from where
+`qnkit export` copies them into the bundle's domain record.
 """
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from qnkit import kernels
+from qnkit._atomic import write_text_atomic
 from qnkit.errors import QnkitInputError
-from qnkit.inference import segment_volume
+from qnkit.inference import model_pixel_spacing, segment_volume
+
+#: RUN_DIR file with the last test evaluation's summary (checkpoint, epoch, mean and std Dice, cases).
+TEST_DICE_NAME = "test_dice.json"
 
 
 def test_cases(run_dir: Path, data_dir: Path | None) -> tuple[Path, list[str]]:
@@ -69,7 +75,8 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         labels, _ = qio.load_labels(labels_path)
         if ct.shape != labels.shape:
             raise QnkitInputError(f"{case_id}: image shape {ct.shape} and label shape {labels.shape} differ")
-        mask, _ = segment_volume(ct, predict, hu_window=(pre["hu_lo"], pre["hu_hi"]), batch_size=batch_size,
+        mask, _ = segment_volume(ct, predict, hu_window=(pre["hu_lo"], pre["hu_hi"]), spacing_hw=geometry.spacing[1:],
+                                 model_spacing=model_pixel_spacing(meta), batch_size=batch_size,
                                  threshold=threshold, pad_multiple=int(pre.get("pad_multiple", 16)))
         target = (labels > 0).astype(np.uint8)
         ml = float(geometry.voxel_volume_ml)
@@ -88,4 +95,7 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         logger.text("evaluation", "cases", "\n".join(f"{r['case_id']}: {r['dice']:.4f}" for r in rows), meta["epoch"])
         logger.close()
         result["tensorboard"] = str(tensorboard_dir(run_dir, log_dir) / "evaluation")
+        write_text_atomic(run_dir / TEST_DICE_NAME, json.dumps(
+            {"checkpoint": which, "epoch": meta["epoch"], "mean_dice": result["mean_dice"],
+             "std_dice": result["std_dice"], "cases": len(rows)}, indent=1))
     return result

@@ -34,7 +34,8 @@ from qnkit.train.settings import Settings, read_ini
 from qnkit.train.solver import Solver, count_parameters, seed_everything
 from qnkit.train.tb_logging import Logger
 
-ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard")
+ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard",
+             "test_dice.json")
 RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
                      ("COMMON", "progress")}
 
