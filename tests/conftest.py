@@ -4,6 +4,7 @@
 - `synth_dataset_factory(cases=, size=, seed=)`: other sizes, cached per session by parameters.
 - `trained_run`: RUN_DIR of a tiny QuickNAT trained on `synth_dataset` (SMALL_TRAIN_ARGS: 3 epochs, 8 filters) and
   evaluated once; shared by the training/evaluation tests (read-only).
+- `exported_bundle`: a bundle exported once from `trained_run` (FP32 ONNX; read-only).
 - `run_qnkit(*args, env=None)`: `python -m qnkit ...` in a subprocess -> CompletedProcess.
 """
 from __future__ import annotations
@@ -62,6 +63,16 @@ def trained_run(synth_dataset, tmp_path_factory) -> Path:
     proc = _run_qnkit("evaluate", run, "--json", run.parent / "evaluation.json")
     assert proc.returncode == 0, proc.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(trained_run, tmp_path_factory) -> Path:
+    """A model bundle (FP32 ONNX) exported once from `trained_run` (read-only)."""
+    from qnkit.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("exported") / "bundle"
+    export_bundle(trained_run, out, log=lambda m: None)
+    return out
 
 
 def write_resampled_case(case_dir: Path, out_root: Path, size: int) -> Path:

@@ -1,7 +1,8 @@
 """`qnkit segment`: kidney masks for CT volumes with an exported model bundle.
 
 Everything that can be checked before the (slow) work is checked first: inputs exist and are
-NIfTI, outputs do not exist (unless --force), output folders are writable, the bundle is intact.
+NIfTI or DICOM, outputs do not exist (unless --force), output folders are writable, the bundle is
+intact. The loop over cases is the library's (:func:`qnkit.batch.segment_many`).
 Bad input ends with one line and exit code 2; in batch mode a failing case is reported, the
 others go on, and the exit code is non-zero at the end (2 when every failure was bad input,
 else 1).
@@ -16,12 +17,20 @@ import typer
 
 def command(
     inputs: List[Path] = typer.Argument(..., metavar="INPUT...", show_default=False,
-                                        help="NIfTI file(s), KiTS19 case folder(s) (imaging.nii.gz), or a folder of "
-                                             "NIfTI files / case folders (batch mode)."),
+                                        help="NIfTI file(s), KiTS19 case folder(s) (imaging.nii.gz), DICOM folder(s) "
+                                             "(any nesting) or .zip(s) of one, or a folder of NIfTI files / case "
+                                             "folders / zips (batch mode)."),
     model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder written by `qnkit export`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Output file (single input, .nii/.nii.gz) or folder. Default: "
-                                            "<input stem>_kidneys.nii.gz beside the input."),
+                                            "<input stem>_kidneys.nii.gz beside the input (SEG: _kidneys_seg.dcm, "
+                                            "RTSTRUCT: _kidneys_rtstruct.dcm)."),
+    formats: Optional[str] = typer.Option(None, "--format", metavar="LIST",
+                                          help="Outputs, any of nifti,seg,rtstruct (comma-separated). Default: nifti, "
+                                               "or seg for a DICOM input. SEG and RTSTRUCT need a DICOM input."),
+    series: Optional[str] = typer.Option(None, "--series", metavar="UID",
+                                         help="SeriesInstanceUID to read when a DICOM input holds several CT series "
+                                              "(default: the one with the most slices)."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt."),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | fp16 | bf16 | int8 (auto: fp16 on a "
                                                               "GPU, fp32 on the CPU)."),
@@ -50,6 +59,7 @@ def command(
     """Segment both kidneys: mask on the input's exact grid, optional stats JSON and preview PNG."""
     from rich.console import Console
 
+    from qnkit import batch as B
     from qnkit import segment as S
     from qnkit.errors import QnkitInputError
 
@@ -61,13 +71,13 @@ def command(
                                closing_unit=unit, split_sides=split_sides,
                                **{k: v for k, v in (("min_kidney_ml", min_kidney_ml), ("merge_mm", merge_mm))
                                   if v is not None})
-    cases, batch = S.resolve_inputs(inputs)
+    cases, batch = B.resolve_cases(inputs)
 
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
 
     bundle = load_bundle(model, verify=True)
-    plan = plan_outputs(cases, batch, out=out, stats=stats, preview=preview, force=force)
+    plan = B.plan_outputs(cases, batch, out=out, formats=formats, stats=stats, preview=preview, force=force)
     if threads:
         from qnkit import kernels
 
@@ -83,135 +93,46 @@ def command(
                                            batch_size=batch_size, log=lambda msg: err.print(msg, markup=False),
                                            **extra))
             except QnkitInputError as exc:
-                raise BackendUnavailable(str(exc)) from None
+                raise B.BackendUnavailable(str(exc)) from None
         return opened[0]
 
     try:
-        results, failures = run_cases(cases, plan, engine, bundle, options, force=force, progress=progress,
-                                      console=err)
+        done = B.segment_many(cases, bundle, options, outputs=plan, predict=lambda x: engine().predict(x),
+                              series=series, overwrite=force, stop_on_error=len(cases) == 1, progress=progress,
+                              console=err)
     finally:
         for e in opened:
             e.close()
-    summarize(results, failures, opened[0] if opened else None, plan, bundle,
-              console=Console(highlight=False, soft_wrap=True))
+    results, failures = done.results, done.failures
+    summarize(done, opened[0] if opened else None, stats, bundle, console=Console(highlight=False, soft_wrap=True))
     if failures:
         bad_input = all(isinstance(exc, QnkitInputError) for _, exc in failures)
         err.print(f"qnkit: error: {len(failures)} of {len(cases)} case(s) failed", markup=False)
         raise typer.Exit(2 if bad_input else 1)
 
 
-class BackendUnavailable(Exception):
-    """The asked-for backend cannot run here: stops the whole command (exit 2), even in batch mode."""
-
-
-def plan_outputs(cases, batch: bool, *, out, stats, preview, force: bool) -> dict:
-    """Output paths per case (+ stats/preview), checked: not an input, not existing, folders writable."""
-    from qnkit import io as qio
-    from qnkit import segment as S
-    from qnkit.errors import QnkitInputError
-
-    if out is not None and (out.is_dir() or not qio.is_nifti_path(out)):
-        if out.exists() and not out.is_dir():
-            raise QnkitInputError(f"--out {out} exists and is not a folder or a NIfTI file name")
-        S.check_writable_folder(out, create=True)
-    masks = {c.name: S.output_path(c, out, batch) for c in cases}
-    previews = {}
-    if preview is not None:
-        if preview.suffix.lower() != ".png":
-            raise QnkitInputError(f"--preview {preview}: expected a .png file name")
-        for c in cases:
-            previews[c.name] = preview if not batch else preview.with_name(f"{preview.stem}_{c.name}.png")
-    if stats is not None and stats.suffix.lower() != ".json":
-        raise QnkitInputError(f"--stats {stats}: expected a .json file name")
-    inputs = [c.image for c in cases]
-    every = list(masks.values()) + list(previews.values()) + ([stats] if stats is not None else [])
-    for path in every:
-        if any(S.same_file(path, i) for i in inputs):
-            raise QnkitInputError(f"{path}: refusing to write over an input file")
-        if path.is_dir():
-            raise QnkitInputError(f"{path} is a folder, not a file name")
-        if path.exists() and not force:
-            raise QnkitInputError(f"{path} exists; pass --force to replace it")
-    if len(set(map(str, every))) != len(every):
-        raise QnkitInputError("two outputs would have the same file name; choose other --out/--stats/--preview")
-    for folder in sorted({p.parent for p in every}, key=str):
-        S.check_writable_folder(folder)
-    return {"masks": masks, "previews": previews, "stats": stats}
-
-
-def run_cases(cases, plan, engine, bundle, options, *, force: bool, progress: bool, console):
-    """Segment every case; returns (results, [(case, exception)]). A single case's error propagates
-    as is from the caller; in batch mode each failure is logged and the rest go on."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from qnkit import segment as S
-    from qnkit.errors import QnkitInputError
-    from qnkit.preview import render_preview
-    from qnkit.report import describe_sides
-
-    results, failures = [], []
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, disable=not progress, transient=True)
-    with bar:
-        cases_task = bar.add_task("cases", total=len(cases), visible=len(cases) > 1)
-        slices_task = bar.add_task("slices", total=None)
-        for case in cases:
-            bar.update(slices_task, description=f"{case.name} slices", completed=0, total=None)
-            target = plan["masks"][case.name]
-            existed = target.exists()
-            try:
-                loaded = S.load_case(case)
-                result = S.segment_file(
-                    case, target, engine().predict, bundle=bundle, options=options, overwrite=force,
-                    keep_arrays=case.name in plan["previews"], loaded=loaded,
-                    progress=lambda n, total: bar.update(slices_task, completed=n, total=total))
-                if case.name in plan["previews"]:
-                    try:
-                        png = render_preview(result.ct, result.sides, result.spacing, window=bundle.hu_window,
-                                             title=f"{case.name}: {describe_sides(result.stats)}")
-                        from qnkit._atomic import write_bytes_atomic
-
-                        write_bytes_atomic(plan["previews"][case.name], png)
-                    except BaseException:
-                        if not existed:
-                            target.unlink(missing_ok=True)  # all of a case's outputs, or none
-                        raise
-                result.ct = result.sides = result.geometry = None
-                results.append(result)
-            except BackendUnavailable as exc:
-                raise QnkitInputError(str(exc)) from None
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # noqa: BLE001 - batch mode reports and goes on
-                if len(cases) == 1:
-                    raise
-                failures.append((case, exc))
-                why = str(exc) if isinstance(exc, QnkitInputError) else f"{type(exc).__name__}: {exc}"
-                console.print(f"qnkit: {case.name} failed: {' '.join(why.split())}", markup=False)
-            bar.advance(cases_task)
-    return results, failures
-
-
-def summarize(results, failures, engine, plan, bundle, *, console) -> None:
-    """Print one line per case (stdout) and write the stats JSON when asked."""
+def summarize(done, engine, stats, bundle, *, console) -> None:
+    """Print one line per case (stdout) and write the stats JSON (to ``stats``) when asked."""
     import json
 
     from qnkit import __version__ as version
     from qnkit._atomic import write_text_atomic
     from qnkit.report import describe_sides
 
+    results, failures = done.results, done.failures
     desc = engine.describe() if engine is not None else {"name": "none", "precision": "-", "device": "-",
                                                           "batch_size": 0}
     for r in results:
         j = r.to_json()
+        written = ", ".join(map(str, done.outputs[r.name].paths())) or "nothing written"
         console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
-                      f"({j['slices_per_s']} slices/s) -> {r.output}", markup=False)
+                      f"({j['slices_per_s']} slices/s) -> {written}", markup=False)
     console.print(f"backend {desc['name']} ({desc['precision']}, {desc['device']}, batch {desc['batch_size']}); "
                   f"{len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else ""),
                   markup=False)
-    if plan["stats"] is not None:
+    if stats is not None:
         doc = {"qnkit": version, "model": str(bundle.path), "backend": desc,
                "threshold": bundle.threshold, "hu_window": list(bundle.hu_window),
                "cases": [r.to_json() for r in results] + [
                    {"name": c.name, "input": str(c.image), "error": " ".join(str(e).split())} for c, e in failures]}
-        write_text_atomic(plan["stats"], json.dumps(doc, indent=1, default=str) + "\n")
+        write_text_atomic(stats, json.dumps(doc, indent=1, default=str) + "\n")
