@@ -1,0 +1,155 @@
+"""`qnkit listen` against a real PACS (Orthanc): series in by C-STORE, SEG and RTSTRUCT found in Orthanc,
+an unknown calling AE title rejected, a series with a corrupt instance reported while the node goes on,
+clean shutdown on SIGTERM. The whole exchange runs in tests/dicom_node_scenario.py inside a private
+network namespace (loopback only); the node uses the session's small trained model. Those tests are
+skipped only when Orthanc is not installed (CI installs it, see .ci/run).
+
+In-process tests of the node: a restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1
+(segmentation with the stand-in predictor of tests/dicom_cases.py); received UIDs never become paths.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dicom_cases as D
+
+pytest.importorskip("pynetdicom")
+
+SCENARIO = Path(__file__).with_name("dicom_node_scenario.py")
+
+
+def _in_private_network(command: list[str]) -> list[str]:
+    """``command`` run in a new network namespace with only its loopback interface up."""
+    probe = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"cannot make a private network namespace (unshare --net needs root): {probe.stderr.strip()}")
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "scenario", *command]
+
+
+@pytest.fixture(scope="module")
+def scenario(exported_bundle, tmp_path_factory) -> dict:
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc (Debian package orthanc) is not installed")
+    root = tmp_path_factory.mktemp("node")
+    good = D.referable_series(root / "good")
+    corrupt = D.broken(good, root / "corrupt_src", "corrupt")
+    for path in corrupt.iterdir():  # its own series, so that the good one is judged apart
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1099"
+        ds.save_as(path)
+    result = root / "result.json"
+    proc = subprocess.run(_in_private_network([sys.executable, str(SCENARIO), str(exported_bundle), str(good),
+                                               str(corrupt), str(root / "work"), str(result)]),
+                          capture_output=True, text=True, timeout=900)
+    assert result.exists(), proc.stderr[-3000:]
+    out = json.loads(result.read_text())
+    assert "error" not in out, (out["error"], (root / "work" / "node.stderr").read_text()[-3000:]
+                                if (root / "work" / "node.stderr").exists() else "")
+    return out
+
+
+def test_unknown_calling_ae_is_rejected(scenario):
+    assert scenario["intruder"] == {"established": False, "rejected": True, "statuses": []}
+
+
+def test_series_in_seg_and_rtstruct_found_in_orthanc(scenario):
+    import highdicom as hd
+
+    assert scenario["good_sent"]["statuses"] == [0] * 20
+    assert scenario["orthanc_modalities"] == ["RTSTRUCT", "SEG"]
+    seg = hd.seg.segread(scenario["seg_file"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scenario["good_uid"]
+    assert scenario["left_in_incoming"] == []  # delivered, so nothing kept
+    lines = [line for line in scenario["node_log"] if scenario["good_uid"] in line]
+    assert len(lines) == 1 and "sent to ORTHANC@" in lines[0], scenario["node_log"]
+
+
+def test_corrupt_instance_reported_and_node_goes_on(scenario):
+    lines = [line for line in scenario["node_log"] if scenario["corrupt_uid"] in line]
+    assert len(lines) == 1 and "FAILED" in lines[0] and "cannot decode pixel data" in lines[0], lines
+    assert scenario["failed"] == [scenario["corrupt_uid"]]
+
+
+def test_clean_shutdown_on_sigterm(scenario):
+    assert scenario["node_rc"] == 0
+    assert scenario["node_log"][-1].endswith("stopped")
+
+
+def test_received_uids_never_become_paths():
+    from qnkit.dicom.node import safe_name
+
+    assert safe_name("1.2.840.113619.2.55") == "1.2.840.113619.2.55"
+    for evil in ("../../etc/passwd", "/abs", "1.2/3", "", "1." * 40, "a\x00b"):
+        name = safe_name(evil)
+        assert name.startswith("x") and name.isalnum() and len(name) == 41
+
+
+def _storage_scp(received: list):
+    """A pynetdicom C-STORE SCP on 127.0.0.1 (any free port) that keeps what it receives."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import RTStructureSetStorage, SegmentationStorage
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(SegmentationStorage)
+    ae.add_supported_context(RTStructureSetStorage)
+
+    def store(event):
+        received.append(event.dataset)
+        return 0x0000
+
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+
+
+def test_restart_resumes_and_delivers(exported_bundle, tmp_path):
+    import socket
+
+    from qnkit.batch import segment_many
+    from qnkit.bundle import load_bundle
+    from qnkit.dicom.node import Destination, Node, NodeConfig
+    from qnkit.segment import CaseInput, SegmentOptions
+
+    bundle = load_bundle(exported_bundle)
+    predict = D.hu_predictor(30, 200, bundle.hu_window)
+
+    def segment(folder, outputs):
+        case = CaseInput(folder.name, folder, folder)
+        segment_many([case], bundle, SegmentOptions(), outputs={case.name: outputs}, predict=predict,
+                     stop_on_error=True)
+        return "segmented"
+
+    work = tmp_path / "work"
+    D.referable_series(work / "incoming" / D.SERIES_UID)  # as received before a restart
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    log: list = []
+    config = NodeConfig(workdir=work, send_to=Destination("DEST", "127.0.0.1", dead), allowed_callers=("PACS",),
+                        quiet_seconds=0, formats=("seg", "rtstruct"))
+    node = Node(config, segment, log=log.append)
+    assert node.due() == [D.SERIES_UID]
+    node.process(D.SERIES_UID)
+    assert "NOT sent" in log[-1] and len(log) == 1
+    assert sorted(p.name for p in (work / "outgoing" / D.SERIES_UID).iterdir()) == ["rtstruct.dcm", "seg.dcm"]
+    assert len(list((work / "incoming" / D.SERIES_UID).iterdir())) == 20  # kept until delivered
+
+    received: list = []
+    server = _storage_scp(received)
+    try:
+        config.send_to = Destination("DEST", "127.0.0.1", server.server_address[1])
+        node = Node(config, segment, log=log.append)  # the restart
+        for series in node.due():
+            node.process(series)
+    finally:
+        server.shutdown()
+    assert "sent to DEST@127.0.0.1" in log[-1]
+    assert sorted(ds.Modality for ds in received) == ["RTSTRUCT", "SEG"]
+    assert all(ds.StudyInstanceUID == D.STUDY_UID for ds in received)
+    assert list((work / "incoming").iterdir()) == [] and list((work / "outgoing").iterdir()) == []
