@@ -63,14 +63,15 @@ for name in ("preprocess", "metrics", "resample"):
         extensions.append(_extension(f"{name}_avx512", avx512))
 
 setup(
-    packages=["qnkit", "qnkit.synth", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
+    packages=["qnkit", "qnkit.synth", "qnkit.models", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
     package_dir={
         "qnkit": "qnkit",
         "qnkit.train": "train",
         "qnkit.export": "export",
         "qnkit.benchmarks": "benchmarks",
     },
-    package_data={"qnkit.train": ["*.ini"], "qnkit.synth": ["data/*"]},
+    package_data={"qnkit.train": ["*.ini"], "qnkit.synth": ["data/*"],
+                  "qnkit.models": ["registry.json", "*/*.json", "*/*.onnx", "*/*.safetensors"]},
     ext_modules=cythonize(
         extensions,
         compiler_directives={

@@ -14,7 +14,7 @@ import typer
 
 from qnkit.errors import QnkitInputError
 
-COMMANDS = ("synth", "train", "evaluate", "export", "segment", "listen", "bench", "demo")
+COMMANDS = ("synth", "train", "evaluate", "export", "verify", "segment", "models", "listen", "bench", "demo")
 
 app = typer.Typer(
     name="qnkit",

@@ -19,7 +19,7 @@ from qnkit.errors import QnkitInputError
 from qnkit.nn.config import QuickNATConfig
 
 HERE = Path(__file__).resolve().parent
-PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini"}
+PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini", "shipped": HERE / "shipped.ini"}
 
 
 @dataclass
@@ -264,7 +264,7 @@ def read_ini(path: str | Path, base: Settings | None = None) -> Settings:
 
 
 def load_settings(path: str | Path | None = None, overrides: dict | None = None) -> Settings:
-    """Defaults <- .ini (a path, or a preset name: local | cluster) <- command-line overrides.
+    """Defaults <- .ini (a path, or a preset name: local | cluster | shipped) <- command-line overrides.
 
     `overrides` maps (SECTION, key) to a value; None values are skipped.
     """

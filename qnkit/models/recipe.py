@@ -1,0 +1,129 @@
+"""The recipe of a shipped model: one command from nothing to an installed, validated bundle.
+
+    python -m qnkit.models.recipe kidney-synth --workdir WORK --kits-labels shared/data/kits19-labels \\
+        --real-ct shared/data/real-ct/example_ct_sm.nii.gz --real-labels shared/data/real-ct/example_seg.nii.gz
+
+Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export):
+``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> ``qnkit
+evaluate`` (held-out phantoms) -> ``qnkit export`` -> ``qnkit segment`` of the real validation CT,
+scored per kidney against its labels -> the bundle copied into ``qnkit/models/<name>/`` and its
+entry (recipe, figures) written to ``registry.json``. A step whose output already exists is reused,
+so an interrupted build resumes (``qnkit train --resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from qnkit.models import MODELS_DIR, REGISTRY
+
+RECIPES = {
+    "kidney-synth": {
+        "description": "QuickNAT (16 filters) at 2.5 mm pixels, trained only on anatomy phantoms",
+        "synth": ["--cases", "140", "--seed", "1", "--generator", "anatomy", "--pixel-range", "1.3,2.6"],
+        "settings": "shipped",  # preset: train/shipped.ini
+        "export": ["--int8"],
+    },
+}
+
+
+def _qnkit(*args, log=print) -> None:
+    cmd = [sys.executable, "-m", "qnkit", *map(str, args)]
+    log("$ qnkit " + " ".join(map(str, args)))
+    subprocess.run(cmd, check=True)
+
+
+def kidney_dice(mask: np.ndarray, labels: np.ndarray, right: int, left: int, sides: np.ndarray | None = None) -> dict:
+    """Dice of both kidneys together and (with `sides`: 1 right, 2 left) of each side; volumes in voxels."""
+    def dice(a, b):
+        s = int(a.sum()) + int(b.sum())
+        return 2.0 * int(np.logical_and(a, b).sum()) / s if s else 1.0
+
+    truth = np.isin(labels, (right, left))
+    out = {"both": dice(mask > 0, truth), "voxels": int((mask > 0).sum()), "voxels_true": int(truth.sum())}
+    if sides is not None:
+        for name, value, code in (("right", right, 1), ("left", left, 2)):
+            out[name] = dice(sides == code, labels == value)
+            out[f"voxels_{name}"] = int((sides == code).sum())
+            out[f"voxels_true_{name}"] = int((labels == value).sum())
+    return out
+
+
+def validate_real_ct(bundle: Path, ct: Path, labels: Path, work: Path, right: int = 2, left: int = 3) -> dict:
+    """Segment a real CT with the bundle (`qnkit segment --split-sides`) and score it on its own grid."""
+    import nibabel as nib
+
+    out = work / "real_ct_kidneys.nii.gz"
+    if out.exists():
+        out.unlink()
+    _qnkit("segment", ct, "--model", bundle, "--out", out, "--split-sides", "--no-progress")
+    sides = np.asarray(nib.load(str(out)).dataobj)
+    lab = np.asarray(nib.load(str(labels)).dataobj)
+    return kidney_dice(sides > 0, lab, right, left, sides=sides)
+
+
+def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, real_labels: Path | None,
+          install: bool = True) -> dict:
+    recipe = RECIPES[name]
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
+    if not (data / "kits.json").is_file():
+        _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", "2", "--no-progress")
+    if (run / "checkpoints").is_dir():
+        _qnkit("train", "--out", run, "--resume", "--no-progress")
+    else:
+        _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress")
+    _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    _qnkit("export", run, "--out", bundle, *recipe["export"])
+    evaluation = json.loads((workdir / "evaluation.json").read_text())
+    entry = {
+        "description": recipe["description"],
+        "trained_on": f"{recipe['synth'][1]} anatomy phantoms (qnkit synth {' '.join(recipe['synth'])}; "
+                      f"kidney shapes from the KiTS19 label maps), no real CT image",
+        "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS",
+        "settings": f"train/{recipe['settings']}.ini",
+        "not_for": "clinical use: qnkit and its models are not a medical device",
+        "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
+                        "figures": {"mean_dice": evaluation.get("mean_dice")}}],
+    }
+    if real_ct is not None and real_labels is not None:
+        figures = validate_real_ct(bundle, real_ct, real_labels, workdir)
+        entry["validation"].append({
+            "data": f"real CT {real_ct.name} (TotalSegmentator example, labels 2/3; validation only, never trained on)",
+            "summary": f"Dice both {figures['both']:.3f}, right {figures.get('right', float('nan')):.3f}, "
+                       f"left {figures.get('left', float('nan')):.3f}",
+            "figures": figures})
+    if install:
+        target = MODELS_DIR / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(bundle, target)
+        registry = json.loads(REGISTRY.read_text()) if REGISTRY.is_file() else {"models": {}}
+        registry["models"][name] = {**entry, "default": True}
+        REGISTRY.write_text(json.dumps(registry, indent=1) + "\n")
+    return entry
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--kits-labels", type=Path, required=True, help="KiTS19 label maps (case_*/segmentation.nii.gz)")
+    parser.add_argument("--real-ct", type=Path)
+    parser.add_argument("--real-labels", type=Path)
+    parser.add_argument("--no-install", action="store_true")
+    args = parser.parse_args(argv)
+    entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install)
+    print(json.dumps(entry, indent=1))
+
+
+if __name__ == "__main__":
+    main()
