@@ -20,7 +20,8 @@ def command(
                                         help="NIfTI file(s), KiTS19 case folder(s) (imaging.nii.gz), DICOM folder(s) "
                                              "(any nesting) or .zip(s) of one, or a folder of NIfTI files / case "
                                              "folders / zips (batch mode)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder written by `qnkit export`."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model bundle folder written by `qnkit export`, "
+                                        "or the name of a shipped model (`qnkit models`); default: the shipped model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Output file (single input, .nii/.nii.gz) or folder. Default: "
                                             "<input stem>_kidneys.nii.gz beside the input (SEG: _kidneys_seg.dcm, "
@@ -76,7 +77,9 @@ def command(
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
 
-    bundle = load_bundle(model, verify=True)
+    from qnkit.models import resolve_model
+
+    bundle = load_bundle(resolve_model(model), verify=True)
     plan = B.plan_outputs(cases, batch, out=out, formats=formats, stats=stats, preview=preview, force=force)
     if threads:
         from qnkit import kernels
