@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 
 from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
                           WEIGHTS, sha256_file)
-from qnkit._atomic import current_umask
+from qnkit._atomic import remove_path, swap_in_dir, temp_dir
 from qnkit.errors import QnkitInputError
 
 from . import verify
@@ -135,7 +133,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         raise QnkitInputError(f"input size {hw[0]}x{hw[1]} must be positive multiples of {cfg.size_divisor}")
     trained = bool(cmeta.get("epoch")) and bool(cmeta.get("metrics"))
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS),
                   metadata={"format": "qnkit-quicknat-weights"})
@@ -220,26 +218,11 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                  for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
-        _swap_in(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return metadata
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place (the old bundle, with --force, goes only after)."""
-    mask = current_umask()
-    os.chmod(tmp, 0o777 & ~mask)
-    for p in tmp.iterdir():
-        os.chmod(p, 0o666 & ~mask)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _build_engine(tmp: Path, hw, batches, divisor: int, x, eager, threshold: float, log) -> tuple[dict, dict]:

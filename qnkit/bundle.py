@@ -45,6 +45,10 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class Bundle:
     """A loaded bundle: its folder and parsed ``qnkit.json``; artefacts are verified on access."""

@@ -7,34 +7,29 @@ RUN_DIR/checkpoints/<kind>/ with kind = last | best:
 - state.pt (last only): optimiser, scheduler, grad scaler, RNG states and loop state (epoch,
   early stopping, best metric), plain tensors/dicts written with torch.save and read back with
   torch.load(weights_only=True).
-A checkpoint is written into a temporary folder and swapped in with renames, so a kill at any
-moment leaves either the previous or the new checkpoint (found again via `<kind>.old`).
+A checkpoint is written into a temporary folder and swapped in by :func:`qnkit._atomic.swap_in_dir`
+(fsync'ed, then one atomic exchange, or two renames), so a kill at any moment leaves one whole
+checkpoint, the previous or the new one, that :func:`locate` finds. Loading hashes the bytes it then
+parses (no hash-then-reopen gap).
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
+from qnkit._atomic import current_or_previous, remove_path, swap_in_dir, temp_dir
+from qnkit.bundle import sha256_bytes, sha256_file
 from qnkit.errors import QnkitInputError
 
 FORMAT = "qnkit-quicknat-checkpoint"
 VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -69,37 +64,29 @@ def save(run_dir: Path, kind: str, model: torch.nn.Module, meta: dict, state: di
     """Write checkpoints/<kind>/ atomically; `model` is the bare network (not the DDP wrapper)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{kind}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir(root / kind)
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        files = {"model.safetensors": _sha256(tmp / "model.safetensors")}
+        files = {"model.safetensors": sha256_file(tmp / "model.safetensors")}
         if state is not None:
             torch.save(state, tmp / "state.pt")
-            files["state.pt"] = _sha256(tmp / "state.pt")
+            files["state.pt"] = sha256_file(tmp / "state.pt")
         full = {"format": FORMAT, "version": VERSION, "kind": kind, **meta, "files": files}
         (tmp / "meta.json").write_text(json.dumps(full, indent=1))
-        final, old = root / kind, root / f"{kind}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+        return swap_in_dir(tmp, root / kind)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
 
 
 def locate(run_dir: Path, kind: str) -> Path:
-    """checkpoints/<kind>, or <kind>.old if a swap was interrupted."""
+    """checkpoints/<kind>, or the previous copy kept while a swap was interrupted."""
     root = Path(run_dir) / "checkpoints"
-    for folder in (root / kind, root / f"{kind}.old"):
-        if (folder / "meta.json").is_file():
-            return folder
-    raise QnkitInputError(f"{run_dir}: no '{kind}' checkpoint (expected {root / kind}/meta.json)")
+    folder = current_or_previous(root / kind, lambda f: (f / "meta.json").is_file())
+    if folder is None:
+        raise QnkitInputError(f"{run_dir}: no '{kind}' checkpoint (expected {root / kind}/meta.json)")
+    return folder
 
 
 def read_meta(folder: Path, verify: bool = True) -> dict:
@@ -110,18 +97,30 @@ def read_meta(folder: Path, verify: bool = True) -> dict:
     if meta.get("format") != FORMAT:
         raise QnkitInputError(f"{folder}: not a qnkit checkpoint (format {meta.get('format')!r})")
     if verify:
-        for name, digest in meta.get("files", {}).items():
-            if not (folder / name).is_file() or _sha256(folder / name) != digest:
-                raise QnkitInputError(f"{folder / name}: missing or does not match the sha256 in meta.json")
+        for name in meta.get("files", {}):
+            _read_verified(folder, name, meta)
     return meta
 
 
+def _read_verified(folder: Path, name: str, meta: dict | None = None) -> bytes:
+    """The bytes of ``folder/name`` once they match the sha256 that meta.json records for them."""
+    meta = meta if meta is not None else read_meta(folder, verify=False)
+    digest = meta.get("files", {}).get(name)
+    try:
+        data = (folder / name).read_bytes()
+    except OSError:
+        data = None
+    if digest is None or data is None or sha256_bytes(data) != digest:
+        raise QnkitInputError(f"{folder / name}: missing or does not match the sha256 in meta.json")
+    return data
+
+
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"))
+    model.load_state_dict(load_safetensors(_read_verified(folder, "model.safetensors")))
 
 
 def load_state(folder: Path) -> dict:
-    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(_read_verified(folder, "state.pt")), map_location="cpu", weights_only=True)
 
 
 def build_model(network: dict) -> torch.nn.Module:
@@ -133,7 +132,7 @@ def build_model(network: dict) -> torch.nn.Module:
 def load_model(run_dir: Path, kind: str = "best") -> tuple[torch.nn.Module, dict]:
     """(network in eval mode on the CPU, checkpoint metadata) from RUN_DIR/checkpoints/<kind>."""
     folder = locate(run_dir, kind)
-    meta = read_meta(folder)
+    meta = read_meta(folder, verify=False)  # load_weights hashes the bytes it loads
     model = build_model(meta["network"])
     load_weights(folder, model)
     return model.eval(), meta
