@@ -106,10 +106,16 @@ def profile_is_dynamic(profile: dict) -> bool:
     return list(profile["min"][2:]) != list(profile["max"][2:])
 
 
-def build_engine(onnx_path: str | Path, *, profile: dict, precision: str = "fp16",
-                 timing_cache: str | Path | None = None, workspace_gib: float = 4.0, log=print) -> tuple[bytes, dict]:
-    """Serialized engine and its record (TensorRT version, GPU, precision, profile). ``onnx_path`` is
-    the FP16 ONNX when :func:`uses_strongly_typed_fp16` and precision is fp16, else the FP32 ONNX."""
+def build_engine(onnx: bytes | str | Path, *, profile: dict, precision: str = "fp16",
+                 timing_cache: str | Path | None = None, workspace_gib: float = 4.0, source: str | None = None,
+                 log=print) -> tuple[bytes, dict]:
+    """Serialized engine and its record (TensorRT version, GPU, precision, profile).
+
+    ``onnx``: the model's bytes (as verified by :meth:`qnkit.bundle.Bundle.read`; qnkit's graphs
+    keep no external data) or its path; the FP16 ONNX when :func:`uses_strongly_typed_fp16` and
+    precision is fp16, else the FP32 ONNX. ``source`` names it in messages and the record.
+    """
+    source = source or (Path(onnx).name if not isinstance(onnx, (bytes, bytearray)) else "ONNX bytes")
     trt = tensorrt_or_none()
     reason = unavailable_reason()
     if reason:
@@ -123,9 +129,10 @@ def build_engine(onnx_path: str | Path, *, profile: dict, precision: str = "fp16
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    parsed = parser.parse(bytes(onnx)) if isinstance(onnx, (bytes, bytearray)) else parser.parse_from_file(str(onnx))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise QnkitInputError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        raise QnkitInputError(f"TensorRT cannot parse {source}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if precision == "fp16" and not strongly:
@@ -143,12 +150,12 @@ def build_engine(onnx_path: str | Path, *, profile: dict, precision: str = "fp16
         f"{profile['min']} .. {profile['opt']} .. {profile['max']})...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise QnkitInputError(f"TensorRT could not build an engine from {onnx_path} (see the messages above)")
+        raise QnkitInputError(f"TensorRT could not build an engine from {source} (see the messages above)")
     if timing_cache:
         from qnkit._atomic import write_bytes_atomic
 
         write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     record = {"tensorrt": str(trt.__version__), **gpu_info(), "precision": precision, "strongly_typed": strongly,
-              "source": Path(onnx_path).name, "profile": {k: profile[k] for k in ("input", "min", "opt", "max")},
+              "source": source, "profile": {k: profile[k] for k in ("input", "min", "opt", "max")},
               "build_seconds": round(time.perf_counter() - started, 2)}
     return bytes(serialized), record
