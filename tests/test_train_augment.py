@@ -59,3 +59,21 @@ def test_same_seed_same_slices():
         torch.manual_seed(7)
         outs.append(Augment()(*_slice()))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_epoch_subset_sampler_is_a_fresh_seeded_subset_per_epoch():
+    from qnkit.train.solver import EpochSubsetSampler
+
+    s = EpochSubsetSampler(100, 30, seed=1)
+    s.set_epoch(1)
+    first = list(s)
+    s.set_epoch(2)
+    second = list(s)
+    assert len(first) == len(second) == len(s) == 30 and len(set(first)) == 30
+    assert first != second and all(0 <= i < 100 for i in first + second)
+    s.set_epoch(1)
+    assert list(s) == first
+    ranks = [EpochSubsetSampler(100, 30, num_replicas=2, rank=r, seed=1) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(1)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(first)

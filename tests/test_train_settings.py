@@ -19,7 +19,9 @@ def test_defaults_are_the_reports():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_parse(name):
     s = load_settings(name)
-    assert s.network.num_filters == 64
+    assert s.network.num_filters == (16 if name == "shipped" else 64)  # shipped: the CPU-trained model
+    if name == "shipped":
+        assert s.training.augment and s.training.slices_per_epoch > 0 and float(s.data.pixel_spacing_mm) == 2.5
     if name == "cluster":
         assert s.common.device == "cuda" and s.common.dist_backend == "nccl"
 

@@ -80,6 +80,7 @@ class TrainingSettings:
     early_stop_patience: int = 2  # stop when the validation loss rose for more than this many epochs in a row
     amp: bool = False  # mixed precision; used on CUDA only
     augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
+    slices_per_epoch: int = 0  # 0 = every training slice each epoch; else a fresh random subset of this many
     log_images: int = 4  # slices shown for the best and worst batch; 0 = no images
 
 
@@ -180,6 +181,7 @@ class Settings:
             ("TRAINING", "beta", t.beta >= 0, "must be >= 0"),
             ("TRAINING", "early_stop_patience", t.early_stop_patience >= 0, "must be >= 0"),
             ("TRAINING", "log_images", t.log_images >= 0, "must be >= 0"),
+            ("TRAINING", "slices_per_epoch", t.slices_per_epoch >= 0, "must be >= 0"),
             ("EVAL", "threshold", 0 < e.threshold < 1, "must be in (0, 1)"),
             ("EVAL", "batch_size", e.batch_size >= 1, "must be >= 1"),
             ("EVAL", "checkpoint", e.checkpoint in ("best", "last"), "must be best or last"),

@@ -31,6 +31,30 @@ from qnkit.train.losses import CombinedLoss
 from qnkit.train.tb_logging import Logger, panel
 
 
+class EpochSubsetSampler(torch.utils.data.Sampler):
+    """A fresh random subset of `per_epoch` slices each epoch (from (seed, epoch) only), shared out over ranks.
+
+    For data sets far larger than what one epoch can afford (phantoms are cheap to multiply): each
+    epoch still sees every volume's variety, and validation and checkpoints come often enough.
+    """
+
+    def __init__(self, size: int, per_epoch: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.per_epoch = int(size), min(int(per_epoch), int(size))
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        picked = torch.randperm(self.size, generator=g)[: self.per_epoch]
+        return iter(picked[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.per_epoch, self.num_replicas))
+
+
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
     """Seed python, numpy and torch from (seed, epoch, rank)."""
     import random
@@ -103,8 +127,12 @@ class Solver:
     # ---------------------------------------------------------------- loop
     def fit(self, train_ds, val_ds, console=None) -> dict:
         s, info = self.s, self.info
-        sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=s.common.seed, drop_last=False)
+        if s.training.slices_per_epoch:
+            sampler = EpochSubsetSampler(len(train_ds), s.training.slices_per_epoch, num_replicas=info.world_size,
+                                         rank=info.rank, seed=s.common.seed)
+        else:
+            sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                         seed=s.common.seed, drop_last=False)
         loader = DataLoader(train_ds, batch_size=s.training.micro_batch, sampler=sampler,
                             num_workers=s.common.num_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
