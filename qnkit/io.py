@@ -272,7 +272,7 @@ def save_volume(array_internal: np.ndarray, geometry: Geometry, path: str | os.P
     """
     target = Path(path)
     _check_output_path(target)
-    if geometry.source is not None and _same_file(target, geometry.source):
+    if geometry.source is not None and same_file(target, geometry.source):
         raise NiftiError(f"{target}: refusing to write over the input file")
     if target.exists() and not overwrite:
         raise NiftiError(f"{target} exists; pass overwrite=True to replace it")
@@ -466,11 +466,11 @@ def _check_shape(array: np.ndarray, shape: tuple[int, ...], what: str) -> None:
         raise NiftiError(f"array of shape {array.shape} does not match the {what} shape {shape}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` are the same file (resolved path, or same inode)."""
-    if a.resolve() == Path(b).resolve():
-        return True
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are the same file (resolved path, or same inode), so that no writer
+    overwrites its own input; False when either cannot be resolved."""
     try:
-        return a.exists() and os.path.samefile(a, b)
+        a, b = Path(a), Path(b)
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
     except OSError:
         return False

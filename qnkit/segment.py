@@ -16,7 +16,6 @@ Nothing here imports torch; a backend is any ``predict(x (N,1,h,w) float32) -> p
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from qnkit import inference
 from qnkit import io as qio
+from qnkit.io import same_file  # noqa: F401  (the one definition; callers use segment.same_file)
 from qnkit import postprocess as post
 from qnkit.errors import QnkitInputError
 
@@ -333,10 +333,3 @@ def parse_closing(text: str | None) -> tuple[float, str]:
     if not (0 <= radius <= 50) or not np.isfinite(radius):
         raise QnkitInputError(f"--closing {text!r}: radius must be between 0 and 50")
     return radius, unit
-
-
-def same_file(a: Path, b: Path) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or (Path(a).exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
