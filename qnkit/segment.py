@@ -16,6 +16,7 @@ Nothing here imports torch; a backend is any ``predict(x (N,1,h,w) float32) -> p
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections import deque
@@ -50,6 +51,7 @@ class SegmentOptions:
     closing: float = 0.0  # closing radius; 0 = no closing
     closing_unit: str = "mm"  # mm | voxels
     split_sides: bool = False  # mask values 1 right, 2 left (else 1 kidney)
+    strict: bool = False  # an out-of-domain warning (qnkit.domain) is an error: nothing is written
 
 
 @dataclass
@@ -72,6 +74,7 @@ class CaseResult:
     stats: dict
     timings: dict
     model_grid: dict | None = None  # input and model pixel spacing (mm), model grid (h, w)
+    warnings: list = field(default_factory=list)  # out-of-domain warnings (qnkit.domain), one sentence each
     sides: np.ndarray | None = field(default=None, repr=False)  # internal layout, 1 right, 2 left
     ct: np.ndarray | None = field(default=None, repr=False)
     geometry: qio.Geometry | None = field(default=None, repr=False)
@@ -86,7 +89,7 @@ class CaseResult:
         return {
             "name": self.name, "input": str(self.input), "output": str(self.output) if self.output else None,
             "shape_internal": list(self.shape), "spacing_mm": [round(s, 4) for s in self.spacing],
-            "voxel_volume_ml": self.voxel_volume_ml, "model_grid": self.model_grid,
+            "voxel_volume_ml": self.voxel_volume_ml, "model_grid": self.model_grid, "warnings": list(self.warnings),
             "kidneys": self.stats,
             "timings_s": {k: round(self.timings.get(k, 0.0), 4) for k in (*STAGES, "wall")},
             "slices": self.slices,
@@ -200,11 +203,19 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
                  overwrite: bool = False, progress=None, keep_arrays: bool = False, loaded=None) -> CaseResult:
     """Load (unless `loaded` is :func:`load_case`'s result), segment and (when `out_path` is given)
     write one case; returns its CaseResult. Callers open the backend after :func:`load_case`, so
-    a bad file fails before any backend is opened."""
+    a bad file fails before any backend is opened.
+
+    Out-of-domain warnings (:mod:`qnkit.domain`) go to stderr as ``qnkit: warning: <case>: ...`` and
+    into the result; with ``options.strict`` they raise QnkitInputError instead, before inference for
+    what the input shows and before anything is written for kidneys touching the volume's edge.
+    """
+    from qnkit import domain as checks
     from qnkit.report import kidney_stats
 
     wall = time.perf_counter()
     ct, geometry, load_s = loaded if loaded is not None else load_case(case)
+    warnings = _report_warnings(case.name, checks.input_warnings(ct, geometry, getattr(bundle, "domain", None)),
+                                options.strict)
     timings: dict = {"load": load_s}
     if progress is not None:
         progress(0, ct.shape[0])
@@ -212,6 +223,7 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
         ct, geometry, predict_batch, hu_window=bundle.hu_window, threshold=bundle.threshold,
         pad_multiple=_pad_multiple(bundle), model_spacing=inference.model_pixel_spacing(bundle), options=options,
         progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings)
+    warnings += _report_warnings(case.name, checks.edge_warnings(mask), options.strict)
     stats = kidney_stats(sides, ct, geometry)
     t = time.perf_counter()
     if out_path is not None:
@@ -220,9 +232,18 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
     timings["wall"] = time.perf_counter() - wall + (load_s if loaded is not None else 0.0)
     return CaseResult(name=case.name, input=case.image, output=out_path, shape=tuple(ct.shape),
                       spacing=geometry.spacing, voxel_volume_ml=geometry.voxel_volume_ml, stats=stats,
-                      timings=timings, model_grid=model_grid,
+                      timings=timings, model_grid=model_grid, warnings=warnings,
                       sides=sides if keep_arrays else None, ct=ct if keep_arrays else None,
                       geometry=geometry if keep_arrays else None)
+
+
+def _report_warnings(name: str, warnings: list[str], strict: bool) -> list[str]:
+    """Print each warning as one stderr line; with `strict`, raise them as one QnkitInputError line instead."""
+    if warnings and strict:
+        raise QnkitInputError(f"{name}: {'; '.join(warnings)} (--strict: nothing written)")
+    for text in warnings:
+        print(f"qnkit: warning: {name}: {text}", file=sys.stderr, flush=True)
+    return list(warnings)
 
 
 def _stem(path: Path) -> str:

@@ -23,6 +23,7 @@ import pytest
 from qnkit import inference, kernels, resample
 from qnkit import io as qio
 from qnkit import segment as S
+from qnkit.errors import QnkitInputError
 from qnkit.postprocess import LEFT, RIGHT
 from qnkit.synth import make_case, write_case
 
@@ -350,7 +351,7 @@ def test_stats_split_sides_preview_and_force(run_qnkit, bundle, split, tmp_path)
     shutil.copytree(src, folder)
     args = ("segment", folder, "--model", bundle, "--split-sides", "--closing", "3mm", "--stats",
             tmp_path / "s.json", "--preview", tmp_path / "p.png", "--no-progress")
-    proc = run_qnkit(*args)
+    proc = run_qnkit(*args, env={"CUDA_VISIBLE_DEVICES": ""})  # `auto` as without a GPU, on any machine
     assert proc.returncode == 0, proc.stderr
     out = folder / f"{case_id}_kidneys.nii.gz"  # default: inside the KiTS case folder
     _assert_same_grid(out, folder / "imaging.nii.gz")
@@ -516,3 +517,63 @@ def test_batch_mode_reports_a_failing_case_and_goes_on(run_qnkit, bundle, good_c
     assert "2 case(s) segmented, 1 failed" in proc.stdout
     # --out must be a folder in batch mode
     _refused(_segment(run_qnkit, bundle, src, out=tmp_path / "one.nii.gz"), "must be a folder")
+
+
+# --- out-of-domain warnings (qnkit.domain) and --strict ------------------------------------------
+
+
+def test_kidney_cut_by_the_volume_edge_warns_and_strict_writes_nothing(tmp_path, capsys):
+    case, cut = make_case(5, size=64, seed=2), make_case(5, size=64, seed=2)
+    z = np.nonzero((case.segmentation > 0).any(axis=(1, 2)))[0]
+    start = int(z[len(z) // 2])  # the volume starts mid-kidney
+    cut.imaging, cut.segmentation = cut.imaging[start:].copy(), cut.segmentation[start:].copy()
+    shift = np.eye(4)
+    shift[0, 3] = start
+    cut.affine = cut.affine @ shift
+    folder = write_case(cut, tmp_path)
+    source = S.CaseInput("cut", folder / "imaging.nii.gz", folder)
+    result = S.segment_file(source, tmp_path / "cut.nii.gz", _oracle(cut.segmentation), bundle=_Bundle(),
+                            options=S.SegmentOptions(batch_size=1000))
+    (warning,) = result.to_json()["warnings"]
+    assert "first slice" in warning
+    assert capsys.readouterr().err.splitlines() == [f"qnkit: warning: cut: {warning}"]
+    with pytest.raises(QnkitInputError, match="first slice.*--strict"):
+        S.segment_file(source, tmp_path / "strict.nii.gz", _oracle(cut.segmentation), bundle=_Bundle(),
+                       options=S.SegmentOptions(batch_size=1000, strict=True))
+    assert not (tmp_path / "strict.nii.gz").exists()
+    whole = write_case(case, tmp_path / "whole")
+    quiet = S.segment_file(S.CaseInput("whole", whole / "imaging.nii.gz", whole), None, _oracle(case.segmentation),
+                           bundle=_Bundle(), options=S.SegmentOptions(batch_size=1000, strict=True))
+    assert quiet.warnings == [] and capsys.readouterr().err == ""
+
+
+def test_out_of_domain_inputs_warn_in_the_stats_and_strict_exits_2(run_qnkit, bundle, split, tmp_path):
+    src = nib.load(split["data"] / split["test"][0] / "imaging.nii.gz")
+    data, affine = np.asanyarray(src.dataobj), src.affine
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "unsigned.nii.gz", (data.astype(np.int32) + 1024).astype(np.uint16), affine)  # no intercept
+    thin = affine.copy()
+    slice_axis = [f for f, (internal, _) in enumerate(qio.Geometry.from_affine(affine, data.shape).ornt)
+                  if internal == 0][0]
+    thin[:3, slice_axis] *= 0.3 / np.linalg.norm(affine[:3, slice_axis])  # 0.3 mm slices; the model saw ~7 mm
+    _write(folder / "thin.nii.gz", data, thin)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_zooms(tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)))
+    nib.save(nib.Nifti1Image(data, None, header), folder / "uncoded.nii.gz")  # qform/sform codes 0
+    out = tmp_path / "out"
+    proc = _segment(run_qnkit, bundle, folder, out=out, extra=("--stats", tmp_path / "s.json", "--backend", "torch"))
+    assert proc.returncode == 0, proc.stderr
+    stats = {c["name"]: c for c in json.loads((tmp_path / "s.json").read_text())["cases"]}
+    expected = {"unsigned": "not CT Hounsfield units", "thin": "slice thickness 0.3 mm is far outside",
+                "uncoded": "orientation guessed"}
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("qnkit: warning: ")]
+    for name, needle in expected.items():
+        assert any(needle in w for w in stats[name]["warnings"]), stats[name]["warnings"]
+        assert any(line.startswith(f"qnkit: warning: {name}: ") and needle in line for line in warned)
+    assert len(warned) == sum(len(c["warnings"]) for c in stats.values())  # one line per warning
+    proc = _segment(run_qnkit, bundle, folder / "thin.nii.gz", out=tmp_path / "strict.nii.gz",
+                    extra=("--strict", "--backend", "torch"))
+    _refused(proc, "thin", "slice thickness", "--strict")
+    assert not (tmp_path / "strict.nii.gz").exists()
