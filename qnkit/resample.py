@@ -5,7 +5,8 @@ A model works at one in-plane pixel spacing (its domain, in mm). A CT slice of H
 ``model_grid_shape`` = (round(H*sr/m), round(W*sc/m)) pixels; pixel edges map to pixel edges
 (half-pixel centres, scipy's ``grid_mode``), so resampling depends only on the two shapes.
 
-Per axis the resampling is a row-normalised float32 matrix, applied as ``Ry @ X @ Rx.T`` (BLAS):
+Per axis the resampling is a row-normalised float32 matrix, applied as ``Ry @ X @ Rx.T`` (sparse: the
+matrices are banded):
 - coarser target (downsampling): area (box) weights, each output pixel the exact mean of the input
   area it covers, which anti-aliases;
 - finer target (upsampling): bilinear with half-pixel centres and edge clamping (as torch's
@@ -123,29 +124,38 @@ def _is_half(big: tuple[int, int], small: tuple[int, int]) -> bool:
     return big[0] == 2 * small[0] and big[1] == 2 * small[1]
 
 
+@functools.lru_cache(maxsize=64)
+def _sparse_axis(n_in: int, n_out: int):
+    """:func:`axis_matrix` as a CSR matrix (a few non-zeros per row)."""
+    from scipy import sparse
+
+    return sparse.csr_matrix(axis_matrix(n_in, n_out))
+
+
 def _apply(x: np.ndarray, shape_hw: tuple[int, int], out: np.ndarray) -> np.ndarray:
     """out[z] = Ry @ x[z] @ Rx.T for float32 x (Z, H, W), the cheaper order first.
 
-    One pair of 2-D BLAS products per slice (NumPy's stacked matmul does not reach BLAS), so a
-    slice's result does not depend on which other slices share the call (chunking is free).
+    The matrices are banded (2 to ceil(factor) + 1 weights per row), so they are applied as sparse
+    products, one slice at a time: single-threaded, so they do not fight the inference backend for
+    cores (dense BLAS spawned threads that did), and a slice's result does not depend on which other
+    slices share the call (chunking is free).
     """
     z, H, W = x.shape
     h, w = shape_hw
-    ry, rx = axis_matrix(H, h), axis_matrix(W, w)
     if (H, W) == (h, w):
         out[...] = x
         return out
-    rows_first = h * W * (H + w) <= H * w * (W + h)
-    tmp = np.empty((h, W) if rows_first else (H, w), dtype=np.float32)
+    ry, rx = _sparse_axis(H, h), _sparse_axis(W, w)
+    rows_first = ry.nnz * W + rx.nnz * h <= rx.nnz * H + ry.nnz * w
     for k in range(z):
         if H == h:
-            np.matmul(x[k], rx.T, out=out[k])
+            out[k] = (rx @ x[k].T).T
         elif W == w:
-            np.matmul(ry, x[k], out=out[k])
+            out[k] = ry @ x[k]
         elif rows_first:
-            np.matmul(np.matmul(ry, x[k], out=tmp), rx.T, out=out[k])
+            out[k] = (rx @ (ry @ x[k]).T).T
         else:
-            np.matmul(ry, np.matmul(x[k], rx.T, out=tmp), out=out[k])
+            out[k] = ry @ (rx @ x[k].T).T
     return out
 
 
