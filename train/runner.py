@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qnkit._atomic import remove_path
-from qnkit.cpus import default_threads
+from qnkit.cpus import available_cpus
 from qnkit.errors import QnkitInputError
 from qnkit.train import checkpoint as ckpt
 from qnkit.train import data as D
@@ -125,7 +125,8 @@ def _cache_root(settings: Settings, run_dir: Path) -> Path:
 
 
 def _set_threads(settings: Settings, info: dist.DistInfo) -> None:
-    n = settings.common.num_threads or max(1, default_threads() // max(info.local_world_size, 1))
+    # [COMMON] num_threads is training's knob; QNKIT_NUM_THREADS is inference's (kernels, backends).
+    n = settings.common.num_threads or max(1, available_cpus() // max(info.local_world_size, 1))
     torch.set_num_threads(n)
 
 
