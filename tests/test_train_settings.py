@@ -65,3 +65,13 @@ def test_missing_file_and_bad_override(tmp_path):
         load_settings(tmp_path / "nope.ini")
     with pytest.raises(QnkitInputError, match="device"):
         load_settings(None, {("COMMON", "device"): "tpu"})
+
+
+def test_pixel_spacing_is_auto_or_a_positive_number():
+    assert Settings().data.pixel_spacing_mm == "auto"
+    for preset in PRESETS:
+        assert load_settings(preset).data.pixel_spacing_mm == "auto"
+    assert load_settings(None, {("DATA", "pixel_spacing_mm"): "1.6"}).data.pixel_spacing_mm == "1.6"
+    for bad in ("-3", "0", "abc", "inf"):
+        with pytest.raises(QnkitInputError, match="pixel_spacing_mm"):
+            load_settings(None, {("DATA", "pixel_spacing_mm"): bad})

@@ -20,6 +20,9 @@ def command(
     seed: int = typer.Option(None, "--seed", help="[COMMON] seed (splits, initialisation, shuffling)."),
     num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="[DATA] cache_dir for the preprocessed .npy cache."),
+    pixel_spacing_mm: str = typer.Option(None, "--pixel-spacing-mm", metavar="MM|auto",
+                                         help="[DATA] pixel_spacing_mm: the in-plane pixel spacing the model works "
+                                              "at; auto = 2 x the median of the training cases (default)."),
     amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision (CUDA only)."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
                                                                       "contrast, blur and noise per slice."),
@@ -45,6 +48,7 @@ def command(
         ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
         ("TRAINING", "lr"): lr, ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
+        ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
         ("TRAINING", "augment"): augment,        ("COMMON", "progress"): progress,
     }
     if resume and force:
