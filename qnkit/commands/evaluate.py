@@ -17,7 +17,8 @@ def command(
     threshold: float = typer.Option(None, "--threshold", min=0.01, max=0.99,
                                     help="Probability threshold after upsampling ([EVAL] threshold, 0.5)."),
 ) -> None:
-    """Dice per test volume on the original image grid (full volumes, predictions upsampled), mean and std.
+    """Dice per test volume on the original image grid (full volumes; each slice resampled to the model's
+    pixel spacing, the probabilities brought back to the CT's grid), mean and std.
 
     The test cases are those in RUN_DIR/evaluation_data.json; prediction goes through the same
     qnkit.inference path as `qnkit segment`. Results are also logged to RUN_DIR/tensorboard/evaluation.
