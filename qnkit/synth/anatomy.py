@@ -47,9 +47,9 @@ def output_affine(spacing: tuple, origin: np.ndarray) -> np.ndarray:
 
 
 def _grid_world(shape: tuple, affine: np.ndarray, step: tuple) -> tuple[np.ndarray, tuple]:
-    """World coordinates (3, z, h, w) of a coarse lattice over an output grid (every `step` voxels)."""
-    axes = [np.arange(0, n + s, s, dtype=np.float64)[: (n + s - 1) // s + 1] for n, s in zip(shape, step)]
-    axes = [np.minimum(a, n - 1) for a, n in zip(axes, shape)]
+    """World coordinates (3, z, h, w) of a uniform coarse lattice over an output grid (about every `step`
+    voxels, first and last voxels included)."""
+    axes = [np.linspace(0, n - 1, max(2, int(np.ceil((n - 1) / s)) + 1)) for n, s in zip(shape, step)]
     kk, ii, jj = np.meshgrid(*axes, indexing="ij")
     vox = np.stack([kk, ii, jj, np.ones_like(kk)])
     world = np.tensordot(affine, vox, axes=1)[:3]
@@ -69,13 +69,12 @@ def _smooth_displacement(rng: np.random.Generator, coarse_shape: tuple, amplitud
     return field_
 
 
-def _upsample_coords(coarse: np.ndarray, shape: tuple, step: tuple) -> np.ndarray:
-    """Linear interpolation of a coarse (3, ...) coordinate lattice back to the full grid, float32."""
+def _upsample_coords(coarse: np.ndarray, shape: tuple) -> np.ndarray:
+    """Linear interpolation of a coarse (3, ...) coordinate lattice (:func:`_grid_world`) to the full grid."""
     out = np.empty((3, *shape), dtype=np.float32)
-    grids = np.meshgrid(*[np.minimum(np.arange(n) / s, c - 1) for n, s, c in zip(shape, step, coarse.shape[1:])],
-                        indexing="ij", sparse=True)
     for c in range(3):
-        out[c] = ndi.map_coordinates(coarse[c], np.broadcast_arrays(*grids), order=1, mode="nearest")
+        out[c] = ndi.zoom(coarse[c].astype(np.float32), [n / m for n, m in zip(shape, coarse.shape[1:])],
+                          output=np.float32, order=1, mode="nearest", grid_mode=False)[: shape[0], : shape[1], : shape[2]]
     return out
 
 
@@ -115,9 +114,12 @@ def kits_kidneys(path: str) -> tuple[KitsKidney, ...]:
         seg = seg[..., 0]
     seg = seg.astype(np.uint8)
     affine = np.asarray(img.affine, dtype=np.float64)
-    fg = np.argwhere(seg > 0)
-    if len(fg) == 0:
+    zs = np.nonzero(seg.any(axis=(1, 2)))[0]
+    if zs.size == 0:
         return ()
+    z0, z1 = int(zs[0]), int(zs[-1]) + 1
+    fg = np.argwhere(seg[z0:z1] > 0)
+    fg[:, 0] += z0
     world = fg @ affine[:3, :3].T + affine[:3, 3]
     x = world[:, 0]
     order = np.sort(x)
@@ -279,7 +281,7 @@ def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: flo
     src = np.tensordot(lin, offset, axes=1) + centre[:, None, None, None]
     src += _smooth_displacement(rng, coarse_shape, rng.uniform(3, 9), smooth_px=max(1.0, 40 / 12))
     src_vox = np.tensordot(inv_atlas[:3, :3], src, axes=1) + inv_atlas[:3, 3][:, None, None, None]
-    coords = _upsample_coords(src_vox, shape, step)
+    coords = _upsample_coords(src_vox, shape)
     tissue = np.empty(shape, dtype=np.uint8)
     for z0 in range(0, nz, 32):  # in slabs: bounded memory
         tissue[z0:z0 + 32] = ndi.map_coordinates(atlas, coords[:, z0:z0 + 32], order=0, mode="constant", cval=0)
