@@ -6,6 +6,8 @@
   evaluated once; shared by the training/evaluation tests (read-only).
 - `exported_bundle`: a bundle exported once from `trained_run` (FP32 ONNX; read-only).
 - `run_qnkit(*args, env=None)`: `python -m qnkit ...` in a subprocess -> CompletedProcess.
+- `shared_bundle`: (RUN_DIR, BUNDLE_DIR) of a fitted tiny checkpoint exported with --fp16 --int8 (read-only).
+- `mismatched_case_dataset`: a dataset whose one case has labels one slice short of its image.
 """
 from __future__ import annotations
 
@@ -101,3 +103,82 @@ def write_resampled_case(case_dir: Path, out_root: Path, size: int) -> Path:
     nib.save(nib.Nifti1Image(image, affine), folder / "imaging.nii.gz")
     nib.save(nib.Nifti1Image(seg, affine), folder / "segmentation.nii.gz")
     return folder
+
+
+# ------------------------------------------------------------------ the exported test bundle
+EXPORT_HW = (64, 64)  # the shared bundle's model grid
+EXPORT_HU = (-200.0, 400.0)  # and its HU window
+
+
+def _fitted_checkpoint_run(root: Path) -> Path:
+    """RUN_DIR with a 'best' checkpoint of a tiny QuickNAT (8 filters) briefly fitted on synthetic slices
+    (cases of size 128, so 64x64 model slices), saved with the training code's checkpoint writer."""
+    import numpy as np
+    import torch
+
+    from qnkit import kernels
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+    from qnkit.synth import make_case
+    from qnkit.train import checkpoint as ckpt
+
+    xs, ys = [], []
+    for i in range(3):
+        case = make_case(i, size=2 * EXPORT_HW[0], seed=5)
+        span = kernels.kidney_slice_range(case.segmentation, margin=3)
+        ct = np.ascontiguousarray(case.imaging[span[0]:span[1]])
+        xs.append(kernels.downsample_image(ct, *EXPORT_HU))
+        ys.append((case.segmentation[span[0]:span[1], ::2, ::2] > 0).astype(np.float32))
+    x, y = torch.from_numpy(np.concatenate(xs)[:, None]), torch.from_numpy(np.concatenate(ys)[:, None])
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = QuickNATConfig(num_filters=8, drop_out=0.0)
+    model = QuickNAT(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(0, len(x), (8,), generator=gen)
+        p = torch.sigmoid(model(x[idx]))
+        inter = (p * y[idx]).sum()
+        loss = 1 - (2 * inter + 1) / (p.sum() + y[idx].sum() + 1) + torch.nn.functional.binary_cross_entropy(p, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    run = root / "run"
+    meta = {"network": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()), "epoch": 1,
+            "metrics": {"epoch": 1, "train_loss": float(loss.detach()), "val_dice": None},
+            "preprocessing": {"hu_lo": EXPORT_HU[0], "hu_hi": EXPORT_HU[1], "slice_margin": 20, "omega0": 2.0,
+                              "downsample": 2, "pad_multiple": 16, "pad_value": 0.0, "threshold": 0.5}}
+    ckpt.save(run, "best", model, meta)
+    return run
+
+
+@pytest.fixture(scope="session")
+def shared_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(RUN_DIR, BUNDLE_DIR): a fitted tiny checkpoint and its bundle exported once per session through the
+    CLI with --fp16 --int8 on a 64x64 grid; shared read-only by the export, backend and bundle tests."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("export")
+    run, bundle = _fitted_checkpoint_run(root), root / "bundle"
+    proc = _run_qnkit("export", run, "--out", bundle, "--fp16", "--int8", "--input-size", "64x64")
+    assert proc.returncode == 0, proc.stderr
+    return run, bundle
+
+
+@pytest.fixture
+def mismatched_case_dataset(synth_dataset, tmp_path) -> Path:
+    """A dataset folder holding a copy of case_00000 whose labels lack the last slice (image and labels
+    shapes differ)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "mismatched"
+    shutil.copytree(synth_dataset / "case_00000", data / "case_00000")
+    seg = data / "case_00000" / "segmentation.nii.gz"
+    img = nib.load(seg)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-1], img.affine, img.header), seg)
+    return data

@@ -10,8 +10,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from test_export import shared_bundle  # noqa: E402  (the session's exported bundle)
-
 from qnkit import kernels  # noqa: E402
 from qnkit.backends import AVAILABLE_KINDS, open_backend  # noqa: E402
 from qnkit.backends.base import Backend  # noqa: E402
@@ -20,8 +18,8 @@ from qnkit.errors import QnkitInputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, run_qnkit):
-    return load_bundle(shared_bundle(tmp_path_factory, run_qnkit)[1])
+def bundle(shared_bundle):
+    return load_bundle(shared_bundle[1])
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +27,13 @@ def cases():
     from qnkit.synth import make_case
 
     return [make_case(i, size=128, seed=11) for i in range(2)]
+
+
+# Mask agreement with eager FP32 on the two synthetic cases (per-case Dice) for the shared 8-filter
+# bundle: measured INT8 0.944 / 0.969 (the graph quantises only the inner spatial convolutions, UINT8
+# activations, percentile calibration) and bf16 0.981 / 0.988 (8 bits of mantissa in every layer).
+INT8_MASK_DICE = 0.90
+BF16_MASK_DICE = 0.95
 
 
 def _quiet(_msg):
@@ -58,11 +63,17 @@ def test_onnxruntime_agrees_with_eager_on_synthetic_cases(bundle, cases, eager_m
         assert kernels.dice(ours, ref) >= bar
 
 
-def test_int8_backend_runs_and_records_agreement(bundle, cases, eager_masks):
-    with open_backend(bundle, "onnxruntime", precision="int8", device="cpu", log=_quiet) as q:
-        masks = _masks(q, cases[:1], bundle)
-    assert masks[0].shape == eager_masks[0].shape
-    assert 0.0 <= bundle.metadata["verification"]["int8"]["dice"] <= 1.0
+@pytest.mark.parametrize("kind, precision, bar", [("onnxruntime", "int8", INT8_MASK_DICE),
+                                                 ("torch", "bf16", BF16_MASK_DICE)])
+def test_reduced_precision_masks_agree_with_eager(bundle, cases, eager_masks, kind, precision, bar):
+    """INT8 (QDQ on ONNX Runtime) and bf16 (torch autocast) masks against eager FP32 masks, per case."""
+    with open_backend(bundle, kind, precision=precision, device="cpu", log=_quiet) as b:
+        assert (b.name, b.precision) == (kind, precision)
+        masks = _masks(b, cases, bundle)
+    assert sum(int(m.sum()) for m in eager_masks) > 500, "the fitted model should find kidneys"
+    for ours, ref in zip(masks, eager_masks):
+        assert ours.shape == ref.shape
+        assert kernels.dice(ours, ref) >= bar
 
 
 def test_predict_any_batch_and_grid(bundle):
@@ -84,30 +95,21 @@ def test_predict_any_batch_and_grid(bundle):
         assert d["batch_size"] == 16 and d["max_run_slices"] == 4  # CPU sessions run small chunks
 
 
-def test_torch_bf16_autocast_on_cpu(bundle):
-    x = np.random.default_rng(1).random((4, 1, 64, 64), dtype=np.float32)
-    with open_backend(bundle, "torch", precision="bf16", device="cpu", log=_quiet) as b:
-        y = b.predict(x)
-    assert y.shape == x.shape and y.dtype == np.float32 and b.describe()["precision"] == "bf16"
+def test_auto_without_a_gpu_opens_onnxruntime_on_the_cpu(bundle, monkeypatch):
+    """The real open behind `auto` on a machine without a GPU (simulated, so GPU machines test it too);
+    the choice itself on every kind of machine is in test_backend_choice."""
+    import qnkit.backends as backends
 
-
-def test_auto_picks_onnxruntime_on_cpu_and_says_why(bundle):
-    from qnkit.backends import nvidia_gpu_present
-
-    if nvidia_gpu_present():
-        pytest.skip("a GPU is present; auto picks a GPU backend there (test_backends_gpu)")
+    monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: False)
+    monkeypatch.setattr(backends, "_torch_cuda", lambda: False)
     lines = []
     with open_backend(bundle, log=lines.append) as b:
         assert (b.name, b.precision, b.device) == ("onnxruntime", "fp32", "cpu")
+        assert b.describe()["providers"] == ["CPUExecutionProvider"]
     assert any("onnxruntime" in line and "no usable GPU" in line for line in lines)
 
 
 def test_explicit_unavailable_kinds_are_clear_errors(bundle):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(QnkitInputError, match="tensorrt Python package"):
-            open_backend(bundle, "tensorrt", log=_quiet)
     with pytest.raises(QnkitInputError, match="unknown backend"):
         open_backend(bundle, "openvino", log=_quiet)
     with pytest.raises(QnkitInputError, match="precision"):

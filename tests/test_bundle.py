@@ -9,14 +9,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from test_export import shared_bundle  # noqa: E402
-
 from qnkit.bundle import BundleError, engine_mismatch, load_bundle, sha256_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory, run_qnkit):
-    return shared_bundle(tmp_path_factory, run_qnkit)[1]
+def original(shared_bundle):
+    return shared_bundle[1]
 
 
 @pytest.fixture
@@ -78,7 +76,6 @@ def test_missing_files_and_bad_metadata(copy, tmp_path, run_qnkit):
 
 
 def test_segment_cli_refuses_a_tampered_bundle(copy, tmp_path, run_qnkit):
-    pytest.importorskip("qnkit.commands.segment")
     from qnkit.synth import write_case, make_case
 
     write_case(make_case(0, size=64, seed=3), tmp_path / "cases")
@@ -93,7 +90,8 @@ def _with_engine(bundle_dir, record):
     """Add a (fake) engine artefact and its record to a copied bundle."""
     (bundle_dir / "model.engine").write_bytes(b"engine bytes")
     meta = json.loads((bundle_dir / "qnkit.json").read_text())
-    meta["engine"] = {"file": "model.engine", "precision": "fp16", **record}
+    profile = {"input": "image", "min": [1, 1, 16, 16], "opt": [16, 1, 64, 64], "max": [32, 1, 128, 128]}
+    meta["engine"] = {"file": "model.engine", "precision": "fp16", "profile": profile, **record}
     meta["artefacts"]["model.engine"] = {"sha256": sha256_file(bundle_dir / "model.engine"), "bytes": 12}
     (bundle_dir / "qnkit.json").write_text(json.dumps(meta))
     return load_bundle(bundle_dir)

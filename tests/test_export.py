@@ -3,7 +3,7 @@
 The checkpoint is a tiny QuickNAT (8 filters) fitted for a few seconds on 64x64 slices of
 synthetic cases (size 128) and saved with the training code's checkpoint writer; the bundle is
 exported once per session through the CLI (FP32 + FP16 + INT8) and shared read-only by
-test_export*, test_backends* and test_bundle (via :func:`shared_bundle`).
+test_export*, test_backends* and test_bundle (the `shared_bundle` fixture of conftest.py).
 """
 from __future__ import annotations
 
@@ -18,83 +18,17 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qnkit import kernels  # noqa: E402
-
-HW = (64, 64)
-HU = (-200.0, 400.0)
-_CACHE: dict = {}
-
-
-def _slices(cases, seed: int):
-    from qnkit.synth import make_case
-
-    xs, ys = [], []
-    for i in cases:
-        case = make_case(i, size=2 * HW[0], seed=seed)
-        span = kernels.kidney_slice_range(case.segmentation, margin=3)
-        ct = np.ascontiguousarray(case.imaging[span[0]:span[1]])
-        xs.append(kernels.downsample_image(ct, *HU))
-        ys.append((case.segmentation[span[0]:span[1], ::2, ::2] > 0).astype(np.float32))
-    return np.concatenate(xs)[:, None], np.concatenate(ys)[:, None]
-
-
-def make_run(root: Path) -> Path:
-    """RUN_DIR with a 'best' checkpoint of a tiny QuickNAT briefly fitted on synthetic slices."""
-    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
-    from qnkit.train import checkpoint as ckpt
-
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    cfg = QuickNATConfig(num_filters=8, drop_out=0.0)
-    model = QuickNAT(cfg)
-    x, y = (torch.from_numpy(a) for a in _slices(range(3), seed=5))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        idx = torch.randint(0, len(x), (8,), generator=gen)
-        p = torch.sigmoid(model(x[idx]))
-        inter = (p * y[idx]).sum()
-        loss = 1 - (2 * inter + 1) / (p.sum() + y[idx].sum() + 1) + torch.nn.functional.binary_cross_entropy(p, y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    run = root / "run"
-    meta = {"network": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()), "epoch": 1,
-            "metrics": {"epoch": 1, "train_loss": float(loss.detach()), "val_dice": None},
-            "preprocessing": {"hu_lo": HU[0], "hu_hi": HU[1], "slice_margin": 20, "omega0": 2.0, "downsample": 2,
-                              "pad_multiple": 16, "pad_value": 0.0, "threshold": 0.5}}
-    ckpt.save(run, "best", model, meta)
-    return run
-
-
-def shared_bundle(tmp_path_factory, run_qnkit) -> tuple[Path, Path]:
-    """(RUN_DIR, BUNDLE_DIR) exported once per session with --fp16 --int8 through the CLI."""
-    if "bundle" not in _CACHE:
-        root = tmp_path_factory.mktemp("export")
-        run = make_run(root)
-        bundle = root / "bundle"
-        _CACHE["bundle"] = (run, bundle, run_qnkit("export", run, "--out", bundle, "--fp16", "--int8",
-                                                   "--input-size", "64x64"))
-    run, bundle, proc = _CACHE["bundle"]  # a failed export fails every user once, without re-running it
-    assert proc.returncode == 0, proc.stderr
-    return run, bundle
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, run_qnkit):
-    return shared_bundle(tmp_path_factory, run_qnkit)
+HU = (-200.0, 400.0)  # the shared bundle's HU window (conftest.EXPORT_HU)
 
 
 def _meta(bundle: Path) -> dict:
     return json.loads((bundle / "qnkit.json").read_text())
 
 
-def test_bundle_layout_hashes_and_checker(exported):
+def test_bundle_layout_hashes_and_checker(shared_bundle):
     from qnkit.bundle import sha256_file
 
-    _, bundle = exported
+    _, bundle = shared_bundle
     meta = _meta(bundle)
     names = {"model.onnx", "model.fp16.onnx", "model.int8.onnx", "weights.safetensors"}
     assert set(meta["artefacts"]) == names
@@ -113,21 +47,21 @@ def test_bundle_layout_hashes_and_checker(exported):
     assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_verification_figures_recorded_and_meet_the_bars(exported):
-    ver = _meta(exported[1])["verification"]
+def test_verification_figures_recorded_and_meet_the_bars(shared_bundle):
+    ver = _meta(shared_bundle[1])["verification"]
     assert ver["eager_foreground_pixels"] > 100, "the fitted model should find kidneys"
     assert ver["fp32"]["passed"] and ver["fp32"]["dice"] >= 0.999 and ver["fp32"]["p99_abs_diff"] < 1e-4
     assert ver["fp32"]["max_abs_diff"] < 0.5  # isolated max-pool near-ties may flip (see qnkit.export.verify)
     assert ver["fp32"]["other_grid"]["p99_abs_diff"] < 1e-4  # dynamic height/width verified
     assert ver["fp16"]["passed"] and ver["fp16"]["dice"] >= 0.99
-    assert 0.0 <= ver["int8"]["dice"] <= 1.0 and "passed" in ver["int8"]
+    assert ver["int8"]["passed"] and ver["int8"]["dice"] >= 0.95, ver["int8"]  # export's own synthetic slices
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.fp16.onnx"])
-def test_graphs_have_no_scatter_unpool_or_batchnorm(exported, name):
+def test_graphs_have_no_scatter_unpool_or_batchnorm(shared_bundle, name):
     from qnkit.export.onnx_export import op_types
 
-    graph = onnx.load(str(exported[1] / name))
+    graph = onnx.load(str(shared_bundle[1] / name))
     ops = op_types(graph)
     assert not {"ScatterND", "ScatterElements", "MaxUnpool", "BatchNormalization"} & set(ops)
     assert graph.opset_import[0].version >= 17
@@ -137,15 +71,15 @@ def test_graphs_have_no_scatter_unpool_or_batchnorm(exported, name):
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_prelu_exported_as_leaky_relu(exported):
+def test_prelu_exported_as_leaky_relu(shared_bundle):
     from qnkit.export.onnx_export import op_types
 
-    ops = op_types(onnx.load(str(exported[1] / "model.onnx")))
+    ops = op_types(onnx.load(str(shared_bundle[1] / "model.onnx")))
     assert "PRelu" not in ops and ops["LeakyRelu"] == 27  # 9 dense blocks x 3 activations
 
 
-def test_int8_graph_quantises_only_the_inner_spatial_convolutions(exported):
-    graph = onnx.load(str(exported[1] / "model.int8.onnx")).graph
+def test_int8_graph_quantises_only_the_inner_spatial_convolutions(shared_bundle):
+    graph = onnx.load(str(shared_bundle[1] / "model.int8.onnx")).graph
     producers = {out: node for node in graph.node for out in node.output}
     weights = {init.name: list(init.dims) for init in graph.initializer}
 
@@ -160,12 +94,12 @@ def test_int8_graph_quantises_only_the_inner_spatial_convolutions(exported):
     for shape, quantised in shapes[1:-1]:
         assert quantised == (shape[2] * shape[3] > 1), shape
     assert sum(quantised for _, quantised in shapes) > 0
-    meta = _meta(exported[1])["export"]["int8"]
+    meta = _meta(shared_bundle[1])["export"]["int8"]
     assert meta["activations"] == "uint8 asymmetric" and meta["calibration"].startswith("percentile")
 
 
-def test_fp16_graph_is_strongly_typed_fp16(exported):
-    graph = onnx.load(str(exported[1] / "model.fp16.onnx"))
+def test_fp16_graph_is_strongly_typed_fp16(shared_bundle):
+    graph = onnx.load(str(shared_bundle[1] / "model.fp16.onnx"))
     assert {t.data_type for t in graph.graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
     assert "Cast" in {n.op_type for n in graph.graph.node}
 
@@ -201,8 +135,8 @@ def test_fold_batchnorm_matches_eager_and_removes_bn():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_existing_bundle_needs_force_and_failed_export_leaves_nothing(exported, run_qnkit, tmp_path):
-    run, bundle = exported
+def test_existing_bundle_needs_force_and_failed_export_leaves_nothing(shared_bundle, run_qnkit, tmp_path):
+    run, bundle = shared_bundle
     proc = run_qnkit("export", run, "--out", bundle, "--input-size", "64")
     assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
@@ -214,30 +148,29 @@ def test_existing_bundle_needs_force_and_failed_export_leaves_nothing(exported, 
     assert proc.returncode == 2 and (other / "keep.txt").exists()
 
 
-def test_export_below_the_bar_fails_and_writes_nothing(exported, tmp_path, monkeypatch):
+def test_export_below_the_bar_fails_and_writes_nothing(shared_bundle, tmp_path, monkeypatch):
     from qnkit.export import bundle_writer, verify
     from qnkit.export.onnx_export import ExportError
 
     monkeypatch.setitem(verify.BARS, "fp32", {"min_dice": 1.5, "p99_abs_diff": 1e-3})
     with pytest.raises(ExportError, match="verification failed"):
-        bundle_writer.export_bundle(exported[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
+        bundle_writer.export_bundle(shared_bundle[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_engine_without_tensorrt_is_a_clear_error(exported, run_qnkit, tmp_path):
-    pytest.importorskip("qnkit.export.tensorrt_build")
+def test_engine_without_tensorrt_is_a_clear_error(shared_bundle, run_qnkit, tmp_path):
     from qnkit.export.tensorrt_build import unavailable_reason
 
     if unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present (see test_backends_gpu)")
-    proc = run_qnkit("export", exported[0], "--out", tmp_path / "b", "--engine")
+    proc = run_qnkit("export", shared_bundle[0], "--out", tmp_path / "b", "--engine")
     assert proc.returncode == 2 and "--engine" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "b").exists()
 
 
-def test_tampered_checkpoint_is_refused(exported, run_qnkit, tmp_path):
+def test_tampered_checkpoint_is_refused(shared_bundle, run_qnkit, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(exported[0], run)
+    shutil.copytree(shared_bundle[0], run)
     with open(run / "checkpoints" / "best" / "model.safetensors", "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\0\1\2\3")

@@ -112,19 +112,8 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_params_change(synth_dataset
     assert not list((tmp_path / "cache").rglob("*.tmp*"))
 
 
-def write_mismatched_case(src, dst):
-    """Copy of case_00000 whose labels lack the last slice (image and labels shapes differ)."""
-    import nibabel as nib
-
-    data = _copy_cases(src, dst, ["case_00000"])
-    seg = data / "case_00000" / "segmentation.nii.gz"
-    img = nib.load(seg)
-    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-1], img.affine, img.header), seg)
-    return data
-
-
-def test_mismatched_image_and_labels_are_refused(synth_dataset, tmp_path):
-    data = write_mismatched_case(synth_dataset, tmp_path / "d")
+def test_mismatched_image_and_labels_are_refused(mismatched_case_dataset, tmp_path):
+    data = mismatched_case_dataset
     with pytest.raises(QnkitInputError, match="shape"):
         D.build_cache(D.discover_cases(data), D.PreprocessParams(-200.0, 400.0, 20, 2.0), tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.npy"))

@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_train_data import write_mismatched_case
-
 
 @pytest.fixture
 def run_qnkit(capsys):
@@ -63,8 +61,8 @@ def test_empty_and_malformed_data_folders(run_qnkit, synth_dataset, tmp_path):
     assert "case_00003" in line and not out.exists()
 
 
-def test_mismatched_shapes(run_qnkit, synth_dataset, tmp_path):
-    data = write_mismatched_case(synth_dataset, tmp_path / "d")
+def test_mismatched_shapes(run_qnkit, synth_dataset, mismatched_case_dataset, tmp_path):
+    data = mismatched_case_dataset
     shutil.copytree(synth_dataset / "case_00001", data / "case_00001")
     shutil.copytree(synth_dataset / "case_00002", data / "case_00002")
     shutil.copytree(synth_dataset / "case_00003", data / "case_00003")
