@@ -33,7 +33,7 @@ from qnkit.io import same_file  # noqa: F401  (the one definition; callers use s
 from qnkit import postprocess as post
 from qnkit.errors import QnkitInputError
 
-__all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_overlapped", "segment_ct", "segment_file",
+__all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_overlapped", "predict_kidney_slab", "segment_ct", "segment_file",
            "load_case", "resolve_inputs", "output_path", "check_writable_folder", "parse_closing", "MASK_SUFFIX"]
 
 MASK_SUFFIX = "_kidneys.nii.gz"
@@ -52,6 +52,9 @@ class SegmentOptions:
     closing_unit: str = "mm"  # mm | voxels
     split_sides: bool = False  # mask values 1 right, 2 left (else 1 kidney)
     strict: bool = False  # an out-of-domain warning (qnkit.domain) is an error: nothing is written
+    slab: bool = True  # find the kidneys' slab with a coarse pass first, run every slice only there
+    slab_margin_mm: float = 20.0  # slices kept above and below what the coarse pass found
+    coarse_step_mm: float = 15.0  # distance between the coarse pass's slices
 
 
 @dataclass
@@ -155,6 +158,69 @@ def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, spacing_hw=(
     return mask, probs
 
 
+def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, options: "SegmentOptions",
+                        progress: Callable[[int], None] | None = None, **model) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`predict_overlapped` on the kidneys' slab only: what matters, not every slice.
+
+    A coarse pass runs the same network on one slice every ``options.coarse_step_mm``; slices where
+    it finds kidney (at least 1 cm² above threshold) span the slab, widened by the step and
+    ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted; while the
+    mask touches an end of the slab that is not the volume's end, the slab grows by the margin
+    there and only the new slices are predicted (a slice's prediction does not depend on its
+    neighbours). Slices outside the slab get probability 0. Nothing found by the coarse pass, or a
+    volume too short for a coarse pass to save work, runs every slice. `model` holds
+    predict_overlapped's model arguments (hu_window, spacing_hw, model_spacing, batch_size,
+    threshold, pad_multiple, timings). Returns (mask, probabilities, slab record).
+    """
+    z = ct.shape[0]
+    slice_mm = float(slice_mm) if slice_mm and slice_mm > 0 else 1.0
+    step = max(1, int(options.coarse_step_mm // slice_mm))
+    margin = int(np.ceil((options.slab_margin_mm + step * slice_mm) / slice_mm))
+    done = [0]
+
+    def run(part: np.ndarray):
+        def tick(n: int) -> None:
+            if progress is not None:
+                progress(min(z, done[0] + n))
+        out = predict_overlapped(part, predict_batch, progress=tick, **model)
+        done[0] += len(part)
+        return out
+
+    record = {"coarse_step": step, "margin": margin}
+    if not options.slab or z < 4 * step + 2 * margin:
+        mask, probs = run(ct)
+        return mask, probs, {**record, "start": 0, "stop": z, "slices_run": z}
+    coarse = np.unique(np.r_[np.arange(0, z, step), z - 1])
+    _, coarse_probs = run(np.ascontiguousarray(ct[coarse]))
+    sr, sc = model.get("spacing_hw") or (1.0, 1.0)
+    ms = model.get("model_spacing")
+    pixel_mm2 = (ms * ms) if ms else (4.0 * sr * sc)
+    found = coarse[(coarse_probs > model.get("threshold", 0.5)).sum(axis=(1, 2)) * pixel_mm2 >= 100.0]
+    if found.size == 0:
+        mask, probs = run(ct)
+        return mask, probs, {**record, "start": 0, "stop": z, "slices_run": int(len(coarse) + z), "found": False}
+    lo, hi = max(0, int(found.min()) - margin), min(z, int(found.max()) + margin + 1)
+    mask_part, probs_part = run(ct[lo:hi])
+    while True:
+        grow_lo = lo > 0 and mask_part[0].any()
+        grow_hi = hi < z and mask_part[-1].any()
+        if not (grow_lo or grow_hi):
+            break
+        if grow_lo:
+            new_lo = max(0, lo - margin)
+            m, p = run(ct[new_lo:lo])
+            mask_part, probs_part, lo = np.concatenate([m, mask_part]), np.concatenate([p, probs_part]), new_lo
+        if grow_hi:
+            new_hi = min(z, hi + margin)
+            m, p = run(ct[hi:new_hi])
+            mask_part, probs_part, hi = np.concatenate([mask_part, m]), np.concatenate([probs_part, p]), new_hi
+    mask = np.zeros(ct.shape, dtype=np.uint8)
+    mask[lo:hi] = mask_part
+    probs = np.zeros((z, *probs_part.shape[1:]), dtype=np.float32)
+    probs[lo:hi] = probs_part
+    return mask, probs, {**record, "start": lo, "stop": hi, "slices_run": int(len(coarse) + hi - lo), "found": True}
+
+
 def _pad_multiple(bundle) -> int:
     """Padding multiple used in training/evaluation (recorded in the bundle), at least the size divisor."""
     pre = bundle.metadata.get("preprocessing", {})
@@ -172,17 +238,20 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     {"input_pixel_spacing_mm": [row, col], "model_pixel_spacing_mm": m, "grid": [h, w]}. Each slice is
     resampled in-plane to the model's `model_spacing` (mm) and the probabilities brought back to
     the input's exact grid before thresholding; `model_spacing` None (a model without a domain
-    record) feeds half the input's resolution, as before the millimetre contract.
+    record) feeds half the input's resolution, as before the millimetre contract. Only the kidneys'
+    slab is predicted (:func:`predict_kidney_slab`; ``options.slab`` False predicts every slice);
+    `model_grid` records it under "slab".
     """
     options = options or SegmentOptions()
     timings = timings if timings is not None else {}
     spacing_hw = geometry.spacing[1:]
-    mask, probs = predict_overlapped(ct, predict_batch, hu_window=hu_window, spacing_hw=spacing_hw,
-                                     model_spacing=model_spacing, batch_size=options.batch_size, threshold=threshold,
-                                     pad_multiple=pad_multiple, progress=progress, timings=timings)
+    mask, probs, slab = predict_kidney_slab(
+        ct, predict_batch, slice_mm=geometry.spacing[0], options=options, progress=progress, hu_window=hu_window,
+        spacing_hw=spacing_hw, model_spacing=model_spacing, batch_size=options.batch_size, threshold=threshold,
+        pad_multiple=pad_multiple, timings=timings)
     model_grid = {"input_pixel_spacing_mm": [round(s, 4) for s in spacing_hw],
                   "model_pixel_spacing_mm": None if model_spacing is None else round(model_spacing, 4),
-                  "grid": list(probs.shape[1:])}
+                  "grid": list(probs.shape[1:]), "slab": slab}
     t = time.perf_counter()
     out, sides = post.kidney_sides(mask, ct, geometry, options)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)

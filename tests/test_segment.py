@@ -94,7 +94,8 @@ class _Bundle:
 
 
 def _oracle(labels: np.ndarray):
-    """predict_batch that returns the true (half-resolution, padded) kidney mask: one call per volume."""
+    """predict_batch that returns the true (half-resolution, padded) kidney mask: one call per volume
+    (so its callers predict every slice: ``slab=False``)."""
     half = kernels.downsample_labels(labels).astype(np.float32)
 
     def predict(x):
@@ -110,7 +111,7 @@ def test_sides_and_stats_on_known_phantom(tmp_path, kidneys):
     out = tmp_path / "mask.nii.gz"
     result = S.segment_file(S.CaseInput(case.case_id, folder / "imaging.nii.gz", folder), out,
                             _oracle(case.segmentation), bundle=_Bundle(),
-                            options=S.SegmentOptions(batch_size=1000, split_sides=True, closing=2))
+                            options=S.SegmentOptions(slab=False, batch_size=1000, split_sides=True, closing=2))
     mask, geo = qio.load_labels(out)
     want = {"left": {LEFT}, "right": {RIGHT}, "both": {LEFT, RIGHT}}[kidneys]
     assert set(np.unique(mask)) - {0} == want
@@ -156,9 +157,9 @@ def test_default_postprocessing_scored_against_labels(tmp_path):
 
     seg = case.segmentation > 0
     plain, _, _ = S.segment_ct(case.imaging, geo, predict, hu_window=(-200, 400),
-                               options=S.SegmentOptions(batch_size=1000, postprocess=False))
+                               options=S.SegmentOptions(slab=False, batch_size=1000, postprocess=False))
     default, sides, _ = S.segment_ct(case.imaging, geo, predict, hu_window=(-200, 400),
-                                     options=S.SegmentOptions(batch_size=1000))
+                                     options=S.SegmentOptions(slab=False, batch_size=1000))
     raw_dice, dice = kernels.dice(plain, seg), kernels.dice(default, seg)
     assert np.array_equal(default, plain & (sides > 0))  # post-processing only removes voxels here
     assert dice > raw_dice and dice > 0.9, (raw_dice, dice)
@@ -175,7 +176,7 @@ def test_slices_are_resampled_to_the_model_spacing_and_back_in_register():
     def bright(x):  # a stand-in "model": soft probability of bright tissue (enhancing cortex, bone, contrast)
         return np.clip((x - 0.6) * 4, 0, 1).astype(np.float32)
 
-    options = S.SegmentOptions(postprocess=False, batch_size=8)
+    options = S.SegmentOptions(postprocess=False, batch_size=8, slab=False)
     old, _, legacy = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), options=options)
     assert legacy["model_pixel_spacing_mm"] is None and legacy["grid"] == [32, 32]  # no domain: half resolution
     fine, _, info = S.segment_ct(case.imaging, geo, bright, hu_window=(-200, 400), model_spacing=4.0, options=options)
@@ -269,7 +270,7 @@ def test_segment_any_orientation_matches_evaluate(run_qnkit, bundle, split, tmp_
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.nii.gz"
         proc = run_qnkit("segment", image, "--model", bundle, "--out", out, "--backend", backend,
-                         "--no-postprocess", "--no-progress")
+                         "--no-postprocess", "--all-slices", "--no-progress")
         assert proc.returncode == 0, proc.stderr
         _assert_same_grid(out, image)
         # torch runs the checkpoint's weights exactly as evaluate does; ONNX Runtime may flip a voxel or two
@@ -304,10 +305,13 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
     expected = {r["case_id"]: r["dice"] for r in evaluate(trained_run, data_dir=data, log=False)["cases"]}
     out = tmp_path / "masks"
     proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--no-postprocess",
-                     "--stats", tmp_path / "stats.json", "--no-progress")
+                     "--all-slices", "--stats", tmp_path / "stats.json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert [c["name"] for c in stats["cases"]] == sorted(split["test"])
+    for entry in stats["cases"]:  # --all-slices: every slice predicted, as evaluate does
+        slab = entry["model_grid"].pop("slab")
+        assert (slab["start"], slab["stop"], slab["slices_run"]) == (0, entry["slices"], entry["slices"])
     model_mm = json.loads((bundle / "qnkit.json").read_text())["domain"]["pixel_spacing_mm"]
     for entry in stats["cases"]:  # how the model saw each case: its own pixel size, the model's, the grid
         geo = qio.load_geometry(data / entry["name"] / "imaging.nii.gz")
@@ -533,17 +537,17 @@ def test_kidney_cut_by_the_volume_edge_warns_and_strict_writes_nothing(tmp_path,
     folder = write_case(cut, tmp_path)
     source = S.CaseInput("cut", folder / "imaging.nii.gz", folder)
     result = S.segment_file(source, tmp_path / "cut.nii.gz", _oracle(cut.segmentation), bundle=_Bundle(),
-                            options=S.SegmentOptions(batch_size=1000))
+                            options=S.SegmentOptions(slab=False, batch_size=1000))
     (warning,) = result.to_json()["warnings"]
     assert "first slice" in warning
     assert capsys.readouterr().err.splitlines() == [f"qnkit: warning: cut: {warning}"]
     with pytest.raises(QnkitInputError, match="first slice.*--strict"):
         S.segment_file(source, tmp_path / "strict.nii.gz", _oracle(cut.segmentation), bundle=_Bundle(),
-                       options=S.SegmentOptions(batch_size=1000, strict=True))
+                       options=S.SegmentOptions(slab=False, batch_size=1000, strict=True))
     assert not (tmp_path / "strict.nii.gz").exists()
     whole = write_case(case, tmp_path / "whole")
     quiet = S.segment_file(S.CaseInput("whole", whole / "imaging.nii.gz", whole), None, _oracle(case.segmentation),
-                           bundle=_Bundle(), options=S.SegmentOptions(batch_size=1000, strict=True))
+                           bundle=_Bundle(), options=S.SegmentOptions(slab=False, batch_size=1000, strict=True))
     assert quiet.warnings == [] and capsys.readouterr().err == ""
 
 

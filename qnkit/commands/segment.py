@@ -58,6 +58,8 @@ def command(
     strict: bool = typer.Option(False, "--strict", help="Out-of-domain warnings (not HU, slice thickness far outside "
                                                         "the model's range, orientation guessed, kidney at the "
                                                         "volume's edge) are errors: exit code 2, that case not written."),
+    all_slices: bool = typer.Option(False, "--all-slices", help="Predict every slice (default: find the kidneys' "
+                                                                "slab with a coarse pass, then predict only there)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Segment both kidneys: mask on the input's exact grid, optional stats JSON and preview PNG."""
@@ -72,7 +74,7 @@ def command(
         raise QnkitInputError("--closing is part of the post-processing; it cannot be used with --no-postprocess")
     radius, unit = S.parse_closing(closing)
     options = S.SegmentOptions(batch_size=batch_size, postprocess=not no_postprocess, closing=radius,
-                               closing_unit=unit, split_sides=split_sides, strict=strict,
+                               closing_unit=unit, split_sides=split_sides, strict=strict, slab=not all_slices,
                                **{k: v for k, v in (("min_kidney_ml", min_kidney_ml), ("merge_mm", merge_mm))
                                   if v is not None})
     cases, batch = B.resolve_cases(inputs)
