@@ -20,7 +20,7 @@ import numpy as np
 
 from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
                           WEIGHTS, sha256_file)
-from qnkit._atomic import remove_path, swap_in_dir, temp_dir
+from qnkit._atomic import discard_temp, swap_in_dir, temp_dir
 from qnkit.errors import QnkitInputError
 
 from . import verify
@@ -220,7 +220,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
         swap_in_dir(tmp, out)
     except BaseException:
-        remove_path(tmp)
+        discard_temp(tmp)
         raise
     return metadata
 

@@ -68,8 +68,7 @@ def sweep_stale(target: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for tmp in target.parent.glob(f".{glob.escape(target.name)}.*{_TMP_MARK}*"):
             if _writer_is_dead(tmp, target):
-                with contextlib.suppress(OSError):
-                    remove_path(tmp)
+                _discard(tmp)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -94,10 +93,17 @@ def remove_path(path: str | os.PathLike) -> None:
     """Remove a file or a folder tree; nothing if it is not there."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _discard(path: Path) -> None:
+    """Best-effort removal of a temporary or a superseded copy: a failure here must not fail a write
+    that has already succeeded, nor hide the error that made a write fail."""
+    with contextlib.suppress(OSError):
+        remove_path(path)
 
 
 def _create_exclusive(target: Path, suffix: str) -> Path:
@@ -169,7 +175,8 @@ def previous_path(target: str | os.PathLike) -> Path:
 
 
 def temp_dir(target: str | os.PathLike) -> Path:
-    """A new empty folder beside ``target`` to fill and then :func:`swap_in_dir` (mode 0o777 less umask)."""
+    """A new empty folder beside ``target`` to fill and then :func:`swap_in_dir` (mode 0o777 less umask);
+    on failure, :func:`discard_temp` it."""
     target = Path(target)
     sweep_stale(target)
     while True:
@@ -223,15 +230,20 @@ def swap_in_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     if target.exists():
         if exchange(tmp, target):
             fsync_path(parent)
-            remove_path(tmp)  # now the previous folder
+            _discard(tmp)  # now the previous folder
             return target
-        remove_path(old)  # a leftover of an earlier interrupted swap; `target` is whole
+        _discard(old)  # a leftover of an earlier interrupted swap; `target` is whole
         os.replace(target, old)
         fsync_path(parent)
     os.replace(tmp, target)
     fsync_path(parent)
-    remove_path(old)
+    _discard(old)
     return target
+
+
+def discard_temp(tmp: str | os.PathLike) -> None:
+    """Remove an unfinished temporary folder (best effort: the error that stopped the write matters more)."""
+    _discard(Path(tmp))
 
 
 def current_or_previous(target: str | os.PathLike, complete=lambda folder: folder.is_dir()) -> Path | None:

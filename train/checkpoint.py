@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from qnkit._atomic import current_or_previous, remove_path, swap_in_dir, temp_dir
+from qnkit._atomic import current_or_previous, discard_temp, swap_in_dir, temp_dir
 from qnkit.bundle import sha256_bytes, sha256_file
 from qnkit.errors import QnkitInputError
 
@@ -76,7 +76,7 @@ def save(run_dir: Path, kind: str, model: torch.nn.Module, meta: dict, state: di
         (tmp / "meta.json").write_text(json.dumps(full, indent=1))
         return swap_in_dir(tmp, root / kind)
     except BaseException:
-        remove_path(tmp)
+        discard_temp(tmp)
         raise
 
 
