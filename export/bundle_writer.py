@@ -9,7 +9,6 @@ leaves no bundle; an existing bundle is replaced only with ``force``.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
-                          WEIGHTS, sha256_file)
+                          WEIGHTS, sealed_metadata_text, sha256_file)
 from qnkit._atomic import discard_temp, swap_in_dir, temp_dir
 from qnkit.errors import QnkitInputError
 
@@ -217,7 +216,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         }
         metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+        (tmp / METADATA_NAME).write_text(sealed_metadata_text(metadata), encoding="utf-8")
         swap_in_dir(tmp, out)
     except BaseException:
         discard_temp(tmp)

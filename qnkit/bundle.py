@@ -11,8 +11,13 @@ A bundle is a folder::
     BUNDLE/model.engine          serialized TensorRT engine (optional) + timing.cache
     BUNDLE/weights.safetensors   weights for the eager torch backend (network config in qnkit.json)
 
-Every artefact is checked against its recorded SHA-256 before use, so a tampered, truncated or
-swapped file is an error (:class:`BundleError`, one line), never a guess.
+The bundle folder is one signed-off unit and the trust boundary: ``qnkit.json`` carries
+``manifest_sha256``, the SHA-256 of its own canonical content (every key but that one), and every
+artefact's SHA-256, so an edited threshold, HU window or network config is refused like an edited
+model file (:class:`BundleError`, one line), never a guess. Loaders take an artefact's bytes from
+:meth:`Bundle.read`, which hashes exactly the bytes it returns (no hash-then-reopen gap). The hashes
+detect accidents and edits made without re-sealing; they are not a signature against someone who
+can write the folder (a TensorRT engine is native code: only load bundles from folders you trust).
 """
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ from pathlib import Path
 
 from qnkit.errors import QnkitInputError
 
-__all__ = ["FORMAT", "VERSION", "METADATA_NAME", "BundleError", "Bundle", "load_bundle", "sha256_file",
-           "engine_mismatch"]
+__all__ = ["FORMAT", "VERSION", "METADATA_NAME", "MANIFEST_KEY", "BundleError", "Bundle", "load_bundle",
+           "sha256_file", "sha256_bytes", "manifest_sha256", "sealed_metadata_text", "engine_mismatch"]
 
 FORMAT = "qnkit-bundle"
 VERSION = 1
 METADATA_NAME = "qnkit.json"
+MANIFEST_KEY = "manifest_sha256"
 FP32_ONNX, FP16_ONNX, INT8_ONNX = "model.onnx", "model.fp16.onnx", "model.int8.onnx"
 ENGINE, TIMING_CACHE, WEIGHTS = "model.engine", "timing.cache", "weights.safetensors"
 
@@ -47,6 +53,29 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(metadata: dict) -> bytes:
+    """The metadata without its manifest hash, as sorted compact UTF-8 JSON (independent of layout)."""
+    content = {k: v for k, v in metadata.items() if k != MANIFEST_KEY}
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def manifest_sha256(metadata: dict) -> str:
+    """SHA-256 of the canonical content of ``qnkit.json`` (all keys except ``manifest_sha256``)."""
+    return sha256_bytes(_canonical(metadata))
+
+
+def sealed_metadata_text(metadata: dict) -> str:
+    """The text of ``qnkit.json`` for ``metadata``, with its manifest hash added (what export writes).
+
+    The hash is taken over the JSON round trip of ``metadata`` (tuples become lists), i.e. over
+    exactly what a reader parses back.
+    """
+    plain = json.loads(json.dumps({k: v for k, v in metadata.items() if k != MANIFEST_KEY}, allow_nan=False))
+    plain[MANIFEST_KEY] = manifest_sha256(plain)
+    return json.dumps(plain, indent=1) + "\n"
 
 
 @dataclass
@@ -102,21 +131,49 @@ class Bundle:
     def has(self, name: str) -> bool:
         return name in self.metadata.get("artefacts", {})
 
-    def artefact(self, name: str) -> Path:
-        """Path of artefact ``name`` after checking that it exists and matches its SHA-256."""
+    def _record(self, name: str) -> dict:
         record = self.metadata.get("artefacts", {}).get(name)
         if record is None:
             have = ", ".join(sorted(self.metadata.get("artefacts", {}))) or "none"
             raise BundleError(f"{self.path}: the bundle has no {name} (it has: {have})")
+        return record
+
+    def read(self, name: str) -> bytes:
+        """The bytes of artefact ``name``, hashed as read: what is returned is what was verified.
+
+        Loaders parse these bytes (ONNX Runtime, safetensors, TensorRT all take bytes) instead of
+        reopening the file, so a file swapped after the check cannot be what runs.
+        """
+        record = self._record(name)
         path = self.path / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{path}: missing (listed in {METADATA_NAME}); re-export the bundle") from None
+        except OSError as exc:
+            raise BundleError(f"{path}: unreadable ({exc.strerror or exc})") from None
+        if sha256_bytes(data) != record["sha256"]:
+            raise BundleError(f"{path}: SHA-256 does not match {METADATA_NAME} (modified or corrupt); "
+                              f"re-export the bundle")
+        self._verified.add(name)
+        return data
+
+    def artefact(self, name: str) -> Path:
+        """Path of artefact ``name`` after checking that it exists and matches its SHA-256.
+
+        For tools that can only open a path; whatever can take bytes should use :meth:`read`.
+        """
         if name not in self._verified:
-            if not path.is_file():
-                raise BundleError(f"{path}: missing (listed in {METADATA_NAME}); re-export the bundle")
-            if sha256_file(path) != record["sha256"]:
-                raise BundleError(f"{path}: SHA-256 does not match {METADATA_NAME} (modified or corrupt); "
-                                  f"re-export the bundle")
-            self._verified.add(name)
-        return path
+            self.read(name)
+        return self.path / name
+
+    def verify_all(self) -> list[dict]:
+        """Check every artefact now; one record (name, bytes, sha256) per artefact checked."""
+        checked = []
+        for name, record in sorted(self.metadata.get("artefacts", {}).items()):
+            data = self.read(name)
+            checked.append({"name": name, "bytes": len(data), "sha256": record["sha256"]})
+        return checked
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
@@ -126,7 +183,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{path}: no such bundle folder (create one with `qnkit export RUN_DIR --out {path}`)")
     meta_path = path / METADATA_NAME
     try:
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        metadata = json.loads(meta_path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path}: not a qnkit bundle (no {METADATA_NAME})") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -137,6 +194,16 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     if metadata.get("version") != VERSION:
         raise BundleError(f"{meta_path}: bundle format version {metadata.get('version')!r} is not supported "
                           f"(this qnkit reads version {VERSION}); re-export the bundle")
+    recorded = metadata.get(MANIFEST_KEY)
+    if not isinstance(recorded, str):
+        raise BundleError(f"{meta_path}: no {MANIFEST_KEY} (written by an older qnkit); re-export the bundle")
+    try:
+        computed = manifest_sha256(metadata)
+    except ValueError:  # NaN or infinity: not canonical JSON
+        computed = None
+    if computed != recorded:
+        raise BundleError(f"{meta_path}: content does not match its {MANIFEST_KEY} (edited after export); "
+                          f"re-export the bundle")
     try:
         for key in ("model", "preprocessing", "threshold", "artefacts"):
             metadata[key]
@@ -145,8 +212,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{meta_path}: incomplete metadata ({type(exc).__name__}: {exc})") from None
     if verify:
-        for name in metadata["artefacts"]:
-            bundle.artefact(name)
+        bundle.verify_all()
     return bundle
 
 

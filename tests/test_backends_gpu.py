@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from qnkit import kernels  # noqa: E402
 from qnkit.backends import open_backend  # noqa: E402
-from qnkit.bundle import BundleError, load_bundle  # noqa: E402
+from qnkit.bundle import BundleError, load_bundle, sealed_metadata_text  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -111,7 +111,7 @@ def test_foreign_engine_is_rebuilt_or_refused(engine_bundle, slices, eager_cpu, 
     shutil.copytree(engine_bundle, copy)
     meta = json.loads((copy / "qnkit.json").read_text())
     meta["engine"]["tensorrt"] = "8.6.1"
-    (copy / "qnkit.json").write_text(json.dumps(meta))
+    (copy / "qnkit.json").write_text(sealed_metadata_text(meta))  # re-sealed: the engine record says 8.6.1
     with pytest.raises(BundleError, match=r"TensorRT 8\.6\.1"):
         open_backend(load_bundle(copy), "tensorrt", rebuild_engine=False, log=print)
     lines = []

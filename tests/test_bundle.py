@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from qnkit.bundle import BundleError, engine_mismatch, load_bundle, sha256_file  # noqa: E402
+from qnkit.bundle import (BundleError, engine_mismatch, load_bundle, sealed_metadata_text,  # noqa: E402
+                          sha256_file)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def _with_engine(bundle_dir, record):
     profile = {"input": "image", "min": [1, 1, 16, 16], "opt": [16, 1, 64, 64], "max": [32, 1, 128, 128]}
     meta["engine"] = {"file": "model.engine", "precision": "fp16", "profile": profile, **record}
     meta["artefacts"]["model.engine"] = {"sha256": sha256_file(bundle_dir / "model.engine"), "bytes": 12}
-    (bundle_dir / "qnkit.json").write_text(json.dumps(meta))
+    (bundle_dir / "qnkit.json").write_text(sealed_metadata_text(meta))  # re-sealed, as export would
     return load_bundle(bundle_dir)
 
 
@@ -128,3 +129,63 @@ def test_check_cli_summarises_a_good_bundle(original, run_qnkit):
     proc = run_qnkit("export", "--check", original)
     assert proc.returncode == 0, proc.stderr
     assert "SHA-256 verified" in proc.stdout and "fp16" in proc.stdout
+
+
+def _edit_metadata(bundle_dir, edit):
+    meta = json.loads((bundle_dir / "qnkit.json").read_text())
+    edit(meta)
+    (bundle_dir / "qnkit.json").write_text(json.dumps(meta, indent=1))
+
+
+@pytest.mark.parametrize("what, edit", [
+    ("threshold", lambda m: m.update(threshold=0.3)),
+    ("HU window", lambda m: m["preprocessing"].update(hu_window=[-100.0, 300.0])),
+    ("network config", lambda m: m["model"]["network"].update(num_filters=16)),
+    ("a new key", lambda m: m.update(domain={"pixel_spacing_mm": 1.0})),
+    ("an artefact hash", lambda m: m["artefacts"]["model.onnx"].update(sha256="0" * 64)),
+    ("the manifest hash removed", lambda m: m.pop("manifest_sha256")),
+])
+def test_an_edited_qnkit_json_is_refused(copy, what, edit):
+    _edit_metadata(copy, edit)
+    with pytest.raises(BundleError, match="manifest_sha256"):
+        load_bundle(copy, verify=False)
+
+
+def test_an_edited_qnkit_json_is_one_line_and_exit_2_in_every_command(copy, tmp_path, run_qnkit):
+    _edit_metadata(copy, lambda m: m.update(threshold=0.3))
+    _one_line_exit_2(run_qnkit("verify", copy), "qnkit.json", "manifest_sha256")
+    from qnkit.synth import make_case, write_case
+
+    write_case(make_case(0, size=64, seed=3), tmp_path / "cases")
+    proc = run_qnkit("segment", next((tmp_path / "cases").glob("case_*")), "--model", copy, "--out",
+                     tmp_path / "mask.nii.gz", "--no-progress")
+    _one_line_exit_2(proc, "manifest_sha256")
+    assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_layout_of_qnkit_json_does_not_matter(copy):
+    meta = json.loads((copy / "qnkit.json").read_text())
+    reordered = dict(reversed(list(meta.items())))
+    (copy / "qnkit.json").write_text(json.dumps(reordered, indent=4, sort_keys=False))
+    assert load_bundle(copy).threshold == 0.5  # same content, other layout: still the signed-off bundle
+
+
+def test_verify_cli_prints_what_was_checked(original, run_qnkit):
+    proc = run_qnkit("verify", original)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((original / "qnkit.json").read_text())
+    assert f"manifest_sha256 {meta['manifest_sha256'][:16]}" in proc.stdout
+    for name, record in meta["artefacts"].items():
+        assert f"ok  {name}: {record['bytes']:,} bytes, SHA-256 {record['sha256'][:16]}" in proc.stdout
+    assert "trust boundary" in proc.stdout
+
+
+@pytest.mark.parametrize("kind, artefact", [("onnxruntime", "model.onnx"), ("torch", "weights.safetensors")])
+def test_loaders_run_the_bytes_they_verified(copy, kind, artefact):
+    """A file swapped after load_bundle checked it is caught when the backend reads it (no reopen gap)."""
+    from qnkit.backends import open_backend
+
+    bundle = load_bundle(copy, verify=True)
+    (copy / artefact).write_bytes((copy / artefact).read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match=f"{artefact}: SHA-256"):
+        open_backend(bundle, kind, device="cpu", precision="fp32", log=lambda m: None)

@@ -65,12 +65,13 @@ class OnnxRuntimeBackend(Backend):
         self.precision = check_precision(precision, tuple(GRAPHS), "onnxruntime")
         self.batch_size = int(batch_size)
         if model_path is None:
-            model_path = bundle.artefact(GRAPHS[precision])
+            self.model_name = GRAPHS[precision]
+            model = bundle.read(self.model_name)  # the verified bytes are what the session parses
             self.size_divisor = bundle.size_divisor
             self.fixed_hw = None if bundle.dynamic_hw else bundle.input_size
         else:
+            self.model_name, model = Path(model_path).name, str(model_path)
             self.size_divisor = size_divisor
-        self.model_path = Path(model_path)
         self._device_id = 0
         if device == "cpu":
             providers: list = ["CPUExecutionProvider"]
@@ -90,7 +91,7 @@ class OnnxRuntimeBackend(Backend):
                     "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
                     "trt_timing_cache_path": str(cache)}))
             providers += [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(threads),
+        self.session = ort.InferenceSession(model, sess_options=session_options(threads),
                                             providers=providers)
         self.providers = self.session.get_providers()
         on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -113,7 +114,7 @@ class OnnxRuntimeBackend(Backend):
         return binding.copy_outputs_to_cpu()[0]
 
     def _details(self) -> dict:
-        return {"onnxruntime": self._ort.__version__, "model": self.model_path.name, "providers": self.providers,
+        return {"onnxruntime": self._ort.__version__, "model": self.model_name, "providers": self.providers,
                 "intra_op_threads": self._threads, "max_run_slices": self.max_run_slices}
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from qnkit.backends.base import Backend, check_precision
 from qnkit.backends.tensorrt_build import engine_profile, profile_covers, profile_is_dynamic
-from qnkit.bundle import ENGINE, FP16_ONNX, FP32_ONNX, Bundle, BundleError, engine_mismatch, sha256_file
+from qnkit.bundle import ENGINE, FP16_ONNX, FP32_ONNX, Bundle, BundleError, engine_mismatch, sha256_bytes
 from qnkit.errors import QnkitInputError
 
 
@@ -125,29 +125,30 @@ def load_or_build_engine(bundle: Bundle, precision: str, *, batches: tuple[int, 
     here = {"tensorrt": str(trt.__version__), **gpu_info()}
     choice, why = select_engine(bundle, here, precision, hw=hw, rebuild=rebuild)
     if choice == "bundle":
-        return bundle.artefact(ENGINE).read_bytes(), dict(bundle.engine)
+        return bundle.read(ENGINE), dict(bundle.engine)  # the verified bytes are what is deserialized
     profile = engine_profile(bundle.input_size, bundle.size_divisor, batches, cover=hw,
                              input_name=bundle.metadata["model"].get("input", {}).get("name", "image"))
     source = engine_source(bundle, precision, trt)
-    onnx_path = bundle.artefact(source)
-    key = (f"{sha256_file(onnx_path)[:16]}-trt{here['tensorrt']}-sm{here['compute_capability']}-{precision}"
+    onnx_bytes = bundle.read(source)  # verified as read; the build parses these bytes
+    key = (f"{sha256_bytes(onnx_bytes)[:16]}-trt{here['tensorrt']}-sm{here['compute_capability']}-{precision}"
            f"-b{'-'.join(str(profile[k][0]) for k in ('min', 'opt', 'max'))}"
            f"-{'x'.join(map(str, profile['opt'][2:]))}-max{'x'.join(map(str, profile['max'][2:]))}")
     folder = cache_dir() / "engines"
     path, meta_path = folder / f"{key}.engine", folder / f"{key}.json"
     if path.is_file() and meta_path.is_file():
         record = json.loads(meta_path.read_text())
-        if cached_engine_usable(record, sha256_file(path)):
+        data = path.read_bytes()
+        if cached_engine_usable(record, sha256_bytes(data)):
             log(f"tensorrt: {why}; using the engine rebuilt and verified earlier ({path})")
-            return path.read_bytes(), record
+            return data, record
     log(f"tensorrt: {why}; rebuilding the engine from {source} (once; cached in {folder})")
     folder.mkdir(parents=True, exist_ok=True)
-    data, record = build_engine(onnx_path, profile=profile, precision=precision,
+    data, record = build_engine(onnx_bytes, source=source, profile=profile, precision=precision,
                                 timing_cache=folder / f"timing-trt{here['tensorrt']}-sm{here['compute_capability']}.cache",
                                 log=log)
     record["verification"] = verify_rebuilt_engine(bundle, data, record, precision, log=log)
     write_bytes_atomic(path, data)
-    write_text_atomic(meta_path, json.dumps({**record, "sha256": sha256_file(path)}, indent=1))
+    write_text_atomic(meta_path, json.dumps({**record, "sha256": sha256_bytes(data)}, indent=1))
     return data, record
 
 

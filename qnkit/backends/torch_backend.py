@@ -23,7 +23,7 @@ class TorchBackend(Backend):
     def __init__(self, bundle: Bundle, *, precision: str = "fp32", device: str = "cpu", batch_size: int = 16,
                  cuda_graphs: bool = False, threads: int | None = None):
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
 
@@ -37,7 +37,7 @@ class TorchBackend(Backend):
         if self._dev.type == "cpu":
             torch.set_num_threads(threads or default_threads())
         model = QuickNAT(QuickNATConfig.from_dict(bundle.network), unpool="indices")
-        model.load_state_dict(load_file(str(bundle.artefact(WEIGHTS)), device="cpu"))
+        model.load_state_dict(load_safetensors(bundle.read(WEIGHTS)))  # the verified bytes are what is loaded
         self.model = model.to(self._dev).eval()
         self._torch = torch
         self.cuda_graphs = bool(cuda_graphs) and self._dev.type == "cuda"

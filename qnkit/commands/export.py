@@ -24,33 +24,6 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
     return size
 
 
-def _check(bundle_dir: Path) -> None:
-    """Verify an existing bundle (hashes; engine target vs this machine) and print its summary."""
-    from qnkit.bundle import load_bundle
-
-    bundle = load_bundle(bundle_dir, verify=True)
-    meta = bundle.metadata
-    print(f"{bundle.path}: qnkit bundle v{meta['version']}, input {bundle.input_size[0]}x{bundle.input_size[1]}, "
-          f"HU window {bundle.hu_window}, threshold {bundle.threshold}")
-    print(f"artefacts (SHA-256 verified): {', '.join(sorted(meta['artefacts']))}")
-    ver = meta.get("verification", {})
-    for kind in ("fp32", "fp16", "int8", "tensorrt"):
-        if kind in ver:
-            print(f"  {kind}: max |diff| {ver[kind]['max_abs_diff']:.2e}, mask Dice {ver[kind]['dice']:.5f}")
-    if bundle.engine:
-        from qnkit.backends.tensorrt_backend import select_engine
-        from qnkit.export.tensorrt_build import gpu_info, tensorrt_or_none
-
-        trt, gpu = tensorrt_or_none(), gpu_info()
-        if trt is None or gpu is None:
-            print(f"engine: built for TensorRT {bundle.engine['tensorrt']} on {bundle.engine['gpu']}; "
-                  f"not checked here (no TensorRT or GPU)")
-        else:
-            select_engine(bundle, {"tensorrt": str(trt.__version__), **gpu}, bundle.engine["precision"],
-                          rebuild=False)
-            print("engine: matches this machine's TensorRT and GPU")
-
-
 def command(
     run_dir: Path = typer.Argument(None, help="Training run folder (RUN_DIR/checkpoints/{best,last})."),
     out: Path = typer.Option(None, "--out", help="Bundle folder to write."),
@@ -63,8 +36,7 @@ def command(
     opt_batch: int = typer.Option(16, "--opt-batch", help="TensorRT profile: batch to optimise for."),
     max_batch: int = typer.Option(32, "--max-batch", help="TensorRT profile: largest batch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
-    check: Path = typer.Option(None, "--check", help="Only verify an existing bundle (hashes, engine target) "
-                                                    "and print its summary."),
+    check: Path = typer.Option(None, "--check", help="Only verify an existing bundle (same as `qnkit verify`)."),
     json_out: bool = typer.Option(False, "--json", help="Print the written qnkit.json."),
 ) -> None:
     """Export RUN_DIR's checkpoint into a model bundle: model.onnx, weights, qnkit.json, and optionally
@@ -74,7 +46,9 @@ def command(
     if check is not None:
         if run_dir is not None or out is not None:
             raise QnkitInputError("--check takes only the bundle folder (no RUN_DIR or --out)")
-        _check(check)
+        from qnkit.commands.verify import check_bundle
+
+        check_bundle(check, echo=typer.echo)
         return
     if run_dir is None or out is None:
         raise QnkitInputError("usage: qnkit export RUN_DIR --out BUNDLE_DIR [options] (or --check BUNDLE_DIR)")
