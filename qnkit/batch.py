@@ -148,6 +148,8 @@ def plan_outputs(cases, batch: bool, *, out: Path | None = None, formats: str | 
     existing (unless ``force``), not a folder, no two alike, folders writable. ``stats`` is only checked."""
     from qnkit import io as qio
 
+    if out is not None and any(_inside(out, c.image) for c in cases):
+        raise QnkitInputError(f"--out {out}: refusing to write into a DICOM input folder; choose another place")
     if out is not None and (out.is_dir() or not qio.is_nifti_path(out)):
         if out.exists() and not out.is_dir():
             raise QnkitInputError(f"--out {out} exists and is not a folder or a NIfTI file name")

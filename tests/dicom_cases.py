@@ -33,13 +33,18 @@ def _read_all(folder: Path) -> list:
     return [pydicom.dcmread(f) for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "DICOMDIR"]
 
 
-def referable_series(out: Path) -> Path:
-    """The real series with its UIDs filled in and a test patient (file names as in the source)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(real_series_path().iterdir()):
-        import pydicom
+def referable_series(out: Path, *, decompress: bool = False, every: int = 1) -> Path:
+    """The real series with its UIDs filled in and a test patient (file names as in the source).
 
+    ``decompress``: store it uncompressed (JPEG 2000 decoding costs ~0.2 s a slice, so most tests read
+    an uncompressed copy); ``every``: keep every n-th slice (an even coarser series)."""
+    import pydicom
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(real_series_path().iterdir())[::every]:
         ds = pydicom.dcmread(f)
+        if decompress:
+            _uncompressed(ds)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
@@ -47,6 +52,20 @@ def referable_series(out: Path) -> Path:
         ds.AccessionNumber = "A1"
         ds.save_as(out / f"{f.name}.dcm")
     return out
+
+
+def _uncompressed(ds) -> None:
+    """Decode the pixel data in place (nothing to do when it is stored uncompressed)."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+
+
+def anonymised(src: Path, out: Path) -> Path:
+    """A copy without Study/Series UIDs (as the shared series comes): no SEG or RTSTRUCT can reference it."""
+    datasets = _read_all(src)
+    for ds in datasets:
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+    return write_all(datasets, out)
 
 
 def write_all(datasets, out: Path, names=None) -> Path:
@@ -85,7 +104,7 @@ def transcoded(src: Path, out: Path, syntax: str) -> Path:
 
     datasets = _read_all(src)
     for ds in datasets:
-        ds.decompress()
+        _uncompressed(ds)
         if syntax == "rle":
             ds.compress(RLELossless)
         else:
@@ -99,7 +118,7 @@ def multiframe(src: Path, out: Path) -> Path:
 
     datasets = _read_all(src)
     for ds in datasets:
-        ds.decompress()
+        _uncompressed(ds)
     enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
         datasets, series_instance_uid="1.2.826.0.1.3680043.8.498.1003", series_number=4,
         sop_instance_uid="1.2.826.0.1.3680043.8.498.1004", instance_number=1)
@@ -154,14 +173,14 @@ def broken(src: Path, out: Path, kind: str) -> Path:
         datasets[mid].ImageOrientationPatient = [c, s, 0, -s, c, 0]
     elif kind == "size":
         ds = datasets[mid]
-        ds.decompress()
+        _uncompressed(ds)
         ds.PixelData = ds.pixel_array[:256, :256].copy().tobytes()
         ds.Rows = ds.Columns = 256
     elif kind == "no-pixels":
         del datasets[mid].PixelData
     elif kind == "corrupt":  # pixel data cut to half its length
         ds = datasets[mid]
-        ds.decompress()
+        _uncompressed(ds)
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     elif kind == "frames":
         for ds in datasets[mid:]:

@@ -21,6 +21,7 @@ import dicom_cases as D
 from qnkit import batch as B
 from qnkit import io as qio
 from qnkit.dicom.series import DicomError, load_series
+from qnkit.errors import QnkitInputError
 
 pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
@@ -28,12 +29,13 @@ pytest.importorskip("highdicom")
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> dict:
-    """The referable real series and its variants (all the same CT)."""
+    """The referable real series (uncompressed; as shipped, JPEG 2000) and its variants (all the same CT)."""
     root = tmp_path_factory.mktemp("dicom_cases")
-    ref = D.referable_series(root / "series")
-    return {"folder": ref, "zip": D.zipped(ref, root / "archive.zip"), "shuffled": D.shuffled(ref, root / "shuffled"),
-            "multiframe": D.multiframe(ref, root / "multiframe"), "rle": D.transcoded(ref, root / "rle", "rle"),
-            "two-series": D.with_second_series(ref, root / "two-series"), "root": root}
+    ref = D.referable_series(root / "series", decompress=True)
+    return {"folder": ref, "jpeg2000": D.referable_series(root / "jpeg2000"), "zip": D.zipped(ref, root / "archive.zip"),
+            "shuffled": D.shuffled(ref, root / "shuffled"), "multiframe": D.multiframe(ref, root / "multiframe"),
+            "rle": D.transcoded(ref, root / "rle", "rle"), "two-series": D.with_second_series(ref, root / "two-series"),
+            "root": root}
 
 
 def _sitk_grid(folder: Path, tmp: Path):
@@ -44,6 +46,11 @@ def _sitk_grid(folder: Path, tmp: Path):
     path = tmp / "sitk.nii.gz"
     sitk.WriteImage(reader.Execute(), str(path))
     return qio.load_image(path)
+
+
+@pytest.fixture(scope="module")
+def sitk_geometry(cases, tmp_path_factory):
+    return _sitk_grid(cases["folder"], tmp_path_factory.mktemp("sitk"))[1]
 
 
 def _segment(case_path: Path, bundle_path: Path, out: Path, formats: str, series: str | None = None):
@@ -60,8 +67,9 @@ def _segment(case_path: Path, bundle_path: Path, out: Path, formats: str, series
 
 
 def test_series_reads_on_simpleitk_grid(cases, tmp_path):
-    ct, geometry, source = load_series(cases["folder"])
-    ref_ct, ref_geometry = _sitk_grid(cases["folder"], tmp_path)
+    """The series as shipped (JPEG 2000) against SimpleITK's reading of it."""
+    ct, geometry, source = load_series(cases["jpeg2000"])
+    ref_ct, ref_geometry = _sitk_grid(cases["jpeg2000"], tmp_path)
     qio.check_same_grid(geometry, ref_geometry, atol=1e-4)
     assert np.array_equal(ct.astype(np.int32), ref_ct.astype(np.int32))  # HU after RescaleSlope/Intercept
     assert ct.shape == (20, 512, 512) and ct.min() == -1024
@@ -77,16 +85,27 @@ def reference_mask(cases, exported_bundle, tmp_path_factory):
     return img, outputs
 
 
-@pytest.mark.parametrize("variant", ["zip", "shuffled", "multiframe", "rle", "two-series"])
-def test_variants_give_the_same_mask_on_the_simpleitk_grid(cases, exported_bundle, reference_mask, variant, tmp_path):
+@pytest.mark.parametrize("variant", ["zip", "shuffled", "multiframe"])
+def test_variants_give_the_same_mask_on_the_simpleitk_grid(cases, exported_bundle, reference_mask, sitk_geometry,
+                                                           variant, tmp_path):
     ref_img, _ = reference_mask
-    done, outputs = _segment(cases[variant], exported_bundle, tmp_path, "nifti")
+    done, outputs = _segment(cases[variant], exported_bundle, tmp_path, "nifti,seg")
     img = nib.load(outputs.nifti)
     assert np.array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref_img.dataobj))
     assert np.allclose(img.affine, ref_img.affine, atol=1e-4)
-    _, sitk_geometry = _sitk_grid(cases["folder"], tmp_path)
-    mask, geometry = qio.load_labels(outputs.nifti)
-    qio.check_same_grid(geometry, sitk_geometry, atol=1e-4)
+    qio.check_same_grid(qio.load_labels(outputs.nifti)[1], sitk_geometry, atol=1e-4)
+    assert _dciodvfy_errors(outputs.seg) == []  # for multi-frame: one SEG frame per source frame
+    assert np.array_equal(_seg_on_nifti_grid(outputs.seg, img) > 0, np.asanyarray(img.dataobj) > 0)
+
+
+@pytest.mark.parametrize("variant", ["jpeg2000", "rle", "two-series"])
+def test_transfer_syntaxes_and_other_objects_read_the_same_ct(cases, variant):
+    """The mask is a function of the CT and its grid (tested above), so the same CT on the same grid
+    gives the same mask: JPEG 2000 as shipped, RLE, and the series beside a second one and an SR."""
+    ct, geometry, _ = load_series(cases["folder"])
+    other, other_geometry, _ = load_series(cases[variant])
+    assert np.array_equal(ct, other) and ct.dtype == other.dtype
+    qio.check_same_grid(geometry, other_geometry, atol=1e-6)
 
 
 def test_several_series_choose_the_largest_or_the_asked_one(cases):
@@ -139,13 +158,6 @@ def test_seg_valid_and_equal_to_the_nifti_mask(reference_mask):
     assert np.array_equal(_seg_on_nifti_grid(outputs.seg, img) > 0, mask)
 
 
-def test_seg_of_a_multiframe_series(cases, exported_bundle, tmp_path):
-    done, outputs = _segment(cases["multiframe"], exported_bundle, tmp_path, "nifti,seg")
-    img = nib.load(outputs.nifti)
-    assert _dciodvfy_errors(outputs.seg) == []
-    assert np.array_equal(_seg_on_nifti_grid(outputs.seg, img) > 0, np.asanyarray(img.dataobj) > 0)
-
-
 def test_rtstruct_valid_and_rasterises_back(cases, reference_mask):
     rt_utils = pytest.importorskip("rt_utils")
     from qnkit import kernels
@@ -176,6 +188,17 @@ def test_contours_trace_pixel_centres():
         (r, c) for r in (2, 3, 4) for c in (2, 3, 4) if (r, c) != (3, 3))
 
 
+def test_outputs_never_go_into_a_dicom_input(cases):
+    found, batch = B.resolve_cases([cases["folder"]])
+    assert [c.name for c in found] == ["series"] and not batch
+    plan = B.plan_outputs(found, batch, formats="nifti,seg,rtstruct")
+    assert {p.parent for p in plan["series"].paths()} == {cases["folder"].parent}
+    before = _files(cases["folder"])
+    with pytest.raises(QnkitInputError, match="into a DICOM input folder"):
+        B.plan_outputs(found, batch, out=cases["folder"] / "sub", formats="seg")
+    assert _files(cases["folder"]) == before
+
+
 # --- the command line -------------------------------------------------------------------------
 
 
@@ -183,45 +206,83 @@ def _files(folder: Path) -> set:
     return {p.relative_to(folder) for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("kind,needle", [
-    ("missing", "missing slice"), ("duplicate", "duplicate slices"), ("uneven", "uneven slice spacing"),
-    ("tilt", "gantry tilt"), ("orientation", "mixed orientations"), ("size", "mixed sizes"),
-    ("no-pixels", "no pixel data"), ("corrupt", "cannot decode pixel data"), ("not-ct", "no CT series"),
-    ("frames", "2 frames of reference")])
-def test_bad_series_refused_with_one_line(run_qnkit, exported_bundle, cases, tmp_path, kind, needle):
+BAD_SERIES = [("missing", "missing slice"), ("duplicate", "duplicate slices"), ("uneven", "uneven slice spacing"),
+              ("tilt", "gantry tilt"), ("orientation", "mixed orientations"), ("size", "mixed sizes"),
+              ("no-pixels", "no pixel data"), ("corrupt", "cannot decode pixel data"), ("not-ct", "no CT series"),
+              ("frames", "2 frames of reference")]
+
+
+def _cli(*args) -> tuple[int, str]:
+    """`qnkit ARGS` through the CLI's own entry point in this process: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from qnkit.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()
+
+
+def _one_error_line(stderr: str, needle: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("backend:")]
+    assert len(lines) == 1 and lines[0].startswith("qnkit: error: ") and needle in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("kind,needle", BAD_SERIES)
+def test_bad_series_refused_with_one_line(exported_bundle, cases, tmp_path, kind, needle):
     folder = D.broken(cases["folder"], tmp_path / kind, kind)
     before = _files(tmp_path)
-    proc = run_qnkit("segment", folder, "--model", exported_bundle, "--format", "nifti,seg,rtstruct", "--no-progress")
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("backend:")]
-    assert len(lines) == 1 and lines[0].startswith("qnkit: error: ") and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and _files(tmp_path) == before
+    code, stderr = _cli("segment", folder, "--model", exported_bundle, "--format", "nifti,seg,rtstruct",
+                        "--no-progress")
+    assert code == 2
+    _one_error_line(stderr, needle)
+    assert _files(tmp_path) == before
 
 
-def test_seg_needs_a_dicom_input_and_referable_uids(run_qnkit, exported_bundle, tmp_path):
-    raw = tmp_path / "raw"
-    shutil.copytree(D.real_series_path(), raw)  # the shared series as it is: no Study/Series UIDs
-    proc = run_qnkit("segment", raw, "--model", exported_bundle, "--no-progress")
-    assert proc.returncode == 2 and "has no StudyInstanceUID" in proc.stderr and "--format nifti" in proc.stderr
-    assert not list(tmp_path.glob("raw_kidneys*"))
+def test_bad_series_in_a_real_process(run_qnkit, exported_bundle, cases, tmp_path):
+    folder = D.broken(cases["folder"], tmp_path / "tilt", "tilt")
+    before = _files(tmp_path)
+    proc = run_qnkit("segment", folder, "--model", exported_bundle, "--no-progress")
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr, "gantry tilt")
+    assert _files(tmp_path) == before
+
+
+def test_seg_needs_a_dicom_input_and_referable_uids(exported_bundle, cases, tmp_path):
+    raw = D.anonymised(cases["folder"], tmp_path / "raw")  # as the shared series comes: no Study/Series UIDs
+    code, stderr = _cli("segment", raw, "--model", exported_bundle, "--no-progress")
+    assert code == 2
+    _one_error_line(stderr, "has no StudyInstanceUID")
+    assert "--format nifti" in stderr and not list(tmp_path.glob("raw_kidneys*"))
     nifti = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), nifti)
-    proc = run_qnkit("segment", nifti, "--model", exported_bundle, "--format", "seg")
-    assert proc.returncode == 2 and "needs a DICOM input" in proc.stderr
+    code, stderr = _cli("segment", nifti, "--model", exported_bundle, "--format", "seg")
+    assert code == 2
+    _one_error_line(stderr, "needs a DICOM input")
 
 
-def test_segment_command_with_the_trained_model(run_qnkit, exported_bundle, cases, tmp_path):
-    """One real run: the small trained model on the real series as a folder and as a zip, three formats."""
-    out = tmp_path / "out"
-    proc = run_qnkit("segment", cases["folder"], cases["zip"], "--model", exported_bundle, "--out", out,
-                     "--format", "nifti,seg,rtstruct", "--no-progress")
+def test_segment_command_with_the_trained_model(run_qnkit, exported_bundle, cases, sitk_geometry):
+    """One real run: the small trained model on the real series, all three formats, beside the input."""
+    proc = run_qnkit("segment", cases["folder"], "--model", exported_bundle, "--format", "nifti,seg,rtstruct",
+                     "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{name}_kidneys{suffix}" for name in ("series", "archive")
-        for suffix in (".nii.gz", "_seg.dcm", "_rtstruct.dcm"))
-    folder, archive = (nib.load(out / f"{name}_kidneys.nii.gz") for name in ("series", "archive"))
-    assert np.array_equal(np.asanyarray(folder.dataobj), np.asanyarray(archive.dataobj))
-    assert np.array_equal(folder.affine, archive.affine)
-    assert np.array_equal(_seg_on_nifti_grid(out / "series_kidneys_seg.dcm", folder) > 0,
-                          np.asanyarray(folder.dataobj) > 0)
-    assert _dciodvfy_errors(out / "archive_kidneys_seg.dcm") == []
+    out = cases["folder"].parent
+    written = {p.name for p in out.iterdir() if p.name.startswith("series_kidneys")}
+    assert written == {f"series_kidneys{suffix}" for suffix in (".nii.gz", "_seg.dcm", "_rtstruct.dcm")}
+    try:
+        nifti = nib.load(out / "series_kidneys.nii.gz")
+        qio.check_same_grid(qio.load_labels(out / "series_kidneys.nii.gz")[1], sitk_geometry, atol=1e-4)
+        assert np.array_equal(_seg_on_nifti_grid(out / "series_kidneys_seg.dcm", nifti) > 0,
+                              np.asanyarray(nifti.dataobj) > 0)
+        assert _dciodvfy_errors(out / "series_kidneys_seg.dcm") == []
+        assert _dciodvfy_errors(out / "series_kidneys_rtstruct.dcm") == []
+    finally:
+        for name in written:  # the module's cases stay as they were for the other tests
+            (out / name).unlink()

@@ -37,7 +37,7 @@ def scenario(exported_bundle, tmp_path_factory) -> dict:
     if shutil.which("Orthanc") is None:
         pytest.skip("Orthanc (Debian package orthanc) is not installed")
     root = tmp_path_factory.mktemp("node")
-    good = D.referable_series(root / "good")
+    good = D.referable_series(root / "good", decompress=True, every=2)  # 10 slices at 4 mm: half the work
     corrupt = D.broken(good, root / "corrupt_src", "corrupt")
     for path in corrupt.iterdir():  # its own series, so that the good one is judged apart
         import pydicom
@@ -63,7 +63,7 @@ def test_unknown_calling_ae_is_rejected(scenario):
 def test_series_in_seg_and_rtstruct_found_in_orthanc(scenario):
     import highdicom as hd
 
-    assert scenario["good_sent"]["statuses"] == [0] * 20
+    assert scenario["good_sent"]["statuses"] == [0] * 10
     assert scenario["orthanc_modalities"] == ["RTSTRUCT", "SEG"]
     seg = hd.seg.segread(scenario["seg_file"])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scenario["good_uid"]
@@ -119,14 +119,17 @@ def test_restart_resumes_and_delivers(exported_bundle, tmp_path):
     bundle = load_bundle(exported_bundle)
     predict = D.hu_predictor(30, 200, bundle.hu_window)
 
+    calls = []
+
     def segment(folder, outputs):
+        calls.append(folder)
         case = CaseInput(folder.name, folder, folder)
         segment_many([case], bundle, SegmentOptions(), outputs={case.name: outputs}, predict=predict,
                      stop_on_error=True)
         return "segmented"
 
     work = tmp_path / "work"
-    D.referable_series(work / "incoming" / D.SERIES_UID)  # as received before a restart
+    D.referable_series(work / "incoming" / D.SERIES_UID, decompress=True, every=2)  # received before a restart
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
@@ -137,19 +140,20 @@ def test_restart_resumes_and_delivers(exported_bundle, tmp_path):
     assert node.due() == [D.SERIES_UID]
     node.process(D.SERIES_UID)
     assert "NOT sent" in log[-1] and len(log) == 1
-    assert sorted(p.name for p in (work / "outgoing" / D.SERIES_UID).iterdir()) == ["rtstruct.dcm", "seg.dcm"]
-    assert len(list((work / "incoming" / D.SERIES_UID).iterdir())) == 20  # kept until delivered
+    assert sorted(p.name for p in (work / "outgoing" / D.SERIES_UID).iterdir()) == [".complete", "rtstruct.dcm",
+                                                                                     "seg.dcm"]
+    assert len(list((work / "incoming" / D.SERIES_UID).iterdir())) == 10  # kept until delivered
 
     received: list = []
     server = _storage_scp(received)
     try:
         config.send_to = Destination("DEST", "127.0.0.1", server.server_address[1])
-        node = Node(config, segment, log=log.append)  # the restart
-        for series in node.due():
-            node.process(series)
+        node = Node(config, segment, log=log.append)  # the restart: the results are there, only sending is left
+        assert node.due() == []
+        node.retry_unsent()
     finally:
         server.shutdown()
-    assert "sent to DEST@127.0.0.1" in log[-1]
+    assert "results sent to DEST@127.0.0.1" in log[-1] and len(calls) == 1
     assert sorted(ds.Modality for ds in received) == ["RTSTRUCT", "SEG"]
     assert all(ds.StudyInstanceUID == D.STUDY_UID for ds in received)
     assert list((work / "incoming").iterdir()) == [] and list((work / "outgoing").iterdir()) == []

@@ -5,8 +5,8 @@ and file names are the UIDs when they are plain dotted digits, else a hash of th
 ever becomes a path as is). A series is segmented once no instance of it has arrived for the quiet
 period, through :func:`qnkit.batch.segment_many`; its SEG (and RTSTRUCT) go to
 ``WORKDIR/outgoing/<series>/`` and are sent by C-STORE to the destination. Only after the destination
-has accepted every file are the series' files removed, so a restart resumes: series left in
-``incoming`` are segmented again, results left in ``outgoing`` are sent again. A series that cannot be
+has accepted every file are the series' files removed, so a restart resumes: results left complete in
+``outgoing`` are sent again, series left in ``incoming`` without them are segmented again. A series that cannot be
 segmented is moved to ``WORKDIR/failed/<series>/`` with a ``reason.txt``, and the node goes on. Each
 series gets one log line. Associations are accepted only from the configured calling AE titles.
 """
@@ -29,6 +29,7 @@ __all__ = ["Destination", "NodeConfig", "Node", "parse_destination", "safe_name"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _AE = re.compile(r"[\x20-\x7e]{1,16}")
 RETRY_SECONDS = 30.0
+COMPLETE = ".complete"  # marks an outgoing folder whose results are all written
 
 
 def safe_name(value: str) -> str:
@@ -110,11 +111,14 @@ class Node:
         self.server = None
         now = time.monotonic()
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):  # resume after a restart
-            self.pending[folder.name] = _Pending(now, {"(before restart)"},
-                                                 sum(1 for f in folder.glob("*.dcm")))
-        for folder in sorted(p for p in self.outgoing.iterdir() if p.is_dir()):
-            if folder.name not in self.pending:
+            if (self.outgoing / folder.name / COMPLETE).is_file():  # segmented, not yet delivered: send again
                 self.unsent[folder.name] = now
+                self.done_files[folder.name] = sorted(folder.glob("*.dcm"))
+            else:  # received (maybe in part): segment once quiet
+                self.pending[folder.name] = _Pending(now, {"(before restart)"}, sum(1 for _ in folder.glob("*.dcm")))
+        for folder in sorted(p for p in self.outgoing.iterdir() if p.is_dir()):
+            if folder.name not in self.pending and (folder / COMPLETE).is_file():
+                self.unsent.setdefault(folder.name, now)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -195,6 +199,7 @@ class Node:
             outputs = CaseOutputs(seg=out / "seg.dcm" if "seg" in self.config.formats else None,
                                   rtstruct=out / "rtstruct.dcm" if "rtstruct" in self.config.formats else None)
             summary = self.segment(folder, outputs)
+            (out / COMPLETE).touch()  # every result is written: a restart sends them instead of redoing them
         except Exception as exc:  # noqa: BLE001 - one series fails, the node goes on
             why = " ".join(str(exc).split()) if isinstance(exc, QnkitInputError) else f"{type(exc).__name__}: {exc}"
             self._set_aside(series, why)
