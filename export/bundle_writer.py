@@ -111,7 +111,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     if checkpoint not in ("best", "last"):
         raise QnkitInputError(f"--checkpoint must be best or last, not {checkpoint!r}")
     if engine:
-        from .tensorrt_build import unavailable_reason, uses_strongly_typed_fp16, tensorrt_or_none
+        from qnkit.backends.tensorrt_build import tensorrt_or_none, unavailable_reason, uses_strongly_typed_fp16
 
         reason = unavailable_reason()
         if reason:
@@ -189,7 +189,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
         engine_record = None
         if engine:
-            engine_record, record["tensorrt"] = _build_engine(tmp, hw, batches, cfg.size_divisor, x, eager,
+            engine_record, record["tensorrt"] = _build_engine(tmp, hw, batches, cfg.size_divisor, x,
+                                                              make_predict_batch(model, "cpu"),
                                                               threshold, log)
         metadata = {
             "format": FORMAT, "version": VERSION,
@@ -224,23 +225,31 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     return metadata
 
 
-def _build_engine(tmp: Path, hw, batches, divisor: int, x, eager, threshold: float, log) -> tuple[dict, dict]:
-    """Build, save and verify the TensorRT engine (FP16) in the bundle folder being written."""
-    from qnkit.backends.tensorrt_backend import TensorRTBackend
+def _build_engine(tmp: Path, hw, batches, divisor: int, x, reference, threshold: float, log) -> tuple[dict, dict]:
+    """Build, save and verify the TensorRT engine (FP16) in the bundle folder being written.
 
-    from .tensorrt_build import build_engine, tensorrt_or_none, uses_strongly_typed_fp16
+    The engine has a dynamic height/width profile around the export grid ``hw`` and is verified
+    against ``reference`` (the eager model) on grids smaller than, equal to and larger than ``hw``,
+    exactly as the TensorRT backend verifies an engine it rebuilds (:func:`qnkit.verification.verify_engine`).
+    """
+    from qnkit.backends.tensorrt_backend import TensorRTBackend
+    from qnkit.backends.tensorrt_build import build_engine, engine_profile, tensorrt_or_none, uses_strongly_typed_fp16
 
     source = FP16_ONNX if uses_strongly_typed_fp16(tensorrt_or_none()) else FP32_ONNX
-    data, rec = build_engine(tmp / source, hw=hw, precision="fp16", batches=batches,
-                             timing_cache=tmp / TIMING_CACHE, log=log)
+    data, rec = build_engine(tmp / source, profile=engine_profile(hw, divisor, batches, input_name=INPUT_NAME),
+                             precision="fp16", timing_cache=tmp / TIMING_CACHE, log=log)
     (tmp / ENGINE).write_bytes(data)
     backend = TensorRTBackend(data, precision="fp16", batch_size=batches[1], size_divisor=divisor, record=rec)
-    figures = {"runtime": f"TensorRT {rec['tensorrt']} on {rec['gpu']}",
-               **verify.agreement(eager, backend.predict(x), threshold)}
-    backend.close()
-    why = verify.check("fp16", figures)
-    figures["bar"], figures["passed"] = verify.BARS["fp16"], why is None
-    log(f"verify {ENGINE}: max |diff| {figures['max_abs_diff']:.2e}, mask Dice {figures['dice']:.5f}")
+    try:
+        grids, why = verify.verify_engine(backend.predict, reference, x, precision="fp16", threshold=threshold,
+                                          divisor=divisor)
+    finally:
+        backend.close()
+    figures = {"runtime": f"TensorRT {rec['tensorrt']} on {rec['gpu']}", **grids["export"], "grids": grids,
+               "bar": grids["bar"], "passed": grids["passed"]}
+    log(f"verify {ENGINE}: max |diff| {figures['max_abs_diff']:.2e}, mask Dice " +
+        ", ".join(f"{grids[g]['dice']:.5f} ({'x'.join(map(str, grids[g]['shape']))})"
+                  for g in ("smaller", "export", "larger") if g in grids))
     if why:
         raise ExportError(f"verification failed: TensorRT engine: {why}; no bundle written")
     return {"file": ENGINE, "timing_cache": TIMING_CACHE, **rec}, figures

@@ -159,7 +159,7 @@ def test_export_below_the_bar_fails_and_writes_nothing(shared_bundle, tmp_path, 
 
 
 def test_engine_without_tensorrt_is_a_clear_error(shared_bundle, run_qnkit, tmp_path):
-    from qnkit.export.tensorrt_build import unavailable_reason
+    from qnkit.backends.tensorrt_build import unavailable_reason
 
     if unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present (see test_backends_gpu)")
