@@ -96,8 +96,15 @@ def _tool_versions() -> dict:
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", fp16: bool = False,
                   engine: bool = False, int8: bool = False, batches: tuple[int, int, int] = (1, 16, 32),
-                  input_size: tuple[int, int] | None = None, force: bool = False, log=print) -> dict:
-    """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json)."""
+                  input_size: tuple[int, int] | None = None, force: bool = False, calibration_slices: int = 24,
+                  verify_batch_size: int = 16, log=print) -> dict:
+    """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json).
+
+    ``calibration_slices``: synthetic slices the INT8 calibration runs on. ONNX Runtime's percentile
+    calibrator keeps every intermediate output of all of them in memory: 24 slices of the full-size
+    network at 256x256 held over 6 GB. ``verify_batch_size``: slices per batch when the graphs are
+    checked against the eager model (eager FP32 holds about 0.4 GB per slice of a batch at 256x256).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -140,14 +147,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         exports = {"fp32": export_fp32(model, tmp / FP32_ONNX, hw)}
         x, labels = verify.synthetic_slices(hw, hu_window)
         torch.manual_seed(0)
-        eager = verify.batched(make_predict_batch(model, "cpu"), x)
+        eager = verify.batched(make_predict_batch(model, "cpu"), x, batch_size=verify_batch_size)
         record = {"reference": "eager torch FP32 (CPU) of the checkpoint", "threshold": threshold,
                   **verify.context(eager, labels, threshold, trained)}
 
         from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         def check(kind: str, path: Path, bar_applies: bool = True) -> dict:
-            backend = OnnxRuntimeBackend(model_path=path, precision=kind, batch_size=16,
+            backend = OnnxRuntimeBackend(model_path=path, precision=kind, batch_size=verify_batch_size,
                                          size_divisor=cfg.size_divisor)
             figures = {"runtime": "onnxruntime CPU", **verify.agreement(eager, backend.predict(x), threshold)}
             why = verify.check(kind, figures)
@@ -184,7 +191,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             from .int8 import quantize_int8
 
             log(f"quantising {INT8_ONNX} (static QDQ, synthetic calibration)...")
-            calib, _ = verify.synthetic_slices(hw, hu_window, seed=777, cases=2)
+            calib, _ = verify.synthetic_slices(hw, hu_window, seed=777, cases=2,
+                                               per_case=max(1, calibration_slices // 2))
             exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, calib)
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
         engine_record = None

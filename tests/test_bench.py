@@ -20,6 +20,7 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
     assert code in (0, None)
     report = json.loads(report_path.read_text())
     assert report["mode"] == "quick"
+    assert report["run"]["peak_rss_gb"] > 0 and set(report["run"]["sections_s"]) >= {"kernels", "io", "backends", "e2e"}
     assert report["system"]["kernel_build"] in kernels.available_builds()
 
     kernel_rows = {(row["kernel"], row["threads"]) for row in report["kernels"]}

@@ -7,10 +7,12 @@ sets sizes and batch sizes: see :mod:`qnkit.benchmarks.plan`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -55,6 +57,14 @@ def _gpu_present() -> bool:
     from qnkit.backends import nvidia_gpu_present
 
     return nvidia_gpu_present()
+
+
+def peak_rss_gb() -> float:
+    """Largest resident memory of this process or of any child it waited for (the backend workers), in GB."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return kib * 1024 / 1e9
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
@@ -112,6 +122,14 @@ def command(
     # Tables are wide; when piped (no terminal width to honour) keep every column readable.
     console, out_console = Console(stderr=True), Console(width=None if sys.stdout.isatty() else 160)
     report: dict = {"system": _system_info(), "mode": plan.mode}
+    started, section_s = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        begin = time.perf_counter()
+        yield
+        section_s[name] = time.perf_counter() - begin
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("starting", total=None)
@@ -122,39 +140,46 @@ def command(
         if "kernels" in sections:
             from qnkit.benchmarks import kernels as kernel_bench
 
-            report["kernels"] = kernel_bench.run(plan.kernel_shape, repeats=repeats or plan.kernel_repeats,
-                                                 numpy_repeats=plan.numpy_repeats, progress=say)
+            with timed("kernels"):
+                report["kernels"] = kernel_bench.run(plan.kernel_shape, repeats=repeats or plan.kernel_repeats,
+                                                     numpy_repeats=plan.numpy_repeats, progress=say)
         if "io" in sections:
             from qnkit.benchmarks import nifti_io
 
-            report["io"] = nifti_io.run(plan.io_shape, repeats=repeats or plan.io_repeats, workdir=workdir,
-                                        progress=say)
+            with timed("io"):
+                report["io"] = nifti_io.run(plan.io_shape, repeats=repeats or plan.io_repeats, workdir=workdir,
+                                            progress=say)
         if "backends" in sections or "e2e" in sections:
             from qnkit.backends import open_backend
             from qnkit.benchmarks import backends as backend_bench
             from qnkit.benchmarks import e2e
 
             say("preparing the bundle")
-            bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick, log=lambda *a: None)
+            with timed("bundle"):
+                bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick, log=lambda *a: None)
             report["bundle"] = {"path": str(bundle.path), "trained": trained,
                                 "input_size": list(bundle.input_size), "network": bundle.network}
             if "backends" in sections:
                 gpu = _gpu_present() and report["system"]["gpu"] is not None
                 import importlib.util
 
-                report["backends"] = backend_bench.run(
-                    bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained, gpu=gpu,
-                    tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
+                with timed("backends"):
+                    report["backends"] = backend_bench.run(
+                        bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained,
+                        gpu=gpu, tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
             if "e2e" in sections:
                 say("end to end: qnkit segment")
-                backend = open_backend(bundle, "auto", batch_size=16, log=lambda *a: None)
-                with backend:
+                backend = open_backend(bundle, "auto", batch_size=plan.e2e_batch, log=lambda *a: None)
+                with backend, timed("e2e"):
                     report["end_to_end"] = e2e.run(bundle, backend, size=plan.e2e_size, slices=plan.e2e_slices,
-                                                   repeats=repeats or plan.e2e_repeats, workdir=workdir)
+                                                   repeats=repeats or plan.e2e_repeats, batch_size=plan.e2e_batch,
+                                                   workdir=workdir)
 
     from qnkit.benchmarks.targets import evaluate
 
     report["targets"] = evaluate(report)
+    # How long this run took and its peak memory, to check the mode's budget (10 minutes, 4 GB by default).
+    report["run"] = {"wall_s": time.perf_counter() - started, "sections_s": section_s, "peak_rss_gb": peak_rss_gb()}
     _print(out_console, report)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report, indent=2, default=str))
@@ -223,6 +248,11 @@ def _print(console, report: dict) -> None:
         table.add_row("outside inference", f"{e2e['share_outside_inference']:.1%}")
         table.add_row("slices/s", f"{e2e['slices_per_s']:.1f}")
         console.print(table)
+    run = report.get("run")
+    if run:
+        parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run["sections_s"].items())
+        console.print(f"{report['mode']} run: {run['wall_s']:.0f} s wall ({parts}), peak memory "
+                      f"{run['peak_rss_gb']:.2f} GB")
     targets = report.get("targets")
     if targets:
         table = Table(title="Performance targets")
