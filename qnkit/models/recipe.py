@@ -69,16 +69,17 @@ def validate_real_ct(bundle: Path, ct: Path, labels: Path, work: Path, right: in
 
 
 def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, real_labels: Path | None,
-          install: bool = True) -> dict:
+          install: bool = True, epochs: int | None = None) -> dict:
     recipe = RECIPES[name]
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
     if not (data / "kits.json").is_file():
         _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", "2", "--no-progress")
+    more = ["--epochs", epochs] if epochs else []
     if (run / "checkpoints").is_dir():
-        _qnkit("train", "--out", run, "--resume", "--no-progress")
+        _qnkit("train", "--out", run, "--resume", "--no-progress", *more)
     else:
-        _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress")
+        _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress", *more)
     _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -88,7 +89,8 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
         "description": recipe["description"],
         "trained_on": f"{recipe['synth'][1]} anatomy phantoms (qnkit synth {' '.join(recipe['synth'])}; "
                       f"kidney shapes from the KiTS19 label maps), no real CT image",
-        "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS",
+        "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
+                  + (f" --epochs {epochs}" if epochs else ""),
         "settings": f"train/{recipe['settings']}.ini",
         "not_for": "clinical use: qnkit and its models are not a medical device",
         "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
@@ -119,9 +121,11 @@ def main(argv=None) -> None:
     parser.add_argument("--kits-labels", type=Path, required=True, help="KiTS19 label maps (case_*/segmentation.nii.gz)")
     parser.add_argument("--real-ct", type=Path)
     parser.add_argument("--real-labels", type=Path)
+    parser.add_argument("--epochs", type=int, help="train this many epochs in all (default: the settings')")
     parser.add_argument("--no-install", action="store_true")
     args = parser.parse_args(argv)
-    entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install)
+    entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
+                  args.epochs)
     print(json.dumps(entry, indent=1))
 
 
