@@ -1,0 +1,81 @@
+"""The shipped model on the one real CT in shared/ (validation only): kidney Dice, volumes, and the
+same answer whatever the input's pixel size. The model was trained on anatomy phantoms only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from qnkit.models import find_model, shipped_models
+from qnkit.models.recipe import kidney_dice
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+CT, SEG = REAL / "example_ct_sm.nii.gz", REAL / "example_seg.nii.gz"
+needs_real_ct = pytest.mark.skipif(not CT.is_file(), reason="shared real CT not available")
+RIGHT, LEFT = 2, 3  # TotalSegmentator labels of the real CT
+
+
+def _segment(run_qnkit, ct: Path, out: Path) -> np.ndarray:
+    proc = run_qnkit("segment", ct, "--out", out, "--split-sides", "--no-progress", "--stats", out.with_suffix(".json"))
+    assert proc.returncode == 0, proc.stderr
+    return np.asarray(nib.load(str(out)).dataobj)
+
+
+def _resample_inplane(path: Path, pixel_mm: float, out: Path) -> Path:
+    """The CT resampled in-plane to `pixel_mm` over the same field of view (linear, HU kept as int16)."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    factor = np.array([zooms[0] / pixel_mm, zooms[1] / pixel_mm, 1.0])
+    shape = np.round(np.array(data.shape) * factor).astype(int)
+    res = ndi.zoom(data, shape / np.array(data.shape), order=1, grid_mode=True, mode="nearest")
+    affine = img.affine.copy()
+    affine[:3, :2] = img.affine[:3, :2] * (np.array(data.shape[:2]) / shape[:2])
+    # keep the field of view: the first voxel's corner stays where it was
+    affine[:3, 3] = img.affine[:3, 3] + img.affine[:3, :2] @ (0.5 * (np.array(data.shape[:2]) / shape[:2]) - 0.5)
+    nib.save(nib.Nifti1Image(np.rint(res).astype(np.int16), affine), str(out))
+    return out
+
+
+def _to_grid(mask: np.ndarray, shape: tuple) -> np.ndarray:
+    """A fine in-plane mask brought to a coarser grid over the same field of view (area fraction >= 0.5)."""
+    frac = ndi.zoom((mask > 0).astype(np.float32), np.array(shape) / np.array(mask.shape), order=1, grid_mode=True,
+                    mode="nearest")
+    return frac >= 0.5
+
+
+def test_a_default_model_is_shipped():
+    models = shipped_models()
+    assert models, "qnkit ships at least one model"
+    model = find_model()
+    domain = json.loads((model.path / "qnkit.json").read_text())["domain"]
+    assert domain["training_data"]["source"] == "synthetic"
+    assert domain["pixel_spacing_mm"] > 0 and model.entry["not_for"]
+
+
+@needs_real_ct
+def test_shipped_model_finds_real_kidneys(run_qnkit, tmp_path):
+    sides = _segment(run_qnkit, CT, tmp_path / "mask.nii.gz")
+    labels = np.asarray(nib.load(str(SEG)).dataobj)
+    figures = kidney_dice(sides > 0, labels, RIGHT, LEFT, sides=sides)
+    # Bars set just under what the committed model measures (see the registry), so a regression fails.
+    recorded = next(v["figures"] for v in find_model().entry["validation"] if "figures" in v and "both" in v["figures"])
+    assert figures["both"] >= recorded["both"] - 0.01
+    assert figures["right"] >= recorded["right"] - 0.01 and figures["left"] >= recorded["left"] - 0.01
+
+
+@needs_real_ct
+def test_same_kidneys_at_any_pixel_size(run_qnkit, tmp_path):
+    """The real CT at 3 mm, and resampled in-plane to 1.5 mm and 0.7 mm: masks agree on one grid."""
+    base = _segment(run_qnkit, CT, tmp_path / "m3.nii.gz") > 0
+    assert base.sum() > 1000
+    for pixel in (1.5, 0.7):
+        ct = _resample_inplane(CT, pixel, tmp_path / f"ct_{pixel}.nii.gz")
+        fine = _segment(run_qnkit, ct, tmp_path / f"m_{pixel}.nii.gz")
+        coarse = _to_grid(fine, base.shape)
+        dice = 2 * np.logical_and(coarse, base).sum() / (coarse.sum() + base.sum())
+        assert dice >= 0.95, (pixel, dice)
