@@ -26,7 +26,7 @@ def test_demo_end_to_end_and_rerun(run_qnkit, tmp_path):
     # 4 filters sets no quality bar; the full demo's Dice is measured by running `qnkit demo`).
     mask, _ = qio.load_labels(work / "output" / f"{case}_kidneys.nii.gz")
     labels, _ = qio.load_labels(work / "data" / case / "segmentation.nii.gz")
-    assert stamp["last"]["dice"] == pytest.approx(kernels.dice(mask > 0, labels > 0), abs=1e-9)
+    assert stamp["last"]["dice"] == pytest.approx(kernels.dice(mask > 0, labels > 0), abs=1e-5)  # stamp: 5 decimals
     assert stamp["last"]["backend"] == "onnxruntime"
     bundle = json.loads((work / "bundle" / "qnkit.json").read_text())
     assert "model.fp16.onnx" in bundle["artefacts"]
