@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qnkit import io as qio
-from qnkit.segment import SegmentOptions, predict_kidney_slab, predict_overlapped, segment_ct
+from qnkit.segment import SegmentOptions, predict_kidney_slab, segment_ct
 
 HU = (-200.0, 400.0)
 

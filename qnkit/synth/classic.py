@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -52,7 +51,7 @@ from scipy import ndimage as ndi
 
 from qnkit.errors import QnkitInputError
 
-__all__ = ["SynthCase", "make_case", "write_case", "write_dataset", "resample_labels"]
+__all__ = ["SynthCase", "make_case", "resample_labels"]
 
 IMAGING_NAME = "imaging.nii.gz"
 SEGMENTATION_NAME = "segmentation.nii.gz"
