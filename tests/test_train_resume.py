@@ -83,3 +83,24 @@ def test_resume_after_kill_matches_uninterrupted_run(synth_dataset_factory, tmp_
     acc = EventAccumulator(str(killed / "tensorboard" / "validation"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_resume_with_a_new_schedule_restarts_it_there(synth_dataset_factory, tmp_path, run_qnkit):
+    """--resume --lr/--step-size: a warm restart from the new lr at the resumed epoch, written to the
+    run's settings.ini so that a later plain --resume continues that schedule instead of restarting again."""
+    synth_dataset = synth_dataset_factory(4, 64, 0)
+    run = tmp_path / "run"
+    first = ("--epochs", "2", "--num-filters", "4", "--micro-batch", "4", "--effective-batch", "8", "--lr", "1e-3",
+             "--no-progress", "--device", "cpu", "--seed", "1", "--num-workers", "0")
+    proc = run_qnkit("train", "--data", synth_dataset, "--out", run, *first)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["lr"] for r in _records(run)] == [1e-3, 1e-3]  # step_size 50: no decay yet
+    proc = run_qnkit("train", "--out", run, "--resume", "--epochs", "4", "--lr", "4e-3", "--step-size", "1",
+                     "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "schedule restarted at epoch 2: lr 0.004" in " ".join(proc.stderr.split())
+    proc = run_qnkit("train", "--out", run, "--resume", "--epochs", "5", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "restarted" not in proc.stderr
+    assert [r["lr"] for r in _records(run)] == [1e-3, 1e-3, 4e-3, 2e-3, 1e-3]
+    assert "lr = 0.004" in (run / "settings.ini").read_text()

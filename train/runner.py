@@ -31,13 +31,13 @@ from qnkit.train import distributed as dist
 from qnkit.train.augment import Augment
 from qnkit.train.dataset import SliceDataset
 from qnkit.train.settings import Settings, read_ini
-from qnkit.train.solver import Solver, count_parameters, seed_everything
+from qnkit.train.solver import SCHEDULE_KEYS, Solver, count_parameters, seed_everything
 from qnkit.train.tb_logging import Logger
 
 ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard",
              "test_dice.json")
 RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
-                     ("COMMON", "progress")}
+                     ("COMMON", "progress")} | set(SCHEDULE_KEYS)
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -84,6 +84,10 @@ def resume_settings(run_dir: Path, overrides: dict) -> Settings:
             continue
         settings.set(section, key, value, "command line")
     settings.validate("command line")
+    if settings.to_dict() != current:
+        from qnkit._atomic import write_text_atomic
+
+        write_text_atomic(path, settings.to_ini())  # the run's settings are what it now trains with
     return settings
 
 
@@ -248,6 +252,10 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             console.print(f"QuickNAT {meta['parameters']:,} parameters; micro-batch {t.micro_batch} x "
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
                           f"{t.micro_batch * solver.accum * info.world_size}")
+            restart = solver.loop.get("restarts", [])[-1:] if resume else []
+            if restart and restart[0]["epoch"] == solver.loop["epoch"]:
+                console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, "
+                              f"x{t.gamma:g} every {t.step_size} epoch(s)")
         loop = solver.fit(train_ds, val_ds, console)
     finally:
         logger.close()

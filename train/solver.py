@@ -78,6 +78,9 @@ def _counts(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     return torch.stack([(p & t).flatten(1).sum(1), p.flatten(1).sum(1), t.flatten(1).sum(1)], 1).double()
 
 
+SCHEDULE_KEYS = (("TRAINING", "lr"), ("TRAINING", "step_size"), ("TRAINING", "gamma"))
+
+
 class Solver:
     def __init__(self, model: torch.nn.Module, settings, *, device: torch.device, info: dist.DistInfo,
                  run_dir: Path, meta: dict, logger: Logger | None = None):
@@ -118,6 +121,24 @@ class Solver:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.loop.update(state["loop"])
+        saved = ckpt.read_meta(folder).get("settings", {}).get("TRAINING", {})
+        now = self.s.to_dict()["TRAINING"]
+        if any(saved.get(key) != now[key] for _, key in SCHEDULE_KEYS):
+            self._restart_schedule()
+
+    def _restart_schedule(self) -> None:
+        """A warm restart: the learning-rate schedule starts again from [TRAINING] lr at this epoch.
+
+        Resuming with another lr, step_size or gamma than the checkpoint's continues the weights and
+        Adam's moments but not the old decay, so a run can be trained on for longer than first planned.
+        """
+        t = self.s.training
+        for group in self.opt.param_groups:
+            group["lr"] = group["initial_lr"] = t.lr
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=t.step_size, gamma=t.gamma)
+        restarts = list(self.loop.get("restarts", []))
+        restarts.append({"epoch": self.loop["epoch"], "lr": t.lr, "step_size": t.step_size, "gamma": t.gamma})
+        self.loop["restarts"] = restarts
 
     def _save(self, kind: str, record: dict) -> None:
         if self.info.is_main:

@@ -15,7 +15,10 @@ def command(
     num_filters: int = typer.Option(None, "--num-filters", help="[NETWORK] num_filters."),
     micro_batch: int = typer.Option(None, "--micro-batch", help="[TRAINING] micro_batch (slices per forward pass)."),
     effective_batch: int = typer.Option(None, "--effective-batch", help="[TRAINING] effective_batch (all ranks)."),
-    lr: float = typer.Option(None, "--lr", help="[TRAINING] lr."),
+    lr: float = typer.Option(None, "--lr", help="[TRAINING] lr. With --resume: restart the schedule from it."),
+    step_size: int = typer.Option(None, "--step-size", help="[TRAINING] step_size: epochs between learning-rate "
+                                                            "decays. With --resume: restart the schedule."),
+    gamma: float = typer.Option(None, "--gamma", help="[TRAINING] gamma: the factor of each decay."),
     device: str = typer.Option(None, "--device", help="[COMMON] device: cpu | cuda | auto."),
     seed: int = typer.Option(None, "--seed", help="[COMMON] seed (splits, initialisation, shuffling)."),
     num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
@@ -46,10 +49,11 @@ def command(
     overrides = {
         ("TRAINING", "epochs"): epochs, ("NETWORK", "num_filters"): num_filters,
         ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
-        ("TRAINING", "lr"): lr, ("COMMON", "device"): device, ("COMMON", "seed"): seed,
+        ("TRAINING", "lr"): lr, ("TRAINING", "step_size"): step_size, ("TRAINING", "gamma"): gamma,
+        ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
-        ("TRAINING", "augment"): augment,        ("COMMON", "progress"): progress,
+        ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
     }
     if resume and force:
         raise QnkitInputError("--resume and --force exclude each other")
