@@ -79,3 +79,40 @@ def test_same_kidneys_at_any_pixel_size(run_qnkit, tmp_path):
         coarse = _to_grid(fine, base.shape)
         dice = 2 * np.logical_and(coarse, base).sum() / (coarse.sum() + base.sum())
         assert dice >= 0.95, (pixel, dice)
+
+
+def test_recipe_trains_its_phases_in_turn_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    """The recipe's phases become `qnkit train` then `qnkit train --resume --lr ... --step-size ...`;
+    a finished phase is skipped, and --epochs caps the schedule."""
+    import json
+
+    from qnkit.models import recipe as R
+
+    calls = []
+
+    def fake_train(*args, **kw):  # a `qnkit train` that finishes the epochs it is asked for
+        args = [str(a) for a in args]
+        calls.append(args)
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
+
+    monkeypatch.setattr(R, "_qnkit", fake_train)
+    plan = {"settings": "shipped", "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}]}
+    run = tmp_path / "run"
+    R.train_phases(plan, tmp_path / "data", run)
+    assert calls[0][:1] == ["train"] and "--resume" not in calls[0] and calls[0][-2:] == ["--epochs", "5"]
+    assert calls[1][-6:] == ["--epochs", "15", "--lr", "0.001", "--step-size", "4"] and "--resume" in calls[1]
+
+    calls.clear()
+    R.train_phases(plan, tmp_path / "data", run)
+    assert calls == []  # all done
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 7}) + "\n")
+    R.train_phases(plan, tmp_path / "data", run)  # phase 1 done, phase 2 interrupted at epoch 7
+    assert len(calls) == 1 and "--resume" in calls[0] and "15" in calls[0]
+    calls.clear()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 7}) + "\n")
+    R.train_phases(plan, tmp_path / "data", run, epochs=12)
+    assert len(calls) == 1 and calls[0][calls[0].index("--epochs") + 1] == "12" and "--lr" in calls[0]
+    calls.clear()
+    R.train_phases(plan, tmp_path / "data", run / "none", epochs=3)
+    assert len(calls) == 1 and "--resume" not in calls[0] and "--lr" not in calls[0] and calls[0][-2:] == ["--epochs", "3"]

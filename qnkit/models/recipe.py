@@ -28,6 +28,8 @@ RECIPES = {
         "description": "QuickNAT (16 filters) at 2.5 mm pixels, trained only on anatomy phantoms",
         "synth": ["--cases", "140", "--seed", "1", "--generator", "anatomy", "--pixel-range", "1.3,2.6"],
         "settings": "shipped",  # preset: train/shipped.ini
+        # epochs 1-5 as the preset says, then a warm restart of the schedule (qnkit train --resume --lr ...)
+        "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}],
         "export": ["--int8"],
     },
 }
@@ -68,6 +70,30 @@ def validate_real_ct(bundle: Path, ct: Path, labels: Path, work: Path, right: in
     return kidney_dice(sides > 0, lab, right, left, sides=sides)
 
 
+def trained_epochs(run: Path) -> int:
+    """The last epoch a run folder has finished (0 for none)."""
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return json.loads(lines[-1])["epoch"] if lines else 0
+
+
+def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None) -> None:
+    """Train the recipe's phases in turn, each to its epoch count (`epochs` caps the last one);
+    a phase already done is skipped, one interrupted is resumed."""
+    phases = [dict(phase) for phase in recipe["phases"]]
+    if epochs:
+        phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
+            (p for p in phases if p["epochs"] >= epochs), phases[-1]), "epochs": epochs}]
+    for phase in phases:
+        schedule = [arg for key in ("lr", "step_size") if key in phase
+                    for arg in (f"--{key.replace('_', '-')}", phase[key])]
+        if not (run / "checkpoints").is_dir():
+            _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
+                   "--epochs", phase["epochs"], *schedule)
+        elif trained_epochs(run) < phase["epochs"]:
+            _qnkit("train", "--out", run, "--resume", "--no-progress", "--epochs", phase["epochs"], *schedule)
+
+
 def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, real_labels: Path | None,
           install: bool = True, epochs: int | None = None) -> dict:
     recipe = RECIPES[name]
@@ -75,11 +101,7 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
     data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
     if not (data / "kits.json").is_file():
         _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", "2", "--no-progress")
-    more = ["--epochs", epochs] if epochs else []
-    if (run / "checkpoints").is_dir():
-        _qnkit("train", "--out", run, "--resume", "--no-progress", *more)
-    else:
-        _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress", *more)
+    train_phases(recipe, data, run, epochs)
     _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -92,6 +114,7 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
         "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
                   + (f" --epochs {epochs}" if epochs else ""),
         "settings": f"train/{recipe['settings']}.ini",
+        "training_phases": recipe["phases"],
         "not_for": "clinical use: qnkit and its models are not a medical device",
         "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
