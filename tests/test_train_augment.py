@@ -77,3 +77,30 @@ def test_epoch_subset_sampler_is_a_fresh_seeded_subset_per_epoch():
     for r in ranks:
         r.set_epoch(1)
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(first)
+
+
+def test_a_small_data_set_repeats_its_slices_up_to_the_minimum_steps_per_epoch():
+    """16 cases' 370 slices at effective batch 16 are 23 optimiser steps: min_steps_per_epoch raises an
+    epoch to 100 steps by whole shuffled passes (every slice 4 or 5 times), a large data set keeps one pass."""
+    from collections import Counter
+
+    from qnkit.train.settings import TrainingSettings
+    from qnkit.train.solver import EpochSubsetSampler, slices_per_epoch
+
+    t = TrainingSettings()
+    assert (t.min_steps_per_epoch, t.effective_batch) == (100, 16)
+    assert slices_per_epoch(t, 370) == 1600 and slices_per_epoch(t, 20000) == 20000
+    assert slices_per_epoch(TrainingSettings(min_steps_per_epoch=0), 370) == 370
+    assert slices_per_epoch(TrainingSettings(slices_per_epoch=1000), 20000) == 1600  # the floor wins
+    assert slices_per_epoch(t, 0) == 0
+
+    s = EpochSubsetSampler(370, 1600, seed=3)
+    s.set_epoch(4)
+    drawn = list(s)
+    counts = Counter(drawn)
+    assert len(drawn) == len(s) == 1600 and set(counts) == set(range(370))
+    assert set(counts.values()) == {4, 5}
+    ranks = [EpochSubsetSampler(370, 1600, num_replicas=2, rank=r, seed=3) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(4)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(drawn)

@@ -21,7 +21,7 @@ def run_qnkit(capsys):
 
     return run
 
-FAST = ("--epochs", "1", "--num-filters", "4", "--no-progress")
+FAST = ("--epochs", "1", "--num-filters", "4", "--no-progress", "--min-steps-per-epoch", "0")
 
 
 def _one_line_error(proc):

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ("--epochs", "3", "--num-filters", "4", "--micro-batch", "4", "--effective-batch", "8",
-        "--no-progress", "--device", "cpu", "--seed", "1", "--num-workers", "0")
+        "--min-steps-per-epoch", "0", "--no-progress", "--device", "cpu", "--seed", "1", "--num-workers", "0")
 
 
 KILL_AT_STEP = """
@@ -91,6 +91,7 @@ def test_resume_with_a_new_schedule_restarts_it_there(synth_dataset_factory, tmp
     synth_dataset = synth_dataset_factory(4, 64, 0)
     run = tmp_path / "run"
     first = ("--epochs", "2", "--num-filters", "4", "--micro-batch", "4", "--effective-batch", "8", "--lr", "1e-3",
+             "--min-steps-per-epoch", "0",
              "--no-progress", "--device", "cpu", "--seed", "1", "--num-workers", "0")
     proc = run_qnkit("train", "--data", synth_dataset, "--out", run, *first)
     assert proc.returncode == 0, proc.stderr

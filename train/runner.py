@@ -31,7 +31,7 @@ from qnkit.train import distributed as dist
 from qnkit.train.augment import Augment
 from qnkit.train.dataset import SliceDataset
 from qnkit.train.settings import Settings, read_ini
-from qnkit.train.solver import SCHEDULE_KEYS, Solver, count_parameters, seed_everything
+from qnkit.train.solver import SCHEDULE_KEYS, Solver, count_parameters, seed_everything, slices_per_epoch
 from qnkit.train.tb_logging import Logger
 
 ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard",
@@ -230,6 +230,10 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     if info.is_main and console is not None:
         console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "
                       f"{len(filtered)} filtered; world size {info.world_size}, device {device}")
+        per_epoch = slices_per_epoch(settings.training, len(train_ds))
+        if per_epoch > len(train_ds):
+            console.print(f"{per_epoch} training slices per epoch (each about {per_epoch / len(train_ds):.1f} times): "
+                          f"[TRAINING] min_steps_per_epoch = {settings.training.min_steps_per_epoch}")
 
     seed_everything(settings.common.seed)
     model = ckpt.build_model(cfg.to_dict())

@@ -81,6 +81,9 @@ class TrainingSettings:
     amp: bool = False  # mixed precision; used on CUDA only
     augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
     slices_per_epoch: int = 0  # 0 = every training slice each epoch; else a fresh random subset of this many
+    # a small data set repeats its slices within an epoch up to this many optimiser steps (nnU-Net's fixed
+    # iterations per epoch): the report's lr and schedule then converge on 16 cases as on 210
+    min_steps_per_epoch: int = 100
     log_images: int = 4  # slices shown for the best and worst batch; 0 = no images
 
 
@@ -182,6 +185,7 @@ class Settings:
             ("TRAINING", "early_stop_patience", t.early_stop_patience >= 0, "must be >= 0"),
             ("TRAINING", "log_images", t.log_images >= 0, "must be >= 0"),
             ("TRAINING", "slices_per_epoch", t.slices_per_epoch >= 0, "must be >= 0"),
+            ("TRAINING", "min_steps_per_epoch", t.min_steps_per_epoch >= 0, "must be >= 0"),
             ("EVAL", "threshold", 0 < e.threshold < 1, "must be in (0, 1)"),
             ("EVAL", "batch_size", e.batch_size >= 1, "must be >= 1"),
             ("EVAL", "checkpoint", e.checkpoint in ("best", "last"), "must be best or last"),

@@ -32,14 +32,15 @@ from qnkit.train.tb_logging import Logger, panel
 
 
 class EpochSubsetSampler(torch.utils.data.Sampler):
-    """A fresh random subset of `per_epoch` slices each epoch (from (seed, epoch) only), shared out over ranks.
+    """`per_epoch` slices each epoch, drawn afresh from (seed, epoch) only and shared out over ranks.
 
-    For data sets far larger than what one epoch can afford (phantoms are cheap to multiply): each
-    epoch still sees every volume's variety, and validation and checkpoints come often enough.
+    Fewer than the data set: a random subset, for data sets far larger than what one epoch can afford
+    (phantoms are cheap to multiply). More: whole shuffled passes and then a subset, so that a small
+    data set still gives an epoch enough optimiser steps. Every slice is seen as evenly as the count allows.
     """
 
     def __init__(self, size: int, per_epoch: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        self.size, self.per_epoch = int(size), min(int(per_epoch), int(size))
+        self.size, self.per_epoch = int(size), int(per_epoch)
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,11 +49,19 @@ class EpochSubsetSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        picked = torch.randperm(self.size, generator=g)[: self.per_epoch]
+        passes = -(-self.per_epoch // self.size)
+        picked = torch.cat([torch.randperm(self.size, generator=g) for _ in range(passes)])[: self.per_epoch]
         return iter(picked[self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return len(range(self.rank, self.per_epoch, self.num_replicas))
+
+
+def slices_per_epoch(t, available: int) -> int:
+    """Training slices per epoch: [TRAINING] slices_per_epoch (0: all), raised to min_steps_per_epoch
+    optimiser steps of effective_batch slices."""
+    chosen = t.slices_per_epoch or available
+    return max(chosen, t.min_steps_per_epoch * t.effective_batch) if available else 0
 
 
 def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
@@ -148,8 +157,9 @@ class Solver:
     # ---------------------------------------------------------------- loop
     def fit(self, train_ds, val_ds, console=None) -> dict:
         s, info = self.s, self.info
-        if s.training.slices_per_epoch:
-            sampler = EpochSubsetSampler(len(train_ds), s.training.slices_per_epoch, num_replicas=info.world_size,
+        per_epoch = slices_per_epoch(s.training, len(train_ds))
+        if per_epoch != len(train_ds):
+            sampler = EpochSubsetSampler(len(train_ds), per_epoch, num_replicas=info.world_size,
                                          rank=info.rank, seed=s.common.seed)
         else:
             sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,

@@ -164,7 +164,7 @@ def _train(workdir: Path, p: dict, progress: bool, console) -> dict:
         # small batches and a higher learning rate: many more optimiser steps per CPU second than the
         # report's batch 16 / lr 1e-3, which a demo of a few minutes needs to converge
         ("TRAINING", "epochs"): p["epochs"], ("TRAINING", "micro_batch"): 8, ("TRAINING", "effective_batch"): 8,
-        ("TRAINING", "lr"): 3e-3,
+        ("TRAINING", "lr"): 3e-3, ("TRAINING", "min_steps_per_epoch"): 0,
         # train on the slices near the kidneys only (fewer, denser slices per epoch); the post-processing's
         # two largest components remove the odd false positive far from them
         ("DATA", "slice_margin"): 4,

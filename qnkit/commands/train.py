@@ -19,6 +19,10 @@ def command(
     step_size: int = typer.Option(None, "--step-size", help="[TRAINING] step_size: epochs between learning-rate "
                                                             "decays. With --resume: restart the schedule."),
     gamma: float = typer.Option(None, "--gamma", help="[TRAINING] gamma: the factor of each decay."),
+    min_steps_per_epoch: int = typer.Option(None, "--min-steps-per-epoch",
+                                            help="[TRAINING] min_steps_per_epoch: a small data set repeats its "
+                                                 "slices within an epoch up to this many optimiser steps "
+                                                 "(0: one pass)."),
     device: str = typer.Option(None, "--device", help="[COMMON] device: cpu | cuda | auto."),
     seed: int = typer.Option(None, "--seed", help="[COMMON] seed (splits, initialisation, shuffling)."),
     num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
@@ -50,6 +54,7 @@ def command(
         ("TRAINING", "epochs"): epochs, ("NETWORK", "num_filters"): num_filters,
         ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
         ("TRAINING", "lr"): lr, ("TRAINING", "step_size"): step_size, ("TRAINING", "gamma"): gamma,
+        ("TRAINING", "min_steps_per_epoch"): min_steps_per_epoch,
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
