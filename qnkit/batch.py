@@ -5,6 +5,12 @@ DICOM, folders of these) into cases; :func:`plan_outputs` decides and checks eve
 case and format (NIfTI mask, DICOM SEG, RTSTRUCT, preview PNG); :func:`segment_many` loads, segments
 and writes each case, all of its outputs or none, and returns per-case results and failures.
 
+Resumable runs (``qnkit segment --resume``, always with ``--ray``): each case also gets a record,
+``<name>_kidneys.json`` beside its mask, written last. It holds the case's stats (as in ``--stats``),
+the SHA-256 of the input and of every output, the bundle's ``manifest_sha256`` and the options.
+:func:`resume_plan` skips a case whose record and outputs verify against all of these, redoes one
+whose record is stale, and refuses outputs that no record vouches for (unless ``force``).
+
 A Python user::
 
     from qnkit.batch import resolve_cases, plan_outputs, segment_many
@@ -26,11 +32,14 @@ from qnkit import segment as S
 from qnkit.errors import QnkitInputError
 
 __all__ = ["FORMATS", "CaseOutputs", "BatchResult", "BackendUnavailable", "parse_formats", "is_dicom_case",
-           "resolve_cases", "plan_outputs", "load_case", "segment_many"]
+           "resolve_cases", "plan_outputs", "load_case", "segment_many", "input_sha256", "record_path",
+           "read_record", "check_record", "resume_plan", "progress_bar", "RECORD_FORMAT"]
 
 FORMATS = ("nifti", "seg", "rtstruct")
 SEG_SUFFIX = "_kidneys_seg.dcm"
 RTSTRUCT_SUFFIX = "_kidneys_rtstruct.dcm"
+RECORD_FORMAT = "qnkit-case-record"
+RECORD_VERSION = 1
 
 
 class BackendUnavailable(Exception):
@@ -45,6 +54,7 @@ class CaseOutputs:
     seg: Path | None = None
     rtstruct: Path | None = None
     preview: Path | None = None
+    record: Path | None = None  # the case's record (resumable runs); not one of paths(), written last
 
     def paths(self) -> list[Path]:
         return [p for p in (self.nifti, self.seg, self.rtstruct, self.preview) if p is not None]
@@ -142,10 +152,22 @@ def _case_outputs(case, formats, out: Path | None, batch: bool) -> CaseOutputs:
                        rtstruct=rt if "rtstruct" in formats else None)
 
 
+def record_path(nifti: Path) -> Path:
+    """A case's record beside its (planned) NIfTI mask: ``X_kidneys.nii.gz`` -> ``X_kidneys.json``."""
+    name = nifti.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return nifti.with_name(name[: -len(suffix)] + ".json")
+    return nifti.with_suffix(".json")
+
+
 def plan_outputs(cases, batch: bool, *, out: Path | None = None, formats: str | None = None,
-                 stats: Path | None = None, preview: Path | None = None, force: bool = False) -> dict:
+                 stats: Path | None = None, preview: Path | None = None, force: bool = False,
+                 records: bool = False) -> dict:
     """Outputs per case name (:class:`CaseOutputs`), checked before any work: not an input, not
-    existing (unless ``force``), not a folder, no two alike, folders writable. ``stats`` is only checked."""
+    existing (unless ``force``), not a folder, no two alike, folders writable. ``stats`` is only checked.
+    ``records``: plan each case's record too (resumable runs; pass ``force=True`` and let
+    :func:`resume_plan` decide about existing outputs)."""
     from qnkit import io as qio
 
     if out is not None and any(_inside(out, c.image) for c in cases):
@@ -156,6 +178,9 @@ def plan_outputs(cases, batch: bool, *, out: Path | None = None, formats: str | 
         S.check_writable_folder(out, create=True)
     per_case = parse_formats(formats, cases)
     plan = {c.name: _case_outputs(c, per_case[c.name], out, batch) for c in cases}
+    if records:
+        for c in cases:
+            plan[c.name].record = record_path(_case_outputs(c, ("nifti",), out, batch).nifti)
     if preview is not None:
         if preview.suffix.lower() != ".png":
             raise QnkitInputError(f"--preview {preview}: expected a .png file name")
@@ -165,6 +190,7 @@ def plan_outputs(cases, batch: bool, *, out: Path | None = None, formats: str | 
         raise QnkitInputError(f"--stats {stats}: expected a .json file name")
     inputs = [c.image for c in cases]
     every = [p for o in plan.values() for p in o.paths()] + ([stats] if stats is not None else [])
+    every += [o.record for o in plan.values() if o.record is not None]
     for path in every:
         if any(S.same_file(path, i) for i in inputs):
             raise QnkitInputError(f"{path}: refusing to write over an input file")
@@ -225,6 +251,139 @@ def _write_preview(result, path: Path, bundle, name: str) -> None:
     write_bytes_atomic(path, png)
 
 
+def input_sha256(path: Path) -> str:
+    """SHA-256 of an input: a file's bytes, or a folder's files (relative names and bytes, sorted)."""
+    import hashlib
+
+    from qnkit.bundle import sha256_file
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode("utf-8") + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _options_json(options, series) -> dict:
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps({**dataclasses.asdict(options), "series": series}))
+
+
+def _write_record(target: CaseOutputs, result, case, bundle, options, series, input_digest: str,
+                  extra: dict | None) -> None:
+    import json
+
+    from qnkit import __version__ as version
+    from qnkit._atomic import write_text_atomic
+    from qnkit.bundle import MANIFEST_KEY, sha256_file
+
+    doc = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "qnkit": version,
+           "input": {"path": str(case.image), "sha256": input_digest},
+           "model": {"path": str(bundle.path), "manifest_sha256": bundle.metadata.get(MANIFEST_KEY)},
+           "options": _options_json(options, series),
+           "outputs": {str(Path(p).absolute()): sha256_file(p) for p in target.paths()},
+           **(extra or {}), "case": result.to_json()}
+    write_text_atomic(target.record, json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def read_record(path: Path) -> dict | None:
+    """A case record (``<name>_kidneys.json``), or None when it is missing or not one."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == RECORD_FORMAT else None
+
+
+def check_record(case, target: CaseOutputs, manifest: str, options, series=None) -> str | None:
+    """Why ``case`` must be segmented again (None: its outputs exist and verify against its record:
+    same input bytes, same bundle manifest, same options, every output present with its recorded hash)."""
+    from qnkit.bundle import sha256_file
+
+    doc = read_record(target.record) if target.record is not None else None
+    if doc is None:
+        return "no record"
+    if doc.get("version") != RECORD_VERSION:
+        return "record of another version"
+    if (doc.get("model") or {}).get("manifest_sha256") != manifest:
+        return "the model changed"
+    if doc.get("options") != _options_json(options, series):
+        return "the options changed"
+    recorded = doc.get("outputs") or {}
+    if set(recorded) != {str(Path(p).absolute()) for p in target.paths()}:
+        return "other outputs were asked for"
+    for path, digest in recorded.items():
+        try:
+            if sha256_file(path) != digest:
+                return f"{path} changed since it was written"
+        except OSError:
+            return f"{path} is missing"
+    try:
+        if input_sha256(case.image) != (doc.get("input") or {}).get("sha256"):
+            return "the input changed"
+    except OSError as exc:
+        return f"the input is unreadable ({exc.strerror or exc})"
+    return None
+
+
+def resume_plan(cases, plan: dict, bundle, options, *, series=None, force: bool = False,
+                threads: int = 4) -> tuple[list, list]:
+    """(cases to segment, records of cases up to date) for a resumable run over ``plan`` (with records).
+
+    A case is up to date when :func:`check_record` finds nothing to redo; ``force`` redoes every case.
+    An existing output without a record of the case, or whose record does not name it with its hash,
+    was not written by a resumable run: refused (QnkitInputError) unless ``force``. Hashes are taken
+    on ``threads`` threads (hashlib releases the GIL; inputs are often on network storage).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qnkit.bundle import MANIFEST_KEY
+
+    if force:
+        return list(cases), []
+    manifest = bundle.metadata.get(MANIFEST_KEY)
+
+    def classify(case):
+        target = plan[case.name]
+        existing = [p for p in target.paths() if p.exists()]
+        doc = read_record(target.record) if target.record is not None else None
+        if doc is None:
+            if existing:
+                raise QnkitInputError(f"{existing[0]} exists and no record {target.record} vouches for it "
+                                      f"(not written by a resumable run); pass --force to replace it")
+            if target.record is not None and target.record.exists():
+                raise QnkitInputError(f"{target.record} exists and is not a qnkit case record; pass --force "
+                                      f"to replace it")
+            return case, "new", None
+        ours = doc.get("outputs") or {}
+        for p in existing:
+            if str(Path(p).absolute()) not in ours:
+                raise QnkitInputError(f"{p} exists and its case's record {target.record} does not name it; "
+                                      f"pass --force to replace it")
+        why = check_record(case, target, manifest, options, series)
+        return case, why, doc
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        checked = list(pool.map(classify, cases))
+    todo = [case for case, why, _ in checked if why is not None]
+    current = [doc for _, why, doc in checked if why is None]
+    return todo, current
+
+
+def progress_bar(console, progress: bool):
+    """The batch progress bar (cases, then the current case's slices), the same for local and Ray runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not progress or console is None, transient=True)
+
+
 def _open_default(bundle, backend: str):
     from qnkit.backends import open_backend
 
@@ -236,7 +395,8 @@ def _open_default(bundle, backend: str):
 
 def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, predict=None, backend: str = "auto",
                  series: str | None = None, overwrite: bool = False, stop_on_error: bool = False,
-                 progress: bool = False, console=None, log: Callable[[str], None] | None = None) -> BatchResult:
+                 progress: bool = False, console=None, log: Callable[[str], None] | None = None,
+                 record_extra: dict | None = None) -> BatchResult:
     """Segment every case and write its outputs (all of them, or none); returns a :class:`BatchResult`.
 
     ``outputs``: case name -> :class:`CaseOutputs` (default: nothing written, results only).
@@ -244,10 +404,9 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
     case that loads and closed at the end. A :class:`BackendUnavailable` from it stops the batch (as a
     QnkitInputError). ``series``: the SeriesInstanceUID to read from DICOM inputs with several series.
     A failing case is logged (``log``, or ``console``) and the rest go on, unless ``stop_on_error``,
-    when its exception propagates.
+    when its exception propagates. A case whose :class:`CaseOutputs` has a ``record`` gets it written
+    after its outputs (the input's hash taken before it is read; ``record_extra`` merged in).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     options = options or S.SegmentOptions()
     outputs = outputs or {}
     say = log or ((lambda m: console.print(m, markup=False)) if console is not None else (lambda m: None))
@@ -261,8 +420,7 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
         return opened[0].predict(x)
 
     done = BatchResult()
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, disable=not progress or console is None, transient=True)
+    bar = progress_bar(console, progress)
     try:
         with bar:
             cases_task = bar.add_task("cases", total=len(cases), visible=len(cases) > 1)
@@ -272,6 +430,7 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                 target = outputs.get(case.name) or CaseOutputs()
                 existed = {p for p in target.paths() if p.exists()}
                 try:
+                    digest = input_sha256(case.image) if target.record is not None else None
                     ct, geometry, seconds, source = load_case(case, series=series, log=say)
                     if source is not None and (target.seg or target.rtstruct):
                         from qnkit.dicom.output import check_referable
@@ -288,6 +447,8 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                             _write_dicom(result, source, target, bundle, overwrite)
                         if target.preview is not None:
                             _write_preview(result, target.preview, bundle, case.name)
+                        if target.record is not None:
+                            _write_record(target, result, case, bundle, options, series, digest, record_extra)
                     except BaseException:
                         for p in target.paths():  # all of a case's outputs, or none
                             if p not in existed:

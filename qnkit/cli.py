@@ -53,8 +53,13 @@ def fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # Typer's standalone mode already turns usage errors into one message and exit code 2.
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["segment"]:  # `--ray [ADDRESS]`: an option whose value is optional
+        from qnkit.commands.segment import ray_address_argv
+
+        args = ray_address_argv(args)
     try:
-        app(args=argv, prog_name="qnkit")
+        app(args=args, prog_name="qnkit")
     except QnkitInputError as exc:
         fail(str(exc), 2)
     except KeyboardInterrupt:

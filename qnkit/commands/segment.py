@@ -6,6 +6,10 @@ intact. The loop over cases is the library's (:func:`qnkit.batch.segment_many`).
 Bad input ends with one line and exit code 2; in batch mode a failing case is reported, the
 others go on, and the exit code is non-zero at the end (2 when every failure was bad input,
 else 1).
+
+``--ray [ADDRESS]`` runs the same loop on Ray workers (:mod:`qnkit.cluster`); such a run, and a local
+run with ``--resume``, writes a record beside each mask and skips, on a rerun, the cases whose
+outputs still verify against it (:func:`qnkit.batch.resume_plan`).
 """
 from __future__ import annotations
 
@@ -61,6 +65,25 @@ def command(
     all_slices: bool = typer.Option(False, "--all-slices", help="Predict every slice (default: find the kidneys' "
                                                                 "slab with a coarse pass, then predict only there)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    resume: bool = typer.Option(False, "--resume", help="Write a record (<name>_kidneys.json: stats, hashes of the "
+                                                        "input, outputs and model) beside each mask, and skip cases "
+                                                        "whose outputs exist and verify against theirs; --force "
+                                                        "redoes them. Always on with --ray."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                      help="Segment on Ray workers (pip install \"qnkit\\[cluster]\"): no ADDRESS or "
+                                           "'auto' starts a local Ray instance; an ADDRESS (host:6379, "
+                                           "ray://host:10001) joins a running cluster. Inputs and outputs must be "
+                                           "on storage every node sees. Resumable (see --resume)."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, show_default=False,
+                                              help="Ray workers (actors), each loading the model once (default: "
+                                                   "one per GPU, else cluster CPUs / --ray-cpus-per-worker)."),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus-per-worker", min=0.0, help="CPUs each Ray worker reserves "
+                                                                              "(and its threads)."),
+    ray_gpus: Optional[float] = typer.Option(None, "--ray-gpus-per-worker", min=0.0, show_default=False,
+                                             help="GPUs each Ray worker reserves (fractions share a GPU; "
+                                                  "default: 1 when the cluster has GPUs, else 0)."),
+    retries: int = typer.Option(2, "--retries", min=0, help="With --ray: times a case is handed to another worker "
+                                                            "after its worker died (killed, out of memory)."),
 ) -> None:
     """Segment both kidneys: mask on the input's exact grid, optional stats JSON and preview PNG."""
     from rich.console import Console
@@ -85,7 +108,29 @@ def command(
     from qnkit.models import resolve_model
 
     bundle = load_bundle(resolve_model(model), verify=True)
-    plan = B.plan_outputs(cases, batch, out=out, formats=formats, stats=stats, preview=preview, force=force)
+    resumable = resume or ray is not None
+    plan = B.plan_outputs(cases, batch, out=out, formats=formats, stats=stats, preview=preview,
+                          force=force or resumable, records=resumable)
+    current: list = []
+    if resumable:
+        if stats is not None and stats.exists() and not force and not _is_stats_document(stats):
+            raise QnkitInputError(f"{stats} exists and is not a qnkit stats file; pass --force to replace it")
+        todo, current = B.resume_plan(cases, plan, bundle, options, series=series, force=force)
+        out_console = Console(highlight=False, soft_wrap=True)
+        if not todo:
+            out_console.print(f"nothing new to segment: {len(current)} case{'s' if len(current) != 1 else ''} "
+                              f"up to date", markup=False)
+            summarize(B.BatchResult(), None, stats, bundle, console=out_console, current=current, quiet=True)
+            return
+        if current:
+            err.print(f"qnkit: {len(current)} case(s) up to date, skipped; {len(todo)} to segment", markup=False)
+        cases = todo
+    if ray is not None:
+        _segment_on_ray(cases, bundle, options, plan=plan, address=ray, workers=ray_workers, cpus=ray_cpus,
+                        gpus=ray_gpus, retries=retries, backend=backend, precision=precision, device=device,
+                        batch_size=batch_size, threads=threads, series=series, stats=stats, current=current,
+                        progress=progress, err=err)
+        return
     if threads:
         from qnkit import kernels
 
@@ -106,21 +151,93 @@ def command(
 
     try:
         done = B.segment_many(cases, bundle, options, outputs=plan, predict=lambda x: engine().predict(x),
-                              series=series, overwrite=force, stop_on_error=len(cases) == 1, progress=progress,
-                              console=err)
+                              series=series, overwrite=force or resumable, stop_on_error=len(cases) == 1 and not
+                              current, progress=progress, console=err)
     finally:
         for e in opened:
             e.close()
-    results, failures = done.results, done.failures
-    summarize(done, opened[0] if opened else None, stats, bundle, console=Console(highlight=False, soft_wrap=True))
-    if failures:
-        bad_input = all(isinstance(exc, QnkitInputError) for _, exc in failures)
-        err.print(f"qnkit: error: {len(failures)} of {len(cases)} case(s) failed", markup=False)
+    summarize(done, opened[0] if opened else None, stats, bundle, console=Console(highlight=False, soft_wrap=True),
+              current=current)
+    _exit_on_failures(done, len(cases), err)
+
+
+def ray_address_argv(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional ADDRESS: a bare ``--ray`` (last, before another option, or before
+    something that is not an address) becomes ``--ray=auto``. An address is ``auto``, ``local``, a URL
+    (``ray://host:10001``) or ``host:port``, and not an existing path."""
+    import re
+
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if arg == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            address = nxt is not None and not nxt.startswith("-") and not Path(nxt).exists() and (
+                nxt in ("auto", "local") or "://" in nxt or re.fullmatch(r"[\w.\-\[\]:]+:\d+", nxt) is not None)
+            if not address:
+                out.append("--ray=auto")
+                i += 1
+                continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _exit_on_failures(done, count: int, err) -> None:
+    from qnkit.errors import QnkitInputError
+
+    if done.failures:
+        bad_input = all(isinstance(exc, QnkitInputError) for _, exc in done.failures)
+        err.print(f"qnkit: error: {len(done.failures)} of {count} case(s) failed", markup=False)
         raise typer.Exit(2 if bad_input else 1)
 
 
-def summarize(done, engine, stats, bundle, *, console) -> None:
-    """Print one line per case (stdout) and write the stats JSON (to ``stats``) when asked."""
+def _is_stats_document(path: Path) -> bool:
+    """True for a stats JSON that `qnkit segment --stats` wrote (a resumable rerun replaces it)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and "qnkit" in doc and isinstance(doc.get("cases"), list)
+
+
+def _segment_on_ray(cases, bundle, options, *, plan, address, workers, cpus, gpus, retries, backend, precision,
+                    device, batch_size, threads, series, stats, current, progress, err) -> None:
+    from rich.console import Console
+
+    from qnkit import cluster as C
+
+    opts = C.ClusterOptions(address=None if address in ("", "auto") else address, workers=workers,
+                            cpus_per_worker=cpus, gpus_per_worker=gpus, retries=retries, backend=backend,
+                            precision=precision, device=device, batch_size=batch_size, threads=threads)
+    run = C.segment_on_ray(cases, bundle, options, outputs=plan, cluster=opts, series=series, overwrite=True,
+                           progress=progress, console=err)
+    backends = []
+    for w in run.workers:
+        b = w["backend"]
+        label = f"{b['name']} ({b['precision']}, {b['device']}, batch {b['batch_size']})"
+        if label not in backends:
+            backends.append(label)
+    hosts = len({w["host"] for w in run.workers})
+    where = (f"{len(run.workers)} Ray worker(s) on {hosts} node(s)" +
+             (f", {run.retried} case(s) retried after a worker died" if run.retried else ""))
+    desc = {"name": " + ".join(backends) or "none", "precision": "-", "device": "-", "batch_size": batch_size,
+            "ray": {"workers": run.workers, "retried": run.retried}}
+    summarize(run.done, None, stats, bundle, console=Console(highlight=False, soft_wrap=True), current=current,
+              backend_line=f"backend {' + '.join(backends) or 'none'} on {where}", backend_desc=desc)
+    _exit_on_failures(run.done, len(cases), err)
+
+
+def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool = False, backend_line=None,
+              backend_desc=None) -> None:
+    """Print one line per case (stdout) and write the stats JSON (to ``stats``) when asked.
+
+    ``current``: records of cases a resumable run found up to date (counted, and in the stats JSON).
+    """
     import json
 
     from qnkit import __version__ as version
@@ -128,19 +245,23 @@ def summarize(done, engine, stats, bundle, *, console) -> None:
     from qnkit.report import describe_sides
 
     results, failures = done.results, done.failures
-    desc = engine.describe() if engine is not None else {"name": "none", "precision": "-", "device": "-",
-                                                          "batch_size": 0}
+    desc = backend_desc or (engine.describe() if engine is not None else {
+        "name": "none", "precision": "-", "device": "-", "batch_size": 0})
+    if quiet:
+        results = []
     for r in results:
         j = r.to_json()
         written = ", ".join(map(str, done.outputs[r.name].paths())) or "nothing written"
         console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
                       f"({j['slices_per_s']} slices/s) -> {written}", markup=False)
-    console.print(f"backend {desc['name']} ({desc['precision']}, {desc['device']}, batch {desc['batch_size']}); "
-                  f"{len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else ""),
-                  markup=False)
+    line = backend_line or (f"backend {desc['name']} ({desc['precision']}, {desc['device']}, "
+                            f"batch {desc['batch_size']})")
+    if not quiet:
+        console.print(f"{line}; {len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else "")
+                      + (f", {len(current)} up to date" if current else ""), markup=False)
     if stats is not None:
         doc = {"qnkit": version, "model": str(bundle.path), "backend": desc,
                "threshold": bundle.threshold, "hu_window": list(bundle.hu_window),
-               "cases": [r.to_json() for r in results] + [
+               "cases": [doc["case"] for doc in current] + [r.to_json() for r in results] + [
                    {"name": c.name, "input": str(c.image), "error": " ".join(str(e).split())} for c, e in failures]}
         write_text_atomic(stats, json.dumps(doc, indent=1, default=str) + "\n")
