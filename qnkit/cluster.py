@@ -116,20 +116,36 @@ def _materialize_bundle(files: dict, manifest: str):
 
 
 class SegmentWorker:
-    """One Ray actor: the bundle and its backend, opened once; segments one case per call."""
+    """One Ray actor: the bundle and its backend, opened once (:meth:`open`); segments one case per call.
 
-    def __init__(self, files, manifest: str, backend: str, precision: str, device: str, batch_size: int,
+    The bundle comes through :meth:`open`, not the constructor: Ray re-runs only the constructor when
+    it restarts a dead worker (and warns about constructor arguments held in the object store), so the
+    driver calls :meth:`open` again on the restarted worker, which makes it whole.
+    """
+
+    def __init__(self, manifest: str, backend: str, precision: str, device: str, batch_size: int,
                  threads: int | None):
         self.where = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.settings = (manifest, backend, precision, device, batch_size, threads)
         self.log: list[str] = []
         self.error = None
         self.engine = None
+        self.bundle = None
+
+    def open(self, holder: list) -> dict:
+        """Fetch the bundle (``holder``: [its ObjectRef]), verify it on this node and open the backend,
+        once; returns :meth:`describe` (its ``error`` says why this worker cannot segment)."""
+        if self.engine is not None or self.error is not None:
+            return self.describe()
+        manifest, backend, precision, device, batch_size, threads = self.settings
         try:
+            import ray
+
             if threads:
                 from qnkit import kernels
 
                 kernels.set_num_threads(threads)
-            self.bundle = _materialize_bundle(files, manifest)
+            self.bundle = _materialize_bundle(ray.get(holder[0]), manifest)
             from qnkit.backends import open_backend
 
             extra = {"threads": threads} if threads else {}
@@ -138,6 +154,7 @@ class SegmentWorker:
         except Exception as exc:  # noqa: BLE001 - reported by the driver, which drops this worker
             self.error = " ".join(str(exc).split()) if isinstance(exc, QnkitInputError) else \
                 f"{type(exc).__name__}: {exc}"
+        return self.describe()
 
     def pid(self) -> int:
         return os.getpid()
@@ -277,15 +294,16 @@ def segment_on_ray(cases, bundle, options=None, *, outputs: dict | None = None, 
         manifest = bundle.metadata.get(MANIFEST_KEY)
         worker_cls = ray.remote(SegmentWorker).options(num_cpus=cpus, num_gpus=gpus,
                                                        max_restarts=max(0, cluster.retries), max_task_retries=0)
-        actors = [worker_cls.remote(files, manifest, cluster.backend, cluster.precision, cluster.device,
+        actors = [worker_cls.remote(manifest, cluster.backend, cluster.precision, cluster.device,
                                     cluster.batch_size, threads) for _ in range(count)]
         original = {c.name: (c, outputs.get(c.name) or B.CaseOutputs()) for c in cases}
         queue = deque(c.name for c in cases)
         attempts = {c.name: 0 for c in cases}
-        pending: dict = {a.describe.remote(): ("ready", a, None) for a in actors}
+        pending: dict = {a.open.remote([files]): ("ready", a, None) for a in actors}
         idle: list = []
         refused: list[str] = []
         results: dict = {}
+        seen: dict = {}  # actor index -> its description (the latest, after a restart)
         bar = B.progress_bar(console, progress)
         with bar:
             task = bar.add_task(f"cases ({count} Ray worker{'s' if count != 1 else ''})", total=len(cases))
@@ -322,15 +340,14 @@ def segment_on_ray(cases, bundle, options=None, *, outputs: dict | None = None, 
                             f"its worker died {attempts[name]} time(s) ({why})")))
                         say(f"qnkit: {name} failed: its worker died {attempts[name]} time(s); not retried again")
                         bar.advance(task)
-                    pending[actor.describe.remote()] = ("ready", actor, None)  # back when Ray has restarted it
+                    pending[actor.open.remote([files])] = ("ready", actor, None)  # when Ray has restarted it
                     continue
                 if kind == "ready":
                     if value.get("error"):
                         refused.append(f"{value['host']} pid {value['pid']}: {value['error']}")
                         ray.kill(actor, no_restart=True)
                     else:
-                        if all(w["pid"] != value["pid"] or w["host"] != value["host"] for w in run.workers):
-                            run.workers.append(value)
+                        seen[actors.index(actor)] = value  # a restarted worker replaces its earlier self
                         idle.append(actor)
                     continue
                 for line in value["messages"]:
@@ -346,6 +363,7 @@ def segment_on_ray(cases, bundle, options=None, *, outputs: dict | None = None, 
                     done.outputs[name] = target
                 idle.append(actor)
                 bar.advance(task)
+        run.workers = [seen[i] for i in sorted(seen)]
         if not run.workers and refused:
             raise QnkitInputError(f"no Ray worker could open the model: {refused[0]}")
         left = [name for name in queue]
