@@ -100,7 +100,7 @@ def local_run(run_qnkit, archive, bundle, workdir) -> Path:
 
 
 def _slow_hook():
-    """Runs in every Ray worker of this module's instance: loading the victim case takes 5 s the first time
+    """Runs in every Ray worker of this module's instance: loading the victim case takes 30 s the first time
     (time for the test to kill the worker); every load leaves a mark ``<case>.<pid>``."""
     import os
     import time
@@ -115,7 +115,7 @@ def _slow_hook():
         first = not any(marks.glob(f"{case.name}.*"))
         (marks / f"{case.name}.{os.getpid()}").write_text("")
         if case.name == victim and first:
-            time.sleep(5)
+            time.sleep(30)  # killed long before, unless the test failed to find it
         return original(case, **kwargs)
 
     batch.load_case = load_case
