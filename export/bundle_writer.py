@@ -97,13 +97,16 @@ def _tool_versions() -> dict:
 def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", fp16: bool = False,
                   engine: bool = False, int8: bool = False, batches: tuple[int, int, int] = (1, 16, 32),
                   input_size: tuple[int, int] | None = None, force: bool = False, calibration_slices: int = 24,
-                  verify_batch_size: int = 16, log=print) -> dict:
+                  verify_batch_size: int = 16, int8_evidence: list | tuple = (), log=print) -> dict:
     """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json).
 
     ``calibration_slices``: synthetic slices the INT8 calibration runs on. ONNX Runtime's percentile
     calibrator keeps every intermediate output of all of them in memory: 24 slices of the full-size
     network at 256x256 held over 6 GB. ``verify_batch_size``: slices per batch when the graphs are
     checked against the eager model (eager FP32 holds about 0.4 GB per slice of a batch at 256x256).
+    ``int8_evidence``: real CT files (NIfTI; never training data) on which the INT8 graph is compared
+    with FP32 through the runtime's pipeline (:mod:`.int8_evidence`); the result decides the CPU default
+    precision recorded in ``qnkit.json`` (``cpu_precision``). Implies ``int8``.
     """
     import torch
     from safetensors.torch import save_file
@@ -126,6 +129,15 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         if not fp16 and uses_strongly_typed_fp16(tensorrt_or_none()):
             log(f"--engine: TensorRT {tensorrt_or_none().__version__} builds FP16 from the FP16 ONNX; adding --fp16")
             fp16 = True
+    int8_evidence = [Path(p) for p in int8_evidence or ()]
+    for path in int8_evidence:
+        from qnkit.io import is_nifti_path
+
+        if not path.is_file() or not is_nifti_path(path):
+            raise QnkitInputError(f"--int8-evidence {path}: not a NIfTI file (.nii or .nii.gz)")
+    if int8_evidence and not int8:
+        log("--int8-evidence: adding --int8 (the evidence is about the INT8 graph)")
+        int8 = True
     lo_b, opt_b, hi_b = batches
     if not 1 <= lo_b <= opt_b <= hi_b:
         raise QnkitInputError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {lo_b}/{opt_b}/{hi_b}")
@@ -195,6 +207,18 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
                                                per_case=max(1, calibration_slices // 2))
             exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, calib)
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
+            from .int8_evidence import decide, int8_real_ct_evidence
+
+            if int8_evidence:
+                record["int8_real_ct"], cpu_precision = int8_real_ct_evidence(
+                    tmp / FP32_ONNX, tmp / INT8_ONNX, int8_evidence, hu_window=hu_window, threshold=threshold,
+                    pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)),
+                    model_spacing=(cmeta.get("domain") or {}).get("pixel_spacing_mm"),
+                    size_divisor=cfg.size_divisor, log=log)
+            else:
+                cpu_precision = decide([])
+        else:
+            cpu_precision = None
         engine_record = None
         if engine:
             engine_record, record["tensorrt"] = _build_engine(tmp, hw, batches, cfg.size_divisor, x,
@@ -223,6 +247,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             "engine": engine_record,
             "verification": record,
         }
+        if cpu_precision is not None:  # which graph `precision=auto` runs on the CPU, and why
+            metadata["cpu_precision"] = cpu_precision
         metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                  for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / METADATA_NAME).write_text(sealed_metadata_text(metadata), encoding="utf-8")

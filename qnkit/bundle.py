@@ -124,6 +124,25 @@ class Bundle:
         return dict(self.metadata["model"]["network"])
 
     @property
+    def cpu_precision(self) -> str:
+        """The graph ``precision="auto"`` runs on the CPU: "int8" only when ``qnkit.json``'s ``cpu_precision``
+        says so on evidence that passed (``verification.int8_real_ct``, real CTs, written by
+        ``qnkit export --int8-evidence``) and the INT8 graph is in the bundle; "fp32" otherwise."""
+        choice = self.metadata.get("cpu_precision") or {}
+        evidence = (self.metadata.get("verification") or {}).get("int8_real_ct") or {}
+        if choice.get("default") == "int8" and evidence.get("passed") is True and self.has(INT8_ONNX):
+            return "int8"
+        return "fp32"
+
+    @property
+    def cpu_precision_why(self) -> str:
+        """One line on why :attr:`cpu_precision` is what it is."""
+        choice = self.metadata.get("cpu_precision") or {}
+        if self.cpu_precision == "int8":
+            return str(choice.get("why", "INT8 verified on real CT"))
+        return str(choice.get("why") or "no INT8 evidence on real CT in this bundle")
+
+    @property
     def engine(self) -> dict | None:
         """The engine record (TensorRT version, GPU, precision, profile), or None."""
         return self.metadata.get("engine")

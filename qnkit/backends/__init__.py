@@ -55,8 +55,8 @@ def _resolve_device(device: str, kind: str) -> str:
 
 def _resolve_precision(precision: str, device: str, bundle: Bundle, kind: str) -> str:
     if precision == "auto":
-        if device == "cpu":
-            return "fp32"
+        if device == "cpu":  # INT8 only where the bundle's real-CT evidence chose it (bundle.cpu_precision)
+            return bundle.cpu_precision if kind == "onnxruntime" else "fp32"
         return "fp16" if kind != "onnxruntime" or bundle.has(FP16_ONNX) else "fp32"
     if precision not in PRECISIONS:
         raise QnkitInputError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -123,7 +123,9 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
     """Open an inference backend for ``bundle``.
 
     ``kind``: auto | torch | onnxruntime | tensorrt; ``precision``: auto | fp32 | fp16 | bf16 | int8
-    (auto: fp16 on a GPU, fp32 on the CPU); ``device``: auto | cpu | cuda | cuda:N. Options:
+    (auto: fp16 on a GPU; on the CPU the bundle's :attr:`~qnkit.bundle.Bundle.cpu_precision`, i.e. INT8
+    with ONNX Runtime when ``qnkit export --int8-evidence`` found it agrees with FP32 on real CT, else
+    fp32); ``device``: auto | cpu | cuda | cuda:N. Options:
     ``threads`` (CPU intra-op threads), ``cuda_graphs`` (torch), ``tensorrt_ep`` (onnxruntime),
     ``rebuild_engine`` (tensorrt: False refuses a foreign engine instead of rebuilding it),
     ``engine_batches`` (tensorrt: (min, opt, max) profile of a rebuilt engine).
@@ -150,6 +152,8 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
             failures.append(f"{cand_kind} on {dev}: {exc}")
             log(f"backend: {cand_kind} on {dev} unavailable ({exc}); trying the next one")
             continue
+        if backend.precision == "int8" and precision == "auto":
+            why += f"; INT8 by the bundle's evidence: {bundle.cpu_precision_why}"
         log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size}) - {why}")
         return backend
     detail = "; ".join(failures) or "install onnxruntime or torch"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List
 
 import typer
 
@@ -30,6 +31,10 @@ def command(
     fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (FP16 graph, FP32 I/O), verified."),
     engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine (needs tensorrt and a GPU)."),
     int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (static QDQ, synthetic calibration)."),
+    int8_evidence: List[Path] = typer.Option(
+        None, "--int8-evidence", metavar="CT.nii.gz", help="A real CT (NIfTI, not training data; repeatable) on which the INT8 graph is "
+        "compared with FP32 through `qnkit segment`'s pipeline: INT8 becomes the CPU default when its mask Dice "
+        "is >= 0.99 on every such CT, else FP32 (choice and figures in qnkit.json). Implies --int8."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="Which checkpoint: best | last."),
     input_size: str = typer.Option(None, "--input-size", help="Model input grid HxW (default: the run's slices)."),
     min_batch: int = typer.Option(1, "--min-batch", help="TensorRT profile: smallest batch."),
@@ -58,7 +63,7 @@ def command(
 
     meta = export_bundle(run_dir, out, checkpoint=checkpoint, fp16=fp16, engine=engine, int8=int8,
                          batches=(min_batch, opt_batch, max_batch), input_size=_parse_size(input_size),
-                         force=force, log=lambda m: typer.echo(m, err=True))
+                         force=force, int8_evidence=int8_evidence or (), log=lambda m: typer.echo(m, err=True))
     if json_out:
         typer.echo(json.dumps(meta, indent=1))
     files = ", ".join(sorted(meta["artefacts"]))

@@ -5,7 +5,8 @@
 
 Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export):
 ``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> ``qnkit
-evaluate`` (held-out phantoms) -> ``qnkit export`` -> ``qnkit segment`` of the real validation CT,
+evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_CT``: the INT8 graph
+becomes the CPU default only if it agrees with FP32 on the real CT) -> ``qnkit segment`` of the real validation CT,
 scored per kidney against its labels -> the bundle copied into ``qnkit/models/<name>/`` and its
 entry (recipe, figures) written to ``registry.json``. A step whose output already exists is reused,
 so an interrupted build resumes (``qnkit train --resume``).
@@ -105,7 +106,9 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
     _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
     if bundle.exists():
         shutil.rmtree(bundle)
-    _qnkit("export", run, "--out", bundle, *recipe["export"])
+    # The real CT is the INT8 graph's evidence: INT8 becomes the CPU default only if it agrees with FP32 there.
+    evidence = ["--int8-evidence", real_ct] if real_ct is not None and "--int8" in recipe["export"] else []
+    _qnkit("export", run, "--out", bundle, *recipe["export"], *evidence)
     evaluation = json.loads((workdir / "evaluation.json").read_text())
     entry = {
         "description": recipe["description"],
@@ -119,6 +122,9 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
         "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
     }
+    cpu = json.loads((bundle / "qnkit.json").read_text()).get("cpu_precision")
+    if cpu:
+        entry["cpu_precision"] = {"default": cpu["default"], "why": cpu["why"]}
     if real_ct is not None and real_labels is not None:
         figures = validate_real_ct(bundle, real_ct, real_labels, workdir)
         entry["validation"].append({
