@@ -107,13 +107,16 @@ class CaseResult:
 def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, spacing_hw=(1.0, 1.0),
                        model_spacing: float | None = None, batch_size: int = 16, threshold: float = 0.5,
                        pad_multiple: int = 16, progress: Callable[[int], None] | None = None,
-                       timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       timings: dict | None = None, mask_out: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`qnkit.inference.segment_volume` with the model-grid preprocessing overlapped with inference.
 
     A worker thread prepares chunk i+1 (and i+2) while the backend runs chunk i. A chunk is
     one batch, so the results equal segment_volume's bit for bit. `progress(n)` is called with
     the number of slices finished; `timings` gets 'preprocess' (worker time), 'inference' and
-    'upsample' seconds added. Returns (mask uint8 (Z, H, W), model-grid probabilities (Z, h, w)).
+    'upsample' seconds added. The mask is written into `mask_out` (uint8 (Z, H, W)) when given, so
+    a caller that holds the whole volume's mask needs no second copy. Returns (mask uint8 (Z, H, W),
+    model-grid probabilities (Z, h, w)).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -150,12 +153,40 @@ def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, spacing_hw=(
             for fut in pending:
                 fut.cancel()
     t = time.perf_counter()
-    mask = inference.to_input_mask(probs, (H, W), threshold=threshold, model_spacing=model_spacing)
+    mask = mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing, out=mask_out)
     times["upsample"] += time.perf_counter() - t
     if timings is not None:
         for k, v in times.items():
             timings[k] = timings.get(k, 0.0) + v
     return mask, probs
+
+
+def mask_to_input_grid(probs: np.ndarray, shape_hw, *, threshold: float, model_spacing: float | None,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`qnkit.inference.to_input_mask` that resamples only the slices with some kidney.
+
+    Bringing probabilities back to the input's grid is an interpolation whose weights are
+    non-negative and sum to one, so no value can exceed a slice's largest probability: a slice
+    whose probabilities all stay below the threshold (by a relative margin of 1e-6, for rounding)
+    is all background without resampling it. On a whole CT that is most slices. Written into `out`
+    (uint8 (Z, H, W)) when given; the result equals to_input_mask's.
+    """
+    z = probs.shape[0]
+    H, W = (int(n) for n in shape_hw)
+    if out is None:
+        out = np.zeros((z, H, W), dtype=np.uint8)
+    else:
+        if out.shape != (z, H, W) or out.dtype != np.uint8:
+            raise ValueError(f"mask_out must be uint8 of shape {(z, H, W)}, got {out.dtype} {out.shape}")
+        out[...] = 0
+    if z == 0:
+        return out
+    hot = probs.reshape(z, -1).max(axis=1) > np.float32(threshold) * np.float32(1 - 1e-6)
+    edges = np.flatnonzero(np.diff(np.r_[0, hot.view(np.int8), 0]))
+    for start, stop in zip(edges[::2], edges[1::2]):
+        out[start:stop] = inference.to_input_mask(probs[start:stop], (H, W), threshold=threshold,
+                                                  model_spacing=model_spacing)
+    return out
 
 
 def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, options: "SegmentOptions",
@@ -171,53 +202,57 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     volume too short for a coarse pass to save work, runs every slice. `model` holds
     predict_overlapped's model arguments (hu_window, spacing_hw, model_spacing, batch_size,
     threshold, pad_multiple, timings). Returns (mask, probabilities, slab record).
+
+    Memory: the mask is one uint8 volume, written in place part by part; the probabilities stay on
+    the model grid (a 2.5 mm model's grid holds a 16th of a 0.7 mm CT's pixels), and the CT is never
+    copied whole: bounded by the input plus about 1.5 bytes per voxel.
     """
     z = ct.shape[0]
     slice_mm = float(slice_mm) if slice_mm and slice_mm > 0 else 1.0
     step = max(1, int(options.coarse_step_mm // slice_mm))
     margin = int(np.ceil((options.slab_margin_mm + step * slice_mm) / slice_mm))
     done = [0]
+    mask = np.zeros(ct.shape, dtype=np.uint8)
 
-    def run(part: np.ndarray):
+    def run(start: int, stop: int, part: np.ndarray | None = None, into_mask: bool = True):
         def tick(n: int) -> None:
             if progress is not None:
                 progress(min(z, done[0] + n))
-        out = predict_overlapped(part, predict_batch, progress=tick, **model)
+        part = ct[start:stop] if part is None else part
+        out = predict_overlapped(part, predict_batch, progress=tick, mask_out=mask[start:stop] if into_mask else None,
+                                 **model)
         done[0] += len(part)
         return out
 
     record = {"coarse_step": step, "margin": margin}
     if not options.slab or z < 4 * step + 2 * margin:
-        mask, probs = run(ct)
+        _, probs = run(0, z)
         return mask, probs, {**record, "start": 0, "stop": z, "slices_run": z}
     coarse = np.unique(np.r_[np.arange(0, z, step), z - 1])
-    _, coarse_probs = run(np.ascontiguousarray(ct[coarse]))
+    _, coarse_probs = run(0, len(coarse), np.ascontiguousarray(ct[coarse]), into_mask=False)
     sr, sc = model.get("spacing_hw") or (1.0, 1.0)
     ms = model.get("model_spacing")
     pixel_mm2 = (ms * ms) if ms else (4.0 * sr * sc)
     found = coarse[(coarse_probs > model.get("threshold", 0.5)).sum(axis=(1, 2)) * pixel_mm2 >= 100.0]
     if found.size == 0:
-        mask, probs = run(ct)
+        _, probs = run(0, z)
         return mask, probs, {**record, "start": 0, "stop": z, "slices_run": int(len(coarse) + z), "found": False}
     lo, hi = max(0, int(found.min()) - margin), min(z, int(found.max()) + margin + 1)
-    mask_part, probs_part = run(ct[lo:hi])
+    probs = np.zeros((z, *coarse_probs.shape[1:]), dtype=np.float32)
+    _, probs[lo:hi] = run(lo, hi)
     while True:
-        grow_lo = lo > 0 and mask_part[0].any()
-        grow_hi = hi < z and mask_part[-1].any()
+        grow_lo = lo > 0 and mask[lo].any()
+        grow_hi = hi < z and mask[hi - 1].any()
         if not (grow_lo or grow_hi):
             break
         if grow_lo:
             new_lo = max(0, lo - margin)
-            m, p = run(ct[new_lo:lo])
-            mask_part, probs_part, lo = np.concatenate([m, mask_part]), np.concatenate([p, probs_part]), new_lo
+            _, probs[new_lo:lo] = run(new_lo, lo)
+            lo = new_lo
         if grow_hi:
             new_hi = min(z, hi + margin)
-            m, p = run(ct[hi:new_hi])
-            mask_part, probs_part, hi = np.concatenate([mask_part, m]), np.concatenate([probs_part, p]), new_hi
-    mask = np.zeros(ct.shape, dtype=np.uint8)
-    mask[lo:hi] = mask_part
-    probs = np.zeros((z, *probs_part.shape[1:]), dtype=np.float32)
-    probs[lo:hi] = probs_part
+            _, probs[hi:new_hi] = run(hi, new_hi)
+            hi = new_hi
     return mask, probs, {**record, "start": lo, "stop": hi, "slices_run": int(len(coarse) + hi - lo), "found": True}
 
 
@@ -253,9 +288,45 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
                   "model_pixel_spacing_mm": None if model_spacing is None else round(model_spacing, 4),
                   "grid": list(probs.shape[1:]), "slab": slab}
     t = time.perf_counter()
-    out, sides = post.kidney_sides(mask, ct, geometry, options)
+    out, sides = kidney_sides_in_place(mask, ct, geometry, options)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
     return out, sides, model_grid
+
+
+@dataclass(frozen=True)
+class _SubGeometry:
+    """What :func:`qnkit.postprocess.kidney_sides` reads of a Geometry, for a run of slices of it."""
+
+    internal_affine: np.ndarray
+    spacing: tuple
+    voxel_volume_ml: float
+
+
+def kidney_sides_in_place(mask: np.ndarray, ct: np.ndarray, geometry: qio.Geometry, options) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`qnkit.postprocess.kidney_sides` on the slices that hold kidney only; `mask` becomes the output.
+
+    Post-processing labels connected components, which needs a 32-bit label per voxel: 4 GB for a
+    512 x 512 x 1000 CT if done on the whole volume. Everything it does happens where the mask is
+    (closing pads by its ball), so it runs on the mask's slices plus the closing's reach, with the
+    affine moved to them; the result is the same. The output mask is written into `mask` (the
+    caller's array, no second volume); returns (mask, sides), `sides` 1 right / 2 left.
+    """
+    hit = np.flatnonzero(mask.reshape(mask.shape[0], -1).max(axis=1))
+    sides = np.zeros(mask.shape, dtype=np.uint8)
+    if hit.size == 0:
+        return mask, sides
+    reach = 0
+    if options.postprocess and options.closing and options.closing > 0:
+        slice_mm = geometry.spacing[0] if options.closing_unit == "mm" else 1.0
+        reach = int(np.ceil(float(options.closing) / float(slice_mm))) + 1
+    lo, hi = max(0, int(hit[0]) - reach - 1), min(mask.shape[0], int(hit[-1]) + reach + 2)
+    affine = np.array(geometry.internal_affine, dtype=np.float64)
+    affine[:3, 3] += affine[:3, 0] * lo
+    part = _SubGeometry(affine, tuple(geometry.spacing), float(geometry.voxel_volume_ml))
+    out, part_sides = post.kidney_sides(mask[lo:hi], ct[lo:hi], part, options)
+    mask[lo:hi] = out  # outside [lo, hi) the mask is already all background
+    sides[lo:hi] = part_sides
+    return mask, sides
 
 
 # --- files ----------------------------------------------------------------------------------
