@@ -1,20 +1,50 @@
-"""End-to-end row of `qnkit bench`: `qnkit segment`'s pipeline on one synthetic CT, stage by stage.
+"""End-to-end row of `qnkit bench`: `qnkit segment`'s default path against eager PyTorch FP32, on one CT.
 
-Preprocessing runs in a worker thread ahead of inference, so its time overlaps inference; the share
-of time outside inference is therefore taken from the wall clock: (wall - inference) / wall.
+Both paths run the same pipeline (:func:`qnkit.segment.segment_file`: .nii.gz load, HU window and
+resampling to the model's millimetre grid, inference, back to the input's grid, post-processing,
+.nii.gz write) with the same model (the shipped one unless ``--model``), the same batch size and
+the same threads; they differ only where the default differs from the card's baseline:
+
+- ``default``: what ``qnkit segment CT`` does: backend ``auto`` (ONNX Runtime on the CPU, INT8 only
+  where the bundle's real-CT evidence chose it), the kidney slab (a coarse pass, then every slice
+  of the slab only);
+- ``eager``: eager PyTorch FP32 on every slice (``--backend torch --all-slices``).
+
+Each path runs in a fresh process (``python -m qnkit.benchmarks.e2e``), so its peak memory is its
+own and neither inherits the other's thread pools or caches: backend opened, one warm-up batch,
+then ``repeats`` timed runs of the whole case; the figures are medians. The speed-up is the ratio
+of the per-case wall times (load to written file); opening the backend (imports, session) is
+reported beside it. The masks written by both are compared (Dice), and each with the phantom's
+true labels. An optional memory row segments a 1,000-slice CT with the default path in its own
+process and records its peak RSS.
+
+Preprocessing runs in a worker thread ahead of inference, so its time overlaps inference; the
+share of time outside inference is taken from the wall clock: (wall - inference) / wall.
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from qnkit.bundle import Bundle
+STAGES = ("load", "preprocess", "inference", "postprocess", "write")
+PATHS = {
+    "default": {"backend": "auto", "precision": "auto", "slab": True,
+                "what": "qnkit segment's defaults: backend auto (ONNX Runtime on the CPU; INT8 only where the "
+                        "bundle's real-CT evidence chose it), kidney slab"},
+    "eager": {"backend": "torch", "precision": "fp32", "slab": False,
+              "what": "eager PyTorch FP32 on every slice (qnkit segment --backend torch --all-slices): same model, "
+                      "millimetre resampling, post-processing and .nii.gz I/O"},
+}
 
 
 def synthetic_ct(workdir: Path, *, size: int = 512, slices: int = 100, seed: int = 7) -> Path:
-    """A synthetic case cut (or tiled) to exactly `slices` slices around its kidneys, as imaging.nii.gz."""
+    """A small classic phantom cut (or tiled) to exactly `slices` slices around its kidneys (quick runs)."""
     import nibabel as nib
 
     from qnkit.synth import make_case
@@ -24,34 +54,179 @@ def synthetic_ct(workdir: Path, *, size: int = 512, slices: int = 100, seed: int
     kidney = np.flatnonzero(case.segmentation.any(axis=(1, 2)))
     centre = int(kidney.mean()) if kidney.size else z // 2
     index = np.clip(np.arange(slices) + centre - slices // 2, 0, z - 1)
-    path = workdir / "bench_case" / "imaging.nii.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(case.imaging[index]), case.affine)
-    image.set_sform(case.affine, code=2)
-    nib.save(image, str(path))
-    return path
+    folder = workdir / "bench_case"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (("imaging.nii.gz", case.imaging), ("segmentation.nii.gz", case.segmentation)):
+        image = nib.Nifti1Image(np.ascontiguousarray(data[index]), case.affine)
+        image.set_sform(case.affine, code=2)
+        nib.save(image, str(folder / name))
+    return folder / "imaging.nii.gz"
 
 
-def run(bundle: Bundle, backend, *, size: int = 512, slices: int = 100, repeats: int = 3,
-        batch_size: int = 16, workdir: Path | None = None) -> dict:
-    """Median stage timings of segmenting a size x size x slices case with `backend` (after one warm-up)."""
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory (GB): VmHWM, which starts afresh at exec. (ru_maxrss does not:
+    Linux carries it across exec, so a worker started by a large bench process would report the bench's.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def measure_path(job: dict) -> dict:
+    """One path (``job["path"]``) on one CT in this process: open, warm up, time ``repeats`` whole cases."""
+    from qnkit import inference
+    from qnkit.backends import open_backend
+    from qnkit.bundle import load_bundle
+    from qnkit.io import load_geometry
     from qnkit.segment import CaseInput, SegmentOptions, segment_file
 
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="qnkit-bench-e2e-"))
-    image = synthetic_ct(workdir, size=size, slices=slices)
-    case = CaseInput(name="bench", image=image, source=image)
-    options = SegmentOptions(batch_size=batch_size)
-    runs = []
-    for attempt in range(repeats + 1):
-        out = workdir / f"mask_{attempt}.nii.gz"
-        result = segment_file(case, out, backend.predict, bundle=bundle, options=options, overwrite=True)
-        out.unlink(missing_ok=True)
-        if attempt:  # the first run warms caches and the backend up
+    path = PATHS[job["path"]]
+    started = time.perf_counter()
+    bundle = load_bundle(job["bundle"])
+    backend = open_backend(bundle, path["backend"], precision=path["precision"], device="cpu",
+                           batch_size=job["batch_size"], log=lambda *a: None)
+    open_s = time.perf_counter() - started
+    image, out = Path(job["image"]), Path(job["out"])
+    geometry = load_geometry(image)
+    grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
+                                      inference.model_pixel_spacing(bundle))
+    pad = int(bundle.metadata.get("preprocessing", {}).get("pad_multiple", bundle.size_divisor))
+    warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, pad) for n in grid)), np.float32)
+    with backend:
+        backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
+        case = CaseInput(name="bench", image=image, source=image)
+        options = SegmentOptions(batch_size=job["batch_size"], slab=path["slab"])
+        runs, result = [], None
+        profile = job.get("profile")
+        for attempt in range(max(1, job["repeats"])):
+            profiler = None
+            if profile and attempt == max(1, job["repeats"]) - 1:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.005)
+                profiler.start()
+            result = segment_file(case, out, backend.predict, bundle=bundle, options=options, overwrite=True)
+            if profiler is not None:
+                profiler.stop()
+                Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
             runs.append(result.timings)
-    stages = ("load", "preprocess", "inference", "postprocess", "write", "wall")
-    median = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in stages}
-    outside = (median["wall"] - median["inference"]) / median["wall"] if median["wall"] > 0 else None
-    return {"shape": [slices, size, size], "backend": backend.describe(), "repeats": repeats,
-            "stages_s": median, "share_outside_inference": outside,
-            "slices_per_s": slices / median["wall"] if median["wall"] > 0 else None,
-            "note": "preprocess runs in a worker thread overlapping inference; its time is not on the critical path"}
+        describe = backend.describe()
+    stages = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*STAGES, "wall")}
+    return {"what": path["what"], "backend": describe, "open_s": open_s, "stages_s": stages,
+            "wall_s": stages["wall"], "runs_wall_s": [r["wall"] for r in runs], "repeats": len(runs),
+            "share_outside_inference": (stages["wall"] - stages["inference"]) / stages["wall"],
+            "slab": (result.model_grid or {}).get("slab"), "model_grid": result.model_grid,
+            "kidneys_ml": {side: result.stats[side]["volume_ml"] for side in ("right", "left")},
+            "peak_rss_gb": _peak_rss_gb()}
+
+
+def _in_subprocess(job: dict) -> dict:
+    """:func:`measure_path` in a fresh interpreter; its peak RSS is the worker's own."""
+    proc = subprocess.run([sys.executable, "-m", "qnkit.benchmarks.e2e"], input=json.dumps(job),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"e2e {job['path']} worker failed: {lines[-1] if lines else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def cache_folder(workdir: Path | None) -> Path:
+    """Where the synthetic CTs are kept between runs: ``--workdir``, else qnkit's cache folder."""
+    if workdir is not None:
+        return Path(workdir)
+    from qnkit.backends.onnxruntime_backend import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole: bool = True, repeats: int = 2,
+        batch_size: int = 16, memory_slices: int = 0, quick_size: int = 128, quick_slices: int = 24,
+        profile: bool = False, progress=lambda what: None) -> dict:
+    """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side; see the module."""
+    from qnkit import io as qio
+    from qnkit.bundle import load_bundle
+    from qnkit.models import resolve_model
+
+    from .whole_ct import whole_ct, stretch_to
+
+    bundle_path = Path(resolve_model(model))
+    bundle = load_bundle(bundle_path, verify=False)
+    cache = Path(cache or cache_folder(workdir))
+    work = Path(tempfile.mkdtemp(prefix="qnkit-bench-e2e-", dir=workdir))
+    made = time.perf_counter()
+    if whole:
+        progress("end to end: the whole CT (generated once, then cached)")
+        image, labels, meta = whole_ct(cache, log=progress)
+        case = {"kind": "anatomy phantom, whole abdominal CT", "cache": str(image), **meta}
+    else:
+        image = synthetic_ct(work, size=quick_size, slices=quick_slices)
+        labels, case = image.with_name("segmentation.nii.gz"), {"kind": "classic phantom (quick run)"}
+    case["prepare_s"] = time.perf_counter() - made
+    geometry = qio.load_geometry(image)
+    case.update(shape=list(geometry.internal_shape), spacing_mm=[round(s, 4) for s in geometry.spacing])
+    truth, _ = qio.load_labels(labels)
+    truth = truth > 0
+    paths, masks = {}, {}
+    for name in ("default", "eager"):
+        progress(f"end to end: {name} path ({PATHS[name]['backend']}), {repeats} run(s)")
+        out = work / f"mask_{name}.nii.gz"
+        job = {"path": name, "bundle": str(bundle_path), "image": str(image), "out": str(out),
+               "batch_size": batch_size, "repeats": repeats}
+        if profile:
+            job["profile"] = str(work / f"profile_{name}.txt")
+        paths[name] = _in_subprocess(job)
+        if profile:
+            paths[name]["profile"] = job["profile"]
+        masks[name] = qio.load_labels(out)[0] > 0
+        paths[name]["dice_vs_truth"] = _dice(masks[name], truth)
+        out.unlink(missing_ok=True)
+    default, eager = paths["default"], paths["eager"]
+    report = {
+        "case": case, "model": {"path": str(bundle_path), "name": bundle_path.name,
+                                "network": bundle.network, "pixel_spacing_mm": (bundle.domain or {}).get("pixel_spacing_mm"),
+                                "cpu_precision": bundle.cpu_precision},
+        "batch_size": batch_size, "repeats": repeats, "default": default, "eager": eager,
+        "speedup_vs_eager": eager["wall_s"] / default["wall_s"],
+        "speedup_vs_eager_with_open": (eager["wall_s"] + eager["open_s"]) / (default["wall_s"] + default["open_s"]),
+        "mask_dice_vs_eager": _dice(masks["default"], masks["eager"]),
+        "seconds": default["wall_s"], "eager_seconds": eager["wall_s"],
+        "peak_rss_gb": default["peak_rss_gb"], "peak_rss_gb_by_slices": {str(case["shape"][0]): default["peak_rss_gb"]},
+        "note": "seconds: per-case wall time of the default path (load to written mask, median); speedup: eager's "
+                "over it; speedup_vs_eager_with_open adds each backend's opening (imports, session); peak RSS: "
+                "the default path's worker process",
+    }
+    if memory_slices:
+        progress(f"end to end: memory, default path on a {memory_slices}-slice CT")
+        big = stretch_to(image, cache / "whole_ct" / f"imaging_{memory_slices}.nii.gz", memory_slices) if whole \
+            else stretch_to(image, work / f"imaging_{memory_slices}.nii.gz", memory_slices)
+        out = work / "mask_memory.nii.gz"
+        row = _in_subprocess({"path": "default", "bundle": str(bundle_path), "image": str(big), "out": str(out),
+                              "batch_size": batch_size, "repeats": 1})
+        out.unlink(missing_ok=True)
+        shape = list(qio.load_geometry(big).internal_shape)
+        report["memory"] = {"shape": shape, "peak_rss_gb": row["peak_rss_gb"], "wall_s": row["wall_s"],
+                            "stages_s": row["stages_s"], "slab": row["slab"], "backend": row["backend"]}
+        report["peak_rss_gb_by_slices"][str(shape[0])] = row["peak_rss_gb"]
+        report["peak_rss_gb"] = max(report["peak_rss_gb"], row["peak_rss_gb"])
+    return report
+
+
+def _worker() -> None:
+    """`python -m qnkit.benchmarks.e2e`: one measure_path job as JSON on stdin, the result as JSON on stdout."""
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(measure_path(job)))
+
+
+if __name__ == "__main__":
+    _worker()

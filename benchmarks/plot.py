@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
@@ -35,16 +37,22 @@ def plot(report: dict, path: Path) -> None:
     if series:
         ax_rate.legend(fontsize=8)
 
-    e2e = report.get("end_to_end")
+    e2e = report.get("e2e")
     if e2e:
         stages = ["load", "preprocess", "inference", "postprocess", "write"]
-        seconds = [e2e["stages_s"].get(s, 0.0) for s in stages]
-        ax_e2e.barh(stages[::-1], seconds[::-1], color=["#888", "#888", "#c44", "#888", "#888"][::-1])
+        y = np.arange(len(stages))
+        for offset, (name, colour) in zip((-0.2, 0.2), (("default", "#c44"), ("eager", "#888"))):
+            row = e2e[name]
+            ax_e2e.barh(y + offset, [row["stages_s"].get(s, 0.0) for s in stages], height=0.38, color=colour,
+                        label=f"{name}: {row['backend']['name']} {row['backend']['precision']}, "
+                              f"wall {row['wall_s']:.1f} s")
+        ax_e2e.set_yticks(y, stages)
+        ax_e2e.invert_yaxis()
         ax_e2e.set_xlabel("seconds (median)")
-        share = e2e.get("share_outside_inference")
-        shape = "x".join(str(s) for s in e2e["shape"][::-1])
-        ax_e2e.set_title(f"qnkit segment, {shape} ({e2e['backend']['name']} {e2e['backend']['precision']})\n"
-                         f"wall {e2e['stages_s']['wall']:.2f} s, outside inference {share:.1%}")
+        ax_e2e.legend(fontsize=8)
+        shape = "x".join(str(s) for s in e2e["case"]["shape"][::-1])
+        ax_e2e.set_title(f"qnkit segment, {shape}: {e2e['speedup_vs_eager']:.1f}x eager FP32, "
+                         f"mask Dice {e2e['mask_dice_vs_eager']:.4f}")
     else:
         ax_e2e.set_axis_off()
     fig.tight_layout()

@@ -44,9 +44,21 @@ def test_bench_quick_writes_every_row_json_and_plot(tmp_path, capsys):
     onnx = next(row for row in rows if row["backend"] == "onnxruntime fp32 cpu")
     assert onnx["dice_agreement_vs_eager"] > 0.99 and onnx["agreement_meaningful"] is False
 
-    e2e = report["end_to_end"]
-    assert set(e2e["stages_s"]) >= {"load", "preprocess", "inference", "postprocess", "write", "wall"}
-    assert 0 <= e2e["share_outside_inference"] <= 1
+    e2e = report["e2e"]  # the shipped model on a small phantom: default path against eager FP32 on every slice
+    for key in ("speedup_vs_eager", "mask_dice_vs_eager", "peak_rss_gb", "seconds"):
+        assert isinstance(e2e[key], float) and e2e[key] > 0, key
+    default, eager = e2e["default"], e2e["eager"]
+    for path in (default, eager):
+        assert set(path["stages_s"]) >= {"load", "preprocess", "inference", "postprocess", "write", "wall"}
+        assert 0 <= path["share_outside_inference"] <= 1 and path["peak_rss_gb"] > 0 and path["open_s"] > 0
+        assert 0 <= path["dice_vs_truth"] <= 1
+    assert default["backend"]["name"] == "onnxruntime" and (eager["backend"]["name"], eager["backend"]["precision"]) \
+        == ("torch", "fp32")
+    z = e2e["case"]["shape"][0]
+    assert eager["slab"]["slices_run"] == z and eager["slab"]["start"] == 0 and eager["slab"]["stop"] == z
+    assert e2e["seconds"] == default["wall_s"] and e2e["speedup_vs_eager"] == pytest.approx(
+        eager["wall_s"] / default["wall_s"])
+    assert "memory" not in e2e  # the 1,000-slice row is not part of a quick run
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "Backends" in out and "Performance targets" in out
@@ -92,7 +104,9 @@ def test_targets_met_missed_and_unknown():
                      _backend("onnxruntime int8", "cpu", 4, 3.5, 0.995),
                      _backend("torch fp32", "cpu", 1, 1.0, 1.0), _backend("onnxruntime int8", "cpu", 1, 3.1, 0.95),
                      _backend("onnxruntime fp32", "cpu", 1, 1.5, 0.999)],
-        "end_to_end": {"share_outside_inference": 0.064, "backend": {"name": "onnxruntime", "precision": "fp32"}},
+        "e2e": {"case": {"shape": [320, 512, 512]}, "speedup_vs_eager": 11.2, "mask_dice_vs_eager": 0.995,
+                "default": {"share_outside_inference": 0.064, "backend": {"name": "onnxruntime", "precision": "fp32"}},
+                "memory": {"shape": [1000, 512, 512], "peak_rss_gb": 3.2}},
     }
     rows = {row["target"]: row for row in evaluate(report)}
     met = {target: row["met"] for target, row in rows.items()}
@@ -108,6 +122,13 @@ def test_targets_met_missed_and_unknown():
     assert batch1["met"] is False and "onnxruntime fp32 cpu 1.50x" in batch1["measured"]
     assert next(row for target, row in rows.items() if "GPU" in target)["met"] is None
     assert met["end to end, time outside inference at most 10%"] is True
+    whole = next(row for target, row in rows.items() if target.startswith("end to end on a whole CT"))
+    assert whole["met"] is True and "11.2x, Dice 0.9950" in whole["measured"]
+    assert met["peak memory under 3 GB on a 1000-slice 512x512 CT"] is False
+    report["e2e"]["mask_dice_vs_eager"] = 0.98  # fast but not the same answer
+    assert next(r for r in evaluate(report) if r["target"].startswith("end to end on a whole"))["met"] is False
+    report["e2e"]["case"]["shape"] = [24, 128, 128]  # a quick run's phantom cannot tell
+    assert next(r for r in evaluate(report) if r["target"].startswith("end to end on a whole"))["met"] is None
 
     report["bundle"]["trained"] = False  # untrained weights: a fast row cannot be called met
     batch4 = next(row for row in evaluate(report) if row["target"].startswith("best CPU") and "batch 4" in row["target"])
@@ -125,6 +146,8 @@ def test_default_plan_is_bounded_and_full_is_the_complete_sweep():
     assert default.io_shape == full.io_shape == (300, 512, 512)  # the whole CT of the I/O rows
     assert default.kernel_shape[1:] == full.kernel_shape[1:] == (512, 512)
     assert all(getattr(PLANS["quick"], f) <= getattr(default, f) for f in ("e2e_slices", "e2e_size"))
+    assert default.e2e_whole_ct and full.e2e_whole_ct and not PLANS["quick"].e2e_whole_ct
+    assert default.e2e_memory_slices == full.e2e_memory_slices == 1000 and PLANS["quick"].e2e_memory_slices == 0
 
 
 def test_only_io_section(tmp_path, monkeypatch):

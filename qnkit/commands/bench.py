@@ -20,6 +20,7 @@ import typer
 from qnkit.errors import QnkitInputError
 
 SECTIONS = ("kernels", "io", "backends", "e2e")
+E2E_STAGES = ("load", "preprocess", "inference", "postprocess", "write")
 
 
 def _system_info() -> dict:
@@ -88,11 +89,20 @@ def command(
     batch_sizes: str = typer.Option(None, "--batch-sizes", help="Batch sizes for the backend rows "
                                                                 "(default 1,4; 1,4,16,32 with --full)."),
     repeats: int = typer.Option(0, "--repeats", help="Timed repeats per figure (default: set by the mode)."),
-    workdir: Path = typer.Option(None, "--workdir", help="Where to put the random-weight bundle and the e2e case."),
+    workdir: Path = typer.Option(None, "--workdir", help="Where to put the random-weight bundle and keep the e2e "
+                                                         "CTs between runs (default: a temporary folder, and the CTs "
+                                                         "in qnkit's cache folder)."),
+    memory_slices: int = typer.Option(None, "--memory-slices", help="e2e: also segment a CT this many slices long "
+                                                                    "(512x512) in its own process for its peak memory; "
+                                                                    "0 = off (default: 1000, off with --quick)."),
+    profile: bool = typer.Option(False, "--profile", help="e2e: profile each path's last run with pyinstrument "
+                                                          "(pip install pyinstrument); the text files go to the work "
+                                                          "folder, named in the JSON."),
 ) -> None:
     """Benchmark kernels against NumPy, .nii.gz I/O against nibabel, backends against eager PyTorch, and
-    `qnkit segment` end to end. The default run takes under 10 minutes and 4 GB on 2 cores; --full runs
-    the complete sweep."""
+    `qnkit segment` end to end: its default path against eager PyTorch FP32 on every slice, on a whole
+    512x512 CT at 0.7 mm (generated once, then cached), with a 1,000-slice CT for peak memory. The default
+    run takes under 10 minutes and 4 GB on 2 cores; --full runs the complete sweep."""
     import tempfile
 
     from rich.console import Console
@@ -114,8 +124,16 @@ def command(
         raise QnkitInputError(f"--repeats must be >= 0, got {repeats}")
     if quick and full:
         raise QnkitInputError("--quick and --full exclude each other")
+    if profile:
+        import importlib.util
+
+        if importlib.util.find_spec("pyinstrument") is None:
+            raise QnkitInputError("--profile needs pyinstrument (pip install pyinstrument)")
     plan = PLANS["quick" if quick else "full" if full else "default"]
     batches = _parse_batches(batch_sizes) if batch_sizes is not None else plan.batch_sizes
+    workdir_given = workdir is not None
+    if memory_slices is not None and memory_slices != 0 and memory_slices < 2:
+        raise QnkitInputError(f"--memory-slices must be 0 (off) or at least 2, got {memory_slices}")
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -149,31 +167,32 @@ def command(
             with timed("io"):
                 report["io"] = nifti_io.run(plan.io_shape, repeats=repeats or plan.io_repeats, workdir=workdir,
                                             progress=say)
-        if "backends" in sections or "e2e" in sections:
-            from qnkit.backends import open_backend
+        if "backends" in sections:
             from qnkit.benchmarks import backends as backend_bench
-            from qnkit.benchmarks import e2e
 
             say("preparing the bundle")
             with timed("bundle"):
                 bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick, log=lambda *a: None)
             report["bundle"] = {"path": str(bundle.path), "trained": trained,
                                 "input_size": list(bundle.input_size), "network": bundle.network}
-            if "backends" in sections:
-                gpu = _gpu_present() and report["system"]["gpu"] is not None
-                import importlib.util
+            gpu = _gpu_present() and report["system"]["gpu"] is not None
+            import importlib.util
 
-                with timed("backends"):
-                    report["backends"] = backend_bench.run(
-                        bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained,
-                        gpu=gpu, tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
-            if "e2e" in sections:
-                say("end to end: qnkit segment")
-                backend = open_backend(bundle, "auto", batch_size=plan.e2e_batch, log=lambda *a: None)
-                with backend, timed("e2e"):
-                    report["end_to_end"] = e2e.run(bundle, backend, size=plan.e2e_size, slices=plan.e2e_slices,
-                                                   repeats=repeats or plan.e2e_repeats, batch_size=plan.e2e_batch,
-                                                   workdir=workdir)
+            with timed("backends"):
+                report["backends"] = backend_bench.run(
+                    bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained,
+                    gpu=gpu, tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
+        if "e2e" in sections:
+            from qnkit.benchmarks import e2e
+
+            with timed("e2e"):
+                # The shipped model (or --model) on the whole CT, cached in --workdir or qnkit's cache folder.
+                report["e2e"] = e2e.run(model, workdir=workdir if workdir_given else None,
+                                        cache=None, whole=plan.e2e_whole_ct, repeats=repeats or plan.e2e_repeats,
+                                        batch_size=plan.e2e_batch,
+                                        memory_slices=plan.e2e_memory_slices if memory_slices is None else memory_slices,
+                                        quick_size=plan.e2e_size, quick_slices=plan.e2e_slices, profile=profile,
+                                        progress=say)
 
     from qnkit.benchmarks.targets import evaluate
 
@@ -237,17 +256,32 @@ def _print(console, report: dict) -> None:
                           f"{row['seconds']['spread']:.0%}", f"{speedup:.2f}" if speedup else "-",
                           f"{row['dice_agreement_vs_eager']:.4f}")
         console.print(table)
-    e2e = report.get("end_to_end")
+    e2e = report.get("e2e")
     if e2e:
-        table = Table(title=f"qnkit segment on a {'x'.join(map(str, e2e['shape'][::-1]))} CT "
-                            f"({e2e['backend']['name']} {e2e['backend']['precision']} {e2e['backend']['device']})")
-        for column in ("stage", "seconds"):
+        case, d, e = e2e["case"], e2e["default"], e2e["eager"]
+        spacing = case["spacing_mm"]
+        table = Table(title=f"qnkit segment end to end on a {'x'.join(map(str, case['shape'][::-1]))} CT "
+                            f"({spacing[1]:g} mm pixels, {spacing[0]:g} mm slices), model {e2e['model']['name']}, "
+                            f"batch {e2e['batch_size']}, median of {e2e['repeats']}")
+        for column in ("stage", "default s", "eager FP32 s"):
             table.add_column(column, justify="left" if column == "stage" else "right")
-        for stage, seconds in e2e["stages_s"].items():
-            table.add_row(stage, f"{seconds:.3f}")
-        table.add_row("outside inference", f"{e2e['share_outside_inference']:.1%}")
-        table.add_row("slices/s", f"{e2e['slices_per_s']:.1f}")
+        for stage in (*E2E_STAGES, "wall"):
+            table.add_row(stage, f"{d['stages_s'][stage]:.2f}", f"{e['stages_s'][stage]:.2f}")
+        table.add_row("backend", f"{d['backend']['name']} {d['backend']['precision']}",
+                      f"{e['backend']['name']} {e['backend']['precision']}")
+        table.add_row("slices run", str((d.get("slab") or {}).get("slices_run", "-")),
+                      str((e.get("slab") or {}).get("slices_run", "-")))
+        table.add_row("opening the backend s", f"{d['open_s']:.2f}", f"{e['open_s']:.2f}")
+        table.add_row("peak RSS GB", f"{d['peak_rss_gb']:.2f}", f"{e['peak_rss_gb']:.2f}")
+        table.add_row("Dice vs true labels", f"{d['dice_vs_truth']:.4f}", f"{e['dice_vs_truth']:.4f}")
         console.print(table)
+        line = (f"end to end: {e2e['speedup_vs_eager']:.1f}x eager FP32 ({e2e['seconds']:.1f} s against "
+                f"{e2e['eager_seconds']:.1f} s), mask Dice vs eager {e2e['mask_dice_vs_eager']:.4f}")
+        memory = e2e.get("memory")
+        if memory:
+            line += (f"; {'x'.join(map(str, memory['shape'][::-1]))} CT: peak RSS {memory['peak_rss_gb']:.2f} GB, "
+                     f"{memory['wall_s']:.1f} s")
+        console.print(line)
     run = report.get("run")
     if run:
         parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run["sections_s"].items())

@@ -1,0 +1,119 @@
+"""A realistic whole abdominal CT for the end-to-end bench: 512 x 512 at 0.7 mm, >= 300 thin slices.
+
+Made with qnkit's anatomy generator (:mod:`qnkit.synth`: the deformed TotalSegmentator atlas from
+the lung bases to the pelvis, real KiTS19 kidney shapes when the label maps are found, the CT
+renderer's tissues, noise and scanner effects), on a grid a modern scanner writes: 0.7 mm pixels,
+512 x 512, 1 mm slices, so the kidneys fill a minority of
+the slices as in a real abdominal scan. Generation takes minutes, so the case is cached in the
+bench's work folder and reused while its recipe (:data:`RECIPE`) is unchanged.
+
+:func:`stretch_to` makes a longer CT (e.g. 1,000 slices, for the memory row) from it by repeating
+the slices above and below the kidneys, mirrored, so the kidneys stay one pair in one place.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: What the cached case is; a cache made with another recipe is rebuilt.
+#: Seed 13, case 168: a body drawn with a long field (about 325 mm from above the kidneys to below them)
+#: and a 512-pixel field of view at 0.7 mm, found by replaying the generator's first draws; any case
+#: of >= 300 slices at 512 x 512 would do (the search goes on from it if the generator changes).
+RECIPE = {"generator": "anatomy", "pixel_mm": 0.7, "size": 512, "min_slices": 300, "thickness_mm": 1.0,
+          "seed": 13, "index": 168, "version": 2}
+KITS_LABELS_ENV = "QNKIT_KITS_LABELS"
+_KITS_GUESSES = ("../shared/data/kits19-labels", "/work/shared/data/kits19-labels")
+
+
+def _kits_labels() -> Path | None:
+    """KiTS19 label maps for real kidney shapes ($QNKIT_KITS_LABELS or the shared data folder), if present."""
+    for candidate in (os.environ.get(KITS_LABELS_ENV), *_KITS_GUESSES):
+        if candidate and (Path(candidate) / "case_00000").is_dir():
+            return Path(candidate)
+    return None
+
+
+def _make(index: int, thickness_mm: float, labels_from: Path | None):
+    """(imaging int16, labels uint8, affine, meta) of one anatomy case on the recipe's grid, or None when short."""
+    from qnkit.synth.anatomy import make_anatomy
+    from qnkit.synth.appearance import draw_look
+    from qnkit.synth.render import render
+
+    rng = np.random.default_rng(np.random.SeedSequence([RECIPE["seed"], index, 1]))
+    body = make_anatomy(rng, pixel_mm=RECIPE["pixel_mm"], thickness_mm=thickness_mm, labels_from=labels_from,
+                        max_size=RECIPE["size"])
+    if body.labels.shape[0] < RECIPE["min_slices"] or body.labels.shape[1] != RECIPE["size"]:
+        return None
+    imaging = render(rng, body.tissue, body.labels, body.spacing, draw_look(rng))
+    meta = {**{k: (float(v) if isinstance(v, np.floating) else v) for k, v in body.meta.items()},
+            "index": index, "thickness_mm": thickness_mm, "shape": list(body.labels.shape)}
+    return imaging, body.labels, body.affine, meta
+
+
+def whole_ct(workdir: Path, log=lambda *a: None) -> tuple[Path, Path, dict]:
+    """(imaging.nii.gz, segmentation.nii.gz, meta) of the cached whole CT in ``workdir/whole_ct``, built if needed."""
+    from qnkit._atomic import write_text_atomic
+    from qnkit.synth.writer import _nifti
+    from qnkit import io as qio
+
+    folder = Path(workdir) / "whole_ct"
+    image, labels, record = folder / "imaging.nii.gz", folder / "segmentation.nii.gz", folder / "recipe.json"
+    try:
+        meta = json.loads(record.read_text())
+        if meta.get("recipe") == json.loads(json.dumps(RECIPE)) and image.is_file() and labels.is_file():
+            return image, labels, meta
+    except (OSError, ValueError):
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    kits = _kits_labels()
+    made = None
+    for index in range(RECIPE["index"], RECIPE["index"] + 20):
+        log(f"whole CT: drawing anatomy case {index} (takes minutes; cached in {folder})")
+        made = _make(index, RECIPE["thickness_mm"], kits)
+        if made is not None:
+            break
+    if made is None:
+        raise RuntimeError("the anatomy generator drew no case of >= 300 slices at 512 x 512 in 20 tries")
+    imaging, seg, affine, meta = made
+    for path, data in ((image, imaging), (labels, seg)):
+        qio.write_nifti(_nifti(np.ascontiguousarray(data), affine), path, overwrite=True)
+    meta = {"recipe": RECIPE, "case": meta, "kidney_shapes": "KiTS19" if kits else "atlas",
+            "kidney_slices": int(seg.any(axis=(1, 2)).sum())}
+    write_text_atomic(record, json.dumps(meta, indent=1), overwrite=True)
+    return image, labels, meta
+
+
+def stretch_to(source: Path, target: Path, slices: int) -> Path:
+    """Write ``target``: ``source``'s CT with its first and last slices repeated (mirrored) up to ``slices``.
+
+    The kidneys stay one pair in the middle; the volume is as long as a long chest-abdomen-pelvis scan.
+    Kept beside the source and reused when it exists with the right shape.
+    """
+    from qnkit import io as qio
+
+    target = Path(target)
+    if target.is_file():
+        try:
+            if qio.load_geometry(target).internal_shape[0] == slices:
+                return target
+        except Exception:  # noqa: BLE001 - unreadable: rebuild
+            pass
+    ct, geometry = qio.load_image(source)
+    z = ct.shape[0]
+    before = (slices - z) // 2
+    index = np.arange(-before, slices - before)
+    index = np.where(index < 0, -index, index)  # mirror at the top
+    index = np.where(index >= z, 2 * (z - 1) - index, index)  # and at the bottom
+    index = np.clip(index, 0, z - 1)
+    data = ct[index]
+    del ct
+    # The same in-plane grid and slice thickness; the origin moves up by the slices added on top.
+    affine = geometry.internal_affine.copy()
+    affine[:3, 3] -= affine[:3, 0] * before
+    from qnkit.synth.writer import _nifti
+
+    qio.write_nifti(_nifti(data, affine), target, overwrite=True)
+    return target
