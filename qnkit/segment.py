@@ -293,39 +293,47 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     return out, sides, model_grid
 
 
-@dataclass(frozen=True)
-class _SubGeometry:
-    """What :func:`qnkit.postprocess.kidney_sides` reads of a Geometry, for a run of slices of it."""
-
-    internal_affine: np.ndarray
-    spacing: tuple
-    voxel_volume_ml: float
-
-
 def kidney_sides_in_place(mask: np.ndarray, ct: np.ndarray, geometry: qio.Geometry, options) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`qnkit.postprocess.kidney_sides` on the slices that hold kidney only; `mask` becomes the output.
+    """:func:`qnkit.postprocess.kidney_sides`, worked on the mask's bounding box; `mask` becomes the output.
 
-    Post-processing labels connected components, which needs a 32-bit label per voxel: 4 GB for a
-    512 x 512 x 1000 CT if done on the whole volume. Everything it does happens where the mask is
-    (closing pads by its ball), so it runs on the mask's slices plus the closing's reach, with the
-    affine moved to them; the result is the same. The output mask is written into `mask` (the
-    caller's array, no second volume); returns (mask, sides), `sides` 1 right / 2 left.
+    Post-processing labels connected components, which costs a 32-bit label and more per voxel: over
+    4 GB for a 512 x 512 x 1000 CT if done on the whole volume. Everything it does happens where the
+    mask is (closing reaches its ball's radius further), so the same steps (closing, sides from the
+    body's midline, one kidney per side) run on the mask's box grown by that reach, with the affine
+    moved to the box; only the midline is taken from the whole CT, as kidney_sides takes it. The
+    result equals kidney_sides' (tested). The output mask is written into `mask` (the caller's array,
+    no second volume); returns (mask, sides), `sides` 1 right / 2 left.
     """
-    hit = np.flatnonzero(mask.reshape(mask.shape[0], -1).max(axis=1))
+    if options.closing_unit not in ("mm", "voxels"):
+        raise ValueError(f"closing unit must be mm or voxels, got {options.closing_unit!r}")
     sides = np.zeros(mask.shape, dtype=np.uint8)
-    if hit.size == 0:
-        return mask, sides
-    reach = 0
-    if options.postprocess and options.closing and options.closing > 0:
-        slice_mm = geometry.spacing[0] if options.closing_unit == "mm" else 1.0
-        reach = int(np.ceil(float(options.closing) / float(slice_mm))) + 1
-    lo, hi = max(0, int(hit[0]) - reach - 1), min(mask.shape[0], int(hit[-1]) + reach + 2)
+    closing = float(options.closing) if options.postprocess and options.closing and options.closing > 0 else 0.0
+    unit = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.max(axis=others))
+        if hit.size == 0:
+            return mask, sides
+        reach = int(np.ceil(closing / float(unit[axis]))) + 1
+        box.append(slice(max(0, int(hit[0]) - reach), min(mask.shape[axis], int(hit[-1]) + reach + 1)))
+    box = tuple(box)
+    part = mask[box] > 0
+    if closing:
+        part = post.close_mask(part, closing, unit) > 0
+    kidney_slices = np.flatnonzero(part.any(axis=(1, 2))) + box[0].start
+    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
     affine = np.array(geometry.internal_affine, dtype=np.float64)
-    affine[:3, 3] += affine[:3, 0] * lo
-    part = _SubGeometry(affine, tuple(geometry.spacing), float(geometry.voxel_volume_ml))
-    out, part_sides = post.kidney_sides(mask[lo:hi], ct[lo:hi], part, options)
-    mask[lo:hi] = out  # outside [lo, hi) the mask is already all background
-    sides[lo:hi] = part_sides
+    midline = post.body_midline_x(ct, affine, body)
+    corner = np.array([b.start for b in box], dtype=np.float64)
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, :3] @ corner
+    part_sides = post.split_sides(part, moved, midline)
+    if options.postprocess:
+        part_sides = post.select_kidneys(part_sides, geometry.spacing, geometry.voxel_volume_ml,
+                                         min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
+    sides[box] = part_sides
+    mask[box] = part_sides if options.split_sides else (part_sides > 0)  # outside the box: background already
     return mask, sides
 
 
