@@ -208,8 +208,8 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
     }
     if memory_slices:
         progress(f"end to end: memory, default path on a {memory_slices}-slice CT")
-        big = stretch_to(image, cache / "whole_ct" / f"imaging_{memory_slices}.nii.gz", memory_slices) if whole \
-            else stretch_to(image, work / f"imaging_{memory_slices}.nii.gz", memory_slices)
+        folder = cache / "whole_ct" if whole else work
+        big = stretch_to(image, folder / f"imaging_{memory_slices}_v2.nii.gz", memory_slices, labels)
         out = work / "mask_memory.nii.gz"
         row = _in_subprocess({"path": "default", "bundle": str(bundle_path), "image": str(big), "out": str(out),
                               "batch_size": batch_size, "repeats": 1})

@@ -8,7 +8,7 @@ the slices as in a real abdominal scan. Generation takes minutes, so the case is
 bench's work folder and reused while its recipe (:data:`RECIPE`) is unchanged.
 
 :func:`stretch_to` makes a longer CT (e.g. 1,000 slices, for the memory row) from it by repeating
-the slices above and below the kidneys, mirrored, so the kidneys stay one pair in one place.
+the kidney-free slices above and below the kidneys, so the kidneys stay one pair in one place.
 """
 from __future__ import annotations
 
@@ -86,13 +86,16 @@ def whole_ct(workdir: Path, log=lambda *a: None) -> tuple[Path, Path, dict]:
     return image, labels, meta
 
 
-def stretch_to(source: Path, target: Path, slices: int) -> Path:
-    """Write ``target``: ``source``'s CT with its first and last slices repeated (mirrored) up to ``slices``.
+def stretch_to(source: Path, target: Path, slices: int, labels: Path | None = None) -> Path:
+    """Write ``target``: ``source``'s CT lengthened to ``slices`` slices by repeating its end bands.
 
-    The kidneys stay one pair in the middle; the volume is as long as a long chest-abdomen-pelvis scan.
-    Kept beside the source and reused when it exists with the right shape.
+    Above and below, the slices of the source's kidney-free end bands (from ``labels``; without
+    labels the outer fifth of each end) are repeated back and forth (mirrored), so the kidneys stay
+    one pair in the middle of a scan as long as a long chest-abdomen-pelvis CT. Kept beside the
+    source and reused when it exists with the right shape.
     """
     from qnkit import io as qio
+    from qnkit.synth.writer import _nifti
 
     target = Path(target)
     if target.is_file():
@@ -103,17 +106,26 @@ def stretch_to(source: Path, target: Path, slices: int) -> Path:
             pass
     ct, geometry = qio.load_image(source)
     z = ct.shape[0]
-    before = (slices - z) // 2
-    index = np.arange(-before, slices - before)
-    index = np.where(index < 0, -index, index)  # mirror at the top
-    index = np.where(index >= z, 2 * (z - 1) - index, index)  # and at the bottom
-    index = np.clip(index, 0, z - 1)
+    top, bottom = z // 5, z - z // 5  # kidney-free bands [0, top) and [bottom, z)
+    if labels is not None:
+        kidney = np.flatnonzero(qio.load_labels(labels)[0].any(axis=(1, 2)))
+        if kidney.size:
+            top, bottom = max(1, int(kidney[0]) - 10), min(z - 1, int(kidney[-1]) + 11)
+    before = max(0, (slices - z) // 2)
+    after = max(0, slices - z - before)
+
+    def band(n: int, lo: int, hi: int, upward: bool) -> np.ndarray:
+        """n slice indices walking away from the source's end, back and forth inside [lo, hi)."""
+        width = hi - lo
+        walk = np.arange(1, n + 1) % (2 * width)
+        walk = np.where(walk < width, walk, 2 * width - 1 - walk)
+        return (lo + walk) if upward else (hi - 1 - walk)
+
+    index = np.concatenate([band(before, 0, top, True)[::-1], np.arange(z), band(after, bottom, z, False)])
     data = ct[index]
     del ct
     # The same in-plane grid and slice thickness; the origin moves up by the slices added on top.
     affine = geometry.internal_affine.copy()
     affine[:3, 3] -= affine[:3, 0] * before
-    from qnkit.synth.writer import _nifti
-
     qio.write_nifti(_nifti(data, affine), target, overwrite=True)
     return target
