@@ -55,6 +55,7 @@ class SegmentOptions:
     slab: bool = True  # find the kidneys' slab with a coarse pass first, run every slice only there
     slab_margin_mm: float = 20.0  # slices kept above and below what the coarse pass found
     coarse_step_mm: float = 15.0  # distance between the coarse pass's slices
+    slab_min_share: float = 0.2  # coarse runs with less than this share of the largest run's kidney area are ignored
 
 
 @dataclass
@@ -194,7 +195,9 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     """:func:`predict_overlapped` on the kidneys' slab only: what matters, not every slice.
 
     A coarse pass runs the same network on one slice every ``options.coarse_step_mm``; slices where
-    it finds kidney (at least 1 cm² above threshold) span the slab, widened by the step and
+    it finds kidney (at least 1 cm² above threshold), in runs that hold at least
+    ``options.slab_min_share`` of the largest run's area (:func:`_kidney_runs`: isolated false
+    positives do not stretch the slab), span the slab, widened by the step and
     ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted; while the
     mask touches an end of the slab that is not the volume's end, the slab grows by the margin
     there and only the new slices are predicted (a slice's prediction does not depend on its
@@ -233,7 +236,9 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     sr, sc = model.get("spacing_hw") or (1.0, 1.0)
     ms = model.get("model_spacing")
     pixel_mm2 = (ms * ms) if ms else (4.0 * sr * sc)
-    found = coarse[(coarse_probs > model.get("threshold", 0.5)).sum(axis=(1, 2)) * pixel_mm2 >= 100.0]
+    area = (coarse_probs > model.get("threshold", 0.5)).sum(axis=(1, 2)) * pixel_mm2
+    found, runs = _kidney_runs(coarse, area, options.slab_min_share)
+    record["runs"] = runs
     if found.size == 0:
         _, probs = run(0, z)
         return mask, probs, {**record, "start": 0, "stop": z, "slices_run": int(len(coarse) + z), "found": False}
@@ -254,6 +259,26 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
             _, probs[hi:new_hi] = run(hi, new_hi)
             hi = new_hi
     return mask, probs, {**record, "start": lo, "stop": hi, "slices_run": int(len(coarse) + hi - lo), "found": True}
+
+
+def _kidney_runs(coarse: np.ndarray, area_mm2: np.ndarray, min_share: float) -> tuple[np.ndarray, list]:
+    """(coarse slices the slab must span, the runs found) from the coarse pass's kidney area per slice.
+
+    Coarse slices with at least 1 cm² of kidney form runs (a run bridges one empty coarse slice).
+    The kidneys are one long run of large areas; a network's false positives elsewhere (bowel, the
+    volume's first and last slices) are short runs of small ones, and post-processing would drop
+    them anyway (one kidney per side: the largest piece and what lies within merge_mm of it). So
+    only runs holding at least ``min_share`` of the largest run's summed area span the slab.
+    """
+    hit = np.flatnonzero(area_mm2 >= 100.0)
+    if hit.size == 0:
+        return coarse[hit], []
+    groups = np.split(hit, np.flatnonzero(np.diff(hit) > 2) + 1)
+    sums = [float(area_mm2[g].sum()) for g in groups]
+    keep = [g for g, total in zip(groups, sums) if total >= min_share * max(sums)]
+    runs = [{"slices": [int(coarse[g[0]]), int(coarse[g[-1]])], "area_cm2": round(total / 100.0, 1),
+             "kept": total >= min_share * max(sums)} for g, total in zip(groups, sums)]
+    return coarse[np.concatenate(keep)], runs
 
 
 def _pad_multiple(bundle) -> int:

@@ -141,3 +141,25 @@ def test_segmenting_holds_no_volume_sized_float_or_label_copies():
         tracemalloc.stop()
     assert out.dtype == sides.dtype == np.uint8 and set(np.unique(sides)) == {0, 1, 2}
     assert peak < 3.0 * ct.nbytes, f"traced peak {peak / ct.nbytes:.2f}x the input's bytes"
+
+
+def test_an_isolated_false_positive_does_not_stretch_the_slab():
+    """A small blob on the first slices (a network's false positive far from the kidneys) is left out of
+    the slab; post-processing drops it from the every-slice run too, so the masks agree."""
+    ct = _ct()
+    ct[30:42, 20:40, 10:30] = 300  # a kidney on each side
+    ct[30:42, 20:40, 36:56] = 300
+    ct[0:3, 12:22, 12:24] = 300  # 1.2 cm^2 on the model grid: found by the coarse pass at slice 0
+    from qnkit.synth.anatomy import output_affine  # KiTS-style: internal layout = file layout
+
+    geometry = qio.Geometry.from_affine(output_affine((2.5, 1.0, 1.0), np.zeros(3)), ct.shape)
+    model = dict(hu_window=HU, model_spacing=None, options=None)
+    masks, slabs = [], []
+    for slab in (True, False):
+        options = SegmentOptions(slab=slab, min_kidney_ml=1.0)
+        out, _, grid = segment_ct(ct, geometry, threshold_model, **{**model, "options": options})
+        masks.append(out)
+        slabs.append(grid["slab"])
+    assert np.array_equal(masks[0], masks[1]) and masks[0][30:42].any() and not masks[1][0:3].any()
+    assert slabs[0]["start"] > 3 and slabs[0]["slices_run"] < 60
+    assert [run["kept"] for run in slabs[0]["runs"]] == [False, True]
