@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -159,7 +160,9 @@ def test_ray_run_equals_the_local_run_and_reports_the_broken_case(run_qnkit, arc
     assert proc.returncode == 2, proc.stderr
     assert f"qnkit: {BROKEN} failed:" in proc.stderr and "Traceback" not in proc.stderr
     assert "core_worker" not in proc.stderr  # no Ray log noise (e.g. about restarting workers)
-    assert "2 Ray worker(s)" in proc.stdout and "5 case(s) segmented, 1 failed" in proc.stdout
+    # 2 workers were started; the summary names those that opened the model before the last case ended
+    # (on a loaded machine the first can finish all six tiny cases while the second is still opening)
+    assert re.search(r"on [12] Ray worker\(s\)", proc.stdout) and "5 case(s) segmented, 1 failed" in proc.stdout
     local = _local_stats(workdir)
     ray_stats = {c["name"]: c for c in json.loads((workdir / "ray.json").read_text())["cases"]}
     assert set(ray_stats) == set(local) == {*GOOD, BROKEN}
