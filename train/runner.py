@@ -249,15 +249,13 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     logger = Logger(run_dir, log_dir=settings.common.log_dir, enabled=info.is_main, purge_after=last_epoch)
     try:
         solver = Solver(model, settings, device=device, info=info, run_dir=run_dir, meta=meta, logger=logger)
-        if resume:
-            solver.resume_from(folder)
+        restarted = solver.resume_from(folder) if resume else False
         if info.is_main and console is not None:
             t = settings.training
             console.print(f"QuickNAT {meta['parameters']:,} parameters; micro-batch {t.micro_batch} x "
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
                           f"{t.micro_batch * solver.accum * info.world_size}")
-            restart = solver.loop.get("restarts", [])[-1:] if resume else []
-            if restart and restart[0]["epoch"] == solver.loop["epoch"]:
+            if restarted:
                 console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, "
                               f"x{t.gamma:g} every {t.step_size} epoch(s)")
         loop = solver.fit(train_ds, val_ds, console)

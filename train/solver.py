@@ -120,8 +120,9 @@ class Solver:
                 "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "loop": dict(self.loop),
                 "sampler_epoch": self.loop["epoch"]}
 
-    def resume_from(self, folder: Path) -> None:
-        """Restore weights, optimiser, scheduler, scaler, RNG and loop state from a last checkpoint."""
+    def resume_from(self, folder: Path) -> bool:
+        """Restore weights, optimiser, scheduler, scaler, RNG and loop state from a last checkpoint;
+        True when the settings' schedule differs from the checkpoint's and was restarted here."""
         ckpt.load_weights(folder, self.net)
         state = ckpt.load_state(folder)
         self.opt.load_state_dict(state["optimizer"])
@@ -132,8 +133,10 @@ class Solver:
         self.loop.update(state["loop"])
         saved = ckpt.read_meta(folder).get("settings", {}).get("TRAINING", {})
         now = self.s.to_dict()["TRAINING"]
-        if any(saved.get(key) != now[key] for _, key in SCHEDULE_KEYS):
+        restart = any(saved.get(key) != now[key] for _, key in SCHEDULE_KEYS)
+        if restart:
             self._restart_schedule()
+        return restart
 
     def _restart_schedule(self) -> None:
         """A warm restart: the learning-rate schedule starts again from [TRAINING] lr at this epoch.
