@@ -30,8 +30,8 @@ def _run(ct, options, slice_mm=2.5):
 def test_slab_mask_equals_every_slice():
     ct = _ct()
     ct[30:41, 20:40, 20:40] = 300
-    mask, probs, slab = _run(ct, SegmentOptions())
-    full, _, every = _run(ct, SegmentOptions(slab=False))
+    mask, slab = _run(ct, SegmentOptions())
+    full, every = _run(ct, SegmentOptions(slab=False))
     assert np.array_equal(mask, full) and mask[30:41].all(axis=0)[20:40, 20:40].all()
     assert slab["found"] and 0 < slab["start"] <= 30 and 41 <= slab["stop"] < 60
     assert slab["slices_run"] < every["slices_run"] == 60
@@ -41,14 +41,14 @@ def test_slab_grows_while_the_mask_touches_its_end():
     ct = _ct()
     ct[20:41, 20:40, 20:40] = 300  # the part the coarse pass sees
     ct[2:20, 30:32, 30:32] = 300  # a thin part (4 mm^2) it does not, reaching past the first margin
-    mask, _, slab = _run(ct, SegmentOptions())
-    full, _, _ = _run(ct, SegmentOptions(slab=False))
+    mask, slab = _run(ct, SegmentOptions())
+    full, _ = _run(ct, SegmentOptions(slab=False))
     assert np.array_equal(mask, full)
     assert slab["start"] <= 2
 
 
 def test_nothing_found_runs_every_slice():
-    mask, _, slab = _run(_ct(), SegmentOptions())
+    mask, slab = _run(_ct(), SegmentOptions())
     assert not mask.any() and slab["start"] == 0 and slab["stop"] == 60 and slab["found"] is False
 
 
@@ -163,3 +163,47 @@ def test_an_isolated_false_positive_does_not_stretch_the_slab():
     assert np.array_equal(masks[0], masks[1]) and masks[0][30:42].any() and not masks[1][0:3].any()
     assert slabs[0]["start"] > 3 and slabs[0]["slices_run"] < 60
     assert [run["kept"] for run in slabs[0]["runs"]] == [False, True]
+
+
+def _ellipsoid_ct(z=140, hw=64):
+    """Two smooth kidney-like ellipsoids (HU 300) in a body, for interpolation between slices."""
+    ct = _ct(z, hw)
+    zz, yy, xx = np.ogrid[:z, :hw, :hw]
+    for cx in (22, 42):
+        inside = ((zz - 70) / 25.0) ** 2 + ((yy - 32) / 10.0) ** 2 + ((xx - cx) / 6.0) ** 2 <= 1
+        ct[inside] = 300
+    return ct
+
+
+def test_z_step_predicts_a_lattice_of_slab_slices_and_interpolates_between():
+    """z_step_mm 2 on 1 mm slices: about half the slab's slices are predicted, the ends always; the
+    mask stays close to every slice's (the threshold stand-in is a step, the hardest case)."""
+    ct = _ellipsoid_ct()
+    every, every_slab = _run(ct, SegmentOptions(), slice_mm=1.0)
+    calls = []
+
+    def counting(x):
+        calls.append(len(x))
+        return threshold_model(x)
+
+    model = dict(hu_window=HU, spacing_hw=(1.0, 1.0), model_spacing=None, batch_size=8, threshold=0.5,
+                 pad_multiple=16, timings={})
+    mask, slab = predict_kidney_slab(ct, counting, slice_mm=1.0, options=SegmentOptions(z_step_mm=2.0), **model)
+    assert slab["z_stride"] == 2 and (slab["start"], slab["stop"]) == (every_slab["start"], every_slab["stop"])
+    in_slab = slab["stop"] - slab["start"]
+    assert sum(calls) == slab["slices_run"] and every_slab["z_stride"] == 1
+    assert slab["slices_run"] <= every_slab["slices_run"] - in_slab // 2 + 2
+    a, b = mask > 0, every > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95
+    assert not mask[:slab["start"]].any() and not mask[slab["stop"]:].any()
+
+
+def test_interpolated_slices_are_linear_between_predicted_ones():
+    from qnkit.segment import _interpolate_slices
+
+    sampled = np.array([10, 12, 14, 15])
+    probs = np.stack([np.full((2, 3), v, np.float32) for v in (0.0, 1.0, 0.5, 0.25)])
+    out = _interpolate_slices(sampled, probs, 10, 16)
+    assert np.allclose(out[:, 0, 0], [0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+    assert _interpolate_slices(np.arange(3), probs[:3], 0, 3) is probs[:3] or np.array_equal(
+        _interpolate_slices(np.arange(3), probs[:3], 0, 3), probs[:3])
