@@ -108,7 +108,9 @@ def test_export_records_the_evidence_and_the_choice(shared_bundle, run_qnkit, tm
     assert choice["default"] == ("int8" if agrees else "fp32") and record["passed"] is agrees
     bundle = load_bundle(out)  # the manifest hash covers the new keys
     assert bundle.cpu_precision == choice["default"] and bundle.has(INT8_ONNX)
-    assert run_qnkit("verify", out).returncode == 0
+    verified = run_qnkit("verify", out)
+    assert verified.returncode == 0
+    assert f"CPU default (precision auto): {choice['default']}: {choice['why']}" in verified.stdout
 
 
 def test_export_without_evidence_keeps_fp32_and_says_why(shared_bundle):

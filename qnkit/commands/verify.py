@@ -28,6 +28,7 @@ def check_bundle(bundle_dir: Path, echo=print) -> None:
     for kind in ("fp32", "fp16", "int8", "tensorrt"):
         if kind in ver:
             echo(f"  {kind} at export: max |diff| {ver[kind]['max_abs_diff']:.2e}, mask Dice {ver[kind]['dice']:.5f}")
+    echo(f"CPU default (precision auto): {bundle.cpu_precision}: {bundle.cpu_precision_why}")
     if bundle.engine:
         engine = bundle.engine
         echo(f"engine: built for TensorRT {engine.get('tensorrt')} on {engine.get('gpu')} (compute capability "
