@@ -33,8 +33,9 @@ class BackendConfig:
         return f"{self.kind} {self.precision} {self.device}{extra}"
 
 
-def random_weight_bundle(workdir: Path, *, num_filters: int = 64, input_size=(256, 256), log=print) -> Bundle:
-    """A bundle of a randomly initialised QuickNAT (FP32, FP16 and INT8 ONNX), for speed figures only.
+def random_weight_bundle(workdir: Path, *, num_filters: int = 64, input_size=(256, 256), fp16: bool = True,
+                         log=print) -> Bundle:
+    """A bundle of a randomly initialised QuickNAT (FP32, INT8 and, with `fp16`, FP16 ONNX), for speed figures only.
 
     Its INT8 graph is calibrated on 4 slices, not 24, and the export checks the graphs in batches
     of 4, not 16: the speed of a graph does not depend on its scales, and ONNX Runtime's calibration
@@ -55,7 +56,7 @@ def random_weight_bundle(workdir: Path, *, num_filters: int = 64, input_size=(25
     checkpoint.save(run, "best", model, {"network": config.to_dict(), "epoch": 0, "metrics": {},
                                           "preprocessing": {"hu_lo": -200.0, "hu_hi": 400.0, "threshold": 0.5}})
     out = workdir / "random-bundle"
-    export_bundle(run, out, fp16=True, int8=True, input_size=tuple(input_size), force=True, calibration_slices=4,
+    export_bundle(run, out, fp16=fp16, int8=True, input_size=tuple(input_size), force=True, calibration_slices=4,
                   verify_batch_size=4, log=log)
     return load_bundle(out)
 
@@ -166,17 +167,18 @@ def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained
     return rows
 
 
-def open_or_make_bundle(model: Path | None, workdir: Path | None = None, *, quick: bool = False,
+def open_or_make_bundle(model: Path | None, workdir: Path | None = None, *, quick: bool = False, fp16: bool = True,
                         log=print) -> tuple[Bundle, bool]:
-    """The given bundle (trained), or a random-weight full-size one made in `workdir` (untrained)."""
+    """The given bundle (trained), or a random-weight full-size one made in `workdir` (untrained); its FP16
+    graph (the GPU's: ONNX Runtime runs FP16 on a CPU by casting, far slower than FP32) only with `fp16`."""
     if model is not None:
         bundle = load_bundle(model)
         trained = bool((bundle.metadata.get("training") or {}).get("metrics"))
         return bundle, trained
     workdir = Path(workdir or tempfile.mkdtemp(prefix="qnkit-bench-"))
     if quick:
-        return random_weight_bundle(workdir, num_filters=4, input_size=(64, 64), log=log), False
-    return random_weight_bundle(workdir, log=log), False
+        return random_weight_bundle(workdir, num_filters=4, input_size=(64, 64), fp16=fp16, log=log), False
+    return random_weight_bundle(workdir, fp16=fp16, log=log), False
 
 
 def _worker() -> None:

@@ -4,7 +4,8 @@
 - ``default``: every section and every performance target on the full-size network, sized to
   finish within 10 minutes and 4 GB on a 2-core machine. The backend rows stop at batch 4 (eager
   FP32 holds about 0.4 GB per slice of a batch: batch 32 alone held 12.5 GB), so do the export
-  checks of the random-weight bundle, and the kernels run on a 48-slice volume, enough for every
+  checks of the random-weight bundle, whose FP16 graph (the GPU's) is made and timed only on a GPU
+  machine; the kernels run on a 48-slice volume, enough for every
   thread count to get whole slices. The end-to-end section runs the shipped model on the whole CT
   (default path against eager FP32 on every slice, once each after a warm-up batch, at qnkit
   segment's batch 16) and a 1,000-slice CT for peak memory;

@@ -171,11 +171,14 @@ def command(
             from qnkit.benchmarks import backends as backend_bench
 
             say("preparing the bundle")
+            gpu = _gpu_present() and report["system"]["gpu"] is not None
             with timed("bundle"):
-                bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick, log=lambda *a: None)
+                # The FP16 graph is the GPU's; on a CPU-only machine only --full (and --quick, the tests) time it.
+                bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick,
+                                                                    fp16=gpu or plan.mode != "default",
+                                                                    log=lambda *a: None)
             report["bundle"] = {"path": str(bundle.path), "trained": trained,
                                 "input_size": list(bundle.input_size), "network": bundle.network}
-            gpu = _gpu_present() and report["system"]["gpu"] is not None
             import importlib.util
 
             with timed("backends"):
