@@ -1,5 +1,5 @@
 """`qnkit demo` end to end, shrunken (5 cases of 64x64, 12 short epochs, 8 filters): synth -> train -> export
-(FP16) -> segment a held-out case -> Dice, volumes, backend, speed. A rerun reuses the data, run and bundle.
+(FP32 ONNX: no GPU here) -> segment a held-out case -> Dice, volumes, backend, speed. A rerun reuses the data, run and bundle.
 The full-size demo's time is measured by running `qnkit demo` itself, not asserted here."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_demo_end_to_end_and_rerun(run_qnkit, tmp_path):
     assert stamp["last"]["dice"] >= DICE_BAR, stamp["last"]
     assert stamp["last"]["backend"] == "onnxruntime"
     bundle = json.loads((work / "bundle" / "qnkit.json").read_text())
-    assert "model.fp16.onnx" in bundle["artefacts"]
+    assert "model.onnx" in bundle["artefacts"] and "model.fp16.onnx" not in bundle["artefacts"]  # no GPU: no FP16
     split = json.loads((work / "run" / "evaluation_data.json").read_text())
     assert case in split["test"]  # a held-out case
     assert (work / "output" / f"{case}_kidneys.nii.gz").is_file()

@@ -1,7 +1,7 @@
 """`qnkit demo`: the whole toolkit on a fresh machine with no data, in a few minutes on a CPU.
 
 synthetic KiTS19-layout cases (qnkit.synth) -> a small QuickNAT trained briefly (qnkit.train) ->
-bundle with FP16 ONNX (qnkit.export) -> one held-out case of the run's test split segmented by
+bundle (qnkit.export: ONNX, plus the FP16 graph where a GPU can use it) -> one held-out case of the run's test split segmented by
 the deployment pipeline (qnkit.segment, auto backend) -> its Dice against the labels, kidney
 volumes, backend and speed. Everything lives in --workdir: data/, run/, bundle/, output/ and
 demo.json, which records the parameters each stage was made with, so a rerun reuses what still
@@ -32,7 +32,7 @@ def command(
     fresh: bool = typer.Option(False, "--fresh", help="Start over: remove the demo's earlier data, run and bundle."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress output on stderr."),
 ) -> None:
-    """Synthetic data -> train a small QuickNAT -> export (FP16) -> segment a held-out case -> Dice, volumes, speed."""
+    """Synthetic data -> train a small QuickNAT -> export -> segment a held-out case -> Dice, volumes, speed."""
     from rich.console import Console
 
     out = Console(highlight=False, soft_wrap=True)
@@ -76,8 +76,12 @@ def command(
 
         _clear(workdir, ("bundle",), stamp)
         t = time.perf_counter()
-        err.print(f"[3/4] exporting the model bundle (ONNX + FP16 ONNX) to {workdir / 'bundle'}")
-        export_bundle(workdir / "run", workdir / "bundle", fp16=True, force=True,
+        from qnkit.backends import nvidia_gpu_present
+
+        fp16 = nvidia_gpu_present()  # the FP16 graph is the GPU's (TensorRT, CUDA); a CPU runs FP32
+        err.print(f"[3/4] exporting the model bundle ({'ONNX + FP16 ONNX' if fp16 else 'ONNX; no GPU, so no FP16 graph'})"
+                  f" to {workdir / 'bundle'}")
+        export_bundle(workdir / "run", workdir / "bundle", fp16=fp16, force=True,
                       log=lambda m: err.print(f"      {m}", markup=False))
         times["export"] = time.perf_counter() - t
         stamp["bundle"] = True
