@@ -168,6 +168,26 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
+def export_reusing_shared_graph(shared_bundle, monkeypatch) -> tuple[Path, Path]:
+    """`shared_bundle`, with export_bundle patched to take the FP32 graph of its checkpoint from the shared
+    bundle instead of running torch.onnx.export again (about 20 s): for tests of what export does around the
+    graph (verification bars, INT8 and its evidence, the record), called in-process on ``shared_bundle[0]``."""
+    import json
+    import shutil
+
+    from qnkit.export import onnx_export
+
+    record = json.loads((shared_bundle[1] / "qnkit.json").read_text())["export"]["fp32"]
+
+    def exported_already(model, path, input_size):
+        shutil.copyfile(shared_bundle[1] / "model.onnx", path)
+        return dict(record)
+
+    monkeypatch.setattr(onnx_export, "export_fp32", exported_already)
+    return shared_bundle
+
+
+@pytest.fixture
 def mismatched_case_dataset(synth_dataset, tmp_path) -> Path:
     """A dataset folder holding a copy of case_00000 whose labels lack the last slice (image and labels
     shapes differ)."""

@@ -148,13 +148,13 @@ def test_existing_bundle_needs_force_and_failed_export_leaves_nothing(shared_bun
     assert proc.returncode == 2 and (other / "keep.txt").exists()
 
 
-def test_export_below_the_bar_fails_and_writes_nothing(shared_bundle, tmp_path, monkeypatch):
+def test_export_below_the_bar_fails_and_writes_nothing(export_reusing_shared_graph, tmp_path, monkeypatch):
     from qnkit.export import bundle_writer, verify
     from qnkit.export.onnx_export import ExportError
 
     monkeypatch.setitem(verify.BARS, "fp32", {"min_dice": 1.5, "p99_abs_diff": 1e-3})
     with pytest.raises(ExportError, match="verification failed"):
-        bundle_writer.export_bundle(shared_bundle[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
+        bundle_writer.export_bundle(export_reusing_shared_graph[0], tmp_path / "b", input_size=(64, 64), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
 
 

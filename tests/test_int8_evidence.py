@@ -83,20 +83,21 @@ def test_auto_on_the_cpu_runs_int8_only_with_onnxruntime(monkeypatch):
     assert attempts == [("torch", "cpu", "fp32")]
 
 
-def test_export_records_the_evidence_and_the_choice(shared_bundle, run_qnkit, tmp_path):
+def test_export_records_the_evidence_and_the_choice(export_reusing_shared_graph, run_qnkit, tmp_path):
     """A synthetic CT as evidence: figures per CT, the choice consistent with them, a bundle that verifies."""
     pytest.importorskip("onnxruntime")
     from qnkit.bundle import load_bundle
+    from qnkit.export.bundle_writer import export_bundle
     from qnkit.export.int8_evidence import MIN_DICE, MIN_KIDNEY_ML
     from qnkit.synth import make_case
     from qnkit.synth.writer import write_case
 
     case = write_case(make_case(3, size=128, seed=11), tmp_path / "cases")
     ct = case / "imaging.nii.gz"
-    run, out = shared_bundle[0], tmp_path / "bundle"
-    proc = run_qnkit("export", run, "--out", out, "--input-size", "64x64", "--int8-evidence", ct)
-    assert proc.returncode == 0, proc.stderr
-    assert "adding --int8" in proc.stderr and "CPU default precision" in proc.stderr
+    run, out = export_reusing_shared_graph[0], tmp_path / "bundle"
+    said: list[str] = []
+    export_bundle(run, out, input_size=(64, 64), int8_evidence=[ct], log=said.append)
+    assert any("adding --int8" in line for line in said) and any("CPU default precision" in line for line in said)
     meta = json.loads((out / "qnkit.json").read_text())
     record, choice = meta["verification"]["int8_real_ct"], meta["cpu_precision"]
     [figures] = record["cts"]

@@ -1,8 +1,8 @@
 """`qnkit segment`: the pipeline equals qnkit.inference/`qnkit evaluate`, any orientation and in-plane size,
 outputs on the input's exact grid, stats and sides, preview, batch mode.
 
-One bundle is exported (with FP16) from the session's tiny trained run (conftest `trained_run`, 64x64 cases)
-and shared. The model is weak; what is checked is that segment reproduces evaluate's Dice exactly, not that
+The session's bundle of its tiny trained run (conftest `exported_bundle`, FP32, 64x64 cases) is shared
+with the DICOM tests. The model is weak; what is checked is that segment reproduces evaluate's Dice exactly, not that
 the Dice is high (the demo test and `qnkit demo` show a trained model).
 
 Bad input (second half): one clear line on stderr, exit code 2, no traceback, no file written; the command
@@ -29,12 +29,9 @@ from qnkit.synth import make_case, write_case
 
 
 @pytest.fixture(scope="session")
-def bundle(trained_run, tmp_path_factory) -> Path:
-    from qnkit.export.bundle_writer import export_bundle
-
-    out = tmp_path_factory.mktemp("segment") / "bundle"
-    export_bundle(trained_run, out, fp16=True, log=lambda m: None)
-    return out
+def bundle(exported_bundle) -> Path:
+    """The session's bundle of the tiny trained run (read-only; nothing here needs its FP16 graph)."""
+    return exported_bundle
 
 
 @pytest.fixture(scope="session")

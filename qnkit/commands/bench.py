@@ -173,9 +173,9 @@ def command(
             say("preparing the bundle")
             gpu = _gpu_present() and report["system"]["gpu"] is not None
             with timed("bundle"):
-                # The FP16 graph is the GPU's; on a CPU-only machine only --full (and --quick, the tests) time it.
+                # The FP16 graph is the GPU's; on a CPU-only machine only --full times it.
                 bundle, trained = backend_bench.open_or_make_bundle(model, workdir, quick=quick,
-                                                                    fp16=gpu or plan.mode != "default",
+                                                                    fp16=gpu or plan.mode == "full",
                                                                     log=lambda *a: None)
             report["bundle"] = {"path": str(bundle.path), "trained": trained,
                                 "input_size": list(bundle.input_size), "network": bundle.network}
