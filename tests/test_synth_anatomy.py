@@ -80,3 +80,27 @@ def test_real_kidney_shapes_on_both_sides(tmp_path):
                   size=160, progress=False, workers=1)
     for name in ("case_00001/imaging.nii.gz", "case_00001/segmentation.nii.gz"):
         assert np.array_equal(np.asarray(nib.load(str(out / name)).dataobj), np.asarray(nib.load(str(again / name)).dataobj))
+
+
+def test_capped_depth_in_slabs_equals_the_whole_transform_up_to_the_cap():
+    """_depth_mm(cap_mm=...) runs the distance transform slab by slab (bounded memory on whole-body bone
+    and bowel); up to the cap it is exactly the one-piece transform, so rim and wall thresholds agree."""
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.render import _depth_mm
+
+    rng = np.random.default_rng(0)
+    mask = ndi.gaussian_filter(rng.standard_normal((90, 200, 200)), 3) > 0.02  # two slabs of 52 slices
+    for spacing in [(1.0, 0.7, 0.7), (2.5, 1.0, 1.0)]:
+        whole = _depth_mm(mask, spacing)
+        assert np.array_equal(_depth_mm(mask, spacing, cap_mm=5.0), np.minimum(whole, np.float32(5.0)))
+        assert whole.max() > 5.0  # the cap matters here
+    assert not _depth_mm(np.zeros((4, 5, 6), bool), (1.0, 1.0, 1.0), cap_mm=5.0).any()
+
+
+def test_white_noise_drawn_in_slabs_is_the_one_draw():
+    from qnkit.synth.render import _white_noise
+
+    for shape in [(120, 300, 301), (3, 2000, 2100)]:  # slabs of 46 slices and of one slice
+        got = _white_noise(np.random.default_rng(7), shape)
+        assert got.dtype == np.float32 and np.array_equal(got, np.random.default_rng(7).standard_normal(shape).astype(np.float32))

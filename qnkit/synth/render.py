@@ -32,18 +32,37 @@ def smooth_field(rng: np.random.Generator, shape: tuple, spacing: tuple, scale_m
     if out.shape != tuple(shape):
         out = np.pad(out, [(0, n - m) for n, m in zip(shape, out.shape)], mode="edge")
     std = float(out.std())
-    return (out - out.mean()) / (std if std > 0 else 1.0)
+    out -= out.mean()
+    out /= std if std > 0 else 1.0
+    return out
 
 
-def _depth_mm(mask: np.ndarray, spacing: tuple) -> np.ndarray:
-    """Distance (mm) from each voxel of `mask` to the outside, computed on the mask's bounding box."""
+def _depth_mm(mask: np.ndarray, spacing: tuple, cap_mm: float | None = None) -> np.ndarray:
+    """Distance (mm) from each voxel of `mask` to the outside, computed on the mask's bounding box.
+
+    With `cap_mm` only depths up to it are needed (larger ones come back as `cap_mm`), so the
+    transform runs on slabs of slices with a margin of `cap_mm` above and below, each exact up to the
+    cap: bone and bowel span the whole body, and one transform of their box (a float64 distance and
+    three int32 indices per voxel) peaked at 3.8 GB on a 512 x 512 x 325 case.
+    """
     out = np.zeros(mask.shape, dtype=np.float32)
     idx = np.argwhere(mask)
     if len(idx) == 0:
         return out
     lo, hi = np.maximum(idx.min(axis=0) - 1, 0), idx.max(axis=0) + 2
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    out[box] = ndi.distance_transform_edt(mask[box], sampling=spacing)
+    if cap_mm is None:
+        out[box] = ndi.distance_transform_edt(mask[box], sampling=spacing)
+        return out
+    part, depth = mask[box], out[box]
+    halo = int(np.ceil(cap_mm / spacing[0])) + 1
+    step = max(8, (1 << 21) // max(1, part.shape[1] * part.shape[2]))
+    for start in range(0, part.shape[0], step):
+        stop = min(part.shape[0], start + step)
+        a, b = max(0, start - halo), min(part.shape[0], stop + halo)
+        d = ndi.distance_transform_edt(part[a:b], sampling=spacing)[start - a:stop - a]
+        np.minimum(d, cap_mm, out=d)
+        depth[start:stop] = d
     return out
 
 
@@ -97,7 +116,7 @@ def render(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spa
     paint(core, "visceral_fat", f2)
     strands = core & (f1 > np.quantile(f1, 1 - rng.uniform(0.08, 0.3)))
     paint(strands, "soft_tissue")
-    del d
+    del d, core, strands
 
     for atlas_name, look_name in _PLAIN.items():
         m = tissue == LABEL[atlas_name]
@@ -107,15 +126,17 @@ def render(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spa
     # Bone: cortical rim, cancellous inside.
     bone = tissue == LABEL["bone"]
     if bone.any():
-        depth = _depth_mm(bone, spacing)
+        depth = _depth_mm(bone, spacing, cap_mm=5.0)  # compared with the rim (<= 2.5 mm) only
         rim = rng.uniform(1.2, 2.5)
         paint(bone & (depth <= rim), "cortical")
         paint(bone & (depth > rim), "cancellous")
+        del depth
+    del bone
 
     # Bowel: enhancing wall, lumen of gas, fluid, feces or positive oral contrast.
     f3 = smooth_field(rng, shape, spacing, rng.uniform(8, 20))
     bowel = np.isin(tissue, [LABEL[o] for o in _BOWEL])
-    bowel_depth = _depth_mm(bowel, spacing)
+    bowel_depth = _depth_mm(bowel, spacing, cap_mm=5.0)  # compared with the wall (<= 3.5 mm) only
     wall_mm = rng.uniform(1.5, 3.5)
     for organ in _BOWEL:
         m = tissue == LABEL[organ]
@@ -132,25 +153,47 @@ def render(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spa
         vals = np.array([hu[k] for k in names], dtype=np.float32)[which]
         tex = np.array([look.texture_hu[k] for k in names], dtype=np.float32)[which]
         img[lumen] = vals + tex * f1[lumen]
+    del f3, bowel, bowel_depth
 
     _paint_kidneys(rng, img, tissue, labels, spacing, look, f1, f2)
 
     if look.table:
         _paint_table(rng, img, body, spacing, hu["table"])
 
-    # Scanner: partial volume, kernel, noise, offset, reconstruction circle.
-    img = ndi.gaussian_filter(img, (look.blur_slices, look.blur_px, look.blur_px))
+    # Scanner: partial volume, kernel, noise, offset, reconstruction circle. The painting fields are
+    # dropped first and the scanner works in place: a 512 x 512 x 325 case at 0.7 mm peaked at 3.9 GB.
+    del f1, f2
+    ndi.gaussian_filter(img, (look.blur_slices, look.blur_px, look.blur_px), output=img)
     if look.sharpen > 0:
-        img += look.sharpen * (img - ndi.gaussian_filter(img, (0, 1.0, 1.0)))
-    noise = rng.standard_normal(shape).astype(np.float32)
+        detail = ndi.gaussian_filter(img, (0, 1.0, 1.0))
+        np.subtract(img, detail, out=detail)
+        detail *= np.float32(look.sharpen)
+        img += detail
+        del detail
+    noise = _white_noise(rng, shape)
     if look.noise_grain_px > 0:
-        noise = ndi.gaussian_filter(noise, (0, look.noise_grain_px, look.noise_grain_px))
+        ndi.gaussian_filter(noise, (0, look.noise_grain_px, look.noise_grain_px), output=noise)
         noise /= max(float(noise.std()), 1e-6)
-    img += look.noise_hu * noise + look.hu_offset
+    noise *= np.float32(look.noise_hu)
+    noise += np.float32(look.hu_offset)
+    img += noise
+    del noise
     if look.circle:
         r = min(ny, nx) / 2
         img[:, (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > r * r] = look.outside_value
-    return np.clip(np.rint(img), -3024, 3071).astype(np.int16)
+    np.rint(img, out=img)
+    np.clip(img, -3024, 3071, out=img)
+    return img.astype(np.int16)
+
+
+def _white_noise(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """``rng.standard_normal(shape).astype(np.float32)``, drawn a few slices at a time (the same numbers:
+    the generator's stream does not depend on how it is split), never holding the float64 volume."""
+    out = np.empty(shape, dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], step):
+        out[start:start + step] = rng.standard_normal((min(step, shape[0] - start), *shape[1:]))
+    return out
 
 
 def _paint_kidneys(rng, img, tissue, labels, spacing, look: Look, f1, f2) -> None:
