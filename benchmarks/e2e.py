@@ -158,7 +158,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
     from qnkit.bundle import load_bundle
     from qnkit.models import resolve_model
 
-    from .whole_ct import whole_ct, stretch_to
+    from .whole_ct import stretch_to, whole_ct_in_subprocess
 
     bundle_path = Path(resolve_model(model))
     bundle = load_bundle(bundle_path, verify=False)
@@ -167,7 +167,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
     made = time.perf_counter()
     if whole:
         progress("end to end: the whole CT (generated once, then cached)")
-        image, labels, meta = whole_ct(cache, log=progress)
+        image, labels, meta = whole_ct_in_subprocess(cache, log=progress)
         case = {"kind": "anatomy phantom, whole abdominal CT", "cache": str(image), **meta}
     else:
         image = synthetic_ct(work, size=quick_size, slices=quick_slices)
