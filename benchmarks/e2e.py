@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("load", "preprocess", "inference", "postprocess", "write")
+from qnkit.segment import STAGES
 PATHS = {
     "default": {"backend": "auto", "precision": "auto", "slab": True,
                 "what": "qnkit segment's defaults: backend auto (ONNX Runtime on the CPU; INT8 only where the "
@@ -84,7 +84,7 @@ def measure_path(job: dict) -> dict:
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
     from qnkit.io import load_geometry
-    from qnkit.segment import CaseInput, SegmentOptions, segment_file
+    from qnkit.segment import CaseInput, SegmentOptions, _pad_multiple, segment_file
 
     path = PATHS[job["path"]]
     started = time.perf_counter()
@@ -96,8 +96,8 @@ def measure_path(job: dict) -> dict:
     geometry = load_geometry(image)
     grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
                                       inference.model_pixel_spacing(bundle))
-    pad = int(bundle.metadata.get("preprocessing", {}).get("pad_multiple", bundle.size_divisor))
-    warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, pad) for n in grid)), np.float32)
+    warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, _pad_multiple(bundle)) for n in grid)),
+                    np.float32)
     with backend:
         backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
         case = CaseInput(name="bench", image=image, source=image)
@@ -136,11 +136,6 @@ def _in_subprocess(job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
 def cache_folder(workdir: Path | None) -> Path:
     """Where the synthetic CTs are kept between runs: ``--workdir``, else qnkit's cache folder."""
     if workdir is not None:
@@ -156,6 +151,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
     """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side; see the module."""
     from qnkit import io as qio
     from qnkit.bundle import load_bundle
+    from qnkit.kernels import mask_dice
     from qnkit.models import resolve_model
 
     from .whole_ct import stretch_to, whole_ct_in_subprocess
@@ -189,7 +185,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         if profile:
             paths[name]["profile"] = job["profile"]
         masks[name] = qio.load_labels(out)[0] > 0
-        paths[name]["dice_vs_truth"] = _dice(masks[name], truth)
+        paths[name]["dice_vs_truth"] = mask_dice(masks[name], truth)
         out.unlink(missing_ok=True)
     default, eager = paths["default"], paths["eager"]
     report = {
@@ -199,7 +195,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         "batch_size": batch_size, "repeats": repeats, "default": default, "eager": eager,
         "speedup_vs_eager": eager["wall_s"] / default["wall_s"],
         "speedup_vs_eager_with_open": (eager["wall_s"] + eager["open_s"]) / (default["wall_s"] + default["open_s"]),
-        "mask_dice_vs_eager": _dice(masks["default"], masks["eager"]),
+        "mask_dice_vs_eager": mask_dice(masks["default"], masks["eager"]),
         "seconds": default["wall_s"], "eager_seconds": eager["wall_s"],
         "peak_rss_gb": default["peak_rss_gb"], "peak_rss_gb_by_slices": {str(case["shape"][0]): default["peak_rss_gb"]},
         "note": "seconds: per-case wall time of the default path (load to written mask, median); speedup: eager's "

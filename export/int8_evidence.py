@@ -16,7 +16,6 @@ and the choice go into ``qnkit.json`` (``verification.int8_real_ct`` and ``cpu_p
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -31,16 +30,10 @@ RULE = (f"INT8 is the CPU default when, on every real evidence CT, its output ma
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return None if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+    """Mask Dice; None when both masks are empty (nothing to agree on)."""
+    from qnkit.kernels import mask_dice
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return mask_dice(a, b, empty=None)
 
 
 def compare_on_ct(path: Path, predictors: dict, *, hu_window, threshold: float, pad_multiple: int,
@@ -50,6 +43,7 @@ def compare_on_ct(path: Path, predictors: dict, *, hu_window, threshold: float, 
     ``predictors``: {"fp32": predict, "int8": predict}, backends' ``predict`` callables.
     """
     from qnkit import io as qio
+    from qnkit.bundle import sha256_file
     from qnkit.segment import SegmentOptions, segment_ct
 
     ct, geometry = qio.load_image(path)
@@ -66,7 +60,7 @@ def compare_on_ct(path: Path, predictors: dict, *, hu_window, threshold: float, 
         out[name] = {"sides": sides, "raw": raw > 0, "seconds": time.perf_counter() - started}
     fp32, int8 = out["fp32"], out["int8"]
     figures = {
-        "data": Path(path).name, "sha256": _sha256(Path(path)), "shape_internal": list(ct.shape),
+        "data": Path(path).name, "sha256": sha256_file(path), "shape_internal": list(ct.shape),
         "spacing_mm": [round(float(s), 4) for s in geometry.spacing],
         "dice_int8_vs_fp32": {
             "both": _dice(fp32["sides"] > 0, int8["sides"] > 0),

@@ -268,18 +268,30 @@ def dice(pred: np.ndarray, target: np.ndarray, threshold: float = 0.5, smooth: f
     `pred`: a mask or probabilities (foreground where > threshold); `target`: a mask (foreground
     where > 0). Any shape, the same for both. Two empty masks give 1.0 (with smooth > 0).
     """
-    if getattr(pred, "shape", None) != getattr(target, "shape", None):
-        raise ValueError(f"pred and target shapes differ: {getattr(pred, 'shape', None)} vs "
-                         f"{getattr(target, 'shape', None)}")
     if smooth < 0 or not np.isfinite(smooth):
         raise ValueError(f"smooth must be finite and >= 0, got {smooth}")
-    p = _flat(pred, "pred", PRED_DTYPES)
-    t = _flat(target, "target", TARGET_DTYPES)
-    n_pred, n_target, n_both = _impl.metrics.overlap_counts(p, t, float(threshold), _num_threads)
+    n_pred, n_target, n_both = _overlap_counts(pred, target, threshold)
     denominator = n_pred + n_target + smooth
     if denominator == 0:
         raise ValueError("dice is undefined for two empty masks with smooth=0")
     return (2.0 * n_both + smooth) / denominator
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray, empty: float | None = 1.0) -> float | None:
+    """Exact Dice 2|A and B| / (|A| + |B|) of two masks (foreground > 0 in each, no smoothing), the
+    measure for comparing two segmentations; `empty` when both masks are empty."""
+    n_a, n_b, n_both = _overlap_counts(a, b, 0.0)
+    return empty if n_a + n_b == 0 else 2.0 * n_both / (n_a + n_b)
+
+
+def _overlap_counts(pred: np.ndarray, target: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(|pred > threshold|, |target > 0|, |both|), validated."""
+    if getattr(pred, "shape", None) != getattr(target, "shape", None):
+        raise ValueError(f"pred and target shapes differ: {getattr(pred, 'shape', None)} vs "
+                         f"{getattr(target, 'shape', None)}")
+    p = _flat(pred, "pred", PRED_DTYPES)
+    t = _flat(target, "target", TARGET_DTYPES)
+    return _impl.metrics.overlap_counts(p, t, float(threshold), _num_threads)
 
 
 def upsample_threshold(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5,

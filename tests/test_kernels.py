@@ -217,6 +217,20 @@ def test_dice(every_build):
         ref.dice(pred[:, ::2, ::-1], target[:, ::2, ::-1]))
 
 
+def test_mask_dice_is_exact_dice_of_two_masks():
+    """No smoothing, foreground > 0 in both (label values 2 count), any layout; `empty` for two empty masks."""
+    a = RNG.integers(0, 3, (5, 17, 9)).astype(np.uint8)
+    b = RNG.random((5, 17, 9)) > 0.6
+    for x, y in ((a, b), (a[:, ::2], b[:, ::2]), (b, b.astype(np.int16))):
+        fx, fy = x > 0, y > 0
+        assert kernels.mask_dice(x, y) == pytest.approx(2 * (fx & fy).sum() / (fx.sum() + fy.sum()), rel=1e-12)
+    none = np.zeros((2, 3), bool)
+    assert kernels.mask_dice(none, none) == 1.0 and kernels.mask_dice(none, none, empty=None) is None
+    assert kernels.mask_dice(none, ~none) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        kernels.mask_dice(a, b[:1])
+
+
 def test_upsample_threshold(every_build, store_kinds):
     for full_shape in ((8, 8), (7, 9), (1, 1), (2, 1), (33, 18), (64, 48)):
         for threshold in (0.5, 0.3):
