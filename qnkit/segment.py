@@ -142,10 +142,8 @@ def _add_times(timings: dict | None, times: dict) -> None:
 
 def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, hu_window, spacing_hw,
                           model_spacing: float | None, batch_size: int, pad_multiple: int,
-                          window: tuple[slice, slice] | None = None, progress: Callable[[int], None] | None = None,
-                          times: dict) -> np.ndarray:
-    """Model-grid probabilities float32 (len(index), h, w) of the slices ``ct[index]``, or of their
-    model-grid `window` (rows, cols) only: each slice is brought to the model grid whole, then cut.
+                          progress: Callable[[int], None] | None = None, times: dict) -> np.ndarray:
+    """Model-grid probabilities float32 (len(index), h, w) of the slices ``ct[index]``.
 
     A worker thread prepares the next two batches while the backend runs one; `times` gets
     'preprocess' and 'inference' seconds added, `progress(n)` the slices finished.
@@ -154,8 +152,7 @@ def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, h
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     index = np.asarray(index, dtype=np.int64)
     grid = inference.model_grid_shape(ct.shape[1:], spacing_hw, model_spacing)
-    rows, cols = window if window is not None else (slice(0, grid[0]), slice(0, grid[1]))
-    probs = np.empty((len(index), rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
+    probs = np.empty((len(index), *grid), dtype=np.float32)
 
     def prepare(start: int) -> np.ndarray:
         t = time.perf_counter()
@@ -163,8 +160,6 @@ def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, h
         run = chosen[-1] - chosen[0] + 1 == len(chosen) and (np.diff(chosen) == 1).all()
         part = ct[chosen[0]:chosen[-1] + 1] if run else ct[chosen]
         image = inference.to_model_input(part, hu_window=hu_window, spacing_hw=spacing_hw, model_spacing=model_spacing)
-        if window is not None:
-            image = np.ascontiguousarray(image[:, rows, cols])
         times["preprocess"] += time.perf_counter() - t
         return image
 
@@ -257,26 +252,28 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     mask = np.zeros(ct.shape, dtype=np.uint8)
     done = [0]
 
+    def tick(n: int) -> None:
+        if progress is not None:
+            progress(min(z, done[0] + n))
+
     def probabilities(index: np.ndarray) -> np.ndarray:
-        def tick(n: int) -> None:
-            if progress is not None:
-                progress(min(z, done[0] + n))
         out = predict_probabilities(ct, predict_batch, index, progress=tick, times=times, **{
             k: model[k] for k in ("hu_window", "spacing_hw", "model_spacing", "batch_size", "pad_multiple")})
         done[0] += len(index)
         return out
 
-    def to_mask(probs: np.ndarray, lo: int, record: dict) -> tuple[np.ndarray, dict]:
-        t = time.perf_counter()
-        mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing,
-                           out=mask[lo:lo + len(probs)])
-        times["upsample"] += time.perf_counter() - t
+    def finished(record: dict) -> tuple[np.ndarray, dict]:
         _add_times(timings, times)
         return mask, {**record, "slices_run": int(done[0]), "grid": list(grid)}
 
+    def every_slice(record: dict) -> tuple[np.ndarray, dict]:
+        predict_overlapped(ct, predict_batch, progress=tick, timings=times, mask_out=mask, **model)
+        done[0] += z
+        return finished({**record, "start": 0, "stop": z})
+
     record = {"coarse_step": step, "margin": margin}
     if not options.slab or z < 4 * step + 2 * margin:
-        return to_mask(probabilities(np.arange(z)), 0, {**record, "start": 0, "stop": z})
+        return every_slice(record)
     coarse = np.unique(np.r_[np.arange(0, z, step), z - 1])
     coarse_probs = probabilities(coarse)
     sr, sc = model.get("spacing_hw") or (1.0, 1.0)
@@ -285,7 +282,7 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     found, runs = _kidney_runs(coarse, area, options.slab_min_share)
     record["runs"] = runs
     if found.size == 0:
-        return to_mask(probabilities(np.arange(z)), 0, {**record, "start": 0, "stop": z, "found": False})
+        return every_slice({**record, "found": False})
     lo, hi = max(0, int(found.min()) - margin), min(z, int(found.max()) + margin + 1)
     stride = max(1, int(options.z_step_mm / slice_mm + 1e-6)) if options.z_step_mm > 0 else 1
     known: dict[int, np.ndarray] = {}  # slice -> its model-grid probabilities
@@ -301,7 +298,10 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
         if not (grow_lo or grow_hi):
             break
         lo, hi = (max(0, lo - margin) if grow_lo else lo), (min(z, hi + margin) if grow_hi else hi)
-    return to_mask(probs, lo, {**record, "start": lo, "stop": hi, "found": True, "z_stride": stride})
+    t = time.perf_counter()
+    mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing, out=mask[lo:hi])
+    times["upsample"] += time.perf_counter() - t
+    return finished({**record, "start": lo, "stop": hi, "found": True, "z_stride": stride})
 
 
 def _interpolate_slices(sampled: np.ndarray, probs: np.ndarray, lo: int, hi: int) -> np.ndarray:
