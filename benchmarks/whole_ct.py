@@ -53,6 +53,17 @@ def _make(index: int, thickness_mm: float, labels_from: Path | None):
     return imaging, body.labels, body.affine, meta
 
 
+def _cached(folder: Path) -> dict | None:
+    """The record of the CT cached in `folder` when it was made with this :data:`RECIPE` and is whole, else None."""
+    try:
+        meta = json.loads((folder / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return None
+    made_here = meta.get("recipe") == json.loads(json.dumps(RECIPE))
+    return meta if made_here and (folder / "imaging.nii.gz").is_file() and (folder / "segmentation.nii.gz").is_file() \
+        else None
+
+
 def whole_ct(workdir: Path, log=lambda *a: None) -> tuple[Path, Path, dict]:
     """(imaging.nii.gz, segmentation.nii.gz, meta) of the cached whole CT in ``workdir/whole_ct``, built if needed."""
     from qnkit._atomic import write_text_atomic
@@ -61,12 +72,9 @@ def whole_ct(workdir: Path, log=lambda *a: None) -> tuple[Path, Path, dict]:
 
     folder = Path(workdir) / "whole_ct"
     image, labels, record = folder / "imaging.nii.gz", folder / "segmentation.nii.gz", folder / "recipe.json"
-    try:
-        meta = json.loads(record.read_text())
-        if meta.get("recipe") == json.loads(json.dumps(RECIPE)) and image.is_file() and labels.is_file():
-            return image, labels, meta
-    except (OSError, ValueError):
-        pass
+    meta = _cached(folder)
+    if meta is not None:
+        return image, labels, meta
     folder.mkdir(parents=True, exist_ok=True)
     kits = _kits_labels()
     made = None
@@ -92,12 +100,7 @@ def whole_ct_in_subprocess(workdir: Path, log=lambda *a: None) -> tuple[Path, Pa
     import subprocess
     import sys
 
-    record = Path(workdir) / "whole_ct" / "recipe.json"
-    try:
-        cached = json.loads(record.read_text()).get("recipe") == json.loads(json.dumps(RECIPE))
-    except (OSError, ValueError):
-        cached = False
-    if not cached:
+    if _cached(Path(workdir) / "whole_ct") is None:
         log(f"whole CT: generating it (takes minutes; cached in {Path(workdir) / 'whole_ct'})")
         proc = subprocess.run([sys.executable, "-m", "qnkit.benchmarks.whole_ct", str(workdir)],
                               capture_output=True, text=True)

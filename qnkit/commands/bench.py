@@ -20,7 +20,6 @@ import typer
 from qnkit.errors import QnkitInputError
 
 SECTIONS = ("kernels", "io", "backends", "e2e")
-E2E_STAGES = ("load", "preprocess", "inference", "postprocess", "write")
 
 
 def _system_info() -> dict:
@@ -268,7 +267,9 @@ def _print(console, report: dict) -> None:
                             f"batch {e2e['batch_size']}, median of {e2e['repeats']}")
         for column in ("stage", "default s", "eager FP32 s"):
             table.add_column(column, justify="left" if column == "stage" else "right")
-        for stage in (*E2E_STAGES, "wall"):
+        from qnkit.segment import STAGES
+
+        for stage in (*STAGES, "wall"):
             table.add_row(stage, f"{d['stages_s'][stage]:.2f}", f"{e['stages_s'][stage]:.2f}")
         table.add_row("backend", f"{d['backend']['name']} {d['backend']['precision']}",
                       f"{e['backend']['name']} {e['backend']['precision']}")
