@@ -45,6 +45,11 @@ def _register() -> None:
 _register()
 
 
+# Click's exception classes, whether Typer uses click itself or (Typer >= 0.22) its own copy of it.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print `qnkit: error: message` on stderr and exit."""
     print(f"qnkit: error: {message}", file=sys.stderr)
@@ -52,14 +57,23 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Typer's standalone mode already turns usage errors into one message and exit code 2.
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["segment"]:  # `--ray [ADDRESS]`: an option whose value is optional
         from qnkit.commands.segment import ray_address_argv
 
         args = ray_address_argv(args)
     try:
-        app(args=args, prog_name="qnkit")
+        # Not standalone: usage errors come here instead of Typer's boxed multi-line panel.
+        code = app(args=args, prog_name="qnkit", standalone_mode=False)
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `qnkit`: the help, as in standalone mode
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        fail(_usage_line(exc), 2)
+    except _ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        fail("aborted", 1)
     except QnkitInputError as exc:
         fail(str(exc), 2)
     except KeyboardInterrupt:
@@ -68,3 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("QNKIT_DEBUG"):
             raise
         fail(f"{type(exc).__name__}: {exc} (set QNKIT_DEBUG=1 for the traceback)", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)  # as standalone mode: typer.Exit(code) or 0
+
+
+def _usage_line(exc: Exception) -> str:
+    """`segment: Invalid value for '--z-step': ... (qnkit segment -h)`: the message and where to look."""
+    where = exc.ctx.command_path if exc.ctx is not None else "qnkit"
+    command = where.split(" ", 1)[1] + ": " if " " in where else ""
+    return f"{command}{exc.format_message()} (see '{where} -h')"
