@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(_usage_line(exc), 2)
     except _ClickException as exc:
         fail(exc.format_message(), exc.exit_code)
-    except typer.Abort:
-        fail("aborted", 1)
+    except typer.Abort:  # how non-standalone Click reports Ctrl-C
+        fail("interrupted", 130)
     except QnkitInputError as exc:
         fail(str(exc), 2)
     except KeyboardInterrupt:
