@@ -23,7 +23,7 @@ import numpy as np
 #: and a 512-pixel field of view at 0.7 mm, found by replaying the generator's first draws; any case
 #: of >= 300 slices at 512 x 512 would do (the search goes on from it if the generator changes).
 RECIPE = {"generator": "anatomy", "pixel_mm": 0.7, "size": 512, "min_slices": 300, "thickness_mm": 1.0,
-          "seed": 13, "index": 168, "version": 2}
+          "seed": 13, "index": 168, "version": 2, "anatomy_version": 1}
 KITS_LABELS_ENV = "QNKIT_KITS_LABELS"
 _KITS_GUESSES = ("../shared/data/kits19-labels", "/work/shared/data/kits19-labels")
 
@@ -44,7 +44,7 @@ def _make(index: int, thickness_mm: float, labels_from: Path | None):
 
     rng = np.random.default_rng(np.random.SeedSequence([RECIPE["seed"], index, 1]))
     body = make_anatomy(rng, pixel_mm=RECIPE["pixel_mm"], thickness_mm=thickness_mm, labels_from=labels_from,
-                        max_size=RECIPE["size"])
+                        max_size=RECIPE["size"], version=RECIPE["anatomy_version"])
     if body.labels.shape[0] < RECIPE["min_slices"] or body.labels.shape[1] != RECIPE["size"]:
         return None
     imaging = render(rng, body.tissue, body.labels, body.spacing, draw_look(rng))

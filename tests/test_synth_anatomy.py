@@ -104,3 +104,103 @@ def test_white_noise_drawn_in_slabs_is_the_one_draw():
     for shape in [(120, 300, 301), (3, 2000, 2100)]:  # slabs of 46 slices and of one slice
         got = _white_noise(np.random.default_rng(7), shape)
         assert got.dtype == np.float32 and np.array_equal(got, np.random.default_rng(7).standard_normal(shape).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- anatomy version 2: organ moves
+
+
+def _toy_body():
+    """A 40^3 body of fat with a spleen block, a kidney block below-beside it and a bone bar between."""
+    tissue = np.full((40, 40, 40), LABEL["body"], dtype=np.uint8)
+    tissue[5:15, 5:15, 25:35] = LABEL["spleen"]
+    tissue[22:34, 10:20, 22:30] = LABEL["kidney_left"]
+    tissue[:, 30:34, :] = LABEL["bone"]
+    return tissue
+
+
+def test_move_organ_pushes_it_towards_the_kidney_and_never_into_bone():
+    from qnkit.synth.anatomy import _move_organ
+
+    tissue = _toy_body()
+    before = tissue.copy()
+    spleen = np.argwhere(before == LABEL["spleen"]).mean(axis=0)
+    goal = np.argwhere(before == LABEL["kidney_left"]).mean(axis=0)
+    move = _move_organ(np.random.default_rng(0), tissue, "spleen", goal, (1.0, 1.0, 1.0), (8.0, 8.0), (1.0, 1.0))
+    after = np.argwhere(tissue == LABEL["spleen"]).mean(axis=0)
+    assert np.linalg.norm(after - goal) < np.linalg.norm(spleen - goal) - 4  # about 8 mm nearer (plus jitter)
+    assert np.array_equal(tissue == LABEL["bone"], before == LABEL["bone"])  # bone never yields
+    vacated = (before == LABEL["spleen"]) & (tissue != LABEL["spleen"])
+    assert vacated.any() and np.all(tissue[vacated] == LABEL["body"])  # where it was is fat now
+    assert set(move) == {"shift_mm", "scale"} and len(move["shift_mm"]) == 3
+
+
+def test_move_organ_scales_its_volume_and_grows_into_the_atlas_kidney():
+    from qnkit.synth.anatomy import _move_organ
+
+    tissue = _toy_body()
+    goal = np.argwhere(tissue == LABEL["kidney_left"]).mean(axis=0)
+    move = _move_organ(np.random.default_rng(1), tissue, "spleen", goal, (1.0, 1.0, 1.0), (6.0, 6.0), (1.4, 1.4))
+    grown = (tissue == LABEL["spleen"]).sum()
+    assert abs(grown / 1000 - np.prod(move["scale"])) < 0.35 * np.prod(move["scale"])  # 10^3 voxels x the scales
+    # the atlas kidney is replaced by a real one afterwards, so an organ may lie where it was
+    assert ((_toy_body() == LABEL["kidney_left"]) & (tissue == LABEL["spleen"])).any()
+
+
+def test_move_organ_without_the_organ_or_the_kidney_is_a_no_op():
+    from qnkit.synth.anatomy import _move_organ
+
+    tissue = _toy_body()
+    assert _move_organ(np.random.default_rng(0), tissue, "liver", np.zeros(3), (1, 1, 1), (5, 5), (1, 1)) == {}
+    assert _move_organ(np.random.default_rng(0), tissue, "spleen", None, (1, 1, 1), (5, 5), (1, 1)) == {}
+    assert np.array_equal(tissue, _toy_body())
+
+
+def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
+    """Version 1 (the shipped model's data) never moves an organ, so it draws the same numbers as before
+    version 2 existed; version 2 records each move; the case names its version."""
+    import qnkit.synth.anatomy as anatomy
+
+    v2 = make_anatomy_case(1, seed=4, version=2, **COARSE)
+    moves = v2.kits_entry()["qnkit_synth"]["organ_moves"]
+    assert v2.kits_entry()["qnkit_synth"]["recipe_version"] == 2 and set(moves) == {"spleen", "liver"}
+
+    def no_moves(*args, **kwargs):
+        raise AssertionError("version 1 moved an organ")
+
+    monkeypatch.setattr(anatomy, "_move_organ", no_moves)
+    v1 = make_anatomy_case(1, seed=4, version=1, **COARSE)
+    assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
+    assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
+    with pytest.raises(Exception, match="anatomy version"):
+        make_anatomy_case(1, seed=4, version=3, **COARSE)
+
+
+def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
+    """Over a few bodies, more of the left kidney's surface touches the spleen than in the one atlas layout."""
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.anatomy import make_anatomy
+
+    def touching(version):
+        shares = []
+        for index in range(5):
+            rng = np.random.default_rng([11, index])
+            body = make_anatomy(rng, pixel_mm=4.0, thickness_mm=4.0, labels_from=None, max_size=128, version=version)
+            left = body.tissue == LABEL["kidney_left"]
+            surface = left & ~ndi.binary_erosion(left)
+            near_spleen = ndi.binary_dilation(body.tissue == LABEL["spleen"])
+            shares.append((surface & near_spleen).sum() / max(int(surface.sum()), 1))
+        return float(np.mean(shares))
+
+    assert touching(2) > 1.5 * touching(1)
+
+
+def test_cli_anatomy_version_is_checked(tmp_path, capsys):
+    from qnkit.cli import main
+
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "3"], "anatomy version"),
+                       (["--anatomy-version", "1"], "anatomy generator")):
+        with pytest.raises(SystemExit) as exc:
+            main(["synth", str(tmp_path / "out"), "--cases", "1", "--size", "64", "--no-progress", *args])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exc.value.code == 2 and len(err) == 1 and word in err[0], err

@@ -29,6 +29,11 @@ def command(
     pixel_range: str = typer.Option("1.3,2.6", "--pixel-range", metavar="LO,HI",
                                     help="anatomy: in-plane pixel size range in mm, drawn log-uniformly per case; "
                                          "--size caps the slice size."),
+    anatomy_version: int = typer.Option(None, "--anatomy-version", show_default="newest",
+                                        help="anatomy: recipe version. 1: the shipped kidney-synth model's data; "
+                                             "2: also the spleen and liver moved and resized towards the kidneys "
+                                             "and kidney positions jittered (organs touch the kidneys as in "
+                                             "patients)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes generating cases in parallel (same output)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
@@ -45,6 +50,6 @@ def command(
         raise QnkitInputError(f"--pixel-range {pixel_range!r}: expected LO,HI in mm, e.g. 1.3,2.6") from None
     folders = write_dataset(
         out_dir, cases=cases, size=size, seed=seed, labels_from=labels_from, progress=progress, kidneys=kidneys,
-        generator=generator, pixel_range=(lo, hi), workers=workers,
+        generator=generator, pixel_range=(lo, hi), workers=workers, anatomy_version=anatomy_version,
     )
     typer.echo(f"wrote {len(folders)} case(s) and kits.json to {out_dir}")

@@ -221,6 +221,49 @@ def _add_cysts(rng: np.random.Generator, labels: np.ndarray, tissue: np.ndarray,
     return n
 
 
+#: Tissues a moved or enlarged organ may grow into (fat, mesentery, bowel); never bone, lung, vessels,
+#: muscle or another solid organ.
+_YIELDING = ("body", "stomach", "duodenum", "small_bowel", "colon")
+#: Anatomy version 2's organ moves: (organ, the side whose kidney it is pushed towards, shift mm, scale range).
+#: Real spleens range from small to splenomegaly and often wrap the upper pole of the left kidney; the
+#: liver's right lobe lies on the right kidney. The one atlas body has neither variation.
+ORGAN_MOVES = (("spleen", "left", (5.0, 40.0), (0.85, 1.55)),
+               ("liver", "right", (0.0, 15.0), (0.92, 1.15)))
+
+
+def _move_organ(rng: np.random.Generator, tissue: np.ndarray, organ: str, goal: np.ndarray | None, spacing: tuple,
+                shift_mm: tuple[float, float], scale: tuple[float, float]) -> dict:
+    """Rescale `organ` about its centroid and shift it towards `goal` (a kidney's centre, voxels), in place.
+
+    Where the organ was and no longer is becomes ``body`` (fat); it grows only into :data:`_YIELDING`
+    tissues and the atlas kidneys (replaced by real kidneys afterwards, which then lie against it).
+    Returns the move (shift in mm, per-axis scale) for the case's record; {} when either is absent.
+    """
+    label = LABEL[organ]
+    yielding = [LABEL[t] for t in (*_YIELDING, "kidney_right", "kidney_left")]
+    where = np.argwhere(tissue == label)
+    if len(where) == 0 or goal is None:
+        return {}
+    sp = np.asarray(spacing, dtype=np.float64)
+    centre = where.mean(axis=0)
+    direction = (np.asarray(goal) - centre) * sp
+    direction /= max(float(np.linalg.norm(direction)), 1e-6)
+    shift = direction * rng.uniform(*shift_mm) + rng.normal(0.0, 4.0, 3)  # mm, (slice, row, col)
+    factor = rng.uniform(*scale) * rng.uniform(0.92, 1.08, 3)
+    new_centre = centre + shift / sp
+    lo = np.maximum(np.floor(new_centre + (where.min(axis=0) - centre) * factor).astype(int) - 2, 0)
+    hi = np.minimum(np.ceil(new_centre + (where.max(axis=0) - centre) * factor).astype(int) + 3, tissue.shape)
+    old = tissue == label
+    tissue[old] = LABEL["body"]
+    if np.all(hi > lo):
+        grid = np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)], indexing="ij")
+        src = np.stack([(g - new_centre[i]) / factor[i] + centre[i] for i, g in enumerate(grid)])
+        moved = ndi.map_coordinates(old.view(np.uint8), src, order=0, mode="constant", cval=0) > 0
+        region = tissue[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        region[moved & np.isin(region, yielding)] = label
+    return {"shift_mm": np.round(shift, 1).tolist(), "scale": np.round(factor, 3).tolist()}
+
+
 # --------------------------------------------------------------------------- the case
 
 
@@ -237,8 +280,13 @@ def draw_grid(rng: np.random.Generator, pixel_range: tuple[float, float]) -> tup
 
 
 def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: float, labels_from: Path | None,
-                 max_size: int = 512) -> Anatomy:
-    """Draw one body: deformed atlas tissues plus real (or atlas) kidneys on a fresh output grid."""
+                 max_size: int = 512, version: int = 2) -> Anatomy:
+    """Draw one body: deformed atlas tissues plus real (or atlas) kidneys on a fresh output grid.
+
+    `version` 1 is the body of the first anatomy recipe (the shipped kidney-synth model's data);
+    version 2 also moves and resizes the spleen and liver towards the kidneys (:data:`ORGAN_MOVES`)
+    and jitters each kidney's position, so that organs touch the kidneys in many ways, as in patients.
+    """
     atlas, atlas_aff = load_atlas()
     inv_atlas = np.linalg.inv(atlas_aff)
     kid_vox = np.argwhere((atlas == LABEL["kidney_right"]) | (atlas == LABEL["kidney_left"]))
@@ -289,6 +337,14 @@ def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: flo
 
     labels = np.zeros(shape, dtype=np.uint8)
     meta: dict = {"pixel_mm": round(pixel_mm, 4), "thickness_mm": thickness_mm, "body_size": size.round(3).tolist()}
+    centres = {}  # where each atlas kidney lies (output voxels), before any organ moves over it
+    for side in ("right", "left"):
+        where = np.argwhere(tissue == LABEL[f"kidney_{side}"])
+        if len(where):
+            centres[side] = where.mean(axis=0)
+    if version >= 2:
+        meta["organ_moves"] = {organ: _move_organ(rng, tissue, organ, centres.get(toward), spacing, shift, scale)
+                               for organ, toward, shift, scale in ORGAN_MOVES}
     absent = None
     r = rng.random()
     if r < 0.08:
@@ -308,10 +364,11 @@ def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: flo
         kidneys = {}
     for side in ("right", "left"):
         atlas_label = LABEL[f"kidney_{side}"]
-        where = np.argwhere(tissue == atlas_label)
-        if len(where) == 0:
+        if side not in centres:
             continue
-        target = where.mean(axis=0) @ affine[:3, :3].T + affine[:3, 3]
+        target = centres[side] @ affine[:3, :3].T + affine[:3, 3]
+        if version >= 2:  # kidneys sit higher or lower, nearer or farther from their neighbours
+            target = target + np.clip(rng.normal(0.0, (6.0, 6.0, 9.0)), -18.0, 18.0)
         if side == absent:
             tissue[tissue == atlas_label] = LABEL["body"]
             continue

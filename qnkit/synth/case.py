@@ -5,24 +5,33 @@ from pathlib import Path
 
 import numpy as np
 
+from qnkit.errors import QnkitInputError
+
 from .anatomy import draw_grid, make_anatomy
 from .appearance import draw_look
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
 
-#: Version of the anatomy recipe; recorded with every case so that a dataset names what made it.
-RECIPE_VERSION = 1
+#: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
+#: case so that a dataset names what made it. 1: the shipped kidney-synth model's data; 2 (default): the
+#: spleen and liver moved and resized towards the kidneys, kidney positions jittered.
+RECIPE_VERSIONS = (1, 2)
+RECIPE_VERSION = 2
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
 def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = None,
-                      pixel_range: tuple[float, float] = DEFAULT_PIXEL_RANGE, max_size: int = 512) -> SynthCase:
-    """Case number `index` (``case_{index:05d}``), seeded by ``(seed, index)`` only."""
+                      pixel_range: tuple[float, float] = DEFAULT_PIXEL_RANGE, max_size: int = 512,
+                      version: int = RECIPE_VERSION) -> SynthCase:
+    """Case number `index` (``case_{index:05d}``) of anatomy recipe `version`, seeded by ``(seed, index)`` only."""
     index = _check_int("index", index, 0)
     seed = _check_int("seed", seed, 0)
+    if version not in RECIPE_VERSIONS:
+        raise QnkitInputError(f"anatomy version must be one of {', '.join(map(str, RECIPE_VERSIONS))}, got {version!r}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
     pixel, thickness = draw_grid(rng, pixel_range)
-    body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size)
+    body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size,
+                        version=version)
     look = draw_look(rng)
     imaging = render(rng, body.tissue, body.labels, body.spacing, look)
     size_cm = body.meta.pop("radiographic_size", None)
@@ -30,7 +39,7 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
         size_cm = tumor_diameter_cm(body.labels, body.affine)
     meta = {
         "synthetic": True,
-        "qnkit_synth": {"generator": "anatomy", "recipe_version": RECIPE_VERSION, "seed": seed, "index": index,
+        "qnkit_synth": {"generator": "anatomy", "recipe_version": version, "seed": seed, "index": index,
                         "pixel_range_mm": list(pixel_range), "labels_from": "kits19" if labels_from else None,
                         "phase": look.phase, "wild_appearance": look.wild,
                         **{k: (float(v) if isinstance(v, np.floating) else v) for k, v in body.meta.items()}},
