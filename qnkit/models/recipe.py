@@ -27,7 +27,8 @@ from qnkit.models import MODELS_DIR, REGISTRY
 RECIPES = {
     "kidney-synth": {
         "description": "QuickNAT (16 filters) at 2.5 mm pixels, trained only on anatomy phantoms",
-        "synth": ["--cases", "140", "--seed", "1", "--generator", "anatomy", "--pixel-range", "1.3,2.6"],
+        "synth": ["--cases", "140", "--seed", "1", "--generator", "anatomy", "--pixel-range", "1.3,2.6",
+                  "--anatomy-version", "1"],
         "settings": "shipped",  # preset: train/shipped.ini
         # epochs 1-5 as the preset says, then a warm restart of the schedule (qnkit train --resume --lr ...)
         "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}],
