@@ -105,3 +105,74 @@ def test_resume_with_a_new_schedule_restarts_it_there(synth_dataset_factory, tmp
     assert "restarted" not in proc.stderr
     assert [r["lr"] for r in _records(run)] == [1e-3, 1e-3, 4e-3, 2e-3, 1e-3]
     assert "lr = 0.004" in (run / "settings.ini").read_text()
+
+
+def _parameters(path):
+    """Trainable weights of a checkpoint (BatchNorm's running statistics move even at lr ~ 0)."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if "running_" not in k and "num_batches" not in k}
+
+
+@pytest.fixture(scope="module")
+def source_run(synth_dataset_factory, tmp_path_factory, run_qnkit):
+    """A one-epoch run to start others from."""
+    source = tmp_path_factory.mktemp("init_source") / "source"
+    proc = run_qnkit("train", "--data", synth_dataset_factory(4, 64, 0), "--out", source, "--epochs", "1", *ARGS[2:])
+    assert proc.returncode == 0, proc.stderr
+    return source
+
+
+def test_init_from_fine_tunes_another_runs_best_weights(source_run, synth_dataset_factory, tmp_path, run_qnkit):
+    """--init-from: the new run starts from the source's best weights (at lr ~ 0 it ends where they were),
+    takes its settings and pixel spacing, records where its weights came from, and keeps that on --resume."""
+    import torch
+
+    source, tuned = source_run, tmp_path / "tuned"
+    proc = run_qnkit("train", "--data", synth_dataset_factory(4, 64, 3), "--out", tuned, "--init-from", source,
+                     "--epochs", "1", "--lr", "1e-12", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "weights from" in proc.stderr
+
+    best = json.loads((source / "checkpoints" / "best" / "meta.json").read_text())
+    meta = json.loads((tuned / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["initialised_from"] == {"run_dir": str(source.absolute()), "checkpoint": "best",
+                                        "epoch": best["epoch"], "model_sha256": best["files"]["model.safetensors"]}
+    assert meta["network"] == best["network"]  # the source's settings.ini: 4 filters without saying so
+    assert meta["domain"]["pixel_spacing_mm"] == best["domain"]["pixel_spacing_mm"]
+    start, end = _parameters(source / "checkpoints" / "best" / "model.safetensors"), \
+        _parameters(tuned / "checkpoints" / "last" / "model.safetensors")
+    assert start.keys() == end.keys() and all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)
+
+    proc = run_qnkit("train", "--out", tuned, "--resume", "--epochs", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tuned / "checkpoints" / "last" / "meta.json").read_text())
+    assert again["epoch"] == 2 and again["initialised_from"] == meta["initialised_from"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--num-filters", "8"), ("network differs", "num_filters")),
+    (("--settings", "shipped"), ("network differs",)),
+    (("--resume",), ("--init-from", "--resume")),
+])
+def test_init_from_refuses_what_cannot_start_from_those_weights(source_run, synth_dataset_factory, tmp_path,
+                                                                 capsys, args, words):
+    from qnkit.cli import main
+
+    out = tmp_path / "new"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(synth_dataset_factory(4, 64, 0)), "--out", str(out), "--init-from",
+              str(source_run), *args, "--no-progress"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not out.exists()
+
+
+def test_init_from_a_folder_without_a_run(synth_dataset_factory, tmp_path, capsys):
+    from qnkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(synth_dataset_factory(4, 64, 0)), "--out", str(tmp_path / "new"),
+              "--init-from", str(tmp_path / "nowhere"), "--no-progress"])
+    assert exit_info.value.code == 2 and "no 'best' checkpoint" in capsys.readouterr().err

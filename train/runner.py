@@ -30,7 +30,7 @@ from qnkit.train import data as D
 from qnkit.train import distributed as dist
 from qnkit.train.augment import Augment
 from qnkit.train.dataset import SliceDataset
-from qnkit.train.settings import Settings, read_ini
+from qnkit.train.settings import Settings, apply_overrides, load_settings, read_ini
 from qnkit.train.solver import SCHEDULE_KEYS, Solver, count_parameters, seed_everything, slices_per_epoch
 from qnkit.train.tb_logging import Logger
 
@@ -89,6 +89,48 @@ def resume_settings(run_dir: Path, overrides: dict) -> Settings:
 
         write_text_atomic(path, settings.to_ini())  # the run's settings are what it now trains with
     return settings
+
+
+def init_settings(source_run: Path, path: str | None, overrides: dict) -> Settings:
+    """Settings of a run that starts from `source_run`'s best weights (fine-tuning on new data).
+
+    `path` (--settings) if given, else the source run's own settings.ini; then the command line. The
+    model's pixel spacing is the source model's unless the command line sets one: its weights know
+    only that scale.
+    """
+    source = read_init_source(source_run)
+    if path is None:
+        ini = Path(source_run) / "settings.ini"
+        if not ini.is_file():
+            raise QnkitInputError(f"--init-from {source_run}: no settings.ini there (give a qnkit train run folder)")
+        settings = read_ini(ini)
+    else:
+        settings = load_settings(path)
+    spacing = (source.get("domain") or {}).get("pixel_spacing_mm")
+    if spacing and overrides.get(("DATA", "pixel_spacing_mm")) is None:
+        settings.set("DATA", "pixel_spacing_mm", spacing, f"--init-from {source_run}")
+    return apply_overrides(settings, overrides)
+
+
+def read_init_source(source_run: Path) -> dict:
+    """Metadata of the best checkpoint of `source_run` (verified), with the folder it lives in."""
+    folder = ckpt.locate(Path(source_run), "best")
+    return {**ckpt.read_meta(folder), "folder": folder}
+
+
+def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) -> dict:
+    """The record of where a fine-tuning run's weights come from, once its network and HU window match."""
+    if source.get("network") != cfg.to_dict():
+        theirs, ours = source.get("network") or {}, cfg.to_dict()
+        diff = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours.get(k))
+        raise QnkitInputError(f"--init-from {source_run}: its network differs ({diff})")
+    pre = source.get("preprocessing") or {}
+    window = (float(settings.data.hu_lo), float(settings.data.hu_hi))
+    if (pre.get("hu_lo"), pre.get("hu_hi")) != window:
+        raise QnkitInputError(f"--init-from {source_run}: its HU window is {pre.get('hu_lo')}..{pre.get('hu_hi')}, "
+                              f"this run's {window[0]:g}..{window[1]:g}")
+    return {"run_dir": str(Path(source_run).absolute()), "checkpoint": "best", "epoch": source.get("epoch"),
+            "model_sha256": (source.get("files") or {}).get("model.safetensors")}
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> str:
@@ -157,13 +199,21 @@ def _on_main(info: dist.DistInfo, fn):
 
 
 def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: bool = False, force: bool = False,
-          console=None) -> dict:
-    """Train (or resume) a run; returns a summary dict (best Dice, epochs, parameters, seconds)."""
+          console=None, init_from: Path | None = None) -> dict:
+    """Train (or resume) a run; returns a summary dict (best Dice, epochs, parameters, seconds).
+
+    `init_from` (a run folder) starts from its best weights instead of a random initialisation, with a
+    fresh optimiser and schedule: fine-tuning a model on new data. The run records where they came from.
+    """
     started = time.perf_counter()
     info = dist.from_env()
     run_dir = Path(run_dir)
     device = resolve_device(settings.common.device, info)
     cfg = network_config(settings)
+    if init_from is not None and resume:
+        raise QnkitInputError("--init-from starts a new run; --resume continues one (its weights are its own)")
+    source = read_init_source(init_from) if init_from is not None else None
+    initialised_from = _check_init_source(source, init_from, cfg, settings) if source is not None else None
     start_state = _prepare_run_dir(run_dir, resume, force) if info.is_main else "other-rank"
     dist.init(info, device, settings.common.dist_backend)
     try:
@@ -237,6 +287,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
 
     seed_everything(settings.common.seed)
     model = ckpt.build_model(cfg.to_dict())
+    if source is not None:
+        ckpt.load_weights(source["folder"], model)
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
             "preprocessing": {**dataclasses.asdict(params), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},
@@ -245,7 +297,11 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     last_epoch = None
     if resume:
         folder = ckpt.locate(run_dir, "last")
-        last_epoch = ckpt.read_meta(folder)["epoch"]
+        last_meta = ckpt.read_meta(folder)
+        last_epoch = last_meta["epoch"]
+        initialised_from = last_meta.get("initialised_from")
+    if initialised_from is not None:
+        meta["initialised_from"] = initialised_from
     logger = Logger(run_dir, log_dir=settings.common.log_dir, enabled=info.is_main, purge_after=last_epoch)
     try:
         solver = Solver(model, settings, device=device, info=info, run_dir=run_dir, meta=meta, logger=logger)
@@ -255,6 +311,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             console.print(f"QuickNAT {meta['parameters']:,} parameters; micro-batch {t.micro_batch} x "
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
                           f"{t.micro_batch * solver.accum * info.world_size}")
+            if initialised_from is not None and not resume:
+                console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})")
             if restarted:
                 console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, "
                               f"x{t.gamma:g} every {t.step_size} epoch(s)")

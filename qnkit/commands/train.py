@@ -35,6 +35,11 @@ def command(
                                                                       "contrast, blur and noise per slice."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="[COMMON] progress bar."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    init_from: Path = typer.Option(None, "--init-from", metavar="RUN_DIR",
+                                   help="Start from the best weights of another run (fine-tuning on new data), "
+                                        "with a fresh optimiser and schedule. Its settings.ini is the default "
+                                        "for --settings, and its pixel spacing the model's; the network and HU "
+                                        "window must match."),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out (removes its checkpoints "
                                                       "and logs; keeps the cache)."),
 ) -> None:
@@ -47,7 +52,7 @@ def command(
 
     from qnkit.errors import QnkitInputError
     from qnkit.train import distributed as dist
-    from qnkit.train.runner import resume_settings, train
+    from qnkit.train.runner import init_settings, resume_settings, train
     from qnkit.train.settings import load_settings
 
     overrides = {
@@ -62,14 +67,18 @@ def command(
     }
     if resume and force:
         raise QnkitInputError("--resume and --force exclude each other")
-    if resume:
+    if init_from is not None and resume:
+        raise QnkitInputError("--init-from starts a new run; --resume continues one (its weights are its own)")
+    if init_from is not None:
+        cfg = init_settings(init_from, settings, overrides)
+    elif resume:
         if settings is not None:
             raise QnkitInputError("--settings cannot be used with --resume (the run's settings.ini is used)")
         cfg = resume_settings(out, overrides)
     else:
         cfg = load_settings(settings, overrides)
     console = Console(stderr=True) if dist.from_env().is_main else None
-    summary = train(data, out, cfg, resume=resume, force=force, console=console)
+    summary = train(data, out, cfg, resume=resume, force=force, console=console, init_from=init_from)
     if console is not None:
         state = "stopped early" if summary["stopped_early"] else "finished"
         console.print(f"{state} after {summary['epoch']} epoch(s) in {summary['seconds']:.1f} s; best validation "
