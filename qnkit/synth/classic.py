@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -381,12 +382,10 @@ def _kidney_frame(side: str, tilt_coronal: float, tilt_sagittal: float, rot_axia
     return np.stack([u, v, w], axis=1)
 
 
-def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
-    bp = _draw_body(rng)
-    vb_r = rng.uniform(17, 23)
-    # Physical layout relative to the body centre (0, 0); shifted into the image below.
-    mid_x = rng.uniform(-6, 6)
-    spine_y = bp["b"] - bp["t_post"] - rng.uniform(40, 55) - vb_r
+def _draw_kidney_shapes(rng: np.random.Generator) -> dict:
+    """Each kidney's semi-axes, offset from the spine and tilts (mm, radians).
+
+    Drawn for both sides even when only one kidney is kept: the body is sized to hold both."""
     kid = {}
     for side in ("left", "right"):
         sgn = 1.0 if side == "left" else -1.0
@@ -399,6 +398,14 @@ def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
             ra=math.radians(rng.uniform(15, 45)),
             sgn=sgn,
         )
+    return kid
+
+
+def _field_of_view(rng: np.random.Generator, bp: dict, kid: dict, mid_x: float, size: int):
+    """Widen the body to hold the kidneys, choose a field of view around it and place the body in it.
+
+    Adjusts the body's semi-axes in `bp` in place; returns the pixel spacing at `size` and the
+    body centre (mm)."""
     # The cavity must hold the kidneys with room for perirenal fat and the flank.
     need = max(k["dx"] + k["semi"][1] for k in kid.values()) + 35 + bp["t_lat"] + bp["wall"] + abs(mid_x)
     bp["a"] = max(bp["a"], need)
@@ -410,8 +417,13 @@ def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
     px = px512 * 512 / size
     body_cx = rng.uniform(-10, 10)
     body_cy = float(np.clip(rng.uniform(-10, 25), -(fov / 2 - bp["b"] * 1.05 - 4), fov / 2 - bp["b"] * 1.05 - 4))
+    return px, body_cx, body_cy
 
-    # Craniocaudal layout: left upper pole at m_top, right kidney lower.
+
+def _craniocaudal_layout(rng: np.random.Generator, kid: dict, size: int):
+    """Kidney centre levels (mm below slice 0; the right kidney lower) and the slice thickness and
+    count that cover them, thicker slices when the count would exceed `max_slices(size)`."""
+    # Left upper pole at m_top, right kidney lower.
     m_top = rng.uniform(30, 80)
     m_bot = rng.uniform(20, 70)
     zc = {}
@@ -423,15 +435,13 @@ def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
     if coverage / thick > cap:
         thick = math.ceil(coverage / cap / 0.5) * 0.5
     nz = int(math.ceil(coverage / thick))
-    grid = _Grid((nz, size, size), (thick, px, px))
-    bp_scale = _body_scale(bp, nz, thick)
-    body = _Body(cx=body_cx, cy=body_cy, a=bp["a"], b=bp["b"], p_post=bp["p_post"], t_lat=bp["t_lat"],
-                 t_ant=bp["t_ant"], t_post=bp["t_post"], wall=bp["wall"], scale=bp_scale)
-    mid_x += body_cx
-    spine_y += body_cy
+    return zc, thick, nz
 
-    seg = np.zeros(grid.shape, dtype=np.uint8)
-    sides = ("left", "right") if kidneys == "both" else (kidneys,)
+
+def _label_kidneys(grid: _Grid, seg: np.ndarray, kid: dict, zc: dict, sides, mid_x: float, spine_y: float):
+    """Label (1) each kept kidney in `seg`: a tilted ellipsoid with a hilar notch cut from its
+    medial side. Returns the `_Kidney` landmarks and each kidney's (centre, frame, semi-axes),
+    on which a tumor is placed."""
     kidneys_out = {}
     frames = {}
     for side in sides:
@@ -446,10 +456,28 @@ def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
         frames[side] = (center, rot, np.array(k["semi"]))
         hilum = center + rot @ np.array([0.0, -b_k * 0.8, 0.0])
         kidneys_out[side] = _Kidney(side, center, hilum, center[0] - a_k, center[0] + a_k)
+    return kidneys_out, frames
 
-    # Tumor.
-    has_tumor = rng.uniform() < 0.8
-    t_side = sides[int(rng.integers(len(sides)))]
+
+@dataclass
+class _TumorDraw:
+    present: bool
+    side: str
+    diam: float  # mm
+    u: float  # position on the kidney surface: cosine along the long axis
+    phi: float  # and angle around it (radians)
+    depth: float  # centre offset along the surface normal, in radii (negative: inside)
+    semi_f: np.ndarray  # per-axis semi-axis factors
+    rot: np.ndarray
+    lobes: list  # (radius factor, direction, offset in radii)
+
+
+def _draw_tumor(rng: np.random.Generator, sides) -> _TumorDraw:
+    """Draw the tumor's presence (80 %), side, size (15..80 mm, log-uniform), position and lobes.
+
+    Everything is drawn whether or not the case has a tumor, so the draw count is fixed."""
+    present = rng.uniform() < 0.8
+    side = sides[int(rng.integers(len(sides)))]
     diam = math.exp(rng.uniform(math.log(15), math.log(80)))
     u_t = rng.uniform(-0.85, 0.85)
     phi = math.radians(rng.uniform(-120, 120))
@@ -458,32 +486,65 @@ def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
     t_rot = _random_rotation(rng)
     n_lobes = int(rng.integers(0, 3))
     lobes = [(rng.uniform(0.4, 0.7), _unit(rng.standard_normal(3)), rng.uniform(0.4, 0.7)) for _ in range(n_lobes)]
-    if has_tumor:
-        center, rot, semi = frames[t_side]
-        r = diam / 2
-        d = np.array([u_t, math.sqrt(1 - u_t**2) * math.cos(phi), math.sqrt(1 - u_t**2) * math.sin(phi)])
-        s = 1.0 / math.sqrt(float(((d / semi) ** 2).sum()))
-        surf = d * s
-        normal = _unit(surf / semi**2)
-        t_center = center + rot @ (surf + normal * r * depth)
-        tmask = np.zeros(grid.shape, dtype=bool)
-        box, q = _ellipsoid_q(grid, t_center, r * t_semi_f, t_rot)
+    return _TumorDraw(present, side, diam, u_t, phi, depth, t_semi_f, t_rot, lobes)
+
+
+def _label_tumor(grid: _Grid, seg: np.ndarray, body: _Body, frame, tumor: _TumorDraw, mid_x: float, spine_y: float,
+                 vb_r: float) -> None:
+    """Label (2) the tumor in `seg`: an ellipsoid plus lobes centred near a point of the kidney's
+    surface, clipped to the body's inner wall and kept off the spine."""
+    center, rot, semi = frame
+    r = tumor.diam / 2
+    u_t, phi = tumor.u, tumor.phi
+    d = np.array([u_t, math.sqrt(1 - u_t**2) * math.cos(phi), math.sqrt(1 - u_t**2) * math.sin(phi)])
+    s = 1.0 / math.sqrt(float(((d / semi) ** 2).sum()))
+    surf = d * s
+    normal = _unit(surf / semi**2)
+    t_center = center + rot @ (surf + normal * r * tumor.depth)
+    tmask = np.zeros(grid.shape, dtype=bool)
+    box, q = _ellipsoid_q(grid, t_center, r * tumor.semi_f, tumor.rot)
+    if box is not None:
+        tmask[box] |= q <= 1
+    for rf, direction, off in tumor.lobes:
+        box, q = _ellipsoid_q(grid, t_center + direction * r * off, (r * rf,) * 3)
         if box is not None:
             tmask[box] |= q <= 1
-        for rf, direction, off in lobes:
-            box, q = _ellipsoid_q(grid, t_center + direction * r * off, (r * rf,) * 3)
-            if box is not None:
-                tmask[box] |= q <= 1
-        tb = _bbox(tmask)
-        if tb is not None:
-            inner = body.mask(grid, tb, "inner")
-            z, y, x = grid.coords(tb)
-            spine = (x - np.float32(mid_x)) ** 2 + (y - np.float32(spine_y)) ** 2 <= np.float32((vb_r + 12) ** 2)
-            keep = tmask[tb] & inner & ~spine
-            seg[tb][keep] = 2
+    tb = _bbox(tmask)
+    if tb is not None:
+        inner = body.mask(grid, tb, "inner")
+        z, y, x = grid.coords(tb)
+        spine = (x - np.float32(mid_x)) ** 2 + (y - np.float32(spine_y)) ** 2 <= np.float32((vb_r + 12) ** 2)
+        keep = tmask[tb] & inner & ~spine
+        seg[tb][keep] = 2
+
+
+def _synthetic_plan(rng: np.random.Generator, size: int, kidneys: str) -> _Plan:
+    """Lay out a fully synthetic case: body, spine, kidneys and tumor (mm), the slice grid that
+    covers them and the label array. The draws run in a fixed order that is part of every case's bytes."""
+    bp = _draw_body(rng)
+    vb_r = rng.uniform(17, 23)
+    # Physical layout relative to the body centre (0, 0); shifted into the image below.
+    mid_x = rng.uniform(-6, 6)
+    spine_y = bp["b"] - bp["t_post"] - rng.uniform(40, 55) - vb_r
+    kid = _draw_kidney_shapes(rng)
+    px, body_cx, body_cy = _field_of_view(rng, bp, kid, mid_x, size)
+    zc, thick, nz = _craniocaudal_layout(rng, kid, size)
+    grid = _Grid((nz, size, size), (thick, px, px))
+    bp_scale = _body_scale(bp, nz, thick)
+    body = _Body(cx=body_cx, cy=body_cy, a=bp["a"], b=bp["b"], p_post=bp["p_post"], t_lat=bp["t_lat"],
+                 t_ant=bp["t_ant"], t_post=bp["t_post"], wall=bp["wall"], scale=bp_scale)
+    mid_x += body_cx
+    spine_y += body_cy
+
+    seg = np.zeros(grid.shape, dtype=np.uint8)
+    sides = ("left", "right") if kidneys == "both" else (kidneys,)
+    kidneys_out, frames = _label_kidneys(grid, seg, kid, zc, sides, mid_x, spine_y)
+    tumor = _draw_tumor(rng, sides)
+    if tumor.present:
+        _label_tumor(grid, seg, body, frames[tumor.side], tumor, mid_x, spine_y, vb_r)
     meta = {"tumor": bool((seg == 2).any())}
-    if has_tumor:
-        meta["tumor_side"] = t_side
+    if tumor.present:
+        meta["tumor_side"] = tumor.side
     affine = np.array([[0, 0, -px, 0], [0, -px, 0, 0], [-thick, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
     return _Plan(grid=grid, seg=seg, body=body, mid_x=mid_x, spine_y=spine_y, vb_r=vb_r, kidneys=kidneys_out,
                  affine=affine, flips=(), radiographic_size=None, meta=meta)
@@ -687,14 +748,33 @@ def _q(p: float) -> float:
     return NormalDist().inv_cdf(min(max(p, 1e-4), 1 - 1e-4))
 
 
-def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
-    grid, seg, body = plan.grid, plan.seg, plan.body
-    nz, ny, nx = grid.shape
-    full = grid.full
-    mid_x, spine_y, vb_r = plan.mid_x, plan.spine_y, plan.vb_r
-    U = rng.uniform
+@dataclass
+class _Look:
+    """Case-level appearance: tissue values (HU), bowel contents and noise level."""
 
-    # Case-level tissue values (HU).
+    t: dict  # tissue -> HU
+    cortex: float  # renal cortex HU
+    medulla: float  # renal medulla HU
+    noise_sd: float
+    oral_contrast: bool
+    f_contrast: float  # share of bowel lumen holding oral contrast
+    f_gas: float  # share of bowel lumen holding gas
+    lumen_t: float  # bowel-field threshold above which a loop's lumen lies
+
+
+class _Levels(NamedTuple):
+    """Craniocaudal landmarks (mm) the organs are placed by."""
+
+    z_top: float  # top of the kidneys
+    z_bot: float  # bottom of the kidneys
+    z_right: float  # right kidney centre
+    z_left: float  # left kidney centre
+
+
+def _draw_look(rng: np.random.Generator) -> _Look:
+    """Draw the case's tissue values before anything is painted; the aorta and renal veins follow
+    the cortex, as they enhance together in the arterial phase."""
+    U = rng.uniform
     hu_cortex = U(150, 250)
     hu_medulla = U(30, 100)
     t = dict(
@@ -710,12 +790,30 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
     f_contrast = U(0.2, 0.6) if oral_contrast else 0.0
     f_gas = U(0.1, 0.35)
     lumen_t = U(0.0, 0.5)
+    return _Look(t, hu_cortex, hu_medulla, noise_sd, oral_contrast, f_contrast, f_gas, lumen_t)
 
-    hu = np.full(grid.shape, -1000.0, dtype=np.float32)
-    z1, y1, x1 = grid.coords(full)  # (nz,1,1), (1,ny,1), (1,1,nx)
 
-    # CT table below the back.
+def _kidney_levels(plan: _Plan) -> _Levels:
+    """Where the kidneys lie craniocaudally; without a kidney, defaults at 30 % / 70 % of the scan
+    and centres 10 mm either side of the middle (the right kidney lower)."""
+    grid = plan.grid
+    nz = grid.shape[0]
+    kz = plan.kidneys
+    z_top = min([k.ztop for k in kz.values()], default=nz * grid.spacing[0] * 0.3)
+    z_bot = max([k.zbot for k in kz.values()], default=nz * grid.spacing[0] * 0.7)
+    z_mid = (z_top + z_bot) / 2
+    right = kz.get("right")
+    left = kz.get("left")
+    zR = right.center[0] if right else z_mid + 10
+    zL = left.center[0] if left else z_mid - 10
+    return _Levels(z_top, z_bot, zR, zL)
+
+
+def _paint_table(rng: np.random.Generator, hu: np.ndarray, grid: _Grid, body: _Body, table_hu: float) -> None:
+    """CT table below the back (85 % of cases): a curved dense shell around a low-density core."""
+    U = rng.uniform
     if U() < 0.85:
+        _, y1, x1 = grid.coords(grid.full)
         y_back = body.cy + body.b * float(body.scale.max())
         gap, thick = U(4, 30), U(8, 16)
         curve = U(0.0004, 0.0009)
@@ -726,8 +824,15 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         shell = ((yy >= ytop) & (yy < ytop + sh)) | ((yy >= ytop + thick - sh) & (yy < ytop + thick))
         core = (yy >= ytop + sh) & (yy < ytop + thick - sh)
         hu[:, core] = -900.0
-        hu[:, shell] = t["table"]
+        hu[:, shell] = table_hu
 
+
+def _paint_body(rng: np.random.Generator, hu: np.ndarray, grid: _Grid, body: _Body, t: dict):
+    """Body layers: subcutaneous fat, abdominal-wall muscle, textured fat filling the cavity.
+
+    Returns the inner (inside the fat) and cavity masks, which bound the organs painted later,
+    and the fine texture field (12 mm) that later tissues share."""
+    full = grid.full
     outer = body.mask(grid, full, "outer")
     inner = body.mask(grid, full, "inner")
     cavity = body.mask(grid, full, "cavity")
@@ -735,46 +840,50 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
     hu[inner] = t["muscle"]
     tex = _Field(rng, grid, 12.0).sample()
     hu[cavity] = t["retro"] + 12.0 * tex[cavity]
-    del outer
+    return inner, cavity, tex
 
-    # Bowel loops (anterior cavity and flanks): lumen where a smooth field is high, a thin
-    # enhancing wall around it, contents (gas / fluid / oral contrast) from a coarser field.
+
+def _paint_bowel(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, cavity: np.ndarray, tex: np.ndarray,
+                 look: _Look) -> None:
+    """Bowel loops in the anterior cavity and flanks: lumen where a smooth field is high, a thin
+    enhancing wall around it, contents (gas / fluid / oral contrast) from a coarser field."""
+    U = rng.uniform
+    grid, body, t = plan.grid, plan.body, look.t
     ccx, ccy, ca, cb = body.level("cavity")
     smax = float(body.scale.max())
     cbox = grid.box((-1e9, ccy - cb * smax, ccx - ca * smax), (1e9, ccy + cb * smax, ccx + ca * smax))
     f_field = _Field(rng, grid, U(13, 20))
     g_field = _Field(rng, grid, U(30, 50))
-    if cbox is not None:
-        _, yb, xb = grid.coords(cbox)
-        lim = np.where(np.abs(xb - np.float32(mid_x)) < 50, np.float32(spine_y - 12), np.float32(spine_y + 30))
-        region = cavity[cbox] & (yb < lim)
-        f = f_field.sample(cbox)
-        lumen = region & (f > lumen_t)
-        wall = region & (f > lumen_t - 0.3) & ~lumen
-        del f, region
-        sub = hu[cbox]
-        sub[wall] = t["bowel_wall"]
-        g = g_field.sample(cbox)[lumen]
-        vals = np.full(g.shape, t["fluid"], dtype=np.float32)
-        vals[g > _q(1 - f_gas)] = t["gas"]
-        if oral_contrast:
-            vals[g < _q(f_contrast)] = t["contrast"]
-        vals += 8.0 * tex[cbox][lumen]
-        sub[lumen] = vals
-        del g, vals, lumen, wall, sub
+    if cbox is None:
+        return
+    _, yb, xb = grid.coords(cbox)
+    spine_y = plan.spine_y
+    lim = np.where(np.abs(xb - np.float32(plan.mid_x)) < 50, np.float32(spine_y - 12), np.float32(spine_y + 30))
+    region = cavity[cbox] & (yb < lim)
+    f = f_field.sample(cbox)
+    lumen = region & (f > look.lumen_t)
+    wall = region & (f > look.lumen_t - 0.3) & ~lumen
+    del f, region
+    sub = hu[cbox]
+    sub[wall] = t["bowel_wall"]
+    g = g_field.sample(cbox)[lumen]
+    vals = np.full(g.shape, t["fluid"], dtype=np.float32)
+    vals[g > _q(1 - look.f_gas)] = t["gas"]
+    if look.oral_contrast:
+        vals[g < _q(look.f_contrast)] = t["contrast"]
+    vals += 8.0 * tex[cbox][lumen]
+    sub[lumen] = vals
 
-    kz = {s: k for s, k in plan.kidneys.items()}
-    z_top = min([k.ztop for k in kz.values()], default=nz * grid.spacing[0] * 0.3)
-    z_bot = max([k.zbot for k in kz.values()], default=nz * grid.spacing[0] * 0.7)
-    z_mid = (z_top + z_bot) / 2
-    right = kz.get("right")
-    left = kz.get("left")
-    zR = right.center[0] if right else z_mid + 10
-    zL = left.center[0] if left else z_mid - 10
 
-    # Liver (patient right = negative x), with brighter vessels; gallbladder.
+def _paint_liver(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, cavity: np.ndarray, t: dict,
+                 z_right: float) -> None:
+    """Liver on the patient's right (negative x) beside the right kidney, with brighter vessels;
+    a gallbladder in 60 % of cases."""
+    U = rng.uniform
+    grid, mid_x = plan.grid, plan.mid_x
+    _, ccy, _, cb = plan.body.level("cavity")
     az = U(90, 130)
-    liver_c = (zR + U(-10, 40) - az, ccy - U(0, 20), mid_x - U(40, 70))
+    liver_c = (z_right + U(-10, 40) - az, ccy - U(0, 20), mid_x - U(40, 70))
     box, q = _ellipsoid_q(grid, liver_c, (az, U(80, 110), U(90, 120)))
     if box is not None:
         m = (q <= 1) & cavity[box]
@@ -783,13 +892,20 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         val = np.where(np.abs(lf) < 0.12, t["liver"] + U(20, 80), val)
         _paint(hu, box, m, val)
     if U() < 0.6:
-        gb_c = (zR + U(-30, 10), ccy - cb * U(0.3, 0.6), mid_x - U(30, 60))
+        gb_c = (z_right + U(-30, 10), ccy - cb * U(0.3, 0.6), mid_x - U(30, 60))
         box, q = _ellipsoid_q(grid, gb_c, (U(25, 40), U(12, 20), U(12, 20)))
         if box is not None:
             _paint(hu, box, (q <= 1) & cavity[box], t["gb"])
 
-    # Spleen (patient left), arterial-phase heterogeneous.
-    sp_c = (zL - U(0, 50), spine_y + U(-10, 15), mid_x + ca - U(30, 45))
+
+def _paint_spleen(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, cavity: np.ndarray, t: dict,
+                  z_left: float) -> None:
+    """Spleen on the patient's left, level with or above the left kidney's centre, beside the
+    spine's depth, tilted; arterial-phase heterogeneous."""
+    U = rng.uniform
+    grid, mid_x = plan.grid, plan.mid_x
+    _, _, ca, _ = plan.body.level("cavity")
+    sp_c = (z_left - U(0, 50), plan.spine_y + U(-10, 15), mid_x + ca - U(30, 45))
     ang = math.radians(U(20, 45))
     rot = np.array([[1, 0, 0], [0, math.cos(ang), -math.sin(ang)], [0, math.sin(ang), math.cos(ang)]])
     box, q = _ellipsoid_q(grid, sp_c, (U(45, 65), U(45, 60), U(25, 35)), rot)
@@ -797,8 +913,14 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         sf = _Field(rng, grid, 9.0).sample(box)
         _paint(hu, box, (q <= 1) & cavity[box], t["spleen"] + U(10, 30) * sf)
 
-    # Stomach (left upper, anterior) with an air-fluid level.
-    st_c = np.array([zL - U(30, 80), ccy - cb * U(0.25, 0.5), mid_x + U(30, 60)])
+
+def _paint_stomach(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, cavity: np.ndarray, look: _Look,
+                   z_left: float) -> None:
+    """Stomach (left upper, anterior): a wall, gas above an air-fluid level, fluid or oral contrast below."""
+    U = rng.uniform
+    grid, t = plan.grid, look.t
+    _, ccy, _, cb = plan.body.level("cavity")
+    st_c = np.array([z_left - U(30, 80), ccy - cb * U(0.25, 0.5), plan.mid_x + U(30, 60)])
     st_semi = (U(40, 60), U(30, 45), U(40, 55))
     box, q = _ellipsoid_q(grid, st_c, st_semi)
     if box is not None:
@@ -807,33 +929,54 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         _paint(hu, box, m, U(50, 90))
         _, yb, _ = grid.coords(box)
         level = st_c[1] - st_semi[1] * U(-0.2, 0.5)
-        filling = t["contrast"] if (oral_contrast and U() < 0.6) else t["fluid"]
+        filling = t["contrast"] if (look.oral_contrast and U() < 0.6) else t["fluid"]
         _paint(hu, box, inside & (yb < level), t["gas"])
         _paint(hu, box, inside & (yb >= level), filling)
 
-    # Pancreas: head near the duodenum (right), body in front of the aorta, tail to the spleen.
-    zp = (zR + zL) / 2 - U(0, 20)
-    ay = spine_y - vb_r
+
+def _paint_pancreas(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, cavity: np.ndarray, t: dict,
+                    tex: np.ndarray, lv: _Levels) -> None:
+    """Pancreas as a tube: head near the duodenum (right), body in front of the aorta, tail to the spleen."""
+    U = rng.uniform
+    mid_x, spine_y = plan.mid_x, plan.spine_y
+    zp = (lv.z_right + lv.z_left) / 2 - U(0, 20)
+    ay = spine_y - plan.vb_r
     pts = [(zp + U(5, 20), ay - U(25, 40), mid_x - U(30, 45)), (zp, ay - U(25, 35), mid_x + U(0, 15)),
            (zp - U(10, 25), spine_y - U(0, 20), mid_x + U(60, 80))]
-    box, m = _tube(grid, pts, U(9, 14))
+    box, m = _tube(plan.grid, pts, U(9, 14))
     if box is not None:
         _paint(hu, box, m & cavity[box], t["pancreas"] + 6.0 * tex[box])
 
-    # Perirenal fat around kidneys and tumor.
-    fg = seg > 0
-    fgbox = _bbox(fg)
-    if fgbox is not None:
-        gbox = grid.grow(fgbox, 20.0)
-        dist = ndi.distance_transform_edt(~fg[gbox], sampling=grid.spacing)
-        width = U(4, 12) + 3.0 * _Field(rng, grid, 25.0).sample(gbox)
-        fat = (dist > 0) & (dist <= np.maximum(width, 2.0)) & body.mask(grid, gbox, "inner")
-        _paint(hu, gbox, fat, t["retro"] + 8.0 * tex[gbox])
-        del dist, width, fat
 
-    # Paraspinal muscles and psoas.
-    y_can_r = U(7, 10)
-    y_can = spine_y + vb_r + y_can_r + 1
+def _paint_perirenal_fat(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, fgbox, t: dict,
+                         tex: np.ndarray) -> None:
+    """A fat layer of varying width (4..12 mm) around kidneys and tumor, so that they stand apart
+    from the organs painted before; `fgbox` is the box of the labels."""
+    if fgbox is None:
+        return
+    grid = plan.grid
+    gbox = grid.grow(fgbox, 20.0)
+    dist = ndi.distance_transform_edt(~(plan.seg[gbox] > 0), sampling=grid.spacing)
+    width = rng.uniform(4, 12) + 3.0 * _Field(rng, grid, 25.0).sample(gbox)
+    fat = (dist > 0) & (dist <= np.maximum(width, 2.0)) & plan.body.mask(grid, gbox, "inner")
+    _paint(hu, gbox, fat, t["retro"] + 8.0 * tex[gbox])
+
+
+def _draw_canal(rng: np.random.Generator, plan: _Plan):
+    """Spinal canal behind the vertebral body: (centre row y, radius) in mm; the paraspinal
+    muscles and the neural arch are placed from it."""
+    y_can_r = rng.uniform(7, 10)
+    y_can = plan.spine_y + plan.vb_r + y_can_r + 1
+    return y_can, y_can_r
+
+
+def _paint_spine_muscles(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, inner: np.ndarray, t: dict,
+                         tex: np.ndarray, y_can: float, z_top: float) -> None:
+    """Paraspinal muscles behind the canal (every slice) and the psoas either side of the
+    vertebral bodies, starting below the kidneys' top and widening caudally."""
+    U = rng.uniform
+    mid_x, spine_y, vb_r = plan.mid_x, plan.spine_y, plan.vb_r
+    z1, y1, x1 = plan.grid.coords(plan.grid.full)
     for sgn in (-1, 1):
         ex, ey = mid_x + sgn * U(28, 35), y_can + U(15, 25)
         sa, sb = U(25, 32), U(22, 28)
@@ -851,7 +994,16 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         m = ((x1 - cxz) ** 2 + (y1 - np.float32(spine_y + ps_dy)) ** 2 <= rr * rr * np.float32(1.0)) & (rr > 0)
         hu[m] = t["muscle"] + 5.0 * tex[m]
 
-    # Spine: vertebral bodies / discs, canal, neural arch, spinous and transverse processes.
+
+def _paint_spine(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, t: dict, tex: np.ndarray,
+                 y_can: float, y_can_r: float) -> None:
+    """Lumbar spine slice by slice: vertebral bodies (cortical rim, cancellous core) alternating
+    with discs, spinal canal, neural arch, spinous and transverse processes on part of each level."""
+    U = rng.uniform
+    grid, mid_x, spine_y, vb_r = plan.grid, plan.mid_x, plan.spine_y, plan.vb_r
+    nz, ny, nx = grid.shape
+    z1, y1, x1 = grid.coords(grid.full)
+    zz = z1[:, 0, 0]
     period, disc_h, phase = U(28, 34), U(6, 10), U(0, 34)
     zpos = np.mod(zz - phase, period)
     is_disc = zpos < disc_h
@@ -882,20 +1034,28 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         if period * 0.25 < zpos[k] < period * 0.55:
             sl[tp2] = t["bone"] * 0.7
 
-    # Ribs in the upper slices: arcs just inside the subcutaneous fat.
-    icx, icy, ia, ib = body.level("inner")
+
+def _paint_ribs(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, t: dict, lv: _Levels) -> None:
+    """Ribs in the upper slices: short arcs just inside the subcutaneous fat, both sides, every
+    18..28 mm down to 25..45 % of the way down the kidneys, each arc's angle shifting slice by slice."""
+    U = rng.uniform
+    grid = plan.grid
+    z1, y1, x1 = grid.coords(grid.full)
+    zz = z1[:, 0, 0]
+    x2, y2 = x1[0], y1[0]  # (1,nx), (ny,1)
+    icx, icy, ia, ib = plan.body.level("inner")
     rho = np.sqrt(((x2 - np.float32(icx)) / np.float32(ia)) ** 2 + ((y2 - np.float32(icy)) / np.float32(ib)) ** 2)
     band = (rho <= 1 - 4.0 / ib) & (rho >= 1 - 12.0 / ib)
     theta_l = np.degrees(np.arctan2((y2 - np.float32(icy)) / np.float32(ib), (x2 - np.float32(icx)) / np.float32(ia)))
     theta_r = np.degrees(np.arctan2((y2 - np.float32(icy)) / np.float32(ib), -(x2 - np.float32(icx)) / np.float32(ia)))
-    rib_end = z_top + (z_bot - z_top) * U(0.25, 0.45)
+    rib_end = lv.z_top + (lv.z_bot - lv.z_top) * U(0.25, 0.45)
     ribs = []
     z_rib = U(-40, 0)
     while z_rib < rib_end:
         for side_theta in (theta_l, theta_r):
             ribs.append((z_rib + U(-5, 5), U(8, 15), U(-20, 70), U(0.8, 2.0), U(8, 16), side_theta))
         z_rib += U(18, 28)
-    for k in range(nz):
+    for k in range(grid.shape[0]):
         zk = zz[k]
         arcs = None
         for zr, hh, th0, slope, half, theta in ribs:
@@ -906,11 +1066,19 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         if arcs is not None:
             hu[k][arcs] = t["rib"]
 
-    # Vessels: aorta (+ iliacs), IVC, renal arteries and veins.
+
+def _paint_great_vessels(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, t: dict, z_bot: float):
+    """Aorta in front of the spine, bifurcating into the iliacs below the kidneys, and the IVC to
+    its right through every slice. Returns the aorta's (y, x) centre and radius and the IVC's
+    (y, x) centre (mm), which the renal vessels join."""
+    U = rng.uniform
+    grid, mid_x, spine_y, vb_r = plan.grid, plan.mid_x, plan.spine_y, plan.vb_r
+    _, y1, x1 = grid.coords(grid.full)
+    x2, y2 = x1[0], y1[0]  # (1,nx), (ny,1)
     r_ao = U(9, 13)
     ao = (spine_y - vb_r - r_ao - U(1, 6), mid_x + U(5, 15))
     z_bif = z_bot + U(0, 40)
-    zmax = nz * grid.spacing[0]
+    zmax = grid.shape[0] * grid.spacing[0]
     box, m = _tube(grid, [(-10, ao[0], ao[1]), (z_bif, ao[0], ao[1])], r_ao)
     _paint(hu, box, m, t["aorta"])
     if z_bif < zmax:
@@ -921,7 +1089,16 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
     ivc_semi = (U(11, 15), U(8, 11))
     m2 = ((x2 - np.float32(ivc[1])) / np.float32(ivc_semi[0])) ** 2 + ((y2 - np.float32(ivc[0])) / np.float32(ivc_semi[1])) ** 2 <= 1
     hu[:, m2] = t["ivc"]
-    for side, k in kz.items():
+    return ao, r_ao, ivc
+
+
+def _paint_renal_vessels(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, t: dict, ao, r_ao: float,
+                         ivc) -> None:
+    """Renal arteries from the aorta and renal veins to the IVC, ending at each kidney's hilum
+    (the left vein crosses in front of the aorta)."""
+    U = rng.uniform
+    grid = plan.grid
+    for side, k in plan.kidneys.items():
         sgn = 1 if side == "left" else -1
         hz, hy, hx = k.hilum
         way = (hz - 5, hy - 8, hx - sgn * 15)
@@ -934,46 +1111,100 @@ def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
         box, m = _tube(grid, vpts, U(4, 6))
         _paint(hu, box, m, t["rvein"])
 
-    # Kidneys: cortex, medulla with columns of Bertin, sinus fat and pelvis; tumor.
-    if fgbox is not None:
-        kbox = grid.grow(fgbox, 2.0)
-        sub = seg[kbox]
-        depth = ndi.distance_transform_edt(sub > 0, sampling=grid.spacing)
-        kf = _Field(rng, grid, 7.0).sample(kbox)
-        pf = _Field(rng, grid, 12.0).sample(kbox)
-        t_c = U(4, 7) + 0.5 * float(grid.spacing[1:].min())
-        _, _, xk = grid.coords(kbox)
-        val = np.full(sub.shape, hu_cortex, dtype=np.float32) + 8.0 * kf
-        kid = sub == 1
-        for side_left in (True, False):
-            side_m = kid & ((xk > np.float32(mid_x)) if side_left else (xk <= np.float32(mid_x)))
-            if not side_m.any():
-                continue
-            dmax = float(depth[side_m].max())
-            cortex_v = hu_cortex + U(-10, 10)
-            medulla = side_m & (depth > t_c) & (kf > -0.6)
-            sinus = side_m & (depth > max(t_c * 1.5, U(0.55, 0.7) * dmax))
-            val[side_m] = cortex_v + 8.0 * kf[side_m]
-            val[medulla] = hu_medulla + 8.0 * kf[medulla]
-            val[sinus] = np.where(pf[sinus] > 0.3, t["urine"], t["sinus"] + 10.0 * kf[sinus])
-        tum = sub == 2
-        if tum.any():
-            tdepth = ndi.distance_transform_edt(tum, sampling=grid.spacing)
-            tv = t["tumor"] + U(15, 40) * kf + U(10, 30) * pf
-            dm = float(tdepth.max())
-            if dm > 12 and U() < 0.6:
-                nec = tdepth > dm * U(0.4, 0.6)
-                tv = np.where(nec & (pf > -0.5), t["necrosis"] + 8.0 * kf, tv)
-            val[tum] = tv[tum]
-        _paint(hu, kbox, sub > 0, val)
 
-    # Partial-volume blur, then noise.
+def _kidney_layers(rng: np.random.Generator, val: np.ndarray, side_m: np.ndarray, depth: np.ndarray,
+                   kf: np.ndarray, pf: np.ndarray, t_c: float, look: _Look) -> None:
+    """Values of one kidney (`side_m`) by depth below its surface: cortex (its own value), then
+    medulla broken by columns of Bertin where the texture `kf` is low, then sinus fat with urine
+    in the pelvis (where `pf` is high) at the core."""
+    U = rng.uniform
+    t = look.t
+    dmax = float(depth[side_m].max())
+    cortex_v = look.cortex + U(-10, 10)
+    medulla = side_m & (depth > t_c) & (kf > -0.6)
+    sinus = side_m & (depth > max(t_c * 1.5, U(0.55, 0.7) * dmax))
+    val[side_m] = cortex_v + 8.0 * kf[side_m]
+    val[medulla] = look.medulla + 8.0 * kf[medulla]
+    val[sinus] = np.where(pf[sinus] > 0.3, t["urine"], t["sinus"] + 10.0 * kf[sinus])
+
+
+def _tumor_values(rng: np.random.Generator, val: np.ndarray, tum: np.ndarray, kf: np.ndarray, pf: np.ndarray,
+                  t: dict, spacing) -> None:
+    """Values of the tumor (`tum`): heterogeneous from two texture fields; a large one (over 12 mm
+    deep) has a necrotic core in 60 % of cases."""
+    U = rng.uniform
+    tdepth = ndi.distance_transform_edt(tum, sampling=spacing)
+    tv = t["tumor"] + U(15, 40) * kf + U(10, 30) * pf
+    dm = float(tdepth.max())
+    if dm > 12 and U() < 0.6:
+        nec = tdepth > dm * U(0.4, 0.6)
+        tv = np.where(nec & (pf > -0.5), t["necrosis"] + 8.0 * kf, tv)
+    val[tum] = tv[tum]
+
+
+def _paint_kidneys(rng: np.random.Generator, hu: np.ndarray, plan: _Plan, fgbox, look: _Look) -> None:
+    """Paint the labelled kidneys (each side in layers) and tumor over everything painted before,
+    so that the image agrees with the segmentation; `fgbox` is the box of the labels."""
+    if fgbox is None:
+        return
+    grid, mid_x = plan.grid, plan.mid_x
+    kbox = grid.grow(fgbox, 2.0)
+    sub = plan.seg[kbox]
+    depth = ndi.distance_transform_edt(sub > 0, sampling=grid.spacing)
+    kf = _Field(rng, grid, 7.0).sample(kbox)
+    pf = _Field(rng, grid, 12.0).sample(kbox)
+    t_c = rng.uniform(4, 7) + 0.5 * float(grid.spacing[1:].min())
+    _, _, xk = grid.coords(kbox)
+    val = np.full(sub.shape, look.cortex, dtype=np.float32) + 8.0 * kf
+    kid = sub == 1
+    for side_left in (True, False):
+        side_m = kid & ((xk > np.float32(mid_x)) if side_left else (xk <= np.float32(mid_x)))
+        if side_m.any():
+            _kidney_layers(rng, val, side_m, depth, kf, pf, t_c, look)
+    tum = sub == 2
+    if tum.any():
+        _tumor_values(rng, val, tum, kf, pf, look.t, grid.spacing)
+    _paint(hu, kbox, sub > 0, val)
+
+
+def _scan(rng: np.random.Generator, hu: np.ndarray, grid: _Grid, noise_sd: float) -> np.ndarray:
+    """What the scanner adds: partial-volume blur (0.7 mm in-plane, kept within 0.5..1 pixel;
+    0.4 slice through-plane), Gaussian noise, then rounding and clipping to int16 HU."""
     sig_xy = float(np.clip(0.7 / grid.spacing[1], 0.5, 1.0))
     hu = ndi.gaussian_filter(hu, sigma=(0.4, sig_xy, sig_xy), truncate=3.0)
     hu += noise_sd * rng.standard_normal(hu.shape, dtype=np.float32)
     np.rint(hu, out=hu)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
     return hu.astype(np.int16)
+
+
+def _render(rng: np.random.Generator, plan: _Plan) -> np.ndarray:
+    """Paint the plan's phantom in HU: int16, canonical orientation, the labels' grid.
+
+    Each step draws from `rng` in turn and later steps paint over earlier ones, so the order of
+    the steps below (and of the draws within them) is part of every case's bytes."""
+    grid = plan.grid
+    look = _draw_look(rng)
+    t = look.t
+    hu = np.full(grid.shape, -1000.0, dtype=np.float32)
+    _paint_table(rng, hu, grid, plan.body, t["table"])
+    inner, cavity, tex = _paint_body(rng, hu, grid, plan.body, t)
+    _paint_bowel(rng, hu, plan, cavity, tex, look)
+    lv = _kidney_levels(plan)
+    _paint_liver(rng, hu, plan, cavity, t, lv.z_right)
+    _paint_spleen(rng, hu, plan, cavity, t, lv.z_left)
+    _paint_stomach(rng, hu, plan, cavity, look, lv.z_left)
+    _paint_pancreas(rng, hu, plan, cavity, t, tex, lv)
+    fgbox = _bbox(plan.seg > 0)
+    _paint_perirenal_fat(rng, hu, plan, fgbox, t, tex)
+    y_can, y_can_r = _draw_canal(rng, plan)
+    _paint_spine_muscles(rng, hu, plan, inner, t, tex, y_can, lv.z_top)
+    _paint_spine(rng, hu, plan, t, tex, y_can, y_can_r)
+    _paint_ribs(rng, hu, plan, t, lv)
+    ao, r_ao, ivc = _paint_great_vessels(rng, hu, plan, t, lv.z_bot)
+    _paint_renal_vessels(rng, hu, plan, t, ao, r_ao, ivc)
+    _paint_kidneys(rng, hu, plan, fgbox, look)
+    return _scan(rng, hu, grid, look.noise_sd)
 
 
 # --------------------------------------------------------------------------- measurements
