@@ -116,3 +116,30 @@ def test_recipe_trains_its_phases_in_turn_and_resumes_an_interrupted_one(tmp_pat
     calls.clear()
     R.train_phases(plan, tmp_path / "data", run / "none", epochs=3)
     assert len(calls) == 1 and "--resume" not in calls[0] and "--lr" not in calls[0] and calls[0][-2:] == ["--epochs", "3"]
+
+
+def test_a_fine_tuning_recipe_starts_from_the_committed_run(tmp_path, monkeypatch):
+    """kidney-synth-2: its first phase is `qnkit train --init-from resume/kidney-synth`, resumes are plain."""
+    import json
+
+    from qnkit.models import recipe as R
+
+    calls = []
+
+    def fake_train(*args, **kw):
+        args = [str(a) for a in args]
+        calls.append(args)
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
+
+    monkeypatch.setattr(R, "_qnkit", fake_train)
+    recipe = {**R.RECIPES["kidney-synth-2"], "phases": [{"epochs": 2, "lr": 5e-4}, {"epochs": 4, "lr": 1e-4}]}
+    source = R.init_source(recipe)
+    assert source == R.RESUME_DIR / "kidney-synth" and (source / "checkpoints" / "best" / "meta.json").is_file()
+    run = tmp_path / "run"
+    R.train_phases(recipe, tmp_path / "data", run, init_from=source)
+    assert calls[0][calls[0].index("--init-from") + 1] == str(source) and "--resume" not in calls[0]
+    assert "--init-from" not in calls[1] and "--resume" in calls[1]
+    assert R.init_source(R.RECIPES["kidney-synth"]) is None
+    with pytest.raises(SystemExit, match="no trained run"):
+        R.init_source(recipe, tmp_path / "empty")

@@ -9,7 +9,9 @@ evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_
 becomes the CPU default only if it agrees with FP32 on the real CT) -> ``qnkit segment`` of the real validation CT,
 scored per kidney against its labels -> the bundle copied into ``qnkit/models/<name>/`` and its
 entry (recipe, figures) written to ``registry.json``. A step whose output already exists is reused,
-so an interrupted build resumes (``qnkit train --resume``).
+so an interrupted build resumes (``qnkit train --resume``). A recipe with ``init_from`` fine-tunes:
+its first phase starts from the best weights of that model's committed run (``resume/<model>``;
+``qnkit train --init-from``) instead of random ones.
 """
 from __future__ import annotations
 
@@ -34,7 +36,23 @@ RECIPES = {
         "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}],
         "export": ["--int8"],
     },
+    # kidney-synth fine-tuned on anatomy version 2 (spleen and liver moved and resized against the kidneys,
+    # the left side's spleen confusion): a new seed, so new bodies; starts from the committed run of
+    # kidney-synth (resume/kidney-synth) instead of random weights.
+    "kidney-synth-2": {
+        "description": "QuickNAT (16 filters) at 2.5 mm pixels: kidney-synth fine-tuned on anatomy version 2 "
+                       "phantoms (organs against the kidneys)",
+        "synth": ["--cases", "140", "--seed", "2", "--generator", "anatomy", "--pixel-range", "1.3,2.6",
+                  "--anatomy-version", "2"],
+        "settings": "shipped",
+        "init_from": "kidney-synth",
+        "phases": [{"epochs": 8, "lr": 5e-4, "step_size": 4}],
+        "export": ["--int8"],
+        "default": False,  # becomes the default model only once its figures say so (set it here, rebuild)
+    },
 }
+#: Committed training runs (checkpoints and state) of the shipped models: the start of --init-from recipes.
+RESUME_DIR = Path(__file__).resolve().parents[2] / "resume"
 
 
 def _qnkit(*args, log=print) -> None:
@@ -77,9 +95,10 @@ def trained_epochs(run: Path) -> int:
     return json.loads(lines[-1])["epoch"] if lines else 0
 
 
-def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None) -> None:
+def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None, init_from: Path | None = None) -> None:
     """Train the recipe's phases in turn, each to its epoch count (`epochs` caps the last one);
-    a phase already done is skipped, one interrupted is resumed."""
+    a phase already done is skipped, one interrupted is resumed. `init_from` (a run folder): the
+    first phase starts from its best weights (`qnkit train --init-from`)."""
     phases = [dict(phase) for phase in recipe["phases"]]
     if epochs:
         phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
@@ -88,20 +107,32 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None)
         schedule = [arg for key in ("lr", "step_size") if key in phase
                     for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
+            start = ["--init-from", init_from] if init_from is not None else []
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
-                   "--epochs", phase["epochs"], *schedule)
+                   *start, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:
             _qnkit("train", "--out", run, "--resume", "--no-progress", "--epochs", phase["epochs"], *schedule)
 
 
+def init_source(recipe: dict, override: Path | None = None) -> Path | None:
+    """The run folder a fine-tuning recipe starts from: `override`, else the committed resume/<model>."""
+    if "init_from" not in recipe:
+        return None
+    source = Path(override) if override is not None else RESUME_DIR / recipe["init_from"]
+    if not (source / "checkpoints" / "best" / "meta.json").is_file():
+        raise SystemExit(f"recipe: {source} holds no trained run to start from (checkpoints/best)")
+    return source
+
+
 def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, real_labels: Path | None,
-          install: bool = True, epochs: int | None = None) -> dict:
+          install: bool = True, epochs: int | None = None, init_from: Path | None = None) -> dict:
     recipe = RECIPES[name]
+    source = init_source(recipe, init_from)
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
     if not (data / "kits.json").is_file():
         _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", "2", "--no-progress")
-    train_phases(recipe, data, run, epochs)
+    train_phases(recipe, data, run, epochs, source)
     _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -117,6 +148,8 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
                   + (f" --epochs {epochs}" if epochs else ""),
         "settings": f"train/{recipe['settings']}.ini",
         "training_phases": recipe["phases"],
+        **({"initialised_from": f"{recipe['init_from']} (its committed run, best checkpoint)"}
+           if "init_from" in recipe else {}),
         "not_for": "clinical use: qnkit and its models are not a medical device",
         "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
@@ -137,7 +170,11 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
             shutil.rmtree(target)
         shutil.copytree(bundle, target)
         registry = json.loads(REGISTRY.read_text()) if REGISTRY.is_file() else {"models": {}}
-        registry["models"][name] = {**entry, "default": True}
+        default = bool(recipe.get("default", True))
+        if default:  # one default model
+            for other in registry["models"].values():
+                other["default"] = False
+        registry["models"][name] = {**entry, "default": default}
         REGISTRY.write_text(json.dumps(registry, indent=1) + "\n")
     return entry
 
@@ -151,9 +188,11 @@ def main(argv=None) -> None:
     parser.add_argument("--real-labels", type=Path)
     parser.add_argument("--epochs", type=int, help="train this many epochs in all (default: the settings')")
     parser.add_argument("--no-install", action="store_true")
+    parser.add_argument("--init-from", type=Path, help="for a fine-tuning recipe: the run folder to start from "
+                                                       "(default: the committed resume/<model>)")
     args = parser.parse_args(argv)
     entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
-                  args.epochs)
+                  args.epochs, args.init_from)
     print(json.dumps(entry, indent=1))
 
 
