@@ -176,3 +176,25 @@ def test_init_from_a_folder_without_a_run(synth_dataset_factory, tmp_path, capsy
         main(["train", "--data", str(synth_dataset_factory(4, 64, 0)), "--out", str(tmp_path / "new"),
               "--init-from", str(tmp_path / "nowhere"), "--no-progress"])
     assert exit_info.value.code == 2 and "no 'best' checkpoint" in capsys.readouterr().err
+
+
+def test_poly_schedule_decays_to_the_last_epoch_and_stretches_on_resume(synth_dataset_factory, tmp_path, run_qnkit):
+    """--schedule poly: lr x (1 - e/E)^0.9 per epoch; --resume --epochs 4 decays to the new end from where it
+    was; a step-schedule run resumed with --schedule poly restarts there."""
+    data = synth_dataset_factory(4, 64, 0)
+    run = tmp_path / "poly"
+    proc = run_qnkit("train", "--data", data, "--out", run, "--epochs", "2", *ARGS[2:], "--lr", "1e-3",
+                     "--schedule", "poly")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_qnkit("train", "--out", run, "--resume", "--epochs", "4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "restarted" not in proc.stderr
+    lrs = [r["lr"] for r in _records(run)]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.5 ** 0.9, 1e-3 * 0.5 ** 0.9, 1e-3 * 0.25 ** 0.9])
+
+    step = tmp_path / "step"
+    proc = run_qnkit("train", "--data", data, "--out", step, "--epochs", "1", *ARGS[2:], "--lr", "1e-3")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_qnkit("train", "--out", step, "--resume", "--epochs", "3", "--schedule", "poly", "--no-progress")
+    assert proc.returncode == 0 and "poly to epoch 3" in " ".join(proc.stderr.split()), proc.stderr
+    assert [r["lr"] for r in _records(step)] == pytest.approx([1e-3, 1e-3, 1e-3 * 0.5 ** 0.9])

@@ -314,8 +314,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             if initialised_from is not None and not resume:
                 console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})")
             if restarted:
-                console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, "
-                              f"x{t.gamma:g} every {t.step_size} epoch(s)")
+                decay = (f"poly to epoch {t.epochs}" if t.schedule == "poly"
+                         else f"x{t.gamma:g} every {t.step_size} epoch(s)")
+                console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, {decay}")
         loop = solver.fit(train_ds, val_ds, console)
     finally:
         logger.close()

@@ -73,6 +73,9 @@ class TrainingSettings:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # step: StepLR(step_size, gamma), the report's; poly: lr x (1 - e / E)^0.9 at epoch e of the E epochs
+    # the schedule runs (nnU-Net's), which reaches ~0 by the run's last epoch whatever its length
+    schedule: str = "step"
     step_size: int = 50
     gamma: float = 0.5
     alpha: float = 1.0  # weight of the Dice loss
@@ -178,6 +181,7 @@ class Settings:
             ("TRAINING", "beta1", 0 <= t.beta1 < 1, "must be in [0, 1)"),
             ("TRAINING", "beta2", 0 <= t.beta2 < 1, "must be in [0, 1)"),
             ("TRAINING", "eps", t.eps > 0, "must be > 0"),
+            ("TRAINING", "schedule", t.schedule in ("step", "poly"), "must be step or poly"),
             ("TRAINING", "step_size", t.step_size >= 1, "must be >= 1"),
             ("TRAINING", "gamma", t.gamma > 0, "must be > 0"),
             ("TRAINING", "alpha", t.alpha >= 0, "must be >= 0"),

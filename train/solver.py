@@ -1,4 +1,4 @@
-"""The training loop (the report's Solver): loss, Adam + StepLR, gradient accumulation, validation,
+"""The training loop (the report's Solver): loss, Adam + StepLR (or poly), gradient accumulation, validation,
 early stopping, best/last checkpoints, and exact resume.
 
 Determinism: every epoch reseeds python/numpy/torch from (seed, epoch, rank) and the sampler is a
@@ -87,7 +87,10 @@ def _counts(pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     return torch.stack([(p & t).flatten(1).sum(1), p.flatten(1).sum(1), t.flatten(1).sum(1)], 1).double()
 
 
-SCHEDULE_KEYS = (("TRAINING", "lr"), ("TRAINING", "step_size"), ("TRAINING", "gamma"))
+SCHEDULE_KEYS = (("TRAINING", "lr"), ("TRAINING", "schedule"), ("TRAINING", "step_size"), ("TRAINING", "gamma"))
+#: What a checkpoint written before a schedule key existed was trained with.
+_SCHEDULE_BEFORE = {"schedule": "step"}
+POLY_EXPONENT = 0.9
 
 
 class Solver:
@@ -99,7 +102,8 @@ class Solver:
         t = settings.training
         self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                     weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=t.step_size, gamma=t.gamma)
+        self._schedule_start = 0  # the epoch the learning-rate schedule (re)started at
+        self.sched = self._scheduler()
         self.amp = bool(t.amp) and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.loss_fn = CombinedLoss(t.alpha, t.beta)
@@ -126,30 +130,51 @@ class Solver:
         ckpt.load_weights(folder, self.net)
         state = ckpt.load_state(folder)
         self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.loop.update(state["loop"])
         saved = ckpt.read_meta(folder).get("settings", {}).get("TRAINING", {})
         now = self.s.to_dict()["TRAINING"]
-        restart = any(saved.get(key) != now[key] for _, key in SCHEDULE_KEYS)
+        restart = any(saved.get(key, _SCHEDULE_BEFORE.get(key)) != now[key] for _, key in SCHEDULE_KEYS)
         if restart:
             self._restart_schedule()
+        else:
+            restarts = self.loop.get("restarts") or [{"epoch": 0}]
+            self._schedule_start = int(restarts[-1]["epoch"])
+            self.sched.load_state_dict(state["scheduler"])
+            if self.s.training.schedule == "poly":  # --epochs may have moved the decay's end: this epoch's lr
+                for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+                    group["lr"] = base * self._poly_factor(self.sched.last_epoch)
         return restart
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """[TRAINING] schedule from [TRAINING] lr, counted from the epoch it (re)started at."""
+        t = self.s.training
+        if t.schedule == "poly":
+            return torch.optim.lr_scheduler.LambdaLR(self.opt, self._poly_factor)
+        return torch.optim.lr_scheduler.StepLR(self.opt, step_size=t.step_size, gamma=t.gamma)
+
+    def _poly_factor(self, step: int) -> float:
+        """(1 - step / span)^0.9, span = the epochs from the schedule's start to the run's last (read
+        when used, so that --resume --epochs N stretches the decay to the new end)."""
+        span = max(1, self.s.training.epochs - self._schedule_start)
+        return max(0.0, 1.0 - step / span) ** POLY_EXPONENT
 
     def _restart_schedule(self) -> None:
         """A warm restart: the learning-rate schedule starts again from [TRAINING] lr at this epoch.
 
-        Resuming with another lr, step_size or gamma than the checkpoint's continues the weights and
-        Adam's moments but not the old decay, so a run can be trained on for longer than first planned.
+        Resuming with another lr, schedule, step_size or gamma than the checkpoint's continues the weights
+        and Adam's moments but not the old decay, so a run can be trained on for longer than first planned.
         """
         t = self.s.training
         for group in self.opt.param_groups:
             group["lr"] = group["initial_lr"] = t.lr
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=t.step_size, gamma=t.gamma)
+        self._schedule_start = self.loop["epoch"]
+        self.sched = self._scheduler()
         restarts = list(self.loop.get("restarts", []))
-        restarts.append({"epoch": self.loop["epoch"], "lr": t.lr, "step_size": t.step_size, "gamma": t.gamma})
+        restarts.append({"epoch": self.loop["epoch"], "lr": t.lr, "schedule": t.schedule, "step_size": t.step_size,
+                         "gamma": t.gamma})
         self.loop["restarts"] = restarts
 
     def _save(self, kind: str, record: dict) -> None:

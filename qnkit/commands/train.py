@@ -16,6 +16,9 @@ def command(
     micro_batch: int = typer.Option(None, "--micro-batch", help="[TRAINING] micro_batch (slices per forward pass)."),
     effective_batch: int = typer.Option(None, "--effective-batch", help="[TRAINING] effective_batch (all ranks)."),
     lr: float = typer.Option(None, "--lr", help="[TRAINING] lr. With --resume: restart the schedule from it."),
+    schedule: str = typer.Option(None, "--schedule", metavar="step|poly",
+                                 help="[TRAINING] schedule: step (StepLR, the report's) or poly (lr x (1 - e/E)^0.9 "
+                                      "to the run's last epoch, nnU-Net's). With --resume: restart the schedule."),
     step_size: int = typer.Option(None, "--step-size", help="[TRAINING] step_size: epochs between learning-rate "
                                                             "decays. With --resume: restart the schedule."),
     gamma: float = typer.Option(None, "--gamma", help="[TRAINING] gamma: the factor of each decay."),
@@ -58,7 +61,7 @@ def command(
     overrides = {
         ("TRAINING", "epochs"): epochs, ("NETWORK", "num_filters"): num_filters,
         ("TRAINING", "micro_batch"): micro_batch, ("TRAINING", "effective_batch"): effective_batch,
-        ("TRAINING", "lr"): lr, ("TRAINING", "step_size"): step_size, ("TRAINING", "gamma"): gamma,
+        ("TRAINING", "lr"): lr, ("TRAINING", "schedule"): schedule, ("TRAINING", "step_size"): step_size, ("TRAINING", "gamma"): gamma,
         ("TRAINING", "min_steps_per_epoch"): min_steps_per_epoch,
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
