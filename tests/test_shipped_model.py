@@ -133,12 +133,14 @@ def test_a_fine_tuning_recipe_starts_from_the_committed_run(tmp_path, monkeypatc
         (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
 
     monkeypatch.setattr(R, "_qnkit", fake_train)
-    recipe = {**R.RECIPES["kidney-synth-2"], "phases": [{"epochs": 2, "lr": 5e-4}, {"epochs": 4, "lr": 1e-4}]}
+    recipe = {**R.RECIPES["kidney-synth-2"], "phases": [{"epochs": 2, "lr": 5e-4, "schedule": "poly"},
+                                                         {"epochs": 4, "lr": 1e-4}]}
     source = R.init_source(recipe)
     assert source == R.RESUME_DIR / "kidney-synth" and (source / "checkpoints" / "best" / "meta.json").is_file()
     run = tmp_path / "run"
     R.train_phases(recipe, tmp_path / "data", run, init_from=source)
     assert calls[0][calls[0].index("--init-from") + 1] == str(source) and "--resume" not in calls[0]
+    assert calls[0][calls[0].index("--schedule") + 1] == "poly"
     assert "--init-from" not in calls[1] and "--resume" in calls[1]
     assert R.init_source(R.RECIPES["kidney-synth"]) is None
     with pytest.raises(SystemExit, match="no trained run"):

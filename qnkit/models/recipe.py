@@ -46,7 +46,7 @@ RECIPES = {
                   "--anatomy-version", "2"],
         "settings": "shipped",
         "init_from": "kidney-synth",
-        "phases": [{"epochs": 8, "lr": 5e-4, "step_size": 4}],
+        "phases": [{"epochs": 8, "lr": 5e-4, "schedule": "poly"}],
         "export": ["--int8"],
         "default": False,  # becomes the default model only once its figures say so (set it here, rebuild)
     },
@@ -104,7 +104,7 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
         phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
             (p for p in phases if p["epochs"] >= epochs), phases[-1]), "epochs": epochs}]
     for phase in phases:
-        schedule = [arg for key in ("lr", "step_size") if key in phase
+        schedule = [arg for key in ("lr", "schedule", "step_size") if key in phase
                     for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
             start = ["--init-from", init_from] if init_from is not None else []
