@@ -18,6 +18,11 @@ reported beside it. The masks written by both are compared (Dice), and each with
 true labels. An optional memory row segments a 1,000-slice CT with the default path in its own
 process and records its peak RSS.
 
+On a machine with an NVIDIA GPU (``gpu``), the GPU rows run on the same CT: eager PyTorch FP32 on
+every slice on the GPU (their baseline), PyTorch FP16 with CUDA graphs and, where installed,
+TensorRT FP16 (both on the kidney slab), each with its speed-up over the GPU's eager FP32 and its
+mask Dice against it.
+
 Preprocessing runs in a worker thread ahead of inference, so its time overlaps inference; the
 share of time outside inference is taken from the wall clock: (wall - inference) / wall.
 """
@@ -41,6 +46,18 @@ PATHS = {
               "what": "eager PyTorch FP32 on every slice (qnkit segment --backend torch --all-slices): same model, "
                       "millimetre resampling, post-processing and .nii.gz I/O"},
 }
+
+#: The GPU rows (issue 13, point 7); ``needs``: a package without which the row is skipped, and why.
+GPU_PATHS = {
+    "gpu_eager": {"backend": "torch", "precision": "fp32", "slab": False, "device": "cuda:0",
+                  "what": "eager PyTorch FP32 on every slice, on the GPU (the GPU rows' baseline)"},
+    "gpu_fp16_cuda_graphs": {"backend": "torch", "precision": "fp16", "slab": True, "device": "cuda:0",
+                             "options": {"cuda_graphs": True},
+                             "what": "PyTorch FP16 with CUDA graphs on the GPU, kidney slab"},
+    "gpu_tensorrt_fp16": {"backend": "tensorrt", "precision": "fp16", "slab": True, "device": "cuda:0",
+                          "needs": "tensorrt", "what": "TensorRT FP16 on the GPU, kidney slab"},
+}
+ALL_PATHS = {**PATHS, **GPU_PATHS}
 
 
 def synthetic_ct(workdir: Path, *, size: int = 512, slices: int = 100, seed: int = 7) -> Path:
@@ -86,11 +103,11 @@ def measure_path(job: dict) -> dict:
     from qnkit.io import load_geometry
     from qnkit.segment import CaseInput, SegmentOptions, _pad_multiple, segment_file
 
-    path = PATHS[job["path"]]
+    path = ALL_PATHS[job["path"]]
     started = time.perf_counter()
     bundle = load_bundle(job["bundle"])
-    backend = open_backend(bundle, path["backend"], precision=path["precision"], device="cpu",
-                           batch_size=job["batch_size"], log=lambda *a: None)
+    backend = open_backend(bundle, path["backend"], precision=path["precision"], device=path.get("device", "cpu"),
+                           batch_size=job["batch_size"], log=lambda *a: None, **path.get("options", {}))
     open_s = time.perf_counter() - started
     image, out = Path(job["image"]), Path(job["out"])
     geometry = load_geometry(image)
@@ -145,10 +162,39 @@ def cache_folder(workdir: Path | None) -> Path:
     return cache_dir() / "bench"
 
 
+def gpu_rows(bundle_path: Path, image: Path, truth: np.ndarray, work: Path, *, batch_size: int, repeats: int,
+             progress=lambda what: None) -> dict:
+    """:data:`GPU_PATHS` on one CT, each in its own process; speed-ups and mask Dice against the GPU's eager FP32."""
+    import importlib.util
+
+    from qnkit import io as qio
+    from qnkit.kernels import mask_dice
+
+    rows, masks = {}, {}
+    for name, path in GPU_PATHS.items():
+        if path.get("needs") and importlib.util.find_spec(path["needs"]) is None:
+            rows[name] = {"what": path["what"], "skipped": f"{path['needs']} is not installed"}
+            continue
+        progress(f"end to end: {name} ({path['backend']} {path['precision']}), {repeats} run(s)")
+        out = work / f"mask_{name}.nii.gz"
+        rows[name] = _in_subprocess({"path": name, "bundle": str(bundle_path), "image": str(image), "out": str(out),
+                                     "batch_size": batch_size, "repeats": repeats})
+        masks[name] = qio.load_labels(out)[0] > 0
+        rows[name]["dice_vs_truth"] = mask_dice(masks[name], truth)
+        out.unlink(missing_ok=True)
+    base = rows["gpu_eager"]
+    for name, row in rows.items():
+        if name in masks:
+            row["speedup_vs_gpu_eager"] = base["wall_s"] / row["wall_s"]
+            row["mask_dice_vs_gpu_eager"] = mask_dice(masks[name], masks["gpu_eager"])
+    return rows
+
+
 def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole: bool = True, repeats: int = 2,
         batch_size: int = 16, memory_slices: int = 0, quick_size: int = 128, quick_slices: int = 24,
-        profile: bool = False, progress=lambda what: None) -> dict:
-    """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side; see the module."""
+        profile: bool = False, gpu: bool | None = None, progress=lambda what: None) -> dict:
+    """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side; see the module.
+    ``gpu`` None: the GPU rows run where an NVIDIA GPU is present."""
     from qnkit import io as qio
     from qnkit.bundle import load_bundle
     from qnkit.kernels import mask_dice
@@ -202,6 +248,13 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
                 "over it; speedup_vs_eager_with_open adds each backend's opening (imports, session); peak RSS: "
                 "the default path's worker process",
     }
+    if gpu is None:
+        from qnkit.backends import nvidia_gpu_present
+
+        gpu = nvidia_gpu_present()
+    if gpu:
+        report["gpu"] = gpu_rows(bundle_path, image, truth, work, batch_size=batch_size, repeats=repeats,
+                                 progress=progress)
     if memory_slices:
         progress(f"end to end: memory, default path on a {memory_slices}-slice CT")
         folder = cache / "whole_ct" if whole else work

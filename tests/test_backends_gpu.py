@@ -148,3 +148,14 @@ def test_bundle_engine_has_a_dynamic_profile_and_agrees_with_onnxruntime_on_othe
             assert _dice(trt.predict(x), reference[name]) >= 0.99, name
     assert any("larger than the engine's profile" in line for line in lines)
     assert any("verified the rebuilt engine" in line for line in lines)
+
+
+def test_e2e_gpu_rows_on_this_gpu(shared_bundle, tmp_path):
+    """`qnkit bench`'s GPU rows end to end on a small phantom: they run, and FP16 keeps eager FP32's mask."""
+    from qnkit.benchmarks import e2e
+
+    report = e2e.run(shared_bundle, workdir=tmp_path, whole=False, repeats=1, batch_size=4, gpu=True)
+    rows = report["gpu"]
+    assert rows["gpu_eager"]["backend"]["device"].startswith("cuda")
+    graphs = rows["gpu_fp16_cuda_graphs"]
+    assert graphs["speedup_vs_gpu_eager"] > 0 and graphs["mask_dice_vs_gpu_eager"] > 0.95

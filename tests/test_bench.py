@@ -161,3 +161,42 @@ def test_only_io_section(tmp_path, monkeypatch):
     report = json.loads(report_path.read_text())
     assert report["mode"] == "default" and set(report) >= {"io", "targets"} and "backends" not in report
     assert len(report["io"]) == 4 and not list(tmp_path.glob("*.nii.gz"))
+
+
+def test_e2e_gpu_rows_compare_each_with_the_gpus_eager_fp32(tmp_path, monkeypatch):
+    """The GPU rows' bookkeeping, with the worker replaced (no GPU here; tests/test_backends_gpu.py runs the
+    real rows on one): each row against the GPU's eager FP32, a row whose package is missing skipped."""
+    import nibabel as nib
+    import numpy as np
+
+    from qnkit.benchmarks import e2e
+
+    truth = np.zeros((6, 8, 8), dtype=np.uint8)
+    truth[2:4, 2:6, 2:6] = 1
+    walls = {"gpu_eager": 10.0, "gpu_fp16_cuda_graphs": 2.0}
+    jobs = []
+
+    def fake_worker(job):
+        jobs.append(job)
+        mask = truth.copy()
+        if job["path"] != "gpu_eager":
+            mask[2, 2, 2] = 0  # one voxel of 32 lost
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), job["out"])
+        return {"wall_s": walls[job["path"]], "path": job["path"]}
+
+    monkeypatch.setattr(e2e, "_in_subprocess", fake_worker)
+    monkeypatch.setitem(e2e.GPU_PATHS["gpu_tensorrt_fp16"], "needs", "no_such_package_for_qnkit")
+    from qnkit import io as qio
+
+    nib.save(nib.Nifti1Image(truth, np.eye(4)), tmp_path / "truth.nii.gz")
+    internal = qio.load_labels(tmp_path / "truth.nii.gz")[0] > 0  # the layout the rows' masks are read in
+    rows = e2e.gpu_rows(tmp_path / "bundle", tmp_path / "ct.nii.gz", internal, tmp_path, batch_size=4, repeats=1)
+    assert [job["path"] for job in jobs] == ["gpu_eager", "gpu_fp16_cuda_graphs"]
+    assert rows["gpu_eager"]["speedup_vs_gpu_eager"] == 1.0 and rows["gpu_eager"]["mask_dice_vs_gpu_eager"] == 1.0
+    graphs = rows["gpu_fp16_cuda_graphs"]
+    assert graphs["speedup_vs_gpu_eager"] == 5.0 and graphs["mask_dice_vs_gpu_eager"] == pytest.approx(62 / 63)
+    assert "not installed" in rows["gpu_tensorrt_fp16"]["skipped"]
+    assert graphs["dice_vs_truth"] == pytest.approx(62 / 63) and rows["gpu_eager"]["dice_vs_truth"] == 1.0
+    assert not any(tmp_path.glob("mask_*.nii.gz"))  # masks removed once compared
+    for name, path in e2e.GPU_PATHS.items():  # every row names a backend open_backend knows, on the GPU
+        assert path["device"].startswith("cuda") and path["backend"] in ("torch", "tensorrt")

@@ -286,6 +286,17 @@ def _print(console, report: dict) -> None:
             line += (f"; {'x'.join(map(str, memory['shape'][::-1]))} CT: peak RSS {memory['peak_rss_gb']:.2f} GB, "
                      f"{memory['wall_s']:.1f} s")
         console.print(line)
+        if e2e.get("gpu"):
+            table = Table(title="end to end on the GPU, each against eager FP32 on every slice on that GPU")
+            for column in ("path", "wall s", "speed-up", "mask Dice vs GPU eager", "slices run"):
+                table.add_column(column, justify="left" if column == "path" else "right")
+            for name, row in e2e["gpu"].items():
+                if "skipped" in row:
+                    table.add_row(name, "-", "-", "-", row["skipped"])
+                    continue
+                table.add_row(name, f"{row['wall_s']:.2f}", f"{row['speedup_vs_gpu_eager']:.1f}x",
+                              f"{row['mask_dice_vs_gpu_eager']:.4f}", str((row.get("slab") or {}).get("slices_run", "-")))
+            console.print(table)
     run = report.get("run")
     if run:
         parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run["sections_s"].items())
