@@ -32,8 +32,8 @@ RECIPES = {
         "synth": ["--cases", "140", "--seed", "1", "--generator", "anatomy", "--pixel-range", "1.3,2.6",
                   "--anatomy-version", "1"],
         "settings": "shipped",  # preset: train/shipped.ini
-        # epochs 1-5 as the preset says, then a warm restart of the schedule (qnkit train --resume --lr ...)
-        "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}],
+        # epochs 1-5 as the preset says, then warm restarts of the schedule (qnkit train --resume --lr ...)
+        "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}, {"epochs": 22, "lr": 2.5e-4, "step_size": 5}],
         "export": ["--int8"],
     },
     # kidney-synth fine-tuned on anatomy version 2 (spleen and liver moved and resized against the kidneys,
