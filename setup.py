@@ -10,6 +10,7 @@ import sys
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 def _openmp_flags():
@@ -62,7 +63,17 @@ for name in ("preprocess", "metrics", "resample"):
     if avx512 is not None:
         extensions.append(_extension(f"{name}_avx512", avx512))
 
+class ParallelBuildExt(build_ext):
+    """Compile the kernels' nine extensions side by side (one job per core unless ``-j`` says otherwise)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
+
+
 setup(
+    cmdclass={"build_ext": ParallelBuildExt},
     packages=["qnkit", "qnkit.synth", "qnkit.models", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
     package_dir={
         "qnkit": "qnkit",

@@ -150,5 +150,15 @@ def test_cuda_visible_devices_hides_the_gpu(monkeypatch, visible, present):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(backends.os.path, "exists", lambda path: path == "/dev/nvidia0")
+    monkeypatch.setattr(backends.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(backends.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    assert backends.nvidia_gpu_present() is present
+
+
+@pytest.mark.parametrize("nodes, present", [(["/dev/nvidia5"], True), ([], False)])
+def test_a_gpu_is_seen_whichever_card_of_the_host_it_is(monkeypatch, nodes, present):
+    """A container lent one card of several sees only that card's node; /dev/nvidiactl alone is no GPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(backends.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(backends.glob, "glob", lambda pattern: [n for n in nodes if n[len("/dev/nvidia"):].isdigit()])
     assert backends.nvidia_gpu_present() is present

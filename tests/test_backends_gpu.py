@@ -154,7 +154,7 @@ def test_e2e_gpu_rows_on_this_gpu(shared_bundle, tmp_path):
     """`qnkit bench`'s GPU rows end to end on a small phantom: they run, and FP16 keeps eager FP32's mask."""
     from qnkit.benchmarks import e2e
 
-    report = e2e.run(shared_bundle, workdir=tmp_path, whole=False, repeats=1, batch_size=4, gpu=True)
+    report = e2e.run(shared_bundle[1], workdir=tmp_path, whole=False, repeats=1, batch_size=4, gpu=True)
     rows = report["gpu"]
     assert rows["gpu_eager"]["backend"]["device"].startswith("cuda")
     graphs = rows["gpu_fp16_cuda_graphs"]

@@ -11,6 +11,7 @@ for this TensorRT/GPU, else rebuilt from the ONNX) -> ONNX Runtime on the GPU (T
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 
@@ -32,7 +33,8 @@ def nvidia_gpu_present() -> bool:
     """Cheap check for an NVIDIA driver/device, so that CPU machines never import torch to find out."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
+    # A container lent one GPU of several sees only that card's node (/dev/nvidia5, say).
+    return os.path.exists("/proc/driver/nvidia/gpus") or bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _torch_cuda() -> bool:
