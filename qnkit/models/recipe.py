@@ -151,7 +151,8 @@ def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, rea
         **({"initialised_from": f"{recipe['init_from']} (its committed run, best checkpoint)"}
            if "init_from" in recipe else {}),
         "not_for": "clinical use: qnkit and its models are not a medical device",
-        "validation": [{"data": "held-out phantoms", "summary": f"mean Dice {evaluation.get('mean_dice')}",
+        "validation": [{"data": "held-out phantoms",
+                        "summary": f"mean Dice {evaluation.get('mean_dice', float('nan')):.3f}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
     }
     cpu = json.loads((bundle / "qnkit.json").read_text()).get("cpu_precision")
