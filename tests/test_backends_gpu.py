@@ -52,6 +52,7 @@ def test_torch_cuda(exported, slices, eager_cpu, precision, graphs):
     b = open_backend(load_bundle(exported[1]), "torch", device="cuda", precision=precision, cuda_graphs=graphs,
                      batch_size=8, log=print)
     assert b.device == "cuda:0" and b.describe()["cuda_graphs"] == graphs
+    assert isinstance(b.describe()["tf32_convolutions"], bool)  # the GPU rows say whether "FP32" was TF32
     y = b.predict(slices)
     np.testing.assert_array_equal(b.predict(slices), y)  # graph replay is repeatable
     assert _dice(y, eager_cpu) >= (0.999 if precision == "fp32" else 0.98)

@@ -87,6 +87,8 @@ class TorchBackend(Backend):
         d = {"torch": torch.__version__, "cuda_graphs": self.cuda_graphs}
         if self._dev.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self._dev)
+            # PyTorch runs "FP32" convolutions as TF32 on Ampere and later unless told otherwise: say which.
+            d["tf32_convolutions"] = bool(torch.backends.cudnn.allow_tf32)
         else:
             d["threads"] = torch.get_num_threads()
         return d
