@@ -63,6 +63,7 @@ for name in ("preprocess", "metrics", "resample"):
     if avx512 is not None:
         extensions.append(_extension(f"{name}_avx512", avx512))
 
+
 class ParallelBuildExt(build_ext):
     """Compile the kernels' nine extensions side by side (one job per core unless ``-j`` says otherwise)."""
 

@@ -23,8 +23,8 @@ fi
 # placeholders for the rest, so the generator's draw, and so the CT, is byte-identical to the CPU runs'
 # (made here with benchmarks/gpu_kits_stub.sh; carry it as .gpukits).
 [ -d .gpukits ] && export QNKIT_KITS_LABELS="$PWD/.gpukits"
-ls /dev/nvidia* >> "$OUT/gpu.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+ls /dev/nvidia* >> "$OUT/gpu.txt" 2>&1
 # qnkit itself, editable as in CI (kernels compiled there; train/, export/, benchmarks/ mapped into qnkit)
 python3 -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/build.log" 2>&1 \
   || { tail -20 "$OUT/build.log"; exit 1; }

@@ -4,6 +4,7 @@ included). Opening is replaced by a recorder: what is tested is which backend is
 device and precision, in which order, and what is said about it."""
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import pytest
@@ -155,10 +156,10 @@ def test_cuda_visible_devices_hides_the_gpu(monkeypatch, visible, present):
     assert backends.nvidia_gpu_present() is present
 
 
-@pytest.mark.parametrize("nodes, present", [(["/dev/nvidia5"], True), ([], False)])
+@pytest.mark.parametrize("nodes, present", [(["/dev/nvidiactl", "/dev/nvidia5"], True), (["/dev/nvidiactl"], False)])
 def test_a_gpu_is_seen_whichever_card_of_the_host_it_is(monkeypatch, nodes, present):
     """A container lent one card of several sees only that card's node; /dev/nvidiactl alone is no GPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(backends.os.path, "exists", lambda path: False)
-    monkeypatch.setattr(backends.glob, "glob", lambda pattern: [n for n in nodes if n[len("/dev/nvidia"):].isdigit()])
+    monkeypatch.setattr(backends.glob, "glob", lambda pattern: fnmatch.filter(nodes, pattern))
     assert backends.nvidia_gpu_present() is present
