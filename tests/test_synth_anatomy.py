@@ -199,8 +199,45 @@ def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
     for args, word in ((["--generator", "anatomy", "--anatomy-version", "3"], "anatomy version"),
-                       (["--anatomy-version", "1"], "anatomy generator")):
+                       (["--anatomy-version", "1"], "anatomy generator"),
+                       (["--phases", "1,1,1,1"], "anatomy generator"),
+                       (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
+                       (["--generator", "anatomy", "--phases", "1,-1,1,1"], "phase weights"),
+                       (["--generator", "anatomy", "--phases", "0,0,0,0"], "phase weights"),
+                       (["--generator", "anatomy", "--phases", "a,b,c,d"], "--phases")):
         with pytest.raises(SystemExit) as exc:
             main(["synth", str(tmp_path / "out"), "--cases", "1", "--size", "64", "--no-progress", *args])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exc.value.code == 2 and len(err) == 1 and word in err[0], err
+
+
+# --------------------------------------------------------------------------- contrast phase mix
+
+
+def test_phase_probabilities_are_scaled_and_checked():
+    from qnkit.synth.appearance import PHASE_P, phase_probabilities
+
+    assert phase_probabilities([2, 0, 1, 1]) == (0.5, 0.0, 0.25, 0.25)
+    assert phase_probabilities(PHASE_P) == pytest.approx(PHASE_P)
+    for bad in ([1, 1, 1], [1, -1, 1, 1], [0, 0, 0, 0], [float("nan"), 1, 1, 1]):
+        with pytest.raises(ValueError, match="phase weights"):
+            phase_probabilities(bad)
+
+
+def test_phase_weights_choose_the_phase_and_keep_the_bodies():
+    from qnkit.synth.appearance import PHASES
+
+    default = make_anatomy_case(1, seed=4, **COARSE)
+    for i, phase in enumerate(PHASES):
+        weights = [0.0] * len(PHASES)
+        weights[i] = 1.0
+        case = make_anatomy_case(1, seed=4, phase_weights=weights, **COARSE)
+        record = case.kits_entry()["qnkit_synth"]
+        assert record["phase"] == phase and record["phase_probabilities"][phase] == 1.0
+        assert np.array_equal(case.segmentation, default.segmentation)  # same body, another look
+    assert default.kits_entry()["qnkit_synth"]["phase_probabilities"]["unenhanced"] == 0.15
+    unenhanced = make_anatomy_case(1, seed=4, phase_weights=[1, 0, 0, 0], **COARSE)
+    excretory = make_anatomy_case(1, seed=4, phase_weights=[0, 0, 0, 1], **COARSE)
+    kidney = unenhanced.segmentation > 0
+    if kidney.any():  # an unenhanced kidney is soft tissue, an excretory one is enhanced
+        assert np.median(unenhanced.imaging[kidney]) < np.median(excretory.imaging[kidney])

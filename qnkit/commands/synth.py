@@ -34,6 +34,10 @@ def command(
                                              "2: also the spleen and liver moved and resized towards the kidneys "
                                              "and kidney positions jittered (organs touch the kidneys as in "
                                              "patients)."),
+    phases: str = typer.Option(None, "--phases", metavar="U,C,N,E", show_default="0.15,0.35,0.35,0.15",
+                               help="anatomy: how often each contrast phase is drawn (unenhanced, corticomedullary, "
+                                    "nephrographic, excretory; scaled to sum to 1), e.g. mostly unenhanced for the "
+                                    "low-dose CT of SPECT/CT. The bodies of a seed do not change with it."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes generating cases in parallel (same output)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
@@ -48,8 +52,15 @@ def command(
         lo, hi = (float(v) for v in pixel_range.split(","))
     except ValueError:
         raise QnkitInputError(f"--pixel-range {pixel_range!r}: expected LO,HI in mm, e.g. 1.3,2.6") from None
+    phase_weights = None
+    if phases is not None:
+        try:
+            phase_weights = [float(v) for v in phases.split(",")]
+        except ValueError:
+            raise QnkitInputError(f"--phases {phases!r}: expected four weights U,C,N,E, e.g. 0.4,0.2,0.25,0.15") from None
     folders = write_dataset(
         out_dir, cases=cases, size=size, seed=seed, labels_from=labels_from, progress=progress, kidneys=kidneys,
         generator=generator, pixel_range=(lo, hi), workers=workers, anatomy_version=anatomy_version,
+        phase_weights=phase_weights,
     )
     typer.echo(f"wrote {len(folders)} case(s) and kits.json to {out_dir}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PHASES = ("unenhanced", "corticomedullary", "nephrographic", "excretory")
+#: How often a case draws each phase unless told otherwise (``qnkit synth --phases``).
 PHASE_P = (0.15, 0.35, 0.35, 0.15)
 
 # tissue: (unenhanced, corticomedullary, nephrographic, excretory) HU ranges.
@@ -79,9 +80,21 @@ class Look:
     table: bool
 
 
-def draw_look(rng: np.random.Generator, wild_p: float = 0.2) -> Look:
-    """Draw a phase and every tissue's HU for one case."""
-    phase_i = int(rng.choice(len(PHASES), p=PHASE_P))
+def phase_probabilities(weights) -> tuple:
+    """`weights` (one per phase of :data:`PHASES`, non-negative, not all zero) scaled to sum to 1."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.size != len(PHASES) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"phase weights must be {len(PHASES)} non-negative numbers, not all zero "
+                         f"({', '.join(PHASES)}), got {list(np.atleast_1d(weights))}")
+    return tuple(float(v) for v in w / w.sum())
+
+
+def draw_look(rng: np.random.Generator, wild_p: float = 0.2, phase_p: tuple = PHASE_P) -> Look:
+    """Draw a phase (probabilities `phase_p`, one per :data:`PHASES`) and every tissue's HU for one case.
+
+    The phase costs one draw from `rng` whatever `phase_p` is, so the bodies of a seed do not change
+    with it."""
+    phase_i = int(rng.choice(len(PHASES), p=phase_p))
     wild = bool(rng.random() < wild_p)
     hu, tex = {}, {}
     for name, ranges in RANGES.items():

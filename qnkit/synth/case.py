@@ -8,7 +8,7 @@ import numpy as np
 from qnkit.errors import QnkitInputError
 
 from .anatomy import draw_grid, make_anatomy
-from .appearance import draw_look
+from .appearance import PHASE_P, PHASES, draw_look, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
 
@@ -20,19 +20,34 @@ RECIPE_VERSION = 2
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
-def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = None,
-                      pixel_range: tuple[float, float] = DEFAULT_PIXEL_RANGE, max_size: int = 512,
-                      version: int = RECIPE_VERSION) -> SynthCase:
-    """Case number `index` (``case_{index:05d}``) of anatomy recipe `version`, seeded by ``(seed, index)`` only."""
-    index = _check_int("index", index, 0)
-    seed = _check_int("seed", seed, 0)
+def check_anatomy_options(version, phase_weights) -> tuple[int, tuple]:
+    """The anatomy recipe `version` (None: the newest) and the phase probabilities, checked; raise
+    :class:`QnkitInputError` naming what is wrong."""
+    version = RECIPE_VERSION if version is None else version
     if version not in RECIPE_VERSIONS:
         raise QnkitInputError(f"anatomy version must be one of {', '.join(map(str, RECIPE_VERSIONS))}, got {version!r}")
+    try:
+        phase_p = phase_probabilities(PHASE_P if phase_weights is None else phase_weights)
+    except ValueError as exc:
+        raise QnkitInputError(str(exc)) from None
+    return version, phase_p
+
+
+def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = None,
+                      pixel_range: tuple[float, float] = DEFAULT_PIXEL_RANGE, max_size: int = 512,
+                      version: int = RECIPE_VERSION, phase_weights=None) -> SynthCase:
+    """Case number `index` (``case_{index:05d}``) of anatomy recipe `version`, seeded by ``(seed, index)`` only.
+
+    `phase_weights` (one per contrast phase, default :data:`.appearance.PHASE_P`) say how often each
+    phase is drawn: a protocol's mix (e.g. mostly unenhanced for SPECT/CT) without changing the bodies."""
+    index = _check_int("index", index, 0)
+    seed = _check_int("seed", seed, 0)
+    version, phase_p = check_anatomy_options(version, phase_weights)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
     pixel, thickness = draw_grid(rng, pixel_range)
     body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size,
                         version=version)
-    look = draw_look(rng)
+    look = draw_look(rng, phase_p=phase_p)
     imaging = render(rng, body.tissue, body.labels, body.spacing, look)
     size_cm = body.meta.pop("radiographic_size", None)
     if size_cm is None:
@@ -42,6 +57,7 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
         "qnkit_synth": {"generator": "anatomy", "recipe_version": version, "seed": seed, "index": index,
                         "pixel_range_mm": list(pixel_range), "labels_from": "kits19" if labels_from else None,
                         "phase": look.phase, "wild_appearance": look.wild,
+                        "phase_probabilities": dict(zip(PHASES, (round(p, 4) for p in phase_p))),
                         **{k: (float(v) if isinstance(v, np.floating) else v) for k, v in body.meta.items()}},
         "slice_thickness": round(float(body.spacing[0]), 4),
         "pixel_spacing": round(float(body.spacing[2]), 6),

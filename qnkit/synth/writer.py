@@ -87,12 +87,12 @@ def _check_out_dir(out_dir: Path, labels_from, cases: int) -> Path:
 
 
 def _make(i: int, *, generator: str, size: int, seed: int, labels_from, kidneys: str, pixel_range,
-          anatomy_version: int) -> SynthCase:
+          anatomy_version: int, phase_weights) -> SynthCase:
     if generator == "anatomy":
         from .case import make_anatomy_case
 
         return make_anatomy_case(i, seed=seed, labels_from=labels_from, pixel_range=pixel_range, max_size=size,
-                                 version=anatomy_version)
+                                 version=anatomy_version, phase_weights=phase_weights)
     return make_case(i, size=size, seed=seed, labels_from=labels_from, kidneys=kidneys)
 
 
@@ -114,17 +114,19 @@ def write_dataset(
     pixel_range: tuple[float, float] | None = None,
     workers: int = 1,
     anatomy_version: int | None = None,
+    phase_weights=None,
 ) -> list[Path]:
     """Write `cases` synthetic cases and ``kits.json`` into `out_dir`; return the case folders.
 
     ``generator="anatomy"`` draws each case's pixel size from `pixel_range` (mm) and caps its
-    in-plane size at `size`, with anatomy recipe `anatomy_version` (default: the newest);
+    in-plane size at `size`, with anatomy recipe `anatomy_version` (default: the newest) and contrast
+    phases drawn by `phase_weights` (default :data:`.appearance.PHASE_P`);
     ``classic`` makes `size` x `size` slices. Cases are seeded by
     ``(seed, index)`` only, so `workers` processes give the same bytes as one.
     """
     from qnkit._atomic import write_text_atomic
 
-    from .case import DEFAULT_PIXEL_RANGE, RECIPE_VERSION, RECIPE_VERSIONS
+    from .case import DEFAULT_PIXEL_RANGE, check_anatomy_options
 
     cases = _check_int("cases", cases, 1)
     size = _check_size(size)
@@ -137,12 +139,9 @@ def write_dataset(
         raise QnkitInputError("--kidneys is for the classic generator (the anatomy generator draws one-kidney "
                               "patients itself)")
     pixel_range = tuple(pixel_range) if pixel_range is not None else DEFAULT_PIXEL_RANGE
-    anatomy_version = RECIPE_VERSION if anatomy_version is None else anatomy_version
-    if anatomy_version not in RECIPE_VERSIONS:
-        raise QnkitInputError(f"anatomy version must be one of {', '.join(map(str, RECIPE_VERSIONS))}, "
-                              f"got {anatomy_version!r}")
-    if generator != "anatomy" and anatomy_version != RECIPE_VERSION:
-        raise QnkitInputError("--anatomy-version is for the anatomy generator")
+    if generator != "anatomy" and (anatomy_version is not None or phase_weights is not None):
+        raise QnkitInputError("--anatomy-version and --phases are for the anatomy generator")
+    anatomy_version, phase_p = check_anatomy_options(anatomy_version, phase_weights)
     if len(pixel_range) != 2 or not (0.3 <= pixel_range[0] <= pixel_range[1] <= 10):
         raise QnkitInputError(f"pixel range must be two sizes in mm, 0.3 <= lo <= hi <= 10, got {pixel_range}")
     if labels_from is not None:
@@ -154,7 +153,8 @@ def write_dataset(
         raise QnkitInputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
 
     job = partial(_make_and_write, out_dir=out_dir, generator=generator, size=size, seed=seed,
-                  labels_from=labels_from, kidneys=kidneys, pixel_range=pixel_range, anatomy_version=anatomy_version)
+                  labels_from=labels_from, kidneys=kidneys, pixel_range=pixel_range, anatomy_version=anatomy_version,
+                  phase_weights=phase_p)
     results: dict[int, tuple[Path, dict]] = {}
     bar = task = None
     if progress:
