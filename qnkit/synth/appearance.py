@@ -85,7 +85,7 @@ def phase_probabilities(weights) -> tuple:
     w = np.asarray(weights, dtype=np.float64).ravel()
     if w.size != len(PHASES) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"phase weights must be {len(PHASES)} non-negative numbers, not all zero "
-                         f"({', '.join(PHASES)}), got {list(np.atleast_1d(weights))}")
+                         f"({', '.join(PHASES)}), got {','.join(f'{v:g}' for v in w)}")
     return tuple(float(v) for v in w / w.sum())
 
 
