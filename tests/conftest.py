@@ -8,6 +8,10 @@
 - `run_qnkit(*args, env=None)`: `python -m qnkit ...` in a subprocess -> CompletedProcess.
 - `shared_bundle`: (RUN_DIR, BUNDLE_DIR) of a fitted tiny checkpoint exported with --fp16 --int8 (read-only).
 - `mismatched_case_dataset`: a dataset whose one case has labels one slice short of its image.
+
+The suite runs on two pytest-xdist workers (pyproject's addopts): each worker and every process it starts
+uses one thread (two 2-thread torch processes on two cores spend their time spinning), and the session
+fixtures above are built once, by whichever worker asks first, under a file lock (`_built_once`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,34 @@ import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Before torch is imported anywhere in this worker: its OpenMP pool reads this once.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["QNKIT_NUM_THREADS"] = "1"
+TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test session, shared by every xdist worker; returns the folder.
+
+    Without xdist it is a plain per-session folder. Under xdist the first worker builds it while holding a
+    lock in the session's common temp root, then marks it done; the others wait and reuse it (read-only).
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
 
 # Small enough for a 2-core CPU; lr 3e-3 and effective batch 4 (not the report's 1e-3 / 16) so that
 # 3 epochs on 5 tiny volumes get well past chance; one pass over the slices per epoch.
@@ -33,9 +65,8 @@ def synth_dataset_factory(tmp_path_factory):
         if key not in made:
             from qnkit.synth import write_dataset
 
-            out = tmp_path_factory.mktemp(f"synth_{cases}x{size}_s{seed}")
-            write_dataset(out, cases=cases, size=size, seed=seed, progress=False)
-            made[key] = out
+            made[key] = _built_once(tmp_path_factory, f"synth_{cases}x{size}_s{seed}", lambda out: write_dataset(
+                out, cases=cases, size=size, seed=seed, progress=False))
         return made[key]
 
     return make
@@ -59,12 +90,14 @@ def run_qnkit():
 
 @pytest.fixture(scope="session")
 def trained_run(synth_dataset, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("trained") / "run"
-    proc = _run_qnkit("train", "--data", synth_dataset, "--out", run, *SMALL_TRAIN_ARGS)
-    assert proc.returncode == 0, proc.stderr
-    proc = _run_qnkit("evaluate", run, "--json", run.parent / "evaluation.json")
-    assert proc.returncode == 0, proc.stderr
-    return run
+    def build(folder: Path) -> None:
+        run = folder / "run"
+        proc = _run_qnkit("train", "--data", synth_dataset, "--out", run, *SMALL_TRAIN_ARGS)
+        assert proc.returncode == 0, proc.stderr
+        proc = _run_qnkit("evaluate", run, "--json", folder / "evaluation.json")
+        assert proc.returncode == 0, proc.stderr
+
+    return _built_once(tmp_path_factory, "trained", build) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +105,8 @@ def exported_bundle(trained_run, tmp_path_factory) -> Path:
     """A model bundle (FP32 ONNX) exported once from `trained_run` (read-only)."""
     from qnkit.export.bundle_writer import export_bundle
 
-    out = tmp_path_factory.mktemp("exported") / "bundle"
-    export_bundle(trained_run, out, log=lambda m: None)
-    return out
+    return _built_once(tmp_path_factory, "exported",
+                       lambda folder: export_bundle(trained_run, folder / "bundle", log=lambda m: None)) / "bundle"
 
 
 def write_resampled_case(case_dir: Path, out_root: Path, size: int) -> Path:
@@ -130,7 +162,7 @@ def _fitted_checkpoint_run(root: Path) -> Path:
         ys.append((case.segmentation[span[0]:span[1], ::2, ::2] > 0).astype(np.float32))
     x, y = torch.from_numpy(np.concatenate(xs)[:, None]), torch.from_numpy(np.concatenate(ys)[:, None])
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     cfg = QuickNATConfig(num_filters=8, drop_out=0.0)
     model = QuickNAT(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -160,11 +192,13 @@ def shared_bundle(tmp_path_factory) -> tuple[Path, Path]:
     CLI with --fp16 --int8 on a 64x64 grid; shared read-only by the export, backend and bundle tests."""
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    root = tmp_path_factory.mktemp("export")
-    run, bundle = _fitted_checkpoint_run(root), root / "bundle"
-    proc = _run_qnkit("export", run, "--out", bundle, "--fp16", "--int8", "--input-size", "64x64")
-    assert proc.returncode == 0, proc.stderr
-    return run, bundle
+    def build(root: Path) -> None:
+        run = _fitted_checkpoint_run(root)
+        proc = _run_qnkit("export", run, "--out", root / "bundle", "--fp16", "--int8", "--input-size", "64x64")
+        assert proc.returncode == 0, proc.stderr
+
+    root = _built_once(tmp_path_factory, "export", build)
+    return root / "run", root / "bundle"
 
 
 @pytest.fixture
@@ -202,3 +236,4 @@ def mismatched_case_dataset(synth_dataset, tmp_path) -> Path:
     img = nib.load(seg)
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:-1], img.affine, img.header), seg)
     return data
+
