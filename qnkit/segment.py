@@ -57,6 +57,7 @@ class SegmentOptions:
     slab_margin_mm: float = 5.0  # kept above and below what the coarse pass found (the slab grows by itself after)
     coarse_step_mm: float = 15.0  # distance between the coarse pass's slices
     slab_min_share: float = 0.2  # coarse runs with less than this share of the largest run's kidney area are ignored
+    mirror: bool = False  # test-time mirroring (qnkit.inference.mirrored): twice the network work
     z_step_mm: float = 0.0  # inside the slab, predict one slice per this many mm and interpolate the
     #                         probabilities between (0: every slice; an approximation, see predict_kidney_slab)
 

@@ -39,7 +39,7 @@ def split(trained_run) -> dict:
     record = json.loads((trained_run / "evaluation_data.json").read_text())
     evaluation = json.loads((trained_run.parent / "evaluation.json").read_text())
     return {"data": Path(record["data_dir"]), "test": list(record["test"]), "run": trained_run,
-            "dice": {r["case_id"]: r["dice"] for r in evaluation["cases"]}}
+            "dice": {r["case_id"]: r["dice_network"] for r in evaluation["cases"]}}  # raw masks, as --no-postprocess
 
 
 def _dice_of(mask_path: Path, labels_path: Path) -> float:
@@ -299,7 +299,7 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
         else:
             case = _crop_case(make_case(index, size=64, seed=0), slice(4, 58), slice(9, 53))  # 54 x 44
         write_case(case, data)
-    expected = {r["case_id"]: r["dice"] for r in evaluate(trained_run, data_dir=data, log=False)["cases"]}
+    expected = {r["case_id"]: r["dice"] for r in evaluate(trained_run, data_dir=data, postprocess=False, log=False)["cases"]}
     out = tmp_path / "masks"
     proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--no-postprocess",
                      "--all-slices", "--stats", tmp_path / "stats.json", "--no-progress")
@@ -320,6 +320,22 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
         mask = out / f"{case_id}_kidneys.nii.gz"
         _assert_same_grid(mask, data / case_id / "imaging.nii.gz")
         assert _dice_of(mask, data / case_id / "segmentation.nii.gz") == pytest.approx(expected[case_id], abs=1e-9)
+
+
+def test_segment_mirror_matches_evaluate_mirror(run_qnkit, bundle, split, trained_run, tmp_path):
+    """--mirror: segment (torch backend, every slice, raw mask) and evaluate score the same mirrored prediction."""
+    from qnkit.train.evaluation import evaluate
+
+    case_id = split["test"][0]
+    expected = evaluate(trained_run, which="best", mirror=True, postprocess=False, log=False)
+    assert expected["mirror"] is True
+    out = tmp_path / "mirror.nii.gz"
+    proc = run_qnkit("segment", split["data"] / case_id / "imaging.nii.gz", "--model", bundle, "--out", out,
+                     "--backend", "torch", "--mirror", "--no-postprocess", "--all-slices", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    dice = _dice_of(out, split["data"] / case_id / "segmentation.nii.gz")
+    assert dice == pytest.approx(expected["cases"][0]["dice"], abs=1e-9)
+    assert expected["cases"][0]["dice"] != split["dice"][case_id]  # the mirror image's prediction did count
 
 
 def test_default_postprocessing_of_the_trained_model(run_qnkit, bundle, split, tmp_path):

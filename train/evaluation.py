@@ -3,7 +3,9 @@
 Each test case of RUN_DIR/evaluation_data.json is segmented whole (no slice cropping) through
 `qnkit.inference.segment_volume`, the path `qnkit segment` uses, with the eager torch backend (each
 slice resampled to the model's pixel spacing and the probabilities brought back to the case's grid),
-and compared with its labels (tumor counts as kidney). Mean and standard deviation over volumes go to
+then post-processed as `qnkit segment` does by default (one kidney per side, stray pieces dropped), so the
+figure is that of the mask a user gets; each case also keeps the network's raw mask Dice (`dice_network`).
+Masks are compared with the labels (tumor counts as kidney). Mean and standard deviation over volumes go to
 the evaluation TensorBoard writer at the checkpoint's epoch and to RUN_DIR/test_dice.json, from where
 `qnkit export` copies them into the bundle's domain record.
 """
@@ -17,7 +19,7 @@ import numpy as np
 from qnkit import kernels
 from qnkit._atomic import write_text_atomic
 from qnkit.errors import QnkitInputError
-from qnkit.inference import model_pixel_spacing, segment_volume
+from qnkit.inference import mirrored, model_pixel_spacing, segment_volume
 
 #: RUN_DIR file with the last test evaluation's summary (checkpoint, epoch, mean and std Dice, cases).
 TEST_DICE_NAME = "test_dice.json"
@@ -46,9 +48,13 @@ def _case_files(data_dir: Path, case_id: str) -> tuple[Path, Path]:
 
 
 def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None = None, device: str = "cpu",
-             batch_size: int | None = None, threshold: float | None = None, progress=None, log: bool = True) -> dict:
-    """{'checkpoint', 'epoch', 'mean_dice', 'std_dice', 'cases': [{case_id, dice, ...}]}."""
+             batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
+             mirror: bool = False, progress=None, log: bool = True) -> dict:
+    """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network',
+    'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`."""
     from qnkit import io as qio
+    from qnkit.postprocess import kidney_sides
+    from qnkit.segment import SegmentOptions
     from qnkit.nn.eager import make_predict_batch
     from qnkit.train import checkpoint as ckpt
     from qnkit.train.tb_logging import Logger, tensorboard_dir
@@ -68,6 +74,8 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
     threshold = float(pre.get("threshold", 0.5) if threshold is None else threshold)
     batch_size = batch_size or int(ev.get("batch_size", 16))
     predict = make_predict_batch(model, device)
+    if mirror:
+        predict = mirrored(predict)
     rows = []
     for case_id in ids:
         image_path, labels_path = _case_files(data_dir, case_id)
@@ -80,22 +88,29 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
                                  threshold=threshold, pad_multiple=int(pre.get("pad_multiple", 16)))
         target = (labels > 0).astype(np.uint8)
         ml = float(geometry.voxel_volume_ml)
-        rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "slices": int(ct.shape[0]),
-                     "kidney_ml": float(target.sum()) * ml, "predicted_ml": float(mask.sum()) * ml})
+        raw_dice = kernels.dice(mask, target)
+        if postprocess:
+            mask = (kidney_sides(mask, ct, geometry, SegmentOptions())[0] > 0).astype(np.uint8)
+        rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": raw_dice,
+                     "slices": int(ct.shape[0]), "kidney_ml": float(target.sum()) * ml,
+                     "predicted_ml": float(mask.sum()) * ml})
         if progress is not None:
             progress(rows[-1])
     dices = np.array([r["dice"] for r in rows])
     result = {"run_dir": str(run_dir.resolve()), "checkpoint": which, "epoch": meta["epoch"],
-              "data_dir": str(data_dir), "threshold": threshold, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
-              "cases": rows}
+              "data_dir": str(data_dir), "threshold": threshold, "postprocess": postprocess,
+              "mirror": mirror, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
+              "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])), "cases": rows}
     if log:
         log_dir = meta.get("settings", {}).get("COMMON", {}).get("log_dir", "")
         logger = Logger(run_dir, log_dir=log_dir, writers=("evaluation",))
-        logger.scalars("evaluation", meta["epoch"], {"dice": result["mean_dice"], "dice_std": result["std_dice"]})
+        logger.scalars("evaluation", meta["epoch"], {"dice": result["mean_dice"], "dice_std": result["std_dice"],
+                                                     "dice_network": result["mean_dice_network"]})
         logger.text("evaluation", "cases", "\n".join(f"{r['case_id']}: {r['dice']:.4f}" for r in rows), meta["epoch"])
         logger.close()
         result["tensorboard"] = str(tensorboard_dir(run_dir, log_dir) / "evaluation")
         write_text_atomic(run_dir / TEST_DICE_NAME, json.dumps(
-            {"checkpoint": which, "epoch": meta["epoch"], "mean_dice": result["mean_dice"],
-             "std_dice": result["std_dice"], "cases": len(rows)}, indent=1))
+            {"checkpoint": which, "epoch": meta["epoch"], "postprocess": postprocess, "mirror": mirror, "mean_dice": result["mean_dice"],
+             "std_dice": result["std_dice"], "mean_dice_network": result["mean_dice_network"], "cases": len(rows)},
+            indent=1))
     return result

@@ -16,9 +16,14 @@ def command(
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Slices per forward pass ([EVAL] batch_size)."),
     threshold: float = typer.Option(None, "--threshold", min=0.01, max=0.99,
                                     help="Probability threshold after upsampling ([EVAL] threshold, 0.5)."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
+                                     help="Score the mask `qnkit segment` writes (one kidney per side, stray pieces "
+                                          "dropped); --no-postprocess scores the network's raw mask. Both are reported."),
+    mirror: bool = typer.Option(False, "--mirror", help="Test-time mirroring, as `qnkit segment --mirror`."),
 ) -> None:
     """Dice per test volume on the original image grid (full volumes; each slice resampled to the model's
-    pixel spacing, the probabilities brought back to the CT's grid), mean and std.
+    pixel spacing, the probabilities brought back to the CT's grid), post-processed as `qnkit segment` does,
+    mean and std; the raw network mask's Dice is shown beside it.
 
     The test cases are those in RUN_DIR/evaluation_data.json; prediction goes through the same
     qnkit.inference path as `qnkit segment`. Results are also logged to RUN_DIR/tensorboard/evaluation.
@@ -43,15 +48,16 @@ def command(
         raise QnkitInputError(f"--json {json_out} is a folder")
     console = Console(stderr=True)
     result = evaluate(run_dir, data_dir=data, which=checkpoint, device=device, batch_size=batch_size,
-                      threshold=threshold, progress=lambda row: console.log(f"{row['case_id']}: Dice {row['dice']:.4f}"))
+                      threshold=threshold, postprocess=postprocess, mirror=mirror, progress=lambda row: console.log(f"{row['case_id']}: Dice {row['dice']:.4f}"))
     table = Table(title=f"{run_dir} — {result['checkpoint']} checkpoint (epoch {result['epoch']})")
-    for name in ("case", "Dice", "slices", "kidney ml", "predicted ml"):
+    for name in ("case", "Dice", "network Dice", "slices", "kidney ml", "predicted ml"):
         table.add_column(name, justify="left" if name == "case" else "right")
     for r in result["cases"]:
-        table.add_row(r["case_id"], f"{r['dice']:.4f}", str(r["slices"]), f"{r['kidney_ml']:.1f}",
-                      f"{r['predicted_ml']:.1f}")
+        table.add_row(r["case_id"], f"{r['dice']:.4f}", f"{r['dice_network']:.4f}", str(r["slices"]),
+                      f"{r['kidney_ml']:.1f}", f"{r['predicted_ml']:.1f}")
     table.add_section()
-    table.add_row("mean ± std", f"{result['mean_dice']:.4f} ± {result['std_dice']:.4f}", "", "", "")
+    table.add_row("mean ± std", f"{result['mean_dice']:.4f} ± {result['std_dice']:.4f}",
+                  f"{result['mean_dice_network']:.4f}", "", "", "")
     Console().print(table)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result, indent=1))
