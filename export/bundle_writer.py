@@ -72,7 +72,8 @@ def _domain(run_dir: Path, cmeta: dict, checkpoint: str) -> dict | None:
         if test.get("checkpoint") == checkpoint and test.get("epoch") == cmeta.get("epoch"):
             figures.update(test_dice=test["mean_dice"], test_dice_std=test["std_dice"], test_cases=test["cases"])
             if "postprocess" in test:  # evaluations before post-processed scoring scored the raw mask
-                figures.update(test_postprocessed=test["postprocess"], test_dice_network=test["mean_dice_network"])
+                figures.update(test_postprocessed=test["postprocess"], test_dice_network=test["mean_dice_network"],
+                               test_mirrored=test.get("mirror", False))
     except (OSError, ValueError, KeyError, AttributeError):
         pass  # not evaluated (or another checkpoint was): no test figure
     return {**domain, "figures": figures}

@@ -239,6 +239,8 @@ def test_bundle_records_the_models_domain_and_figures(bundle, split):
     assert domain["figures"]["best_validation_dice"] == meta["metrics"]["best_val_dice"]
     test = json.loads((split["run"].parent / "evaluation.json").read_text())  # the fixture evaluated this checkpoint
     assert domain["figures"]["test_dice"] == pytest.approx(test["mean_dice"])
+    assert domain["figures"]["test_dice_network"] == pytest.approx(test["mean_dice_network"])
+    assert domain["figures"]["test_postprocessed"] is True and domain["figures"]["test_mirrored"] is False
     assert load_bundle(bundle).input_size == tuple(domain["input_size"])
 
 
@@ -299,7 +301,8 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
         else:
             case = _crop_case(make_case(index, size=64, seed=0), slice(4, 58), slice(9, 53))  # 54 x 44
         write_case(case, data)
-    expected = {r["case_id"]: r["dice"] for r in evaluate(trained_run, data_dir=data, postprocess=False, log=False)["cases"]}
+    raw = evaluate(trained_run, data_dir=data, postprocess=False, log=False)
+    expected = {r["case_id"]: r["dice"] for r in raw["cases"]}
     out = tmp_path / "masks"
     proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--no-postprocess",
                      "--all-slices", "--stats", tmp_path / "stats.json", "--no-progress")

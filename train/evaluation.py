@@ -53,9 +53,9 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
     """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network',
     'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`."""
     from qnkit import io as qio
+    from qnkit.nn.eager import make_predict_batch
     from qnkit.postprocess import kidney_sides
     from qnkit.segment import SegmentOptions
-    from qnkit.nn.eager import make_predict_batch
     from qnkit.train import checkpoint as ckpt
     from qnkit.train.tb_logging import Logger, tensorboard_dir
 
@@ -110,7 +110,7 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         logger.close()
         result["tensorboard"] = str(tensorboard_dir(run_dir, log_dir) / "evaluation")
         write_text_atomic(run_dir / TEST_DICE_NAME, json.dumps(
-            {"checkpoint": which, "epoch": meta["epoch"], "postprocess": postprocess, "mirror": mirror, "mean_dice": result["mean_dice"],
-             "std_dice": result["std_dice"], "mean_dice_network": result["mean_dice_network"], "cases": len(rows)},
-            indent=1))
+            {"checkpoint": which, "epoch": meta["epoch"], "postprocess": postprocess, "mirror": mirror,
+             "mean_dice": result["mean_dice"], "std_dice": result["std_dice"],
+             "mean_dice_network": result["mean_dice_network"], "cases": len(rows)}, indent=1))
     return result

@@ -18,7 +18,8 @@ def command(
                                     help="Probability threshold after upsampling ([EVAL] threshold, 0.5)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
                                      help="Score the mask `qnkit segment` writes (one kidney per side, stray pieces "
-                                          "dropped); --no-postprocess scores the network's raw mask. Both are reported."),
+                                          "dropped); --no-postprocess scores the network's raw mask. Both are "
+                                          "reported."),
     mirror: bool = typer.Option(False, "--mirror", help="Test-time mirroring, as `qnkit segment --mirror`."),
 ) -> None:
     """Dice per test volume on the original image grid (full volumes; each slice resampled to the model's
@@ -48,7 +49,8 @@ def command(
         raise QnkitInputError(f"--json {json_out} is a folder")
     console = Console(stderr=True)
     result = evaluate(run_dir, data_dir=data, which=checkpoint, device=device, batch_size=batch_size,
-                      threshold=threshold, postprocess=postprocess, mirror=mirror, progress=lambda row: console.log(f"{row['case_id']}: Dice {row['dice']:.4f}"))
+                      threshold=threshold, postprocess=postprocess, mirror=mirror,
+                      progress=lambda row: console.log(f"{row['case_id']}: Dice {row['dice']:.4f}"))
     table = Table(title=f"{run_dir} — {result['checkpoint']} checkpoint (epoch {result['epoch']})")
     for name in ("case", "Dice", "network Dice", "slices", "kidney ml", "predicted ml"):
         table.add_column(name, justify="left" if name == "case" else "right")
