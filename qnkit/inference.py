@@ -102,7 +102,7 @@ def mirrored(predict_batch: PredictBatch) -> PredictBatch:
     def predict(x: np.ndarray) -> np.ndarray:
         y = np.asarray(predict_batch(x), dtype=np.float32)
         back = np.asarray(predict_batch(np.ascontiguousarray(x[..., ::-1])), dtype=np.float32)[..., ::-1]
-        return np.ascontiguousarray(0.5 * (y + back), dtype=np.float32)
+        return 0.5 * (y + back)  # float32, a new contiguous array
 
     return predict
 

@@ -9,7 +9,7 @@
 - `shared_bundle`: (RUN_DIR, BUNDLE_DIR) of a fitted tiny checkpoint exported with --fp16 --int8 (read-only).
 - `mismatched_case_dataset`: a dataset whose one case has labels one slice short of its image.
 
-The suite runs on two pytest-xdist workers (pyproject's addopts): each worker and every process it starts
+The suite runs on pytest-xdist workers, one per core up to 4 (pyproject's addopts): each worker and every process it starts
 uses one thread (two 2-thread torch processes on two cores spend their time spinning), and the session
 fixtures above are built once, by whichever worker asks first, under a file lock (`_built_once`).
 """
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "" outside xdist
+if XDIST_WORKER:
     # Before torch is imported anywhere in this worker: its OpenMP pool reads this once.
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["QNKIT_NUM_THREADS"] = "1"
-TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+TORCH_THREADS = 1 if XDIST_WORKER else 2
 
 
 def _built_once(tmp_path_factory, name: str, build) -> Path:
@@ -35,7 +36,7 @@ def _built_once(tmp_path_factory, name: str, build) -> Path:
     Without xdist it is a plain per-session folder. Under xdist the first worker builds it while holding a
     lock in the session's common temp root, then marks it done; the others wait and reuse it (read-only).
     """
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not XDIST_WORKER:
         folder = tmp_path_factory.mktemp(name)
         build(folder)
         return folder
