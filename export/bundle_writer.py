@@ -200,7 +200,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             from .fp16 import export_fp16
 
             log(f"exporting {FP16_ONNX}...")
-            exports["fp16"] = export_fp16(model, tmp / FP16_ONNX, hw)
+            exports["fp16"] = export_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX)
             record["fp16"] = check("fp16", tmp / FP16_ONNX, bar_applies=trained)
         if int8:
             from .int8 import quantize_int8
