@@ -158,38 +158,25 @@ def test_mask_unpool_model_equals_native_in_train_mode():
 FORBIDDEN = {"ScatterND", "ScatterElements", "Scatter", "MaxUnpool", "ArgMax"}
 
 
-EXPORTERS = {"dynamo": 18, "torchscript": 17}  # exporter -> opset used
+# qnkit's own exporter (torch.onnx dynamo, opset 18, dynamic batch/height/width) is tested on the shared
+# bundle's graphs (tests/test_export.py: ops, types, verification against eager). This checks, in a fast
+# second tracing, that the network stays exportable by the legacy TorchScript exporter at opset 17 too.
+LEGACY_OPSET = 17
 
 
-def _export(model, path, height, width, opset=17, dynamo=False):
-    """Export ``WithSigmoid(model)`` in mask form with a dynamic batch axis.
-
-    torch 2.13: the dynamo exporter's lowest opset is 18; asked for 17 it tries a
-    down-conversion that fails (and ``onnx.version_converter`` writes an invalid
-    ReduceMean-17 with ``noop_with_empty_axes``), so use it at 18. The legacy TorchScript
-    exporter (``dynamo=False``, deprecated) still writes a valid opset-17 graph.
-    """
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``WithSigmoid(model)`` in mask form, exported with a dynamic batch axis (``dynamo=False``)."""
+    onnx = pytest.importorskip("onnx")
+    model = small(se_block="CSSE").eval()
+    path = tmp_path_factory.mktemp("onnx") / "quicknat_torchscript.onnx"
     wrapped = WithSigmoid(model.set_unpool("mask")).eval()
-    x = torch.randn(2, model.config.num_channels, height, width)
-    if dynamo:
-        kw = dict(dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
-    else:
-        kw = dict(dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        torch.onnx.export(wrapped, (x,), str(path), dynamo=dynamo, opset_version=opset,
-                          input_names=["image"], output_names=["probability"], **kw)
-
-
-@pytest.fixture(scope="module", params=list(EXPORTERS))
-def exported(request, tmp_path_factory):
-    onnx = pytest.importorskip("onnx")
-    if request.param == "dynamo":
-        pytest.importorskip("onnxscript")
-    model = small(se_block="CSSE").eval()
-    path = tmp_path_factory.mktemp("onnx") / f"quicknat_{request.param}.onnx"
-    _export(model, path, 32, 48, opset=EXPORTERS[request.param], dynamo=request.param == "dynamo")
-    return model, path, onnx.load(str(path)), EXPORTERS[request.param]
+        torch.onnx.export(wrapped, (torch.randn(2, 1, 32, 48),), str(path), dynamo=False,
+                          opset_version=LEGACY_OPSET, input_names=["image"], output_names=["probability"],
+                          dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}})
+    return model, path, onnx.load(str(path)), LEGACY_OPSET
 
 
 def test_onnx_graph_is_plain(exported):
