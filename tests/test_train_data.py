@@ -111,6 +111,17 @@ def test_cache_is_reused_and_rebuilt_when_sources_or_params_change(synth_dataset
     assert other["case_00000"].folder != e.folder
     assert not list((tmp_path / "cache").rglob("*.tmp*"))
 
+    # preprocessed in two processes (a GPU machine's training data): the same arrays and entries, in order
+    built.clear()
+    parallel = D.build_cache(cases, params, tmp_path / "cache2", progress=built.append, workers=2)
+    assert list(parallel) == [c.case_id for c in cases] and sorted(built) == sorted(parallel)
+    serial = D.cached_entries(cases, params, tmp_path / "cache")
+    for case_id, entry in parallel.items():
+        assert (entry.num_slices, entry.kidney_voxels, entry.slice_range) == \
+            (serial[case_id].num_slices, serial[case_id].kidney_voxels, serial[case_id].slice_range)
+        for name in ("image", "labels", "weights"):
+            np.testing.assert_array_equal(np.load(entry.path(name)), np.load(serial[case_id].path(name)))
+
 
 def test_mismatched_image_and_labels_are_refused(mismatched_case_dataset, tmp_path):
     data = mismatched_case_dataset

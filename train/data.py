@@ -356,20 +356,37 @@ def _write_entry(folder: Path, case: Case, params: PreprocessParams, expected: d
 
 
 def build_cache(cases: list[Case], params: PreprocessParams, cache_root: str | Path,
-                progress=None) -> dict[str, CacheEntry]:
-    """Preprocess every case not cached yet (or cached from other sources/params)."""
+                progress=None, workers: int = 1) -> dict[str, CacheEntry]:
+    """Preprocess every case not cached yet (or cached from other sources/params); with ``workers`` > 1
+    the missing cases are preprocessed in that many processes (each case writes its own folder)."""
     root = Path(cache_root) / params.key()
-    entries = {}
+    entries, missing = {}, []
     for case in cases:
-        folder = root / case.case_id
         expected = _manifest_for(case, params)
-        entry = _load_entry(folder, expected)
+        entry = _load_entry(root / case.case_id, expected)
         if entry is None:
-            entry = _write_entry(folder, case, params, expected)
-        entries[case.case_id] = entry
-        if progress is not None:
-            progress(case.case_id)
-    return entries
+            missing.append((root / case.case_id, case, params, expected))
+        else:
+            entries[case.case_id] = entry
+            if progress is not None:
+                progress(case.case_id)
+    if workers > 1 and len(missing) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent's OpenMP and torch thread pools do not survive a fork
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            written = pool.map(_write_entry, *zip(*missing))
+            for (_, case, _, _), entry in zip(missing, written):
+                entries[case.case_id] = entry
+                if progress is not None:
+                    progress(case.case_id)
+    else:
+        for folder, case, _, expected in missing:
+            entries[case.case_id] = _write_entry(folder, case, params, expected)
+            if progress is not None:
+                progress(case.case_id)
+    return {case.case_id: entries[case.case_id] for case in cases}
 
 
 def cached_entries(cases: list[Case], params: PreprocessParams, cache_root: str | Path) -> dict[str, CacheEntry]:

@@ -243,7 +243,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
         def build():
             run_dir.mkdir(parents=True, exist_ok=True)
             D.build_cache(pool, params, cache_root,
-                          progress=(lambda cid: console.log(f"cached {cid}")) if console else None)
+                          progress=(lambda cid: console.log(f"cached {cid}")) if console else None,
+                          workers=settings.common.num_workers)
             if start_state == "forced":
                 _clear_artefacts(run_dir)  # only once the data are known to be good
 
