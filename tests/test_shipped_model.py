@@ -145,3 +145,64 @@ def test_a_fine_tuning_recipe_starts_from_the_committed_run(tmp_path, monkeypatc
     assert R.init_source(R.RECIPES["kidney-synth"]) is None
     with pytest.raises(SystemExit, match="no trained run"):
         R.init_source(recipe, tmp_path / "empty")
+
+
+def _finished_run(workdir, hashes: dict, epochs: int) -> None:
+    """What a GPU machine brings back: a run trained to `epochs`, its evaluation and bundle (no phantoms)."""
+    import json
+
+    best = workdir / "run" / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / "meta.json").write_text(json.dumps({"epoch": epochs - 3, "files": hashes}))
+    (workdir / "run" / "metrics.jsonl").write_text(json.dumps({"epoch": epochs}) + "\n")
+    (workdir / "evaluation.json").write_text(json.dumps({"epoch": epochs - 3, "checkpoint_sha256": hashes,
+                                                         "mean_dice": 0.9}))
+    (workdir / "bundle").mkdir()
+    (workdir / "bundle" / "qnkit.json").write_text(json.dumps({"training": {"checkpoint_sha256": hashes},
+                                                               "cpu_precision": {"default": "fp32", "why": "x"}}))
+
+
+def test_a_run_trained_elsewhere_is_finished_without_its_phantoms(tmp_path, monkeypatch):
+    """build() reuses a finished run, its evaluation and its bundle when they are of the run's best checkpoint
+    (by SHA-256), so a GPU machine's run is validated and installed here without making its phantoms again;
+    a stale evaluation is redone, and a step that needs phantoms without them says so."""
+    import json
+
+    from qnkit.models import recipe as R
+
+    calls = []
+    monkeypatch.setattr(R, "_qnkit", lambda *args, **kw: calls.append([str(a) for a in args]))
+    work = tmp_path / "work"
+    _finished_run(work, {"model.safetensors": "aa"}, R.RECIPES["kidney-synth-wide"]["phases"][-1]["epochs"])
+    entry = R.build("kidney-synth-wide", work, None, None, None, install=False)
+    assert calls == []
+    assert entry["validation"][0]["figures"]["mean_dice"] == 0.9 and "GPU" in entry["machine"]
+    assert "cases 0-119" in entry["trained_on"] and entry["settings"] == "train/shipped_gpu.ini"
+
+    meta = work / "run" / "checkpoints" / "best" / "meta.json"
+    meta.write_text(json.dumps({"epoch": 40, "files": {"model.safetensors": "bb"}}))  # trained on: stale outputs
+    with pytest.raises(SystemExit, match="no phantoms"):
+        R.build("kidney-synth-wide", work, None, None, None, install=False)
+    (work / "data").mkdir()
+    (work / "data" / "kits.json").write_text("[]")
+    assert R.build("kidney-synth-wide", work, None, None, None, install=False, until="evaluate") == {}
+    assert [c[0] for c in calls] == ["evaluate"]
+
+
+def test_a_recipe_draws_its_kidneys_from_the_first_kits_cases(tmp_path):
+    import json
+
+    from qnkit.models import recipe as R
+
+    kits = tmp_path / "kits"
+    for i in range(5):
+        (kits / f"case_{i:05d}").mkdir(parents=True)
+        (kits / f"case_{i:05d}" / "segmentation.nii.gz").write_bytes(b"x")
+    (kits / "kits.json").write_text(json.dumps([{"case_id": f"case_{i:05d}"} for i in range(5)]))
+    folder = R.first_kits_cases(kits, 3, tmp_path / "subset")
+    assert sorted(p.name for p in folder.iterdir()) == ["case_00000", "case_00001", "case_00002", "kits.json"]
+    assert (folder / "case_00002" / "segmentation.nii.gz").read_bytes() == b"x"
+    assert [e["case_id"] for e in json.loads((folder / "kits.json").read_text())] == ["case_00000", "case_00001",
+                                                                                      "case_00002"]
+    with pytest.raises(SystemExit, match="needs the first 9"):
+        R.first_kits_cases(kits, 9, tmp_path / "subset")

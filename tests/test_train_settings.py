@@ -19,9 +19,12 @@ def test_defaults_are_the_reports():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_parse(name):
     s = load_settings(name)
-    assert s.network.num_filters == (16 if name == "shipped" else 64)  # shipped: the CPU-trained model
-    if name == "shipped":
+    # shipped: the CPU-trained model; shipped-gpu: the wider one a GPU machine trains
+    assert s.network.num_filters == {"shipped": 16, "shipped-gpu": 32}.get(name, 64)
+    if name.startswith("shipped"):
         assert s.training.augment and s.training.slices_per_epoch > 0 and float(s.data.pixel_spacing_mm) == 2.5
+    if name == "shipped-gpu":
+        assert s.common.device == "auto" and s.training.schedule == "poly" and s.common.num_workers > 1
     if name == "cluster":
         assert s.common.device == "cuda" and s.common.dist_backend == "nccl"
 

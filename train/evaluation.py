@@ -98,6 +98,7 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
             progress(rows[-1])
     dices = np.array([r["dice"] for r in rows])
     result = {"run_dir": str(run_dir.resolve()), "checkpoint": which, "epoch": meta["epoch"],
+              "checkpoint_sha256": meta.get("files", {}),
               "data_dir": str(data_dir), "threshold": threshold, "postprocess": postprocess,
               "mirror": mirror, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
               "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])), "cases": rows}

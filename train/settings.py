@@ -19,7 +19,8 @@ from qnkit.errors import QnkitInputError
 from qnkit.nn.config import QuickNATConfig
 
 HERE = Path(__file__).resolve().parent
-PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini", "shipped": HERE / "shipped.ini"}
+PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini", "shipped": HERE / "shipped.ini",
+           "shipped-gpu": HERE / "shipped_gpu.ini"}
 
 
 @dataclass

@@ -10,7 +10,7 @@ def command(
     data: Path = typer.Option(None, "--data", help="KiTS19-layout folder: case_XXXXX/{imaging,segmentation}.nii.gz "
                                                    "(+ kits.json). Optional with --resume."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, logs, splits, cache)."),
-    settings: str = typer.Option(None, "--settings", help="Settings .ini file, or a preset: local | cluster."),
+    settings: str = typer.Option(None, "--settings", help="Settings .ini file, or a preset: local | cluster | shipped | shipped-gpu."),
     epochs: int = typer.Option(None, "--epochs", help="[TRAINING] epochs."),
     num_filters: int = typer.Option(None, "--num-filters", help="[NETWORK] num_filters."),
     micro_batch: int = typer.Option(None, "--micro-batch", help="[TRAINING] micro_batch (slices per forward pass)."),

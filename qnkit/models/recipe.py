@@ -12,6 +12,12 @@ entry (recipe, figures) written to ``registry.json``. A step whose output alread
 so an interrupted build resumes (``qnkit train --resume``). A recipe with ``init_from`` fine-tunes:
 its first phase starts from the best weights of that model's committed run (``resume/<model>``;
 ``qnkit train --init-from``) instead of random ones.
+
+A recipe marked ``"machine": "gpu"`` is trained on a GPU machine by ``benchmarks/gpu_recipe.sh``
+(``--until`` stops after a step there); the run, its evaluation and its bundle come back, and the same
+command finishes it here: a step is skipped when its output was made from the run's best checkpoint
+(SHA-256 of its files), so the phantoms are not made again. ``kits_cases`` limits the kidney shapes to
+the first N KiTS19 cases (so that they travel to that machine, and the rest stay unseen).
 """
 from __future__ import annotations
 
@@ -65,6 +71,22 @@ RECIPES = {
         "phases": [{"epochs": 8, "lr": 5e-4, "schedule": "poly"}],
         "export": ["--int8"],
         "default": False,
+    },
+    # The wider network for a GPU machine (benchmarks/gpu_recipe.sh runs it there in one command; an epoch
+    # of the 16-filter model takes about 9 minutes on 2 CPU cores, so a 32-filter one does not train here):
+    # twice the filters, twice the bodies (anatomy version 2, its organs against the kidneys), the kidney
+    # shapes of the first 120 KiTS19 cases only (the other 90 never seen), 24 epochs of 3,200 slices
+    # with a poly schedule (about four and a half minutes' training is what one lent GPU session leaves).
+    "kidney-synth-wide": {
+        "description": "QuickNAT (32 filters) at 2.5 mm pixels, trained on a GPU on anatomy version 2 phantoms",
+        "synth": ["--cases", "280", "--seed", "4", "--generator", "anatomy", "--pixel-range", "1.3,2.6",
+                  "--anatomy-version", "2"],
+        "kits_cases": 120,
+        "settings": "shipped-gpu",
+        "phases": [{"epochs": 24}],
+        "export": ["--int8"],
+        "default": False,
+        "machine": "gpu",
     },
 }
 #: Committed training runs (checkpoints and state) of the shipped models: the start of --init-from recipes.
@@ -124,8 +146,9 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
                     for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
             start = ["--init-from", init_from] if init_from is not None else []
+            # the network and data loading of a new run (a resumed run keeps its settings.ini's)
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
-                   *start, "--epochs", phase["epochs"], *schedule)
+                   *recipe.get("train_args", []), *start, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:
             _qnkit("train", "--out", run, "--resume", "--no-progress", "--epochs", phase["epochs"], *schedule)
 
@@ -140,29 +163,95 @@ def init_source(recipe: dict, override: Path | None = None) -> Path | None:
     return source
 
 
-def build(name: str, workdir: Path, kits_labels: Path, real_ct: Path | None, real_labels: Path | None,
-          install: bool = True, epochs: int | None = None, init_from: Path | None = None) -> dict:
+STEPS = ("synth", "train", "evaluate", "export")
+
+
+def first_kits_cases(kits_labels: Path, count: int, folder: Path) -> Path:
+    """``folder`` holding the first ``count`` KiTS19 cases of ``kits_labels`` (sorted, linked) and their
+    kits.json entries: the label maps a recipe with ``kits_cases`` draws its kidney shapes from."""
+    kits_labels = Path(kits_labels).absolute()
+    cases = sorted(p.parent for p in kits_labels.glob("case_*/segmentation.nii.gz"))[:count]
+    if len(cases) < count:
+        raise SystemExit(f"recipe: {kits_labels} holds {len(cases)} KiTS19 cases; this recipe needs the first {count}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for case in cases:
+        (folder / case.name).symlink_to(case, target_is_directory=True)
+    names = {case.name for case in cases}
+    if (kits_labels / "kits.json").is_file():
+        entries = json.loads((kits_labels / "kits.json").read_text())
+        (folder / "kits.json").write_text(json.dumps([e for e in entries if e.get("case_id") in names]))
+    return folder
+
+
+def best_checkpoint_hashes(run: Path) -> dict | None:
+    """The SHA-256 of the files of a run's best checkpoint (None without one)."""
+    meta = run / "checkpoints" / "best" / "meta.json"
+    return json.loads(meta.read_text()).get("files") or None if meta.is_file() else None
+
+
+def _current(record: Path, hashes_of, run: Path) -> bool:
+    """Whether a step's JSON output exists and was made from the run's present best checkpoint."""
+    try:
+        hashes = best_checkpoint_hashes(run)
+        return hashes is not None and hashes_of(json.loads(record.read_text())) == hashes
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
+          install: bool = True, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
+          until: str | None = None) -> dict:
+    """Synth -> train (phases) -> evaluate -> export -> validate -> install; each step reuses what a previous
+    run of it left in ``workdir`` (data, a finished run, an evaluation and a bundle of the run's best
+    checkpoint), so a run trained elsewhere (`benchmarks/gpu_recipe.sh` on a GPU machine) is finished here
+    without its phantoms. ``until`` (one of :data:`STEPS`) stops after that step and returns {}."""
     recipe = RECIPES[name]
     source = init_source(recipe, init_from)
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
-    if not (data / "kits.json").is_file():
-        _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", "2", "--no-progress")
+    evaluation_path = workdir / "evaluation.json"
+    target = epochs or recipe["phases"][-1]["epochs"]
+    trained = (run / "checkpoints").is_dir() and trained_epochs(run) >= target
+    evaluated = _current(evaluation_path, lambda r: r["checkpoint_sha256"], run)
+    if not (trained and evaluated) and not (data / "kits.json").is_file():
+        if kits_labels is None:
+            raise SystemExit(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
+        if recipe.get("kits_cases"):
+            kits_labels = first_kits_cases(kits_labels, recipe["kits_cases"], workdir / "kits19-labels")
+        _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", workers, "--no-progress")
+    if until == "synth":
+        return {}
     train_phases(recipe, data, run, epochs, source)
-    _qnkit("evaluate", run, "--json", workdir / "evaluation.json")
-    if bundle.exists():
-        shutil.rmtree(bundle)
+    if until == "train":
+        return {}
+    if not _current(evaluation_path, lambda r: r["checkpoint_sha256"], run):
+        _qnkit("evaluate", run, "--json", evaluation_path)
+    if until == "evaluate":
+        return {}
     # The real CT is the INT8 graph's evidence: INT8 becomes the CPU default only if it agrees with FP32 there.
     evidence = ["--int8-evidence", real_ct] if real_ct is not None and "--int8" in recipe["export"] else []
-    _qnkit("export", run, "--out", bundle, *recipe["export"], *evidence)
+    exported = _current(bundle / "qnkit.json", lambda m: m["training"]["checkpoint_sha256"], run)
+    if not exported or (evidence and "int8_real_ct" not in
+                        json.loads((bundle / "qnkit.json").read_text()).get("verification", {})):
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        _qnkit("export", run, "--out", bundle, *recipe["export"], *evidence)
+    if until == "export":
+        return {}
     evaluation = json.loads((workdir / "evaluation.json").read_text())
     entry = {
         "description": recipe["description"],
         "trained_on": f"{recipe['synth'][1]} anatomy phantoms (qnkit synth {' '.join(recipe['synth'])}; "
-                      f"kidney shapes from the KiTS19 label maps), no real CT image",
+                      f"kidney shapes from the KiTS19 label maps"
+                      + (f" of cases 0-{recipe['kits_cases'] - 1}" if recipe.get("kits_cases") else "")
+                      + "), no real CT image",
         "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
                   + (f" --epochs {epochs}" if epochs else ""),
-        "settings": f"train/{recipe['settings']}.ini",
+        "settings": f"train/{recipe['settings'].replace('-', '_')}.ini",
+        **({"machine": "trained on a GPU machine with benchmarks/gpu_recipe.sh"} if recipe.get("machine") == "gpu"
+           else {}),
         "training_phases": recipe["phases"],
         **({"initialised_from": f"{recipe['init_from']} (its committed run, best checkpoint)"}
            if "init_from" in recipe else {}),
@@ -200,16 +289,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--kits-labels", type=Path, required=True, help="KiTS19 label maps (case_*/segmentation.nii.gz)")
+    parser.add_argument("--kits-labels", type=Path, help="KiTS19 label maps (case_*/segmentation.nii.gz); needed "
+                                                         "unless WORKDIR holds the phantoms or a finished, evaluated run")
     parser.add_argument("--real-ct", type=Path)
     parser.add_argument("--real-labels", type=Path)
     parser.add_argument("--epochs", type=int, help="train this many epochs in all (default: the settings')")
     parser.add_argument("--no-install", action="store_true")
     parser.add_argument("--init-from", type=Path, help="for a fine-tuning recipe: the run folder to start from "
                                                        "(default: the committed resume/<model>)")
+    parser.add_argument("--workers", type=int, default=2, help="processes making the phantoms (qnkit synth)")
+    parser.add_argument("--until", choices=STEPS, help="stop after this step (a GPU machine trains, this one "
+                                                       "validates and installs)")
     args = parser.parse_args(argv)
     entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
-                  args.epochs, args.init_from)
+                  args.epochs, args.init_from, args.workers, args.until)
+    if args.until:
+        return
     print(json.dumps(entry, indent=1))
 
 
