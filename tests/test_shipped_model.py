@@ -206,3 +206,18 @@ def test_a_recipe_draws_its_kidneys_from_the_first_kits_cases(tmp_path):
                                                                                       "case_00002"]
     with pytest.raises(SystemExit, match="needs the first 9"):
         R.first_kits_cases(kits, 9, tmp_path / "subset")
+
+
+def test_gpu_scripts_parse_and_name_a_gpu_recipe():
+    """The device scripts cannot run here (no GPU); they must at least parse, and the recipe they are
+    documented with must be a GPU recipe whose KiTS19 subset fits the device's 64 MiB carry limit."""
+    import subprocess
+
+    from qnkit.models import recipe as R
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    for script in sorted(root.glob("gpu_*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
+        assert "kidney-synth-wide" in script.read_text() or script.name in ("gpu_session.sh", "gpu_kits_stub.sh")
+    wide = R.RECIPES["kidney-synth-wide"]
+    assert wide["machine"] == "gpu" and 0 < wide["kits_cases"] <= 150  # ~0.31 MB of labels per case
