@@ -146,9 +146,8 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
                     for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
             start = ["--init-from", init_from] if init_from is not None else []
-            # the network and data loading of a new run (a resumed run keeps its settings.ini's)
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
-                   *recipe.get("train_args", []), *start, "--epochs", phase["epochs"], *schedule)
+                   *start, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:
             _qnkit("train", "--out", run, "--resume", "--no-progress", "--epochs", phase["epochs"], *schedule)
 
