@@ -355,6 +355,20 @@ def _write_entry(folder: Path, case: Case, params: PreprocessParams, expected: d
     return _load_entry(folder, expected)
 
 
+def _write_entries(missing: list[tuple], workers: int):
+    """The entries of ``missing`` ((folder, case, params, expected) each) in order, written in ``workers``
+    processes when there is more than one to write."""
+    if workers <= 1 or len(missing) <= 1:
+        yield from (_write_entry(*job) for job in missing)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent's OpenMP and torch thread pools do not survive a fork
+    with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_write_entry, *zip(*missing))
+
+
 def build_cache(cases: list[Case], params: PreprocessParams, cache_root: str | Path,
                 progress=None, workers: int = 1) -> dict[str, CacheEntry]:
     """Preprocess every case not cached yet (or cached from other sources/params); with ``workers`` > 1
@@ -370,22 +384,10 @@ def build_cache(cases: list[Case], params: PreprocessParams, cache_root: str | P
             entries[case.case_id] = entry
             if progress is not None:
                 progress(case.case_id)
-    if workers > 1 and len(missing) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: the parent's OpenMP and torch thread pools do not survive a fork
-        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            written = pool.map(_write_entry, *zip(*missing))
-            for (_, case, _, _), entry in zip(missing, written):
-                entries[case.case_id] = entry
-                if progress is not None:
-                    progress(case.case_id)
-    else:
-        for folder, case, _, expected in missing:
-            entries[case.case_id] = _write_entry(folder, case, params, expected)
-            if progress is not None:
-                progress(case.case_id)
+    for (_, case, _, _), entry in zip(missing, _write_entries(missing, workers)):
+        entries[case.case_id] = entry
+        if progress is not None:
+            progress(case.case_id)
     return {case.case_id: entries[case.case_id] for case in cases}
 
 

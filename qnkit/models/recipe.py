@@ -187,16 +187,18 @@ def first_kits_cases(kits_labels: Path, count: int, folder: Path) -> Path:
 def best_checkpoint_hashes(run: Path) -> dict | None:
     """The SHA-256 of the files of a run's best checkpoint (None without one)."""
     meta = run / "checkpoints" / "best" / "meta.json"
-    return json.loads(meta.read_text()).get("files") or None if meta.is_file() else None
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("files") or None
 
 
-def _current(record: Path, hashes_of, run: Path) -> bool:
-    """Whether a step's JSON output exists and was made from the run's present best checkpoint."""
+def _made_from_best(record: Path, hashes_of, run: Path) -> dict | None:
+    """A step's JSON output, if it exists and was made from the run's present best checkpoint; else None."""
     try:
-        hashes = best_checkpoint_hashes(run)
-        return hashes is not None and hashes_of(json.loads(record.read_text())) == hashes
+        hashes, made = best_checkpoint_hashes(run), json.loads(record.read_text())
+        return made if hashes is not None and hashes_of(made) == hashes else None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
 
 
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
@@ -213,7 +215,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     evaluation_path = workdir / "evaluation.json"
     target = epochs or recipe["phases"][-1]["epochs"]
     trained = (run / "checkpoints").is_dir() and trained_epochs(run) >= target
-    evaluated = _current(evaluation_path, lambda r: r["checkpoint_sha256"], run)
+    evaluated = _made_from_best(evaluation_path, lambda r: r["checkpoint_sha256"], run) is not None
     if not (trained and evaluated) and not (data / "kits.json").is_file():
         if kits_labels is None:
             raise SystemExit(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
@@ -225,15 +227,14 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     train_phases(recipe, data, run, epochs, source)
     if until == "train":
         return {}
-    if not _current(evaluation_path, lambda r: r["checkpoint_sha256"], run):
+    if _made_from_best(evaluation_path, lambda r: r["checkpoint_sha256"], run) is None:
         _qnkit("evaluate", run, "--json", evaluation_path)
     if until == "evaluate":
         return {}
     # The real CT is the INT8 graph's evidence: INT8 becomes the CPU default only if it agrees with FP32 there.
     evidence = ["--int8-evidence", real_ct] if real_ct is not None and "--int8" in recipe["export"] else []
-    exported = _current(bundle / "qnkit.json", lambda m: m["training"]["checkpoint_sha256"], run)
-    if not exported or (evidence and "int8_real_ct" not in
-                        json.loads((bundle / "qnkit.json").read_text()).get("verification", {})):
+    exported = _made_from_best(bundle / "qnkit.json", lambda m: m["training"]["checkpoint_sha256"], run)
+    if exported is None or (evidence and "int8_real_ct" not in exported.get("verification", {})):
         if bundle.exists():
             shutil.rmtree(bundle)
         _qnkit("export", run, "--out", bundle, *recipe["export"], *evidence)
