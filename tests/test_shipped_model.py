@@ -221,3 +221,12 @@ def test_gpu_scripts_parse_and_name_a_gpu_recipe():
         assert "kidney-synth-wide" in script.read_text() or script.name in ("gpu_session.sh", "gpu_kits_stub.sh")
     wide = R.RECIPES["kidney-synth-wide"]
     assert wide["machine"] == "gpu" and 0 < wide["kits_cases"] <= 150  # ~0.31 MB of labels per case
+
+
+def test_recipe_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
+    from qnkit.models import recipe as R
+
+    with pytest.raises(SystemExit) as exit_info:
+        R.main(["kidney-synth-wide", "--workdir", str(tmp_path / "work"), "--no-install"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "no phantoms" in lines[0]

@@ -89,6 +89,10 @@ RECIPES = {
         "machine": "gpu",
     },
 }
+class RecipeInputError(SystemExit):
+    """A recipe cannot start from what it was given; ``main`` prints the one line and exits 2."""
+
+
 #: Committed training runs (checkpoints and state) of the shipped models: the start of --init-from recipes.
 RESUME_DIR = Path(__file__).resolve().parents[2] / "resume"
 
@@ -158,7 +162,7 @@ def init_source(recipe: dict, override: Path | None = None) -> Path | None:
         return None
     source = Path(override) if override is not None else RESUME_DIR / recipe["init_from"]
     if not (source / "checkpoints" / "best" / "meta.json").is_file():
-        raise SystemExit(f"recipe: {source} holds no trained run to start from (checkpoints/best)")
+        raise RecipeInputError(f"recipe: {source} holds no trained run to start from (checkpoints/best)")
     return source
 
 
@@ -171,7 +175,7 @@ def first_kits_cases(kits_labels: Path, count: int, folder: Path) -> Path:
     kits_labels = Path(kits_labels).absolute()
     cases = sorted(p.parent for p in kits_labels.glob("case_*/segmentation.nii.gz"))[:count]
     if len(cases) < count:
-        raise SystemExit(f"recipe: {kits_labels} holds {len(cases)} KiTS19 cases; this recipe needs the first {count}")
+        raise RecipeInputError(f"recipe: {kits_labels} holds {len(cases)} KiTS19 cases; this recipe needs the first {count}")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -218,7 +222,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     evaluated = _made_from_best(evaluation_path, lambda r: r["checkpoint_sha256"], run) is not None
     if not (trained and evaluated) and not (data / "kits.json").is_file():
         if kits_labels is None:
-            raise SystemExit(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
+            raise RecipeInputError(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
         if recipe.get("kits_cases"):
             kits_labels = first_kits_cases(kits_labels, recipe["kits_cases"], workdir / "kits19-labels")
         _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", workers, "--no-progress")
@@ -301,8 +305,12 @@ def main(argv=None) -> None:
     parser.add_argument("--until", choices=STEPS, help="stop after this step (a GPU machine trains, this one "
                                                        "validates and installs)")
     args = parser.parse_args(argv)
-    entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
-                  args.epochs, args.init_from, args.workers, args.until)
+    try:
+        entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
+                      args.epochs, args.init_from, args.workers, args.until)
+    except RecipeInputError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
     if args.until:
         return
     print(json.dumps(entry, indent=1))
