@@ -208,7 +208,7 @@ def test_a_recipe_draws_its_kidneys_from_the_first_kits_cases(tmp_path):
         R.first_kits_cases(kits, 9, tmp_path / "subset")
 
 
-def test_gpu_scripts_parse_and_name_a_gpu_recipe():
+def test_benchmark_scripts_parse_and_gpu_ones_name_a_gpu_recipe():
     """The device scripts cannot run here (no GPU); they must at least parse, and the recipe they are
     documented with must be a GPU recipe whose KiTS19 subset fits the device's 64 MiB carry limit."""
     import subprocess
@@ -216,8 +216,9 @@ def test_gpu_scripts_parse_and_name_a_gpu_recipe():
     from qnkit.models import recipe as R
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
-    for script in sorted(root.glob("gpu_*.sh")):
+    for script in sorted(root.glob("*.sh")):  # gpu_*.sh, and small_run.sh (30 min of CPU: not run here)
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
+    for script in sorted(root.glob("gpu_*.sh")):
         assert "kidney-synth-wide" in script.read_text() or script.name in ("gpu_session.sh", "gpu_kits_stub.sh")
     wide = R.RECIPES["kidney-synth-wide"]
     assert wide["machine"] == "gpu" and 0 < wide["kits_cases"] <= 150  # ~0.31 MB of labels per case
