@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from qnkit.models import MODELS_DIR, REGISTRY
+from qnkit.train.settings import PRESETS
 
 RECIPES = {
     "kidney-synth": {
@@ -205,6 +206,10 @@ def _made_from_best(record: Path, hashes_of, run: Path) -> dict | None:
         return None
 
 
+def _evaluated_hashes(evaluation: dict) -> dict:
+    return evaluation["checkpoint_sha256"]
+
+
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
           install: bool = True, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
           until: str | None = None) -> dict:
@@ -219,7 +224,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     evaluation_path = workdir / "evaluation.json"
     target = epochs or recipe["phases"][-1]["epochs"]
     trained = (run / "checkpoints").is_dir() and trained_epochs(run) >= target
-    evaluated = _made_from_best(evaluation_path, lambda r: r["checkpoint_sha256"], run) is not None
+    evaluated = _made_from_best(evaluation_path, _evaluated_hashes, run) is not None
     if not (trained and evaluated) and not (data / "kits.json").is_file():
         if kits_labels is None:
             raise RecipeInputError(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
@@ -231,7 +236,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     train_phases(recipe, data, run, epochs, source)
     if until == "train":
         return {}
-    if _made_from_best(evaluation_path, lambda r: r["checkpoint_sha256"], run) is None:
+    if _made_from_best(evaluation_path, _evaluated_hashes, run) is None:
         _qnkit("evaluate", run, "--json", evaluation_path)
     if until == "evaluate":
         return {}
@@ -253,7 +258,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
                       + "), no real CT image",
         "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
                   + (f" --epochs {epochs}" if epochs else ""),
-        "settings": f"train/{recipe['settings'].replace('-', '_')}.ini",
+        "settings": f"train/{PRESETS[recipe['settings']].name}",
         **({"machine": "trained on a GPU machine with benchmarks/gpu_recipe.sh"} if recipe.get("machine") == "gpu"
            else {}),
         "training_phases": recipe["phases"],
