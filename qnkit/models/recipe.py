@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from qnkit.models import MODELS_DIR, REGISTRY
-from qnkit.train.settings import PRESETS
 
 RECIPES = {
     "kidney-synth": {
@@ -258,7 +257,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
                       + "), no real CT image",
         "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
                   + (f" --epochs {epochs}" if epochs else ""),
-        "settings": f"train/{PRESETS[recipe['settings']].name}",
+        "settings": f"train/{recipe['settings'].replace('-', '_')}.ini",
         **({"machine": "trained on a GPU machine with benchmarks/gpu_recipe.sh"} if recipe.get("machine") == "gpu"
            else {}),
         "training_phases": recipe["phases"],
