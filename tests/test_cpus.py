@@ -78,3 +78,26 @@ def test_cgroup_files_v2_and_v1(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert cpus.cgroup_cpu_limit(tmp_path / "v1") is None
     assert cpus.cgroup_cpu_limit(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("setting, env, ranks, expected", [
+    (0, "3", 1, 3),   # the variable, per process, as for inference
+    (0, "3", 2, 3),
+    (2, "3", 1, 2),   # [COMMON] num_threads comes first
+    (0, "", 2, None),  # neither: the cores shared among this machine's ranks
+])
+def test_training_threads(monkeypatch, setting, env, ranks, expected):
+    torch = pytest.importorskip("torch")
+    from qnkit.train import distributed as dist
+    from qnkit.train.runner import _set_threads
+    from qnkit.train.settings import Settings
+
+    monkeypatch.setenv("QNKIT_NUM_THREADS", env)
+    settings = Settings()
+    settings.common.num_threads = setting
+    before = torch.get_num_threads()
+    try:
+        _set_threads(settings, dist.DistInfo(world_size=ranks, local_world_size=ranks))
+        assert torch.get_num_threads() == (expected or max(1, cpus.available_cpus() // ranks))
+    finally:
+        torch.set_num_threads(before)

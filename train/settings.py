@@ -31,7 +31,7 @@ class CommonSettings:
     log_dir: str = ""  # TensorBoard folder; "" -> RUN_DIR/tensorboard; relative paths are under RUN_DIR
     deterministic: bool = True
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    num_threads: int = 0  # torch intra-op threads per process; 0 -> cores / local processes
+    num_threads: int = 0  # torch intra-op threads per process; 0 -> QNKIT_NUM_THREADS, else cores / local processes
     progress: bool = True
 
 
