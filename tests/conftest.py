@@ -30,6 +30,13 @@ if XDIST_WORKER:
 TORCH_THREADS = 1 if XDIST_WORKER else 2
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests (training runs) first. xdist hands out whole files in this order (pyproject:
+    --dist loadfile --no-loadscope-reorder), so the long files start early and the short ones fill in
+    around them, instead of the longest ones ending the run side by side."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _built_once(tmp_path_factory, name: str, build) -> Path:
     """`build(folder)` run once per test session, shared by every xdist worker; returns the folder.
 
