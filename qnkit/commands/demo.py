@@ -25,7 +25,7 @@ def command(
     cases: int = typer.Option(12, "--cases", min=4, help="Synthetic cases (20% test, then 20% validation)."),
     epochs: int = typer.Option(25, "--epochs", min=1, help="Training epochs."),
     size: int = typer.Option(128, "--size", min=32, help="In-plane size of the synthetic CT (pixels)."),
-    num_filters: int = typer.Option(16, "--num-filters", min=2, help="QuickNAT filters per layer (64 in the report)."),
+    num_filters: int = typer.Option(8, "--num-filters", min=2, help="QuickNAT filters per layer (64 in the report)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of data, split and training."),
     backend: str = typer.Option("auto", "--backend", help="Backend for the segmentation: auto | torch | "
                                                           "onnxruntime | tensorrt."),
