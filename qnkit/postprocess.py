@@ -25,8 +25,8 @@ import cc3d
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["RIGHT", "LEFT", "MIN_KIDNEY_ML", "MERGE_MM", "ball", "close_mask", "body_midline_x", "split_sides",
-           "select_kidneys", "kidney_sides"]
+__all__ = ["RIGHT", "LEFT", "MIN_KIDNEY_ML", "MERGE_MM", "ball", "bounding_box", "close_mask", "body_midline_x",
+           "split_sides", "select_kidneys", "kidney_sides"]
 
 RIGHT, LEFT = 1, 2  # label values of --split-sides masks
 BODY_HU = -300.0  # voxels above this are body (soft tissue, bone), below are air/lung
@@ -53,7 +53,7 @@ def ball(radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     return np.asarray(dist <= 1.0 + 1e-9)
 
 
-def _bounding_box(mask: np.ndarray, pad=(0, 0, 0)) -> tuple[slice, slice, slice]:
+def bounding_box(mask: np.ndarray, pad=(0, 0, 0)) -> tuple[slice, slice, slice]:
     """Index box of the foreground of a non-empty 3-D mask, grown by `pad` voxels per axis and clipped."""
     box = []
     for axis, p in enumerate(pad):
@@ -73,7 +73,7 @@ def close_mask(mask: np.ndarray, radius: float, spacing=(1.0, 1.0, 1.0)) -> np.n
     if radius <= 0 or se.size == 1 or not mask.any():
         return mask.astype(np.uint8)
     pad = [n // 2 + 1 for n in se.shape]
-    box = _bounding_box(mask, pad)
+    box = bounding_box(mask, pad)
     sub = np.pad(mask[box], [(p, p) for p in pad])
     closed = ndi.binary_closing(sub, structure=se)[tuple(slice(p, -p) for p in pad)]
     out = mask.copy()
@@ -128,7 +128,7 @@ def split_sides(mask: np.ndarray, affine: np.ndarray, midline_x: float) -> np.nd
 def _near(group: np.ndarray, pieces: np.ndarray, spacing, merge_mm: float) -> set[int]:
     """Labels of `pieces` with a voxel within `merge_mm` (voxel centres, mm) of the `group` mask."""
     pad = tuple(int(np.ceil(merge_mm / float(s))) for s in spacing)
-    box = _bounding_box(group, pad)
+    box = bounding_box(group, pad)
     distance = ndi.distance_transform_edt(~group[box], sampling=spacing)
     hit = pieces[box][distance <= merge_mm + 1e-6]
     return set(np.unique(hit[hit > 0]).tolist())
@@ -146,7 +146,7 @@ def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml
     out = np.zeros_like(sides)
     if not sides.any():
         return out
-    box = _bounding_box(sides > 0)  # every piece lies inside: work on the kidneys' box, not the CT
+    box = bounding_box(sides > 0)  # every piece lies inside: work on the kidneys' box, not the CT
     sides, whole, out = np.ascontiguousarray(sides[box]), out, out[box]
     pieces, n = cc3d.connected_components(sides, connectivity=26, return_N=True)  # never across sides
     counts = np.bincount(pieces.ravel(), minlength=n + 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from qnkit.io import Geometry
-from qnkit.postprocess import LEFT, RIGHT
+from qnkit.postprocess import LEFT, RIGHT, bounding_box
 
 __all__ = ["SIDES", "kidney_stats", "side_volumes_ml", "describe_sides"]
 
@@ -43,10 +43,15 @@ def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
     """{'right': {...}, 'left': {...}} for an internal-layout label volume (1 right, 2 left).
 
     A side with no voxels is absent: present False, voxels 0, volume 0.0, None for box, centroid and HU.
+    Everything is measured inside the kidneys' bounding box (a whole CT is ~50x its volume).
     """
     to_file = _internal_to_file(geometry)
     to_ras = geometry.internal_affine
     ml = geometry.voxel_volume_ml
+    found = np.asarray(sides) > 0
+    box = bounding_box(found) if found.any() else (slice(0, 0),) * 3
+    origin = np.array([b.start for b in box])
+    sides, ct = sides[box], ct[box]
     out = {}
     for name, value in SIDES.items():
         sel = sides == value
@@ -54,12 +59,12 @@ def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
         entry = {"present": count > 0, "voxels": count, "volume_ml": count * ml}
         if count:
             axes = [np.nonzero(sel.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
-            lo = np.array([ax[0] for ax in axes])
-            hi = np.array([ax[-1] for ax in axes])
+            lo = origin + np.array([ax[0] for ax in axes])
+            hi = origin + np.array([ax[-1] for ax in axes])
             vlo, vhi = _box(to_file, lo, hi)
             mlo, mhi = _box(to_ras, lo, hi)
             idx = np.nonzero(sel)
-            centre = np.array([i.mean() for i in idx])
+            centre = origin + np.array([i.mean() for i in idx])
             entry.update(
                 bbox_voxels={"min": [int(round(v)) for v in vlo], "max": [int(round(v)) for v in vhi]},
                 bbox_mm={"min": _round(mlo, 2), "max": _round(mhi, 2)},

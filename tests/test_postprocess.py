@@ -203,3 +203,53 @@ def test_empty_mask_has_no_kidneys():
     assert not out.any() and not sides.any()
     assert not stats["right"]["present"] and not stats["left"]["present"]
     assert describe_sides(stats) == "right absent, left absent"
+
+
+def _kidney_stats_reference(sides, ct, geometry) -> dict:
+    """Plain whole-volume statistics: count, index box and centroid from np.nonzero, mean HU under the mask."""
+    from qnkit.report import SIDES, _apply, _internal_to_file
+
+    to_file, to_ras = _internal_to_file(geometry), geometry.internal_affine
+    out = {}
+    for name, value in SIDES.items():
+        idx = np.nonzero(sides == value)
+        if not idx[0].size:
+            out[name] = {"voxels": 0, "box": None}
+            continue
+        lo, hi = np.array([i.min() for i in idx]), np.array([i.max() for i in idx])
+        corners = np.array([[(lo, hi)[b >> a & 1][a] for a in range(3)] for b in range(8)], float)
+        centre = np.array([i.mean() for i in idx])[None]
+        out[name] = {"voxels": idx[0].size, "box": _apply(to_file, corners), "box_mm": _apply(to_ras, corners),
+                     "centroid": _apply(to_file, centre)[0], "centroid_mm": _apply(to_ras, centre)[0],
+                     "hu": ct[idx].astype(np.float64).mean()}
+    return out
+
+
+@pytest.mark.parametrize("present", [("right", "left"), ("left",), ()])
+@pytest.mark.parametrize("layout", ["contiguous", "fortran"])
+def test_stats_match_the_whole_volume_reference(present, layout):
+    rng = np.random.default_rng(len(present))
+    sides = np.zeros(SHAPE, np.uint8)
+    for name in present:
+        side = P.RIGHT if name == "right" else P.LEFT
+        sides[_kidney(side, z=int(rng.integers(8, 30)))] = side
+        sides[rng.random(SHAPE) < 2e-4] = side  # stray voxels anywhere, the volume's corners included
+    sides[0, 0, 0] = P.LEFT if "left" in present else 0
+    ct = rng.integers(-1000, 1000, SHAPE).astype(np.int16)
+    if layout == "fortran":
+        sides, ct = np.asfortranarray(sides), np.asfortranarray(ct)
+    stats, want = kidney_stats(sides, ct, GEOMETRY), _kidney_stats_reference(sides, ct, GEOMETRY)
+    for name in ("right", "left"):
+        got, ref = stats[name], want[name]
+        assert got["voxels"] == ref["voxels"] and got["present"] is (name in present)
+        assert got["volume_ml"] == pytest.approx(ref["voxels"] * ML)
+        if ref["box"] is None:
+            assert got["bbox_voxels"] is None and got["mean_hu"] is None
+            continue
+        assert got["bbox_voxels"] == {"min": np.rint(ref["box"].min(0)).astype(int).tolist(),
+                                      "max": np.rint(ref["box"].max(0)).astype(int).tolist()}
+        assert got["bbox_mm"]["min"] == pytest.approx(ref["box_mm"].min(0), abs=0.006)
+        assert got["bbox_mm"]["max"] == pytest.approx(ref["box_mm"].max(0), abs=0.006)
+        assert got["centroid_voxels"] == pytest.approx(ref["centroid"], abs=0.006)
+        assert got["centroid_mm"] == pytest.approx(ref["centroid_mm"], abs=0.006)
+        assert got["mean_hu"] == pytest.approx(ref["hu"], abs=0.006)
