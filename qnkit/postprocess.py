@@ -125,13 +125,15 @@ def split_sides(mask: np.ndarray, affine: np.ndarray, midline_x: float) -> np.nd
     return out
 
 
-def _near(group: np.ndarray, pieces: np.ndarray, spacing, merge_mm: float) -> set[int]:
-    """Labels of `pieces` with a voxel within `merge_mm` (voxel centres, mm) of the `group` mask."""
-    pad = tuple(int(np.ceil(merge_mm / float(s))) for s in spacing)
-    box = bounding_box(group, pad)
-    distance = ndi.distance_transform_edt(~group[box], sampling=spacing)
-    hit = pieces[box][distance <= merge_mm + 1e-6]
-    return set(np.unique(hit[hit > 0]).tolist())
+def _near(group: np.ndarray, pieces: np.ndarray, label: int, box: tuple, spacing, merge_mm: float) -> bool:
+    """Whether piece `label` of `pieces` (index box `box`) has a voxel within `merge_mm` (voxel centres, mm)
+    of the `group` mask. Only the piece's box grown by `merge_mm` can hold such a voxel of the group."""
+    pad = (int(np.ceil(merge_mm / float(s))) for s in spacing)
+    grown = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, group.shape))
+    if not group[grown].any():
+        return False
+    distance = ndi.distance_transform_edt(~group[grown], sampling=spacing)
+    return bool((distance[pieces[grown] == label] <= merge_mm + 1e-6).any())
 
 
 def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml: float = MIN_KIDNEY_ML,
@@ -149,7 +151,8 @@ def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml
     box = bounding_box(sides > 0)  # every piece lies inside: work on the kidneys' box, not the CT
     sides, whole, out = np.ascontiguousarray(sides[box]), out, out[box]
     pieces, n = cc3d.connected_components(sides, connectivity=26, return_N=True)  # never across sides
-    counts = np.bincount(pieces.ravel(), minlength=n + 1)
+    statistics = cc3d.statistics(pieces)
+    counts, boxes = statistics["voxel_counts"], statistics["bounding_boxes"]
     piece_side = np.zeros(n + 1, dtype=np.uint8)
     piece_side[pieces.ravel()] = sides.ravel()
     for side in (RIGHT, LEFT):
@@ -161,7 +164,8 @@ def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml
             continue
         kept, rest = {main}, set(candidates) - {main}
         while rest:
-            joined = _near(np.isin(pieces, list(kept)), pieces, spacing, merge_mm) & rest
+            group = np.isin(pieces, list(kept))
+            joined = {p for p in rest if _near(group, pieces, p, boxes[p], spacing, merge_mm)}
             if not joined:
                 break
             kept |= joined

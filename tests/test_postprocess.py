@@ -253,3 +253,44 @@ def test_stats_match_the_whole_volume_reference(present, layout):
         assert got["centroid_voxels"] == pytest.approx(ref["centroid"], abs=0.006)
         assert got["centroid_mm"] == pytest.approx(ref["centroid_mm"], abs=0.006)
         assert got["mean_hu"] == pytest.approx(ref["hu"], abs=0.006)
+
+
+def _select_kidneys_reference(sides, spacing, voxel_ml, min_kidney_ml, merge_mm):
+    """Whole-volume rounds: each side's largest piece, then every piece within merge_mm (exact EDT) of what is kept."""
+    from scipy import ndimage as ndi
+
+    out = np.zeros_like(sides)
+    for side in (P.RIGHT, P.LEFT):
+        pieces, n = ndi.label(sides == side, structure=np.ones((3, 3, 3)))
+        if not n:
+            continue
+        counts = np.bincount(pieces.ravel())[1:]
+        if counts.max() * voxel_ml < min_kidney_ml:
+            continue
+        kept = pieces == 1 + int(np.argmax(counts))
+        while True:
+            near = ndi.distance_transform_edt(~kept, sampling=spacing) <= merge_mm + 1e-6
+            grown = np.isin(pieces, np.unique(pieces[near & (pieces > 0)]))
+            if (grown == kept).all():
+                break
+            kept = grown
+        out[kept] = side
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_select_kidneys_matches_the_whole_volume_reference(seed):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(9, 36, 3))  # odd and even sizes
+    blobs = ndi.gaussian_filter(rng.random(shape), 1.5) > 0.52 + 0.02 * rng.random()
+    sides = np.zeros(shape, np.uint8)
+    half = shape[2] // 2
+    sides[..., :half][blobs[..., :half]] = P.RIGHT
+    sides[..., half:][blobs[..., half:]] = P.LEFT
+    spacing = tuple(float(s) for s in rng.uniform(0.5, 4.0, 3))
+    merge_mm, min_ml = float(rng.uniform(1.0, 12.0)), float(rng.choice([0.0, 0.05]))
+    got = P.select_kidneys(sides if seed % 2 else np.asfortranarray(sides), spacing, 0.001,
+                           min_kidney_ml=min_ml, merge_mm=merge_mm)
+    np.testing.assert_array_equal(got, _select_kidneys_reference(sides, spacing, 0.001, min_ml, merge_mm))
