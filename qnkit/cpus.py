@@ -60,15 +60,21 @@ def _warn_once(value: str) -> None:
           file=sys.stderr)
 
 
+def requested_threads() -> int | None:
+    """``QNKIT_NUM_THREADS`` when it is set to a positive integer, else None (an unusable value is reported once)."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n > 0:
+        return n
+    _warn_once(value)
+    return None
+
+
 def default_threads() -> int:
     """Threads to use when none were asked for: ``QNKIT_NUM_THREADS`` if valid, else :func:`available_cpus`."""
-    value = os.environ.get(ENV, "").strip()
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n > 0:
-            return n
-        _warn_once(value)
-    return available_cpus()
+    return requested_threads() or available_cpus()

@@ -148,7 +148,7 @@ def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml
     out = np.zeros_like(sides)
     if not sides.any():
         return out
-    box = bounding_box(sides > 0)  # every piece lies inside: work on the kidneys' box, not the CT
+    box = bounding_box(sides)  # every piece lies inside: work on the kidneys' box, not the CT
     sides, whole, out = np.ascontiguousarray(sides[box]), out, out[box]
     pieces, n = cc3d.connected_components(sides, connectivity=26, return_N=True)  # never across sides
     statistics = cc3d.statistics(pieces)

@@ -48,8 +48,8 @@ def kidney_stats(sides: np.ndarray, ct: np.ndarray, geometry: Geometry) -> dict:
     to_file = _internal_to_file(geometry)
     to_ras = geometry.internal_affine
     ml = geometry.voxel_volume_ml
-    found = np.asarray(sides) > 0
-    box = bounding_box(found) if found.any() else (slice(0, 0),) * 3
+    sides = np.asarray(sides)
+    box = bounding_box(sides) if sides.any() else (slice(0, 0),) * 3
     origin = np.array([b.start for b in box])
     sides, ct = sides[box], ct[box]
     out = {}

@@ -85,6 +85,7 @@ def test_cgroup_files_v2_and_v1(tmp_path):
     (0, "3", 2, 3),
     (2, "3", 1, 2),   # [COMMON] num_threads comes first
     (0, "", 2, None),  # neither: the cores shared among this machine's ranks
+    (0, "abc", 2, None),  # an unusable value counts as unset
 ])
 def test_training_threads(monkeypatch, setting, env, ranks, expected):
     torch = pytest.importorskip("torch")

@@ -10,11 +10,12 @@ import pytest
 from qnkit import io as qio
 from qnkit import kernels
 
+pytestmark = pytest.mark.slow
+
 SHRUNKEN = ("--cases", "5", "--epochs", "12", "--size", "64", "--num-filters", "8", "--no-progress")
 # The shrunken demo reached Dice 0.42 on its held-out case (2-core Xeon, AVX-512); a pipeline that lost
 # the kidneys (a flipped axis, the wrong grid, an untrained network) scores 0 to 0.08 (everything kidney).
 DICE_BAR = 0.3
-pytestmark = pytest.mark.slow
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # `auto` chooses as on a machine without a GPU, whatever this one has
 
 

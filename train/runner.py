@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qnkit._atomic import remove_path
-from qnkit.cpus import ENV, available_cpus, default_threads
+from qnkit.cpus import available_cpus, requested_threads
 from qnkit.errors import QnkitInputError
 from qnkit.train import checkpoint as ckpt
 from qnkit.train import data as D
@@ -173,7 +173,7 @@ def _cache_root(settings: Settings, run_dir: Path) -> Path:
 def _set_threads(settings: Settings, info: dist.DistInfo) -> None:
     # [COMMON] num_threads first; then QNKIT_NUM_THREADS, per process as for inference; else the cores,
     # shared among this machine's ranks (two 2-thread processes on 2 cores spend their time spinning).
-    n = (settings.common.num_threads or (default_threads() if os.environ.get(ENV, "").strip() else 0)
+    n = (settings.common.num_threads or requested_threads()
          or max(1, available_cpus() // max(info.local_world_size, 1)))
     torch.set_num_threads(n)
 
