@@ -4,7 +4,8 @@ clean shutdown on SIGTERM. The whole exchange runs in tests/dicom_node_scenario.
 network namespace (loopback only); the node uses the session's small trained model. Those tests are
 skipped only when Orthanc is not installed (CI installs it, see .ci/run).
 
-In-process tests of the node: a restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1
+In-process tests of the node: each association logged once, accepted or rejected with its reason; a
+restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1
 (segmentation with the stand-in predictor of tests/dicom_cases.py); received UIDs never become paths.
 """
 from __future__ import annotations
@@ -81,6 +82,52 @@ def test_corrupt_instance_reported_and_node_goes_on(scenario):
 def test_clean_shutdown_on_sigterm(scenario):
     assert scenario["node_rc"] == 0
     assert scenario["node_log"][-1].endswith("stopped")
+
+
+def _lines(log: list[str], *words: str) -> list[str]:
+    return [line for line in log if all(word in line for word in words)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_each_association_logged_once_accepted_or_rejected(tmp_path, monkeypatch):
+    """In process, without dcmtk: a refused caller leaves one line with its AE title, address and the reason;
+    an allowed one leaves one line saying it was accepted; a control character in a title cannot split a line."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import Verification
+
+    from qnkit.dicom.node import Destination, Node, NodeConfig
+
+    # pynetdicom checks AE titles on both sides; a peer that is not pynetdicom need not, so let one through
+    monkeypatch.setitem(_config.VALIDATORS, "AE", lambda value: (True, ""))
+    log: list = []
+    node = Node(NodeConfig(workdir=tmp_path, send_to=Destination("DEST", "127.0.0.1", 1), allowed_callers=("PACS",),
+                           port=_free_port()), segment=None, log=log.append)
+    node.start()
+    try:
+        outcomes = {}
+        for calling in ("EVIL", "PACS", "BAD\nLINE"):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", node.config.port, ae_title="QNKIT")
+            outcomes[calling] = assoc.is_established
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        node.stop()
+    assert outcomes == {"EVIL": False, "PACS": True, "BAD\nLINE": False}
+    assert len(log) == 3 and all("\n" not in line for line in log), log
+    evil, pacs, bad = (_lines(log, f"association from {who} at 127.0.0.1:") for who in ("EVIL", "PACS", "BAD?LINE"))
+    assert len(evil) == 1 and evil[0].endswith("(called QNKIT) rejected: calling AE title not recognised "
+                                               "(rejected permanent)"), log
+    assert len(pacs) == 1 and pacs[0].endswith(" accepted"), log
+    assert len(bad) == 1 and "rejected" in bad[0], log
 
 
 def test_received_uids_never_become_paths():

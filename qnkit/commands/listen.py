@@ -26,7 +26,8 @@ def command(
 ) -> None:
     """Receive CT series by C-STORE, segment each once it is complete, send the SEG (and RTSTRUCT) on.
 
-    One log line per series. SIGINT or SIGTERM stops it cleanly after the series in hand.
+    One log line per series and one per association, accepted or rejected (on stderr, and in the --log
+    file). SIGINT or SIGTERM stops it cleanly after the series in hand.
     """
     import signal
     import sys
@@ -51,7 +52,10 @@ def command(
 
     bundle = load_bundle(model, verify=True)
     opened = []
-    sink = open(log_file, "a", encoding="utf-8") if log_file is not None else None
+    try:
+        sink = open(log_file, "a", encoding="utf-8") if log_file is not None else None
+    except OSError as exc:
+        raise QnkitInputError(f"--log {log_file}: cannot open it for writing ({exc.strerror or exc})") from None
 
     def log(line: str) -> None:
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
@@ -62,7 +66,7 @@ def command(
 
     def predict(x):
         if not opened:
-            opened.append(open_backend(bundle, backend, log=lambda m: log(m)))
+            opened.append(open_backend(bundle, backend, log=lambda m: node.log(m)))  # node.log: one writer at a time
         return opened[0].predict(x)
 
     def segment(folder: Path, outputs) -> str:

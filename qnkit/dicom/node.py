@@ -8,7 +8,9 @@ period, through :func:`qnkit.batch.segment_many`; its SEG (and RTSTRUCT) go to
 has accepted every file are the series' files removed, so a restart resumes: results left complete in
 ``outgoing`` are sent again, series left in ``incoming`` without them are segmented again. A series that cannot be
 segmented is moved to ``WORKDIR/failed/<series>/`` with a ``reason.txt``, and the node goes on. Each
-series gets one log line. Associations are accepted only from the configured calling AE titles.
+series gets one log line. Associations are accepted only from the configured calling AE titles; every
+association request gets one log line too, accepted or rejected (calling AE title, peer address, and
+for a rejection the reason sent back), so that an administrator can see who tried.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Callable
 
 from qnkit.errors import QnkitInputError
 
-__all__ = ["Destination", "NodeConfig", "Node", "parse_destination", "safe_name"]
+__all__ = ["Destination", "NodeConfig", "Node", "parse_destination", "printable", "safe_name"]
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _AE = re.compile(r"[\x20-\x7e]{1,16}")
@@ -38,6 +40,12 @@ def safe_name(value: str) -> str:
     if _UID.fullmatch(value) and len(value) <= 64:
         return value
     return "x" + hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def printable(text) -> str:
+    """``text`` as one log-safe line: anything outside printable ASCII (a newline in a received AE title)
+    becomes ``?``, so that a peer cannot forge or split log lines."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text)).strip() or "(empty)"
 
 
 def check_ae_title(title: str, what: str) -> str:
@@ -99,7 +107,8 @@ class Node:
             (Path(config.workdir) / sub).mkdir(parents=True, exist_ok=True)
         self.config = config
         self.segment = segment
-        self.log = log
+        self._write_log = log
+        self._log_lock = threading.Lock()  # association threads and the work loop log at the same time
         self.incoming = Path(config.workdir) / "incoming"
         self.outgoing = Path(config.workdir) / "outgoing"
         self.failed = Path(config.workdir) / "failed"
@@ -120,7 +129,33 @@ class Node:
             if folder.name not in self.pending and (folder / COMPLETE).is_file():
                 self.unsent.setdefault(folder.name, now)
 
+    def log(self, line: str) -> None:
+        """Hand one line to the log callback, one caller at a time (whole lines, never interleaved)."""
+        with self._log_lock:
+            self._write_log(line)
+
     # --- receiving ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _peer(event) -> str:
+        """``CALLING at HOST:PORT``: who asked for an association (its AE title and address), for the log."""
+        requestor = event.assoc.requestor
+        return f"{printable(requestor.ae_title)} at {printable(requestor.address)}:{requestor.port}"
+
+    def _on_accepted(self, event) -> None:
+        """One log line for an association this node accepted."""
+        self.log(f"association from {self._peer(event)} accepted")
+
+    def _on_rejected(self, event) -> None:
+        """One log line for an association this node rejected, with the reason it sent back."""
+        answer = event.assoc.acceptor.primitive  # the A-ASSOCIATE-RJ just sent
+        try:
+            reason = answer.reason_str  # e.g. "Calling AE title not recognised"
+            why = f"{reason[:1].lower()}{reason[1:]} ({answer.result_str.lower()})"
+        except (AttributeError, KeyError, TypeError):
+            why = "no reason recorded"
+        called = printable(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "")
+        self.log(f"association from {self._peer(event)} (called {called}) rejected: {why}")
 
     def _on_store(self, event) -> int:
         """Write one received instance under incoming/<series>/ (atomically); 0x0000 = success."""
@@ -142,7 +177,7 @@ class Node:
         with self.lock:
             entry = self.pending.setdefault(series, _Pending(time.monotonic()))
             entry.last_arrival = time.monotonic()
-            entry.callers.add(str(event.assoc.requestor.ae_title).strip())
+            entry.callers.add(printable(event.assoc.requestor.ae_title))
             entry.instances += 1
         return 0x0000
 
@@ -159,7 +194,9 @@ class Node:
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
         try:
             self.server = ae.start_server((self.config.bind, self.config.port), block=False,
-                                          evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                          evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                        (evt.EVT_ACCEPTED, self._on_accepted),
+                                                        (evt.EVT_REJECTED, self._on_rejected)])
         except OSError as exc:
             raise QnkitInputError(f"cannot listen on {self.config.bind}:{self.config.port}: "
                                   f"{exc.strerror or exc}") from None
