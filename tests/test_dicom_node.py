@@ -7,6 +7,7 @@ skipped only when Orthanc is not installed (CI installs it, see .ci/run).
 In-process tests of the node: each association logged once, accepted or rejected with its reason; a
 restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1
 (segmentation with the stand-in predictor of tests/dicom_cases.py); received UIDs never become paths.
+`qnkit listen --model` resolves as `qnkit segment` does and its errors point to `qnkit models`.
 """
 from __future__ import annotations
 
@@ -128,6 +129,23 @@ def test_each_association_logged_once_accepted_or_rejected(tmp_path, monkeypatch
                                                "(rejected permanent)"), log
     assert len(pacs) == 1 and pacs[0].endswith(" accepted"), log
     assert len(bad) == 1 and "rejected" in bad[0], log
+
+
+def test_listen_model_resolves_as_segment_does_and_errors_name_qnkit_models(capsys):
+    from qnkit.cli import main
+    from qnkit.commands.listen import open_model
+    from qnkit.models import find_model, resolve_model
+
+    assert open_model(None).path == resolve_model(None) == find_model().path
+    assert open_model("kidney-synth").path == find_model("kidney-synth").path
+    assert open_model(str(find_model("kidney-synth-2").path)).path == find_model("kidney-synth-2").path
+    for wrong in ("no-such-model", "./no/such/bundle"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["listen", "--send-to", "PACS@127.0.0.1:4242", "--allow", "PACS", "--model", wrong])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("qnkit: error: ") and "`qnkit models`" in lines[0], lines
+        assert wrong.lstrip("./") in lines[0]
 
 
 def test_received_uids_never_become_paths():

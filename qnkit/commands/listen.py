@@ -12,7 +12,9 @@ def command(
                                 help="Where results go by C-STORE (a PACS or planning system)."),
     allow: List[str] = typer.Option(..., "--allow", metavar="AE",
                                     help="Calling AE title accepted (repeat for several); others are rejected."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder written by `qnkit export`."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="BUNDLE|NAME",
+                                        help="Model bundle folder written by `qnkit export`, or the name of a "
+                                             "shipped model (`qnkit models`); default: the shipped model."),
     ae_title: str = typer.Option("QNKIT", "--ae-title", help="This node's AE title."),
     port: int = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen on."),
     bind: str = typer.Option("127.0.0.1", "--bind", help="Address to listen on (0.0.0.0: every interface)."),
@@ -48,9 +50,8 @@ def command(
     if not chosen or set(chosen) - {"seg", "rtstruct"}:
         raise QnkitInputError(f"--format {formats!r}: choose seg, rtstruct or seg,rtstruct")
     from qnkit.backends import open_backend
-    from qnkit.bundle import load_bundle
 
-    bundle = load_bundle(model, verify=True)
+    bundle = open_model(model)
     opened = []
     try:
         sink = open(log_file, "a", encoding="utf-8") if log_file is not None else None
@@ -77,7 +78,7 @@ def command(
 
     node = Node(NodeConfig(workdir=workdir, send_to=destination, allowed_callers=callers,
                            ae_title=check_ae_title(ae_title, "--ae-title"), bind=bind, port=port,
-                           quiet_seconds=quiet, formats=chosen), segment, log=log)
+                           quiet_seconds=quiet, formats=chosen, model=str(bundle.path)), segment, log=log)
 
     def stop(signum, frame):  # noqa: ARG001 - signal handler signature
         node.stopping.set()
@@ -91,3 +92,17 @@ def command(
             engine.close()
         if sink is not None:
             sink.close()
+
+
+def open_model(model: Optional[str]):
+    """The verified bundle for ``--model``: a bundle folder, a shipped model's name, or (None) the default
+    shipped model, resolved exactly as `qnkit segment` resolves it. A model that cannot be found or used
+    ends with an error that names `qnkit models`, where the shipped models are listed."""
+    from qnkit.bundle import load_bundle
+    from qnkit.errors import QnkitInputError
+    from qnkit.models import resolve_model
+
+    try:
+        return load_bundle(resolve_model(model), verify=True)
+    except QnkitInputError as exc:  # the message names the folder or the name already
+        raise QnkitInputError(f"{exc}; `qnkit models` lists the shipped models") from None

@@ -88,6 +88,7 @@ class NodeConfig:
     quiet_seconds: float = 10.0
     formats: tuple = ("seg",)
     retry_seconds: float = RETRY_SECONDS
+    model: str = ""  # the model bundle segmenting, as the start-up log line names it
 
 
 @dataclass
@@ -306,7 +307,8 @@ class Node:
         self.start()
         self.log(f"listening as {self.config.ae_title} on {self.config.bind}:{self.config.port}; accepting "
                  f"{', '.join(self.config.allowed_callers)}; results to {self.config.send_to}; "
-                 f"quiet period {self.config.quiet_seconds:g} s; work folder {self.config.workdir}")
+                 f"quiet period {self.config.quiet_seconds:g} s; work folder {self.config.workdir}"
+                 + (f"; model {self.config.model}" if self.config.model else ""))
         try:
             while not self.stopping.wait(poll_seconds):
                 for series in self.due():
