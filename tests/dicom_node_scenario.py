@@ -1,14 +1,18 @@
 """The `qnkit listen` round trip with a real PACS, run by tests/test_dicom_node.py inside a private network
-namespace (only a loopback interface exists there, so Orthanc, which binds every interface, and the node
+namespace (only a loopback interface exists there, so Orthanc, which binds every interface, and the nodes
 are reachable from 127.0.0.1 only, and nothing else is).
 
-Steps, each bounded in time: start Orthanc (temporary config and storage) and `qnkit listen`; try an
-association from an unknown AE title; send a series with a corrupt instance, then a good series, from
-an allowed AE title (pynetdicom C-STORE SCU); wait for the SEG and RTSTRUCT of the good series in
-Orthanc (REST API) and for the node's log line about the corrupt one; fetch the SEG; stop the node
-with SIGTERM and Orthanc. Writes what it saw to a JSON file for the tests to judge.
+Steps, each bounded in time: start Orthanc (temporary config and storage, the two nodes registered as
+its modalities ``qnkit`` and ``qnkit-named``) and two `qnkit listen` nodes, one without ``--model`` (the
+default shipped model) and one with ``--model kidney-synth``; try an association from an unknown AE title
+with dcmtk's ``storescu -aet EVIL``; send a series with a corrupt instance with ``storescu -aet MODALITY``
+(allowed); then do what a user does: upload the scanner series to Orthanc (``POST /instances``) and push
+its study to each node (``POST /modalities/{name}/store``); wait for each node's SEG (and the first
+node's RTSTRUCT) in that study in Orthanc (REST API) and for the first node's log line about the corrupt
+series; fetch the SEGs; stop the nodes with SIGTERM and Orthanc. Writes what it saw to a JSON file for
+the tests to judge.
 
-usage: python dicom_node_scenario.py BUNDLE GOOD_SERIES CORRUPT_SERIES WORKDIR RESULT.json
+usage: python dicom_node_scenario.py SCANNER_SERIES CORRUPT_SERIES WORKDIR RESULT.json
 """
 from __future__ import annotations
 
@@ -43,17 +47,20 @@ def wait_for(check, timeout: float, what: str, step: float = 0.5):
 
 def rest(port: int, path: str, data: bytes | None = None):
     request = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data)
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:  # a synchronous store included
         body = response.read()
     return body if path.endswith("/file") else json.loads(body)
 
 
-def start_orthanc(workdir: Path) -> tuple[subprocess.Popen, int, int]:
+def start_orthanc(workdir: Path, modalities: dict) -> tuple[subprocess.Popen, int, int]:
+    """Orthanc with its own storage under ``workdir``; ``modalities``: {name: (AE title, port)} it may
+    C-STORE to (`POST /modalities/{name}/store`). Returns the process, its HTTP and its DICOM port."""
     http, dicom = free_port(), free_port()
     config = {"Name": "qnkit-test", "StorageDirectory": str(workdir / "orthanc"),
               "IndexDirectory": str(workdir / "orthanc"), "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC",
               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-              "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False, "StorageCompression": False}
+              "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False, "StorageCompression": False,
+              "DicomModalities": {name: [aet, HOST, port] for name, (aet, port) in modalities.items()}}
     path = workdir / "orthanc.json"
     path.write_text(json.dumps(config))
     log = open(workdir / "orthanc.log", "w")
@@ -71,82 +78,100 @@ def start_orthanc(workdir: Path) -> tuple[subprocess.Popen, int, int]:
     return proc, http, dicom
 
 
-def send_series(folder: Path, port: int, calling: str) -> dict:
-    """C-STORE every file of a folder to the node; returns {'established': bool, 'statuses': [...]}."""
-    import pydicom
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
-
-    ae = AE(ae_title=calling)
-    for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"):  # one context each: uncompressed, JPEG 2000
-        ae.add_requested_context(CTImageStorage, syntax)
-    assoc = ae.associate(HOST, port, ae_title="QNKIT")
-    if not assoc.is_established:
-        return {"established": False, "rejected": bool(assoc.is_rejected), "statuses": []}
-    statuses = []
-    try:
-        for f in sorted(folder.iterdir()):
-            status = assoc.send_c_store(pydicom.dcmread(f))
-            statuses.append(int(getattr(status, "Status", -1)))
-    finally:
-        assoc.release()
-    return {"established": True, "rejected": False, "statuses": statuses}
+def storescu(files: list[Path], port: int, calling: str) -> dict:
+    """dcmtk's ``storescu -aet CALLING`` sending ``files`` to the node: {'rc': exit status, 'output': text}."""
+    proc = subprocess.run(["storescu", "-aet", calling, "-aec", "QNKIT", HOST, str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+    return {"rc": proc.returncode, "output": proc.stdout + proc.stderr}
 
 
-def main(bundle: str, good: str, corrupt: str, workdir: str, result_path: str) -> None:
+def start_node(work: Path, name: str, port: int, orthanc_dicom: int, extra: list[str]) -> subprocess.Popen:
+    """`qnkit listen` accepting ORTHANC and MODALITY, sending to Orthanc, logging to ``work/<name>.log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "qnkit", "listen", *extra, "--allow", "ORTHANC", "--allow", "MODALITY",
+         "--send-to", f"ORTHANC@{HOST}:{orthanc_dicom}", "--port", str(port), "--bind", HOST,
+         "--workdir", str(work / name), "--quiet-seconds", "2", "--log", str(work / f"{name}.log")],
+        stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.stderr", "w"),
+        env={**os.environ, "QNKIT_NUM_THREADS": "1"})
+
+
+def wait_listening(node: subprocess.Popen, port: int, stderr: Path) -> None:
+    def listening():
+        if node.poll() is not None:
+            raise RuntimeError(f"qnkit listen exited with {node.returncode}: {stderr.read_text()[-2000:]}")
+        with socket.socket() as s:
+            return s.connect_ex((HOST, port)) == 0
+
+    wait_for(listening, 120, "qnkit listen")
+
+
+def upload(http: int, files: list[Path]) -> str:
+    """POST every file to Orthanc's /instances, as a user uploads a series; returns Orthanc's study ID."""
+    studies = {rest(http, "/instances", f.read_bytes())["ParentStudy"] for f in files}
+    if len(studies) != 1:
+        raise RuntimeError(f"the upload made {len(studies)} studies in Orthanc, expected 1")
+    return studies.pop()
+
+
+def main(scanner: str, corrupt: str, workdir: str, result_path: str) -> None:
     import pydicom
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {}
-    orthanc = node = None
+    orthanc = None
+    nodes: dict = {}
     try:
-        orthanc, http, orthanc_dicom = start_orthanc(work)
-        node_port = free_port()
-        node_log = work / "node.log"
-        node = subprocess.Popen(
-            [sys.executable, "-m", "qnkit", "listen", "--model", bundle, "--allow", "MODALITY", "--allow", "PACS",
-             "--send-to", f"ORTHANC@{HOST}:{orthanc_dicom}", "--port", str(node_port), "--bind", HOST,
-             "--workdir", str(work / "node"), "--quiet-seconds", "2", "--format", "seg,rtstruct", "--log",
-             str(node_log)], stdout=subprocess.DEVNULL, stderr=open(work / "node.stderr", "w"),
-            env={**os.environ, "QNKIT_NUM_THREADS": "1"})
+        ports = {"node": free_port(), "node-named": free_port()}
+        orthanc, http, orthanc_dicom = start_orthanc(work, {"qnkit": ("QNKIT", ports["node"]),
+                                                            "qnkit-named": ("QNKIT", ports["node-named"])})
+        nodes["node"] = start_node(work, "node", ports["node"], orthanc_dicom, ["--format", "seg,rtstruct"])
+        nodes["node-named"] = start_node(work, "node-named", ports["node-named"], orthanc_dicom,
+                                         ["--model", "kidney-synth", "--format", "seg"])
+        for name, node in nodes.items():
+            wait_listening(node, ports[name], work / f"{name}.stderr")
 
-        def listening():
-            if node.poll() is not None:
-                raise RuntimeError(f"qnkit listen exited with {node.returncode}: "
-                                   f"{(work / 'node.stderr').read_text()[-2000:]}")
-            with socket.socket() as s:
-                return s.connect_ex((HOST, node_port)) == 0
+        scanner_files = sorted(Path(scanner).iterdir())
+        corrupt_files = sorted(Path(corrupt).iterdir())
+        result["evil"] = storescu(scanner_files[:1], ports["node"], "EVIL")
+        result["modality"] = storescu(corrupt_files, ports["node"], "MODALITY")
 
-        wait_for(listening, 120, "qnkit listen")
-        result["intruder"] = send_series(Path(good), node_port, "INTRUDER")
-        result["corrupt_sent"] = send_series(Path(corrupt), node_port, "MODALITY")
-        result["good_sent"] = send_series(Path(good), node_port, "PACS")
-        good_uid = str(pydicom.dcmread(next(Path(good).iterdir()), stop_before_pixels=True).SeriesInstanceUID)
-        corrupt_uid = str(pydicom.dcmread(next(Path(corrupt).iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+        first = pydicom.dcmread(scanner_files[0], stop_before_pixels=True)
+        result["scanner_uid"], result["study_uid"] = str(first.SeriesInstanceUID), str(first.StudyInstanceUID)
+        result["corrupt_uid"] = str(pydicom.dcmread(corrupt_files[0], stop_before_pixels=True).SeriesInstanceUID)
+        study = upload(http, scanner_files)
+        result["uploaded"] = len(rest(http, f"/studies/{study}/instances"))
+        request = json.dumps({"Resources": [study], "Synchronous": True}).encode()
+        result["stored"] = {name: rest(http, f"/modalities/{name}/store", request)
+                            for name in ("qnkit", "qnkit-named")}
 
         def derived():
-            found = rest(http, "/tools/find", json.dumps({"Level": "Series", "Query": {},
-                                                          "Expand": True}).encode())
-            kinds = {s["MainDicomTags"].get("Modality"): s for s in found}
-            return kinds if {"SEG", "RTSTRUCT"} <= set(kinds) else None
+            series = rest(http, f"/studies/{study}/series")
+            found = [s for s in series if s["MainDicomTags"].get("Modality") in ("SEG", "RTSTRUCT")]
+            kinds = sorted(s["MainDicomTags"]["Modality"] for s in found)
+            return found if kinds == ["RTSTRUCT", "SEG", "SEG"] else None
 
-        kinds = wait_for(derived, 400, "the SEG and RTSTRUCT in Orthanc", step=1.0)
-        seg_instance = kinds["SEG"]["Instances"][0]
-        (work / "seg_from_orthanc.dcm").write_bytes(rest(http, f"/instances/{seg_instance}/file"))
-        result["seg_file"] = str(work / "seg_from_orthanc.dcm")
-        result["orthanc_modalities"] = sorted(k for k in kinds if k)
-        wait_for(lambda: corrupt_uid in node_log.read_text(), 120, "the node's line about the corrupt series")
-        result["good_uid"], result["corrupt_uid"] = good_uid, corrupt_uid
-        node.send_signal(signal.SIGTERM)
-        result["node_rc"] = node.wait(timeout=120)
-        result["node_log"] = node_log.read_text().splitlines()
-        result["left_in_incoming"] = sorted(p.name for p in (work / "node" / "incoming").iterdir())
-        result["failed"] = sorted(p.name for p in (work / "node" / "failed").iterdir())
+        found = wait_for(derived, 400, "two SEGs and an RTSTRUCT in the study in Orthanc", step=1.0)
+        result["study_modalities"] = sorted(s["MainDicomTags"].get("Modality")
+                                            for s in rest(http, f"/studies/{study}/series"))
+        result["seg_files"] = []
+        for k, series in enumerate(s for s in found if s["MainDicomTags"]["Modality"] == "SEG"):
+            path = work / f"seg_from_orthanc_{k}.dcm"
+            path.write_bytes(rest(http, f"/instances/{series['Instances'][0]}/file"))
+            result["seg_files"].append(str(path))
+        wait_for(lambda: result["corrupt_uid"] in (work / "node.log").read_text(), 120,
+                 "the node's line about the corrupt series")
+        for name, node in nodes.items():
+            node.send_signal(signal.SIGTERM)
+        for name, node in nodes.items():
+            result[name] = {"rc": node.wait(timeout=120), "log": (work / f"{name}.log").read_text().splitlines(),
+                            "stderr": (work / f"{name}.stderr").read_text().splitlines(),
+                            "left_in_incoming": sorted(p.name for p in (work / name / "incoming").iterdir()),
+                            "failed": sorted(p.name for p in (work / name / "failed").iterdir())}
     except Exception as exc:  # noqa: BLE001 - reported to the test
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for proc in (node, orthanc):
+        for proc in (*nodes.values(), orthanc):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
@@ -157,4 +182,4 @@ def main(bundle: str, good: str, corrupt: str, workdir: str, result_path: str) -
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:5])

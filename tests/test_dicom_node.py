@@ -1,13 +1,19 @@
-"""`qnkit listen` against a real PACS (Orthanc): series in by C-STORE, SEG and RTSTRUCT found in Orthanc,
-an unknown calling AE title rejected, a series with a corrupt instance reported while the node goes on,
-clean shutdown on SIGTERM. The whole exchange runs in tests/dicom_node_scenario.py inside a private
-network namespace (loopback only); the node uses the session's small trained model. Those tests are
-skipped only when Orthanc is not installed (CI installs it, see .ci/run).
+"""`qnkit listen` against a real PACS (Orthanc) and dcmtk's storescu: a scanner series uploaded to Orthanc
+(REST, as a user does) and pushed to two nodes, one serving the default shipped model (no --model), one
+``--model kidney-synth``; each node's SEG (and RTSTRUCT) found back in the same study in Orthanc; an unknown
+calling AE title (``storescu -aet EVIL``) rejected and logged, allowed callers logged as accepted; a series
+with a corrupt instance reported while the node goes on; clean shutdown on SIGTERM. The whole exchange runs
+in tests/dicom_node_scenario.py inside a private network namespace (loopback only). Those tests are
+skipped only when Orthanc or storescu is not installed (CI installs both, see .ci/run).
+
+The scanner series comes from tests/fixtures/scanner_series.py (the shared series with every UID a
+scanner fills in); its own test checks it is complete (dciodvfy), deterministic, and that the script's
+command line works.
 
 In-process tests of the node: each association logged once, accepted or rejected with its reason; a
-restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1
-(segmentation with the stand-in predictor of tests/dicom_cases.py); received UIDs never become paths.
-`qnkit listen --model` resolves as `qnkit segment` does and its errors point to `qnkit models`.
+restart resumes and delivers to a pynetdicom storage SCP on 127.0.0.1 (segmentation with the stand-in
+predictor of tests/dicom_cases.py); received UIDs never become paths. `qnkit listen --model` resolves
+as `qnkit segment` does and its errors point to `qnkit models`.
 """
 from __future__ import annotations
 
@@ -20,10 +26,12 @@ from pathlib import Path
 import pytest
 
 import dicom_cases as D
+from fixtures.scanner_series import scanner_series
 
 pytest.importorskip("pynetdicom")
 
 SCENARIO = Path(__file__).with_name("dicom_node_scenario.py")
+SCANNER_SCRIPT = Path(__file__).with_name("fixtures") / "scanner_series.py"
 
 
 def _in_private_network(command: list[str]) -> list[str]:
@@ -35,58 +43,126 @@ def _in_private_network(command: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def scenario(exported_bundle, tmp_path_factory) -> dict:
-    if shutil.which("Orthanc") is None:
-        pytest.skip("Orthanc (Debian package orthanc) is not installed")
-    root = tmp_path_factory.mktemp("node")
-    good = D.referable_series(root / "good", decompress=True, every=2)  # 10 slices at 4 mm: half the work
-    corrupt = D.broken(good, root / "corrupt_src", "corrupt")
-    for path in corrupt.iterdir():  # its own series, so that the good one is judged apart
-        import pydicom
+def scenario(tmp_path_factory) -> dict:
+    for tool, package in (("Orthanc", "orthanc"), ("storescu", "dcmtk")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (Debian package {package}) is not installed")
+    import pydicom
 
+    root = tmp_path_factory.mktemp("node")
+    scanner = root / "scanner"
+    scanner_series(D.real_series_path(), scanner)
+    good = D.referable_series(root / "good", decompress=True, every=2)  # 10 slices: the corrupt one's source
+    corrupt = D.broken(good, root / "corrupt_src", "corrupt")
+    for path in corrupt.iterdir():  # its own series, so that it is judged apart
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1099"
         ds.save_as(path)
     result = root / "result.json"
-    proc = subprocess.run(_in_private_network([sys.executable, str(SCENARIO), str(exported_bundle), str(good),
-                                               str(corrupt), str(root / "work"), str(result)]),
+    proc = subprocess.run(_in_private_network([sys.executable, str(SCENARIO), str(scanner), str(corrupt),
+                                               str(root / "work"), str(result)]),
                           capture_output=True, text=True, timeout=900)
     assert result.exists(), proc.stderr[-3000:]
     out = json.loads(result.read_text())
-    assert "error" not in out, (out["error"], (root / "work" / "node.stderr").read_text()[-3000:]
-                                if (root / "work" / "node.stderr").exists() else "")
+    if "error" in out:
+        stderr = {f.name: f.read_text()[-3000:] for f in (root / "work").glob("*.stderr")}
+        pytest.fail(f"{out['error']}\n{json.dumps(stderr, indent=1)}")
     return out
-
-
-def test_unknown_calling_ae_is_rejected(scenario):
-    assert scenario["intruder"] == {"established": False, "rejected": True, "statuses": []}
-
-
-def test_series_in_seg_and_rtstruct_found_in_orthanc(scenario):
-    import highdicom as hd
-
-    assert scenario["good_sent"]["statuses"] == [0] * 10
-    assert scenario["orthanc_modalities"] == ["RTSTRUCT", "SEG"]
-    seg = hd.seg.segread(scenario["seg_file"])
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scenario["good_uid"]
-    assert scenario["left_in_incoming"] == []  # delivered, so nothing kept
-    lines = [line for line in scenario["node_log"] if scenario["good_uid"] in line]
-    assert len(lines) == 1 and "sent to ORTHANC@" in lines[0], scenario["node_log"]
-
-
-def test_corrupt_instance_reported_and_node_goes_on(scenario):
-    lines = [line for line in scenario["node_log"] if scenario["corrupt_uid"] in line]
-    assert len(lines) == 1 and "FAILED" in lines[0] and "cannot decode pixel data" in lines[0], lines
-    assert scenario["failed"] == [scenario["corrupt_uid"]]
-
-
-def test_clean_shutdown_on_sigterm(scenario):
-    assert scenario["node_rc"] == 0
-    assert scenario["node_log"][-1].endswith("stopped")
 
 
 def _lines(log: list[str], *words: str) -> list[str]:
     return [line for line in log if all(word in line for word in words)]
+
+
+def test_unknown_calling_ae_is_rejected_and_logged(scenario):
+    evil = scenario["evil"]
+    assert evil["rc"] != 0 and "calling ae title not recognised" in evil["output"].lower(), evil
+    rejected = _lines(scenario["node"]["log"], "association from EVIL at 127.0.0.1:", "rejected")
+    assert len(rejected) == 1 and rejected[0].endswith(
+        "(called QNKIT) rejected: calling AE title not recognised (rejected permanent)"), rejected
+    assert _lines(scenario["node"]["log"], "EVIL") == rejected  # nothing of it stored, nothing else logged
+    assert [line for line in scenario["node"]["stderr"] if "EVIL" in line] == rejected  # --log file and stderr
+
+
+def test_allowed_callers_are_logged_as_accepted(scenario):
+    assert scenario["modality"]["rc"] == 0, scenario["modality"]
+    log = scenario["node"]["log"]
+    assert len(_lines(log, "association from MODALITY at 127.0.0.1:", "accepted")) == 1, log
+    for name in ("node", "node-named"):  # Orthanc's push, and the nodes' own sends are not incoming ones
+        accepted = _lines(scenario[name]["log"], "association from ", " accepted")
+        assert _lines(accepted, "association from ORTHANC at 127.0.0.1:"), scenario[name]["log"]
+    assert not _lines(log, "association from MODALITY", "rejected")
+
+
+def test_scanner_series_round_trip_through_orthanc_rest(scenario):
+    import highdicom as hd
+
+    assert scenario["uploaded"] == 20
+    for name in ("qnkit", "qnkit-named"):
+        stored = scenario["stored"][name]
+        assert (stored["InstancesCount"], stored["FailedInstancesCount"]) == (20, 0), stored
+    assert scenario["study_modalities"] == ["CT", "RTSTRUCT", "SEG", "SEG"]
+    assert len(scenario["seg_files"]) == 2
+    for path in scenario["seg_files"]:
+        seg = hd.seg.segread(path)
+        assert seg.StudyInstanceUID == scenario["study_uid"]
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scenario["scanner_uid"]
+    for name in ("node", "node-named"):
+        assert scenario[name]["left_in_incoming"] == []  # delivered, so nothing kept
+
+
+def test_listen_serves_with_default_and_named_model(scenario):
+    from qnkit.models import find_model
+
+    for name, model in (("node", find_model()), ("node-named", find_model("kidney-synth"))):
+        log = scenario[name]["log"]
+        assert log[0].endswith(f"; model {model.path}"), log[0]
+        lines = _lines(log, f"series {scenario['scanner_uid']}: 20 instance(s) from ORTHANC")
+        assert len(lines) == 1 and "sent to ORTHANC@" in lines[0], log
+
+
+def test_corrupt_instance_reported_and_node_goes_on(scenario):
+    lines = _lines(scenario["node"]["log"], scenario["corrupt_uid"])
+    assert len(lines) == 1 and "FAILED" in lines[0] and "cannot decode pixel data" in lines[0], lines
+    assert scenario["node"]["failed"] == [scenario["corrupt_uid"]]
+
+
+def test_clean_shutdown_on_sigterm(scenario):
+    for name in ("node", "node-named"):
+        assert scenario[name]["rc"] == 0
+        assert scenario[name]["log"][-1].endswith("stopped")
+
+
+def test_scanner_series_fixture_is_complete_and_deterministic(tmp_path):
+    """The script's command line (CI's wheel smoke calls it) and the function give the same complete series."""
+    import pydicom
+
+    proc = subprocess.run([sys.executable, str(SCANNER_SCRIPT), str(D.real_series_path()), str(tmp_path / "cli")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "20 CT instance(s) written" in proc.stdout, proc.stderr
+    again = scanner_series(D.real_series_path(), tmp_path / "again")
+    cli = sorted((tmp_path / "cli").iterdir())
+    assert [p.name for p in cli] == [p.name for p in again] == [f"CT{k:04d}.dcm" for k in range(1, 21)]
+    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in cli]
+    uids = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+    assert [[str(ds.get(u)) for u in uids] for ds in heads] == [
+        [str(pydicom.dcmread(p, stop_before_pixels=True).get(u)) for u in uids] for p in again]
+    assert len({ds.StudyInstanceUID for ds in heads}) == len({ds.SeriesInstanceUID for ds in heads}) == 1
+    assert len({ds.SOPInstanceUID for ds in heads}) == 20 and len({ds.FrameOfReferenceUID for ds in heads}) == 1
+    for ds in heads:
+        for uid in uids:
+            assert pydicom.uid.UID(str(ds.get(uid))).is_valid, (uid, ds.get(uid))
+        assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.Modality == "CT" and ds.PatientID and ds.PatientName and ds.StudyDate and ds.StudyTime
+    assert [int(ds.InstanceNumber) for ds in heads] == list(range(1, 21))
+    z = [float(ds.ImagePositionPatient[2]) for ds in heads]
+    assert z == sorted(z, reverse=True)  # numbered head to feet
+    if shutil.which("dciodvfy") is not None:  # dicom3tools: the standard's rules for a CT image
+        for path in (cli[0], cli[-1]):
+            check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+            errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+            assert errors == [], errors
 
 
 def _free_port() -> int:
