@@ -1,11 +1,12 @@
 """`qnkit demo`: the whole toolkit on a fresh machine with no data, in a few minutes on a CPU.
 
 synthetic KiTS19-layout cases (qnkit.synth) -> a small QuickNAT trained briefly (qnkit.train) ->
-bundle (qnkit.export: ONNX, plus the FP16 graph where a GPU can use it) -> one held-out case of the run's test split segmented by
-the deployment pipeline (qnkit.segment, auto backend) -> its Dice against the labels, kidney
-volumes, backend and speed. Everything lives in --workdir: data/, run/, bundle/, output/ and
-demo.json, which records the parameters each stage was made with, so a rerun reuses what still
-matches (a second run only segments again) and redoes the rest; --fresh starts over.
+bundle (qnkit.export: ONNX, plus the FP16 graph where a GPU can use it) -> every held-out case of the run's test
+split segmented by the deployment pipeline (qnkit.segment, auto backend) -> each one's Dice against its labels and
+their mean, kidney volumes, backend and speed, and the demo's time per stage on this machine. Everything lives in
+--workdir: data/, run/, bundle/, output/ and demo.json, which records the parameters each stage was made with, so
+a rerun reuses what still matches (a second run only segments again) and redoes the rest; --fresh starts over.
+demo.json's "last" holds every figure the demo prints (times, machine, Dice per case and mean, volumes).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def command(
     fresh: bool = typer.Option(False, "--fresh", help="Start over: remove the demo's earlier data, run and bundle."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress output on stderr."),
 ) -> None:
-    """Synthetic data -> train a small QuickNAT -> export -> segment a held-out case -> Dice, volumes, speed."""
+    """Synthetic data -> train a small QuickNAT -> export -> segment the held-out cases -> Dice, volumes, speed."""
     from rich.console import Console
 
     out = Console(highlight=False, soft_wrap=True)
@@ -90,25 +91,75 @@ def command(
         err.print(f"[3/4] reusing the bundle in {workdir / 'bundle'}")
 
     t = time.perf_counter()
-    result = _segment(workdir, backend, err)
+    seg = _segment(workdir, backend, err)
     times["segment"] = time.perf_counter() - t
     total = time.perf_counter() - started
-    r, lab, desc = result["result"], result["labels"], result["backend"]
-    j = r.to_json()
-    out.print(f"held-out case {r.name} ({r.slices} slices, {r.shape[1]}x{r.shape[2]}): "
-              f"Dice {result['dice']:.4f} against its labels", markup=False)
-    out.print(f"kidney volumes: right {r.stats['right']['volume_ml']:.1f} mL (true {lab['right']:.1f}), "
-              f"left {r.stats['left']['volume_ml']:.1f} mL (true {lab['left']:.1f})", markup=False)
-    out.print(f"backend: {desc['name']} ({desc['precision']}, {desc['device']}); {j['slices_per_s']} slices/s "
-              f"end to end, {j['inference_slices_per_s']} slices/s inference", markup=False)
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-    out.print(f"outputs: {r.output}, {result['stats']}, {result['preview']}", markup=False)
-    out.print(f"demo time: {total:.0f} s ({stages})", markup=False)
-    stamp["last"] = {"case": r.name, "dice": round(result["dice"], 5), "seconds": round(total, 1),
-                     "stages_s": {k: round(v, 1) for k, v in times.items()}, "backend": desc["name"],
-                     "slices_per_s": j["slices_per_s"],
-                     "volumes_ml": {"right": r.stats["right"]["volume_ml"], "left": r.stats["left"]["volume_ml"]}}
+    desc, cases = seg["backend"], seg["cases"]
+    slices = sum(c["slices"] for c in cases)
+    run_s = sum(c["pipeline_s"] for c in cases)
+    infer_s = sum(c["inference_s"] for c in cases)
+    reused = [k for k, fresh in (("data", fresh_data), ("run", fresh_run), ("bundle", fresh_bundle)) if not fresh]
+    # demo.json's "last" holds every figure printed below, and the lines print them from it, rounded alike
+    last = stamp["last"] = {
+        "seconds": round(total, 1), "stages_s": {k: round(v, 1) for k, v in times.items()}, "reused": reused,
+        "machine": _machine(), "parameters": params,
+        "backend": desc["name"], "backend_detail": desc,
+        "mean_dice": round(sum(c["dice"] for c in cases) / len(cases), 5), "cases": cases,
+        "slices_per_s": round(slices / run_s, 2) if run_s > 0 else None,
+        "inference_slices_per_s": round(slices / infer_s, 2) if infer_s > 0 else None,
+    }
     _save(workdir, stamp)
+    for c in cases:
+        v, tv = c["volumes_ml"], c["true_volumes_ml"]
+        out.print(f"held-out case {c['case']} ({c['slices']} slices, {c['size'][0]}x{c['size'][1]}): "
+                  f"Dice {c['dice']:.4f} against its labels", markup=False)
+        out.print(f"  kidney volumes: right {v['right']:.1f} mL (true {tv['right']:.1f}), "
+                  f"left {v['left']:.1f} mL (true {tv['left']:.1f})", markup=False)
+    out.print(f"test Dice: mean {last['mean_dice']:.4f} over {len(cases)} held-out "
+              f"case{'s' if len(cases) > 1 else ''}", markup=False)
+    out.print(f"backend: {desc['name']} ({desc['precision']}, {desc['device']}); {last['slices_per_s']} slices/s "
+              f"end to end, {last['inference_slices_per_s']} slices/s inference", markup=False)
+    out.print(f"outputs: {workdir / 'output'}/ (CASE_kidneys.nii.gz, CASE_stats.json, CASE_preview.png per case)",
+              markup=False)
+    machine = last["machine"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in last["stages_s"].items())
+    out.print(f"demo time: {last['seconds']:.0f} s ({stages}{'; reused ' + ', '.join(reused) if reused else ''}) "
+              f"on {machine['cpu']}, {machine['cpus']} CPU{'s' if machine['cpus'] > 1 else ''}"
+              f"{', ' + machine['gpu'] if machine['gpu'] else ''}", markup=False)
+    out.print(f"figures: {workdir / STAMP}", markup=False)
+
+
+def _machine() -> dict:
+    """The machine the demo's times were measured on: CPU model, the CPUs qnkit may use, GPU."""
+    import os
+    import platform
+
+    import qnkit
+    from qnkit import kernels
+    from qnkit.backends import nvidia_gpu_present
+    from qnkit.cpus import available_cpus
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = None
+    if nvidia_gpu_present():
+        try:
+            import torch
+
+            gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # a broken CUDA setup: the machine record stays without a GPU name
+            gpu = None
+    try:  # how busy the machine was while the demo ran (other processes share its CPUs and slow it)
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cpus": available_cpus(), "cores_total": os.cpu_count(), "kernel_build": kernels.BUILD,
+            "platform": platform.platform(), "python": platform.python_version(), "qnkit": qnkit.__version__,
+            "gpu": gpu, "load_average_1_5_15min": load}
 
 
 def _prepare(workdir: Path, fresh: bool) -> dict:
@@ -178,7 +229,7 @@ def _train(workdir: Path, p: dict, progress: bool, console) -> dict:
 
 
 def _segment(workdir: Path, backend: str, console) -> dict:
-    """Segment the first test case of the run's split with the deployment pipeline."""
+    """Segment every test case of the run's split with the deployment pipeline; Dice and volumes per case."""
     import numpy as np
 
     from qnkit import io as qio
@@ -186,38 +237,46 @@ def _segment(workdir: Path, backend: str, console) -> dict:
     from qnkit import segment as S
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
-    from qnkit.postprocess import LEFT, RIGHT
+    from qnkit.postprocess import LEFT, RIGHT, body_midline_x, split_sides
     from qnkit.preview import write_preview
     from qnkit._atomic import write_text_atomic
 
     split = json.loads((workdir / "run" / "evaluation_data.json").read_text())
-    case_id = split["test"][0]
-    folder = workdir / "data" / case_id
-    console.print(f"[4/4] segmenting held-out case {case_id}")
+    case_ids = list(split["test"])
+    console.print(f"[4/4] segmenting the {len(case_ids)} held-out case{'s' if len(case_ids) > 1 else ''} "
+                  f"{', '.join(case_ids)}")
     bundle = load_bundle(workdir / "bundle", verify=True)
     out_dir = workdir / "output"
     out_dir.mkdir(exist_ok=True)
-    case = S.CaseInput(case_id, folder / "imaging.nii.gz", folder)
+    cases = []
     with open_backend(bundle, backend, log=lambda m: console.print(f"      {m}", markup=False)) as engine:
-        result = S.segment_file(case, out_dir / f"{case_id}{S.MASK_SUFFIX}", engine.predict, bundle=bundle,
-                                options=S.SegmentOptions(split_sides=True), overwrite=True, keep_arrays=True)
         desc = engine.describe()
-    labels, geometry = qio.load_labels(folder / "segmentation.nii.gz")
-    qio.check_same_grid(result.geometry, geometry)
-    target = (labels > 0).astype(np.uint8)
-    dice = kernels.dice(result.sides > 0, target)
-    from qnkit.postprocess import body_midline_x, split_sides
-
-    true_sides = split_sides(target, geometry.internal_affine,
-                             body_midline_x(result.ct, geometry.internal_affine))
-    ml = geometry.voxel_volume_ml
-    true_ml = {"right": float(np.count_nonzero(true_sides == RIGHT)) * ml,
-               "left": float(np.count_nonzero(true_sides == LEFT)) * ml}
-    stats_path, preview_path = out_dir / f"{case_id}_stats.json", out_dir / f"{case_id}_preview.png"
-    write_text_atomic(stats_path, json.dumps({"backend": desc, "dice": dice, "true_volumes_ml": true_ml,
-                                              "cases": [result.to_json()]}, indent=1, default=str) + "\n")
-    write_preview(preview_path, result.ct, result.sides, result.spacing, window=bundle.hu_window,
-                  title=f"{case_id}: Dice {dice:.3f}")
-    return {"result": result, "dice": dice, "labels": true_ml, "backend": desc, "stats": stats_path,
-            "preview": preview_path}
-
+        for case_id in case_ids:
+            folder = workdir / "data" / case_id
+            case = S.CaseInput(case_id, folder / "imaging.nii.gz", folder)
+            result = S.segment_file(case, out_dir / f"{case_id}{S.MASK_SUFFIX}", engine.predict, bundle=bundle,
+                                    options=S.SegmentOptions(split_sides=True), overwrite=True, keep_arrays=True)
+            labels, geometry = qio.load_labels(folder / "segmentation.nii.gz")
+            qio.check_same_grid(result.geometry, geometry)
+            target = (labels > 0).astype(np.uint8)
+            dice = float(kernels.dice(result.sides > 0, target))
+            true_sides = split_sides(target, geometry.internal_affine,
+                                     body_midline_x(result.ct, geometry.internal_affine))
+            ml = geometry.voxel_volume_ml
+            true_ml = {"right": float(np.count_nonzero(true_sides == RIGHT)) * ml,
+                       "left": float(np.count_nonzero(true_sides == LEFT)) * ml}
+            j = result.to_json()
+            stats_path, preview_path = out_dir / f"{case_id}_stats.json", out_dir / f"{case_id}_preview.png"
+            write_text_atomic(stats_path, json.dumps({"backend": desc, "dice": dice, "true_volumes_ml": true_ml,
+                                                      "cases": [j]}, indent=1, default=str) + "\n")
+            write_preview(preview_path, result.ct, result.sides, result.spacing, window=bundle.hu_window,
+                          title=f"{case_id}: Dice {dice:.3f}")
+            cases.append({
+                "case": case_id, "slices": int(result.slices), "size": [int(result.shape[1]), int(result.shape[2])],
+                "dice": round(dice, 5),
+                "volumes_ml": {k: round(float(result.stats[k]["volume_ml"]), 2) for k in ("right", "left")},
+                "true_volumes_ml": {k: round(v, 2) for k, v in true_ml.items()},
+                "pipeline_s": round(sum(j["timings_s"][k] for k in S.STAGES), 4),
+                "inference_s": j["timings_s"].get("inference", 0.0),
+                "mask": str(result.output), "stats": str(stats_path), "preview": str(preview_path)})
+    return {"cases": cases, "backend": desc}
