@@ -1,0 +1,169 @@
+"""The README names only files a clone of the repository has, no folder outside it, and its figures match the
+committed files it names as their source (issues 27 and 29: "README figures without a file behind them",
+"The README names folders a clone does not have").
+
+Paths are found in the README's code: inline `backticked` spans and fenced blocks, split into tokens; a token
+that starts with one of the repository's top-level folders (or is one of its top-level files) is a path the
+README promises, so it must exist (a glob must match something). In the Layout table, a bare file name in a
+folder's row must exist in that folder.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+TOP_FOLDERS = ("qnkit", "train", "export", "benchmarks", "tests", "resume", "csrc", ".ci")
+TOP_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md")
+PATH_RE = re.compile(r"^(?:\./)?(?:(?:" + "|".join(map(re.escape, TOP_FOLDERS)) + r")/[\w.\-/*]*|"
+                     + "|".join(map(re.escape, TOP_FILES)) + r")$")
+FILE_EXTS = ("py", "pyx", "h", "c", "ini", "json", "jsonl", "sh", "md", "toml", "cfg", "txt", "nii.gz", "onnx",
+             "safetensors")
+BARE_FILE_RE = re.compile(r"^[\w\-]+\.(?:" + "|".join(re.escape(e) for e in FILE_EXTS) + r")$")
+#: References to places a clone does not have: the development machine's shared data and spec.
+OUTSIDE = ("shared/", "SPEC.md", "SPEC §")
+
+
+def code_spans(text: str) -> list[str]:
+    """Fenced code blocks and inline code spans (which may wrap across lines), in order."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+    rest = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return fenced + re.findall(r"`([^`]+)`", rest)
+
+
+def tokens(span: str) -> list[str]:
+    return [t.strip(".,;:") for t in re.split(r"[\s,;()\[\]{}|\"'=<>]+", span) if t.strip(".,;:")]
+
+
+def repo_paths(text: str) -> list[str]:
+    """Every repository-relative path the README's code names, in order, without repeats."""
+    found = []
+    for span in code_spans(text):
+        for token in tokens(span):
+            if PATH_RE.match(token) and token not in found:
+                found.append(token)
+    return found
+
+
+def missing_paths(text: str, root: Path = ROOT) -> list[str]:
+    return [p for p in repo_paths(text) if not (any(root.glob(p.rstrip("/"))) if "*" in p else (root / p).exists())]
+
+
+def layout_files(text: str) -> list[tuple[str, str]]:
+    """(folder, bare file name) for each file name in a Layout table row whose first cell is a folder."""
+    pairs = []
+    for line in text.splitlines():
+        row = re.match(r"^\| `([\w./\-]+/)` \|(.*)\|\s*$", line)
+        if row:
+            for span in re.findall(r"`([^`]+)`", row.group(2)):
+                pairs += [(row.group(1), t) for t in tokens(span) if BARE_FILE_RE.match(t)]
+    return pairs
+
+
+def missing_layout_files(text: str, root: Path = ROOT) -> list[str]:
+    return [f"{folder}{name}" for folder, name in layout_files(text)
+            if not any((root / folder).rglob(name)) and not (root / name).exists()]
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def test_every_repository_path_the_readme_names_exists(readme):
+    assert missing_paths(readme) == []
+
+
+def test_every_file_the_layout_table_names_is_in_its_folder(readme):
+    assert layout_files(readme), "no Layout table rows found: the table or this test's pattern changed"
+    assert missing_layout_files(readme) == []
+
+
+def test_the_readme_names_the_files_its_figures_come_from(readme):
+    named = repo_paths(readme)
+    for source in ("qnkit/models/registry.json", "resume/kidney-synth/metrics.jsonl",
+                   "resume/kidney-synth/evaluation.json", "resume/kidney-synth-2/metrics.jsonl",
+                   "resume/kidney-synth-2/evaluation.json", "train/shipped.ini"):
+        assert source in named, source
+
+
+def test_no_reference_outside_the_repository(readme):
+    for line_no, line in enumerate(readme.splitlines(), 1):
+        for outside in OUTSIDE:
+            assert outside not in line, f"README.md:{line_no} names {outside!r}, which a clone does not have: {line}"
+
+
+def test_the_checks_catch_a_missing_file(tmp_path):
+    (tmp_path / "resume" / "run").mkdir(parents=True)
+    (tmp_path / "resume" / "run" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.pyx").write_text("")
+    text = ("Figures from `resume/run/metrics.jsonl` and `resume/run/evaluation.json`; `resume/*/metrics.jsonl`,\n"
+            "`resume/*/nothing.json`. A wrapped span `python -m x --data\n  benchmarks/results/gone.json`.\n"
+            "```bash\nqnkit train --settings train/gone.ini   # and bundles/kits, /nfs/x/train/y: not repo paths\n```\n"
+            "| `csrc/` | kernels (`a.pyx`, `b.pyx`), built by `setup.py` |\n")
+    assert repo_paths(text) == ["train/gone.ini", "resume/run/metrics.jsonl", "resume/run/evaluation.json",
+                                "resume/*/metrics.jsonl", "resume/*/nothing.json", "benchmarks/results/gone.json",
+                                "csrc/", "setup.py"]
+    assert missing_paths(text, tmp_path) == ["train/gone.ini", "resume/run/evaluation.json", "resume/*/nothing.json",
+                                             "benchmarks/results/gone.json", "setup.py"]
+    assert missing_layout_files(text, tmp_path) == ["csrc/b.pyx", "csrc/setup.py"]
+
+
+# --- figures quoted from committed files -----------------------------------------------------------------
+
+
+def _metrics(run: str) -> list[dict]:
+    lines = (ROOT / "resume" / run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _registry_validation(model: str, data_prefix: str) -> dict:
+    models = json.loads((ROOT / "qnkit" / "models" / "registry.json").read_text())["models"]
+    return next(v["figures"] for v in models[model]["validation"] if v["data"].startswith(data_prefix))
+
+
+def _quoted_figures() -> list[str]:
+    """Each string the README must contain, made from the file the README names beside it."""
+    ks, ks2 = _metrics("kidney-synth"), _metrics("kidney-synth-2")
+    val = {row["epoch"]: row["val_dice"] for row in ks}
+    best = ks[-1]["best_epoch"]
+    real = _registry_validation("kidney-synth", "real CT")
+    real2 = _registry_validation("kidney-synth-2", "real CT")
+    registry = json.loads((ROOT / "qnkit" / "models" / "registry.json").read_text())["models"]
+    int8 = float(re.search(r"INT8 mask Dice ([\d.]+)", registry["kidney-synth"]["cpu_precision"]["why"]).group(1))
+    phantoms = json.loads((ROOT / "resume" / "kidney-synth" / "evaluation.json").read_text())
+    phantoms2 = json.loads((ROOT / "resume" / "kidney-synth-2" / "evaluation.json").read_text())
+    settings = (ROOT / "resume" / "kidney-synth" / "settings.ini").read_text()
+    slices = int(re.search(r"^slices_per_epoch\s*=\s*(\d+)", settings, flags=re.M).group(1))
+    weights = (ROOT / "qnkit" / "models" / "kidney-synth" / "weights.safetensors").stat().st_size
+    epoch_min = [row["seconds"] / 60 for row in ks]
+    return [
+        f"weights {weights / 1e6:.2f} MB",
+        f"{len(phantoms['cases'])} held-out phantoms (mean Dice {phantoms['mean_dice']:.2f}",
+        f"Dice {real['both']:.2f} for both kidneys, {real['right']:.2f} right, {real['left']:.2f} left",
+        f"the right kidney {real['voxels_right']:,} voxels against the labels' {real['voxels_true_right']:,}",
+        f"({real['voxels_left']:,} voxels against {real['voxels_true_left']:,})",
+        f"the recipe's {len(ks)} epochs of {slices:,} slices",
+        f"{sum(row['seconds'] for row in ks) / 3600:.1f} hours of training",
+        f"validation Dice {val[5]:.2f} after 5 epochs, {val[10]:.2f} at 10, {val[15]:.3f} at 15, "
+        f"{val[best]:.3f} at {best}, the exported checkpoint",
+        f"({len(ks2)} epochs, {sum(row['seconds'] for row in ks2) / 60:.0f} minutes of training",
+        f"mean Dice {phantoms2['mean_dice']:.2f} on its own {len(phantoms2['cases'])} held-out",
+        f"real CT Dice {real2['both']:.2f} both, {real2['right']:.2f} right, {real2['left']:.2f} left",
+        f"left kidney {real2['voxels_left']:,} voxels against {real2['voxels_true_left']:,}, right "
+        f"{real2['voxels_right']:,} against {real2['voxels_true_right']:,}",
+        f"took {min(epoch_min):.1f} to {max(epoch_min):.0f} minutes",
+        f"INT8 graph agreed with FP32 at mask Dice {int8:.2f} on the real CT",
+    ]
+
+
+def test_each_quoted_figure_matches_its_file(readme):
+    flat = " ".join(readme.split())
+    wrong = [expected for expected in _quoted_figures() if " ".join(expected.split()) not in flat]
+    assert wrong == [], "README.md does not quote these as their source files give them (update it from the files)"
