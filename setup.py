@@ -2,15 +2,45 @@
 
 Metadata lives in pyproject.toml; this file only describes what needs code: the extension
 modules and the package layout of SPEC section 3.
+
+The build backend (setuptools.build_meta) runs this file as ``__main__``; tests import it under another
+name to read PACKAGE_FOLDERS, PACKAGE_DATA and discover_packages() without building anything.
 """
 import os
 import platform
 import sys
 
-import numpy as np
-from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+
+# Import name -> folder in the checkout. The runtime is qnkit/; training, export and the benchmarks sit at
+# the top level of the checkout (SPEC section 3) and are installed inside the qnkit package, so
+# `import qnkit.train.solver` is the file train/solver.py. Sub-packages (folders with an __init__.py) of
+# any of these folders are found by discover_packages(); no package is listed by hand.
+PACKAGE_FOLDERS = {
+    "qnkit": "qnkit",
+    "qnkit.train": "train",
+    "qnkit.export": "export",
+    "qnkit.benchmarks": "benchmarks",
+}
+
+# Files other than Python modules that the installed package reads at run time (globs relative to each
+# package's folder). tests/test_packaging.py checks that every such file in the checkout is matched.
+PACKAGE_DATA = {
+    "qnkit.train": ["*.ini"],  # training settings (train/local.ini, shipped.ini, ...)
+    "qnkit.synth": ["data/*"],  # the phantom generator's abdomen atlas
+    # shipped models: the registry and each bundle folder qnkit/models/<name>/ as `qnkit export` writes it
+    "qnkit.models": ["registry.json", "*/*.json", "*/*.onnx", "*/*.safetensors"],
+}
+
+
+def discover_packages(root: str = ".") -> list[str]:
+    """Every import package of the distribution: each folder of PACKAGE_FOLDERS and its sub-packages."""
+    packages = []
+    for import_name, folder in PACKAGE_FOLDERS.items():
+        packages.append(import_name)
+        packages += [f"{import_name}.{sub}" for sub in find_packages(os.path.join(root, folder))]
+    return sorted(packages)
 
 
 def _openmp_flags():
@@ -36,32 +66,49 @@ def _avx512_flags(avx2):
     return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mbmi2"]
 
 
-compile_omp, link_omp = _openmp_flags()
-# -ffp-contract=off keeps float rounding identical to the NumPy references (no fused multiply-add).
-compile_args = ["-O3", "-ffp-contract=off"] + compile_omp
-avx2 = _avx2_flags()
-avx512 = _avx512_flags(avx2)
+def kernel_extensions():
+    """The Cython kernels: each of preprocess, metrics, resample built plain, with AVX2 and with AVX-512.
 
+    numpy and Cython are build requirements (pyproject.toml), imported here so that reading the package
+    layout above needs neither.
+    """
+    import numpy as np
+    from Cython.Build import cythonize
 
-def _extension(name, extra=()):
-    return Extension(
-        f"qnkit._{name}",
-        [f"csrc/_{name}.pyx"],
-        include_dirs=[np.get_include(), "csrc"],
-        depends=["csrc/qn_rows.h"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=compile_args + list(extra),
-        extra_link_args=link_omp,
+    compile_omp, link_omp = _openmp_flags()
+    # -ffp-contract=off keeps float rounding identical to the NumPy references (no fused multiply-add).
+    compile_args = ["-O3", "-ffp-contract=off"] + compile_omp
+    avx2 = _avx2_flags()
+    avx512 = _avx512_flags(avx2)
+
+    def extension(name, extra=()):
+        return Extension(
+            f"qnkit._{name}",
+            [f"csrc/_{name}.pyx"],
+            include_dirs=[np.get_include(), "csrc"],
+            depends=["csrc/qn_rows.h"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            extra_compile_args=compile_args + list(extra),
+            extra_link_args=link_omp,
+        )
+
+    extensions = []
+    for name in ("preprocess", "metrics", "resample"):
+        extensions.append(extension(name))
+        if avx2 is not None:
+            extensions.append(extension(f"{name}_avx2", avx2))
+        if avx512 is not None:
+            extensions.append(extension(f"{name}_avx512", avx512))
+    return cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
     )
-
-
-extensions = []
-for name in ("preprocess", "metrics", "resample"):
-    extensions.append(_extension(name))
-    if avx2 is not None:
-        extensions.append(_extension(f"{name}_avx2", avx2))
-    if avx512 is not None:
-        extensions.append(_extension(f"{name}_avx512", avx512))
 
 
 class ParallelBuildExt(build_ext):
@@ -73,26 +120,12 @@ class ParallelBuildExt(build_ext):
             self.parallel = os.cpu_count() or 1
 
 
-setup(
-    cmdclass={"build_ext": ParallelBuildExt},
-    packages=["qnkit", "qnkit.synth", "qnkit.models", "qnkit.nn", "qnkit.commands", "qnkit.backends", "qnkit.train", "qnkit.export", "qnkit.benchmarks"],
-    package_dir={
-        "qnkit": "qnkit",
-        "qnkit.train": "train",
-        "qnkit.export": "export",
-        "qnkit.benchmarks": "benchmarks",
-    },
-    package_data={"qnkit.train": ["*.ini"], "qnkit.synth": ["data/*"],
-                  "qnkit.models": ["registry.json", "*/*.json", "*/*.onnx", "*/*.safetensors"]},
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={
-            "language_level": "3",
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-        },
-    ),
-    zip_safe=False,
-)
+if __name__ == "__main__":
+    setup(
+        cmdclass={"build_ext": ParallelBuildExt},
+        packages=discover_packages(os.path.dirname(os.path.abspath(__file__))),
+        package_dir=PACKAGE_FOLDERS,
+        package_data=PACKAGE_DATA,
+        ext_modules=kernel_extensions(),
+        zip_safe=False,
+    )

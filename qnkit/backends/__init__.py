@@ -23,6 +23,8 @@ __all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "nvidia_g
 
 AVAILABLE_KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
 _ONNX_FOR = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
+# ONNX Runtime is not a core dependency: exactly one of its two packages comes from an extra (pyproject.toml).
+INSTALL_ONNXRUNTIME = "pip install 'qnkit[cpu]', or 'qnkit[gpu]' on a CUDA server"
 
 
 def _installed(module: str) -> bool:
@@ -79,7 +81,7 @@ def _open(bundle: Bundle, kind: str, precision: str, device: str, batch_size: in
                              rebuild=options.get("rebuild_engine", True), batches=options.get("engine_batches"))
     if kind == "onnxruntime":
         if not _installed("onnxruntime"):
-            raise QnkitInputError("the onnxruntime backend needs the onnxruntime package (pip install onnxruntime)")
+            raise QnkitInputError(f"the onnxruntime backend needs the onnxruntime package ({INSTALL_ONNXRUNTIME})")
         if precision not in _ONNX_FOR:
             raise QnkitInputError(f"the onnxruntime backend supports fp32, fp16 and int8, not {precision}")
         if not bundle.has(_ONNX_FOR[precision]):
@@ -158,5 +160,5 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
             why += f"; INT8 by the bundle's evidence: {bundle.cpu_precision_why}"
         log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size}) - {why}")
         return backend
-    detail = "; ".join(failures) or "install onnxruntime or torch"
+    detail = "; ".join(failures) or INSTALL_ONNXRUNTIME
     raise QnkitInputError(f"no inference backend can run {bundle.path}: {detail}")

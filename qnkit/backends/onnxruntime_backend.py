@@ -80,7 +80,7 @@ class OnnxRuntimeBackend(Backend):
             available = gpu_providers()
             if "CUDAExecutionProvider" not in available:
                 raise QnkitInputError(f"device {device} asked for, but this onnxruntime has no CUDA execution "
-                                      f"provider (install onnxruntime-gpu)")
+                                      f"provider (pip uninstall onnxruntime, then pip install 'qnkit[gpu]')")
             providers = []
             if tensorrt_ep and "TensorrtExecutionProvider" in available:
                 cache = cache_dir() / "ort-trt"
