@@ -174,26 +174,48 @@ def select_kidneys(sides: np.ndarray, spacing, voxel_ml: float, *, min_kidney_ml
     return whole
 
 
-def kidney_sides(mask: np.ndarray, ct: np.ndarray, geometry, options) -> tuple[np.ndarray, np.ndarray]:
-    """The post-processing of `qnkit segment`: (output mask, sides), both uint8 on the CT's grid.
+def kidney_sides(mask: np.ndarray, ct: np.ndarray, geometry, options, *,
+                 in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processing of `qnkit segment` (and so of everything that scores it): (output mask, sides).
 
     `geometry` is a :class:`qnkit.io.Geometry`; `options` has the fields of
     :class:`qnkit.segment.SegmentOptions` (postprocess, closing, closing_unit, min_kidney_ml,
-    merge_mm, split_sides). `sides` has 1 right / 2 left; the output mask is `sides` with
-    split_sides, else 1 kidney. Without postprocess the mask is kept as predicted and only
-    labelled with sides.
+    merge_mm, split_sides). `sides` (uint8, the CT's grid) has 1 right / 2 left; the output mask is
+    `sides` with split_sides, else 1 kidney. Without postprocess the mask is kept as predicted and
+    only labelled with sides.
+
+    Labelling connected components costs a 32-bit label and more per voxel: over 4 GB for a
+    512 x 512 x 1000 CT if done on the whole volume. Everything here happens where the mask is
+    (closing reaches its ball's radius further), so the steps (closing, sides from the body's
+    midline, one kidney per side) run on the mask's box grown by that reach, with the affine moved
+    to the box; only the midline is taken from the whole CT. The result equals the same steps on the
+    whole volume (tested). With `in_place` the output is written into `mask` (uint8, the caller's
+    array: no second volume) and `mask` is returned; otherwise `mask` is left as it was.
     """
     if options.closing_unit not in ("mm", "voxels"):
         raise ValueError(f"closing unit must be mm or voxels, got {options.closing_unit!r}")
-    mask = np.asarray(mask) > 0
-    if options.postprocess and options.closing and options.closing > 0:
-        spacing = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
-        mask = close_mask(mask, options.closing, spacing) > 0
-    kidney_slices = np.nonzero(mask.any(axis=(1, 2)))[0]
-    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
-    sides = split_sides(mask, geometry.internal_affine, body_midline_x(ct, geometry.internal_affine, body))
+    if in_place and (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8):
+        raise ValueError("in_place post-processing needs a uint8 mask")
+    out = mask if in_place else np.zeros(np.shape(mask), dtype=np.uint8)
+    sides = np.zeros(out.shape, dtype=np.uint8)
+    closing = float(options.closing) if options.postprocess and options.closing and options.closing > 0 else 0.0
+    unit = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
+    if not np.any(mask):
+        return out, sides
+    reach = [int(np.ceil(closing / float(u))) + 1 for u in unit]
+    box = bounding_box(np.asarray(mask), reach)
+    part = np.asarray(mask[box]) > 0
+    if closing:
+        part = close_mask(part, closing, unit) > 0
+    kidney_slices = np.flatnonzero(part.any(axis=(1, 2))) + box[0].start
+    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1)
+    affine = np.array(geometry.internal_affine, dtype=np.float64)
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64)
+    part_sides = split_sides(part, moved, body_midline_x(ct, affine, body))
     if options.postprocess:
-        sides = select_kidneys(sides, geometry.spacing, geometry.voxel_volume_ml,
-                               min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
-    out = sides if options.split_sides else (sides > 0).astype(np.uint8)
+        part_sides = select_kidneys(part_sides, geometry.spacing, geometry.voxel_volume_ml,
+                                    min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
+    sides[box] = part_sides
+    out[box] = part_sides if options.split_sides else (part_sides > 0)  # outside the box: background already
     return out, sides

@@ -94,11 +94,28 @@ def test_mask_skips_only_slices_that_cannot_hold_kidney(model_spacing):
     assert got is out and np.array_equal(got, expected) and expected[3].any() and expected[11].all()
 
 
-@pytest.mark.parametrize("split, closing", [(False, 0.0), (True, 0.0), (False, 3.0)])
-def test_postprocessing_on_the_kidney_slices_equals_the_whole_volume(split, closing):
-    """kidney_sides_in_place (on the mask's slices only, affine moved) gives kidney_sides' answer."""
+def _whole_volume_postprocessing(mask, ct, geometry, options):
+    """The post-processing's steps on the whole volume, plainly (the reference for the box version)."""
     from qnkit import postprocess as post
-    from qnkit.segment import kidney_sides_in_place
+
+    mask = mask > 0
+    if options.closing:
+        spacing = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
+        mask = post.close_mask(mask, options.closing, spacing) > 0
+    kidney_slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
+    affine = geometry.internal_affine
+    sides = post.split_sides(mask, affine, post.body_midline_x(ct, affine, body))
+    sides = post.select_kidneys(sides, geometry.spacing, geometry.voxel_volume_ml,
+                                min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
+    return (sides if options.split_sides else (sides > 0).astype(np.uint8)), sides
+
+
+@pytest.mark.parametrize("split, closing", [(False, 0.0), (True, 0.0), (False, 3.0)])
+def test_postprocessing_on_the_kidney_box_equals_the_whole_volume(split, closing):
+    """kidney_sides (on the mask's box grown by the closing's reach, affine moved) gives the whole volume's
+    answer, in place (the mask becomes the output) or not (the mask is left as it was)."""
+    from qnkit import postprocess as post
     from qnkit.synth.anatomy import output_affine  # KiTS-style: internal layout = file layout
 
     z = 50
@@ -111,10 +128,16 @@ def test_postprocessing_on_the_kidney_slices_equals_the_whole_volume(split, clos
 
     geometry = qio.Geometry.from_affine(output_affine((2.5, 0.8, 0.8), np.array([10.0, 20.0, 30.0])), ct.shape)
     options = SegmentOptions(split_sides=split, closing=closing, min_kidney_ml=0.5)  # small phantom kidneys
-    expected_out, expected_sides = post.kidney_sides(mask.copy(), ct, geometry, options)
-    out, sides = kidney_sides_in_place(mask, ct, geometry, options)
+    expected_out, expected_sides = _whole_volume_postprocessing(mask, ct, geometry, options)
+    before = mask.copy()
+    kept, kept_sides = post.kidney_sides(mask, ct, geometry, options)
+    assert np.array_equal(mask, before) and kept is not mask
+    out, sides = post.kidney_sides(mask, ct, geometry, options, in_place=True)
     assert out is mask and np.array_equal(out, expected_out) and np.array_equal(sides, expected_sides)
+    assert np.array_equal(kept, expected_out) and np.array_equal(kept_sides, expected_sides)
     assert set(np.unique(sides)) == {0, 1, 2} and not out[45].any()
+    with pytest.raises(ValueError, match="uint8"):
+        post.kidney_sides(mask > 0, ct, geometry, options, in_place=True)
 
 
 def test_segmenting_holds_no_volume_sized_float_or_label_copies():
