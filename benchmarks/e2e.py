@@ -1,9 +1,10 @@
 """End-to-end row of `qnkit bench`: `qnkit segment`'s default path against eager PyTorch FP32, on one CT.
 
-Both paths run the same pipeline (:func:`qnkit.segment.segment_file`: .nii.gz load, HU window and
-resampling to the model's millimetre grid, inference, back to the input's grid, post-processing,
-.nii.gz write) with the same model (the shipped one unless ``--model``), the same batch size and
-the same threads; they differ only where the default differs from the card's baseline:
+Both paths run `qnkit segment`'s pipeline (:func:`qnkit.segment.segment_file`: .nii.gz load, then the
+one path from a CT to its mask, :func:`qnkit.segment.segment_ct`: HU window and resampling to the
+model's millimetre grid, inference, back to the input's grid, post-processing; .nii.gz write) with the
+same model (the shipped one unless ``--model``), the same batch size and the same threads; they differ
+only where the default differs from the card's baseline:
 
 - ``default``: what ``qnkit segment CT`` does: backend ``auto`` (ONNX Runtime on the CPU, INT8 only
   where the bundle's real-CT evidence chose it), the kidney slab (a coarse pass, then every slice
@@ -101,7 +102,7 @@ def measure_path(job: dict) -> dict:
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
     from qnkit.io import load_geometry
-    from qnkit.segment import CaseInput, SegmentOptions, _pad_multiple, segment_file
+    from qnkit.segment import CaseInput, SegmentOptions, model_arguments, segment_file
 
     path = ALL_PATHS[job["path"]]
     started = time.perf_counter()
@@ -113,8 +114,8 @@ def measure_path(job: dict) -> dict:
     geometry = load_geometry(image)
     grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
                                       inference.model_pixel_spacing(bundle))
-    warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, _pad_multiple(bundle)) for n in grid)),
-                    np.float32)
+    pad_multiple = model_arguments(bundle)["pad_multiple"]
+    warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, pad_multiple) for n in grid)), np.float32)
     with backend:
         backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
         case = CaseInput(name="bench", image=image, source=image)

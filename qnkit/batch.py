@@ -30,7 +30,6 @@ from typing import Callable, Iterable
 
 from qnkit import segment as S
 from qnkit.errors import QnkitInputError
-from qnkit.inference import mirrored
 
 __all__ = ["FORMATS", "CaseOutputs", "BatchResult", "BackendUnavailable", "parse_formats", "is_dicom_case",
            "resolve_cases", "plan_outputs", "load_case", "segment_many", "input_sha256", "record_path",
@@ -413,14 +412,12 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
     say = log or ((lambda m: console.print(m, markup=False)) if console is not None else (lambda m: None))
     opened: list = []
 
-    def run_once(x):
+    def backend_predict(x):
         if predict is not None:
             return predict(x)
         if not opened:
             opened.append(_open_default(bundle, backend))
         return opened[0].predict(x)
-
-    run = mirrored(run_once) if options.mirror else run_once
 
     done = BatchResult()
     bar = progress_bar(console, progress)
@@ -442,7 +439,7 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                     keep = source is not None or target.preview is not None
                     try:
                         result = S.segment_file(
-                            case, target.nifti, run, bundle=bundle, options=options, overwrite=overwrite,
+                            case, target.nifti, backend_predict, bundle=bundle, options=options, overwrite=overwrite,
                             keep_arrays=keep, loaded=(ct, geometry, seconds),
                             progress=lambda n, total: bar.update(slices_task, completed=n, total=total))
                         del ct

@@ -1,14 +1,12 @@
-"""Backend-independent segmentation of one CT volume: the one prediction path everything shares.
+"""Backend-independent model steps of the one path (:func:`qnkit.segment.segment_ct`), torch-free.
 
-`qnkit evaluate` scores with it, and `qnkit segment` (eager torch, ONNX Runtime, TensorRT) runs it,
-so the test Dice measured after training is the Dice of the deployed pipeline. It imports no torch:
-a backend is any `predict_batch(x) -> probabilities` callable on float32 `(N, 1, h, w)` arrays.
-
-Steps: window the HU and resample each slice in-plane to the model's pixel spacing in mm
+A backend is any `predict_batch(x) -> probabilities` callable on float32 `(N, 1, h, w)` arrays.
+The steps: window the HU and resample each slice in-plane to the model's pixel spacing in mm
 (:func:`to_model_input`, :mod:`qnkit.resample`), zero-pad h and w up to a multiple of `pad_multiple`
 (zero is the window's lower bound, i.e. air, and training pads its slices the same way), predict in
-batches, crop the padding, and bring the probabilities back to the input's exact grid before
-thresholding (:func:`to_input_mask`).
+batches (:func:`predict_volume`, optionally :func:`mirrored`), crop the padding, and bring the
+probabilities back to the input's exact grid before thresholding (:func:`to_input_mask`). Which
+slices are predicted, and what happens to the mask after, is :mod:`qnkit.segment`'s.
 
 The model's spacing comes from its domain record (checkpoint meta / bundle ``qnkit.json``, see
 :func:`model_pixel_spacing`). A model WITHOUT one (trained before the millimetre contract) keeps the
@@ -105,18 +103,3 @@ def mirrored(predict_batch: PredictBatch) -> PredictBatch:
         return 0.5 * (y + back)  # float32, a new contiguous array
 
     return predict
-
-
-def segment_volume(ct: np.ndarray, predict_batch: PredictBatch, *, hu_window: tuple[float, float],
-                   spacing_hw=(1.0, 1.0), model_spacing: float | None = None, batch_size: int = 16,
-                   threshold: float = 0.5, pad_multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Kidney mask of a CT volume (Z, H, W) in the internal KiTS layout, with in-plane pixel spacing
-    `spacing_hw` (mm), for a model working at `model_spacing` mm (None: an old model, half resolution).
-
-    Returns `(mask, probs)`: mask uint8 (Z, H, W) in {0, 1} on the input grid, and the model-grid
-    probabilities float32 (Z, h, w).
-    """
-    image = to_model_input(ct, hu_window=hu_window, spacing_hw=spacing_hw, model_spacing=model_spacing)
-    probs = predict_volume(image, predict_batch, batch_size=batch_size, pad_multiple=pad_multiple)
-    mask = to_input_mask(probs, ct.shape[1:], threshold=threshold, model_spacing=model_spacing)
-    return mask, probs

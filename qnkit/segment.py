@@ -1,16 +1,18 @@
-"""The `qnkit segment` pipeline: CT file in, kidney mask on the input's exact grid out.
+"""The one path from a CT to its kidney mask, and the `qnkit segment` pipeline around it.
 
-load + reorient (qnkit.io) -> HU window + in-plane resampling to the model's pixel spacing in mm
-(qnkit.resample: compiled kernels or BLAS, in a background thread, one batch ahead of inference;
-both release the GIL) -> batched inference on a backend -> probabilities back to the input's exact
-grid, then threshold -> sides from the body's midline, then one kidney
-per side (qnkit.postprocess) -> mask, stats, preview.
+:func:`segment_ct` takes a CT (internal-layout array + :class:`qnkit.io.Geometry`) and a model (its
+``predict_batch`` and :func:`model_arguments`) to the final mask: the kidneys' slab (a coarse pass
+first), HU window + in-plane resampling to the model's pixel spacing in mm (qnkit.resample: compiled
+kernels or BLAS, in a background thread, one batch ahead of inference; both release the GIL), batched
+inference on a backend (test-time mirroring when asked), probabilities back to the input's exact grid,
+then threshold -> sides from the body's midline, then one kidney per side
+(:func:`qnkit.postprocess.kidney_sides`). `qnkit segment` (:func:`segment_file`: load, domain checks,
+stats, write), `qnkit evaluate` (qnkit.train.evaluation), the bench's end-to-end row, the demo and the
+recipes' real-CT score all run it, so every figure they give is a figure of the mask a user gets.
 
-The model part is :mod:`qnkit.inference`'s, chunk by chunk: each chunk is exactly one batch of
-:func:`qnkit.inference.predict_volume`, so the backend sees the same batches with the same padding
-as in :func:`qnkit.inference.segment_volume` (what `qnkit evaluate` scores) and, without
-post-processing, the mask is identical to evaluate's. Padding matters: QuickNAT's channel SE
-pools over the whole (padded) slice, so a prediction depends on the padded size.
+Each batch the backend sees is padded to the same multiple as in training
+(:func:`qnkit.inference.predict_volume`). Padding matters: QuickNAT's channel SE pools over the whole
+(padded) slice, so a prediction depends on the padded size.
 
 Nothing here imports torch; a backend is any ``predict(x (N,1,h,w) float32) -> probabilities``.
 """
@@ -33,8 +35,8 @@ from qnkit.io import same_file  # noqa: F401  (the one definition; callers use s
 from qnkit import postprocess as post
 from qnkit.errors import QnkitInputError
 
-__all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_overlapped", "predict_probabilities",
-           "predict_kidney_slab", "segment_ct", "segment_file",
+__all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_probabilities", "predict_kidney_slab",
+           "model_arguments", "segment_ct", "segment_file",
            "load_case", "resolve_inputs", "output_path", "check_writable_folder", "parse_closing", "MASK_SUFFIX"]
 
 MASK_SUFFIX = "_kidneys.nii.gz"
@@ -57,7 +59,7 @@ class SegmentOptions:
     slab_margin_mm: float = 5.0  # kept above and below what the coarse pass found (the slab grows by itself after)
     coarse_step_mm: float = 15.0  # distance between the coarse pass's slices
     slab_min_share: float = 0.2  # coarse runs with less than this share of the largest run's kidney area are ignored
-    mirror: bool = False  # test-time mirroring (qnkit.inference.mirrored): twice the network work
+    mirror: bool = False  # test-time mirroring (qnkit.inference.mirrored, applied by segment_ct): twice the work
     z_step_mm: float = 0.0  # inside the slab, predict one slice per this many mm and interpolate the
     #                         probabilities between (0: every slice; an approximation, see predict_kidney_slab)
 
@@ -107,32 +109,6 @@ class CaseResult:
 
 
 # --- the model part -------------------------------------------------------------------------
-
-
-def predict_overlapped(ct: np.ndarray, predict_batch, *, hu_window, spacing_hw=(1.0, 1.0),
-                       model_spacing: float | None = None, batch_size: int = 16, threshold: float = 0.5,
-                       pad_multiple: int = 16, progress: Callable[[int], None] | None = None,
-                       timings: dict | None = None, mask_out: np.ndarray | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`qnkit.inference.segment_volume` with the model-grid preprocessing overlapped with inference.
-
-    A worker thread prepares chunk i+1 (and i+2) while the backend runs chunk i. A chunk is
-    one batch, so the results equal segment_volume's bit for bit. `progress(n)` is called with
-    the number of slices finished; `timings` gets 'preprocess' (worker time), 'inference' and
-    'upsample' seconds added. The mask is written into `mask_out` (uint8 (Z, H, W)) when given, so
-    a caller that holds the whole volume's mask needs no second copy. Returns (mask uint8 (Z, H, W),
-    model-grid probabilities (Z, h, w)).
-    """
-    z, H, W = ct.shape
-    times = {"preprocess": 0.0, "inference": 0.0, "upsample": 0.0}
-    probs = predict_probabilities(ct, predict_batch, np.arange(z), hu_window=hu_window, spacing_hw=spacing_hw,
-                                  model_spacing=model_spacing, batch_size=batch_size, pad_multiple=pad_multiple,
-                                  progress=progress, times=times)
-    t = time.perf_counter()
-    mask = mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing, out=mask_out)
-    times["upsample"] += time.perf_counter() - t
-    _add_times(timings, times)
-    return mask, probs
 
 
 def _add_times(timings: dict | None, times: dict) -> None:
@@ -233,9 +209,9 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     ``options.z_step_mm`` > 0 predicts one slab slice per that many mm only (and the slab's ends)
     and interpolates the probabilities of the slices between linearly: about half the work on 1 mm
     slices at 2 mm, at a cost in agreement with every slice (mask Dice 0.987 on the bench's whole
-    CT), so it is not the default. `model` holds the model arguments of :func:`predict_overlapped`
-    (hu_window, spacing_hw, model_spacing, batch_size, threshold, pad_multiple, timings). Returns
-    (mask uint8 (Z, H, W), slab record).
+    CT), so it is not the default. `model` holds the model arguments (hu_window, spacing_hw,
+    model_spacing, batch_size, threshold, pad_multiple) and `timings` (a dict that gets 'preprocess',
+    'inference' and 'upsample' seconds added). Returns (mask uint8 (Z, H, W), slab record).
 
     Memory: the mask is one uint8 volume, written in place; probabilities exist for the slab on the
     model grid only (a 2.5 mm model's grid holds a 16th of a 0.7 mm CT's pixels), and the CT is never
@@ -263,14 +239,16 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
         done[0] += len(index)
         return out
 
-    def finished(record: dict) -> tuple[np.ndarray, dict]:
+    def finished(probs: np.ndarray, lo: int, hi: int, record: dict) -> tuple[np.ndarray, dict]:
+        """Slices lo..hi-1's probabilities to the mask on the input's grid (the rest stays background)."""
+        t = time.perf_counter()
+        mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing, out=mask[lo:hi])
+        times["upsample"] += time.perf_counter() - t
         _add_times(timings, times)
-        return mask, {**record, "slices_run": int(done[0]), "grid": list(grid)}
+        return mask, {**record, "start": lo, "stop": hi, "slices_run": int(done[0]), "grid": list(grid)}
 
     def every_slice(record: dict) -> tuple[np.ndarray, dict]:
-        predict_overlapped(ct, predict_batch, progress=tick, timings=times, mask_out=mask, **model)
-        done[0] += z
-        return finished({**record, "start": 0, "stop": z})
+        return finished(probabilities(np.arange(z)), 0, z, record)
 
     record = {"coarse_step": step, "margin": margin}
     if not options.slab or z < 4 * step + 2 * margin:
@@ -299,10 +277,7 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
         if not (grow_lo or grow_hi):
             break
         lo, hi = (max(0, lo - margin) if grow_lo else lo), (min(z, hi + margin) if grow_hi else hi)
-    t = time.perf_counter()
-    mask_to_input_grid(probs, (H, W), threshold=threshold, model_spacing=model_spacing, out=mask[lo:hi])
-    times["upsample"] += time.perf_counter() - t
-    return finished({**record, "start": lo, "stop": hi, "found": True, "z_stride": stride})
+    return finished(probs, lo, hi, {**record, "found": True, "z_stride": stride})
 
 
 def _interpolate_slices(sampled: np.ndarray, probs: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -339,85 +314,62 @@ def _kidney_runs(coarse: np.ndarray, area_mm2: np.ndarray, min_share: float) -> 
     return coarse[np.concatenate(keep)], runs
 
 
-def _pad_multiple(bundle) -> int:
-    """Padding multiple used in training/evaluation (recorded in the bundle), at least the size divisor."""
-    pre = bundle.metadata.get("preprocessing", {})
-    return int(pre.get("pad_multiple", bundle.size_divisor))
+def model_arguments(model) -> dict:
+    """:func:`segment_ct`'s keywords that describe a model: hu_window, threshold, pad_multiple, model_spacing.
+
+    `model` is a bundle (:class:`qnkit.bundle.Bundle`: what `qnkit segment` runs) or a checkpoint's
+    meta dict (qnkit.train.checkpoint: what `qnkit evaluate` runs); both record the training's
+    preprocessing, so a checkpoint and the bundle exported from it are fed alike. ``pad_multiple``
+    is the padding of training and evaluation; a bundle without one pads to its size divisor.
+    """
+    if isinstance(model, dict):
+        pre = model["preprocessing"]
+        return {"hu_window": (float(pre["hu_lo"]), float(pre["hu_hi"])), "threshold": float(pre.get("threshold", 0.5)),
+                "pad_multiple": int(pre.get("pad_multiple", 16)), "model_spacing": inference.model_pixel_spacing(model)}
+    pre = model.metadata.get("preprocessing", {})
+    return {"hu_window": model.hu_window, "threshold": model.threshold,
+            "pad_multiple": int(pre.get("pad_multiple", model.size_divisor)),
+            "model_spacing": inference.model_pixel_spacing(model)}
 
 
 def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_window, threshold: float = 0.5,
                pad_multiple: int = 16, model_spacing: float | None = None,
-               options: SegmentOptions | None = None, progress=None,
-               timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Segment an internal-layout CT. Returns (mask, sides, model_grid).
+               options: SegmentOptions | None = None, progress=None, timings: dict | None = None,
+               network_mask: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The one path from a CT to its kidney mask. Returns (mask, sides, model_grid).
 
-    `mask` is the output volume (uint8: 1 kidney, or 1 right / 2 left with split_sides),
-    `sides` always has 1 right / 2 left, `model_grid` says how the model saw the slices:
-    {"input_pixel_spacing_mm": [row, col], "model_pixel_spacing_mm": m, "grid": [h, w]}. Each slice is
-    resampled in-plane to the model's `model_spacing` (mm) and the probabilities brought back to
-    the input's exact grid before thresholding; `model_spacing` None (a model without a domain
-    record) feeds half the input's resolution, as before the millimetre contract. Only the kidneys'
-    slab is predicted (:func:`predict_kidney_slab`; ``options.slab`` False predicts every slice);
-    `model_grid` records it under "slab".
+    `ct` is in the internal layout with its `geometry`; the model is `predict_batch` and the keywords
+    of :func:`model_arguments`. `mask` is the output volume (uint8: 1 kidney, or 1 right / 2 left
+    with split_sides), `sides` always has 1 right / 2 left, `model_grid` says how the model saw the
+    slices: {"input_pixel_spacing_mm": [row, col], "model_pixel_spacing_mm": m, "grid": [h, w],
+    "slab": ...}. Each slice is resampled in-plane to the model's `model_spacing` (mm) and the
+    probabilities brought back to the input's exact grid before thresholding; `model_spacing` None
+    (a model without a domain record) feeds half the input's resolution, as before the millimetre
+    contract. Only the kidneys' slab is predicted (:func:`predict_kidney_slab`; ``options.slab``
+    False predicts every slice); ``options.mirror`` averages each slice's prediction with its
+    mirror image's (:func:`qnkit.inference.mirrored`). Post-processing is
+    :func:`qnkit.postprocess.kidney_sides`, on the mask in place.
+
+    `network_mask`, when given, is called with the network's mask (uint8 {0, 1}, the input's grid)
+    before post-processing changes it: the raw mask `qnkit evaluate` scores beside the output.
     """
     options = options or SegmentOptions()
     timings = timings if timings is not None else {}
     spacing_hw = geometry.spacing[1:]
+    predict = inference.mirrored(predict_batch) if options.mirror else predict_batch
     mask, slab = predict_kidney_slab(
-        ct, predict_batch, slice_mm=geometry.spacing[0], options=options, progress=progress, hu_window=hu_window,
+        ct, predict, slice_mm=geometry.spacing[0], options=options, progress=progress, hu_window=hu_window,
         spacing_hw=spacing_hw, model_spacing=model_spacing, batch_size=options.batch_size, threshold=threshold,
         pad_multiple=pad_multiple, timings=timings)
     model_grid = {"input_pixel_spacing_mm": [round(s, 4) for s in spacing_hw],
                   "model_pixel_spacing_mm": None if model_spacing is None else round(model_spacing, 4),
                   "grid": slab.pop("grid"), "slab": slab}
+    if network_mask is not None:
+        network_mask(mask)
     t = time.perf_counter()
-    out, sides = kidney_sides_in_place(mask, ct, geometry, options)
+    out, sides = post.kidney_sides(mask, ct, geometry, options, in_place=True)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
     return out, sides, model_grid
-
-
-def kidney_sides_in_place(mask: np.ndarray, ct: np.ndarray, geometry: qio.Geometry, options) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`qnkit.postprocess.kidney_sides`, worked on the mask's bounding box; `mask` becomes the output.
-
-    Post-processing labels connected components, which costs a 32-bit label and more per voxel: over
-    4 GB for a 512 x 512 x 1000 CT if done on the whole volume. Everything it does happens where the
-    mask is (closing reaches its ball's radius further), so the same steps (closing, sides from the
-    body's midline, one kidney per side) run on the mask's box grown by that reach, with the affine
-    moved to the box; only the midline is taken from the whole CT, as kidney_sides takes it. The
-    result equals kidney_sides' (tested). The output mask is written into `mask` (the caller's array,
-    no second volume); returns (mask, sides), `sides` 1 right / 2 left.
-    """
-    if options.closing_unit not in ("mm", "voxels"):
-        raise ValueError(f"closing unit must be mm or voxels, got {options.closing_unit!r}")
-    sides = np.zeros(mask.shape, dtype=np.uint8)
-    closing = float(options.closing) if options.postprocess and options.closing and options.closing > 0 else 0.0
-    unit = geometry.spacing if options.closing_unit == "mm" else (1.0, 1.0, 1.0)
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.max(axis=others))
-        if hit.size == 0:
-            return mask, sides
-        reach = int(np.ceil(closing / float(unit[axis]))) + 1
-        box.append(slice(max(0, int(hit[0]) - reach), min(mask.shape[axis], int(hit[-1]) + reach + 1)))
-    box = tuple(box)
-    part = mask[box] > 0
-    if closing:
-        part = post.close_mask(part, closing, unit) > 0
-    kidney_slices = np.flatnonzero(part.any(axis=(1, 2))) + box[0].start
-    body = slice(int(kidney_slices[0]), int(kidney_slices[-1]) + 1) if kidney_slices.size else None
-    affine = np.array(geometry.internal_affine, dtype=np.float64)
-    midline = post.body_midline_x(ct, affine, body)
-    corner = np.array([b.start for b in box], dtype=np.float64)
-    moved = affine.copy()
-    moved[:3, 3] += affine[:3, :3] @ corner
-    part_sides = post.split_sides(part, moved, midline)
-    if options.postprocess:
-        part_sides = post.select_kidneys(part_sides, geometry.spacing, geometry.voxel_volume_ml,
-                                         min_kidney_ml=options.min_kidney_ml, merge_mm=options.merge_mm)
-    sides[box] = part_sides
-    mask[box] = part_sides if options.split_sides else (part_sides > 0)  # outside the box: background already
-    return mask, sides
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -451,10 +403,9 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
     if progress is not None:
         progress(0, ct.shape[0])
     mask, sides, model_grid = segment_ct(
-        ct, geometry, predict_batch, hu_window=bundle.hu_window, threshold=bundle.threshold,
-        pad_multiple=_pad_multiple(bundle), model_spacing=inference.model_pixel_spacing(bundle), options=options,
+        ct, geometry, predict_batch, **model_arguments(bundle), options=options,
         progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings)
-    warnings += _report_warnings(case.name, checks.edge_warnings(mask), options.strict)
+    warnings += _report_warnings(case.name, checks.mask_warnings(mask), options.strict)
     stats = kidney_stats(sides, ct, geometry)
     t = time.perf_counter()
     if out_path is not None:

@@ -41,10 +41,13 @@ def _quiet(_msg):
 
 
 def _masks(backend, cases, bundle):
-    from qnkit.inference import segment_volume
+    """The network's masks of `cases` (every slice, no post-processing, half the input's resolution)."""
+    from qnkit.io import Geometry
+    from qnkit.segment import SegmentOptions, segment_ct
 
-    return [segment_volume(c.imaging, backend.predict, hu_window=bundle.hu_window, batch_size=backend.batch_size,
-                           threshold=bundle.threshold)[0] for c in cases]
+    options = SegmentOptions(batch_size=backend.batch_size, slab=False, postprocess=False)
+    return [segment_ct(c.imaging, Geometry.from_affine(c.affine, c.imaging.shape), backend.predict,
+                       hu_window=bundle.hu_window, threshold=bundle.threshold, options=options)[0] for c in cases]
 
 
 @pytest.fixture(scope="module")

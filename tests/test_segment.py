@@ -1,5 +1,5 @@
-"""`qnkit segment`: the pipeline equals qnkit.inference/`qnkit evaluate`, any orientation and in-plane size,
-outputs on the input's exact grid, stats and sides, preview, batch mode.
+"""`qnkit segment`: the one path from a CT to its mask, which `qnkit evaluate` scores; any orientation and
+in-plane size, outputs on the input's exact grid, stats and sides, preview, batch mode.
 
 The session's bundle of its tiny trained run (conftest `exported_bundle`, FP32, 64x64 cases) is shared
 with the DICOM tests. The model is weak; what is checked is that segment reproduces evaluate's Dice exactly, not that
@@ -71,16 +71,47 @@ def _tiny_predict():
 @pytest.mark.parametrize("shape,batch,model_spacing", [((7, 50, 38), 3, None), ((5, 32, 32), 16, None),
                                                        ((4, 31, 45), 1, None), ((7, 50, 38), 3, 1.3),
                                                        ((4, 31, 45), 2, 0.6)])
-def test_overlapped_pipeline_equals_segment_volume(shape, batch, model_spacing):
+def test_every_slice_prediction_equals_the_plain_steps(shape, batch, model_spacing):
+    """The one path's prediction (worker thread one batch ahead, only slices that can hold kidney brought
+    back to the input's grid) equals the plain steps of qnkit.inference run one after the other."""
     rng = np.random.default_rng(0)
     ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
     predict = _tiny_predict()
     grid = dict(hu_window=(-200, 400), spacing_hw=(0.8, 0.8), model_spacing=model_spacing)
-    ref_mask, ref_probs = inference.segment_volume(ct, predict, batch_size=batch, **grid)
+    image = inference.to_model_input(ct, **grid)
+    probs = inference.predict_volume(image, predict, batch_size=batch, pad_multiple=16)
+    expected = inference.to_input_mask(probs, shape[1:], threshold=0.5, model_spacing=model_spacing)
     seen = []
-    mask, probs = S.predict_overlapped(ct, predict, batch_size=batch, progress=seen.append, **grid)
-    assert np.array_equal(probs, ref_probs) and np.array_equal(mask, ref_mask)
+    mask, slab = S.predict_kidney_slab(ct, predict, slice_mm=2.0, options=S.SegmentOptions(slab=False),
+                                       progress=seen.append, batch_size=batch, threshold=0.5, pad_multiple=16, **grid)
+    assert np.array_equal(mask, expected)
+    assert (slab["start"], slab["stop"], slab["slices_run"]) == (0, shape[0], shape[0])
     assert seen[-1] == shape[0] and seen == sorted(seen)
+
+
+def test_one_path_from_a_ct_to_its_mask():
+    """segment_ct is the one assembly of prediction and post-processing: the only caller of the batched
+    prediction and of the post-processing in the product's code, which has one post-processing function.
+    (Before, `qnkit evaluate` predicted every slice and post-processed the whole volume with a second
+    implementation, while `qnkit segment` predicted the kidneys' slab: evaluate scored a mask no user got.)"""
+    import re
+
+    from qnkit import postprocess
+
+    root = Path(__file__).resolve().parents[1]
+    expected = {"kidney_sides": {"qnkit/segment.py"}, "select_kidneys": {"qnkit/postprocess.py"},
+                "predict_volume": {"qnkit/segment.py"}, "to_model_input": {"qnkit/segment.py"},
+                "to_input_mask": {"qnkit/segment.py"}}
+    callers: dict = {name: set() for name in expected}
+    for folder in ("qnkit", "train", "export", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for name in expected:
+                if re.search(rf"(?<!def )\b{name}\(", text):
+                    callers[name].add(path.relative_to(root).as_posix())
+    assert callers == expected
+    assert [n for n in postprocess.__all__ if n.startswith("kidney_sides")] == ["kidney_sides"]
+    assert not hasattr(S, "kidney_sides_in_place") and not hasattr(inference, "segment_volume")
 
 
 class _Bundle:
@@ -212,8 +243,7 @@ def test_same_ct_at_two_pixel_sizes_gives_the_same_kidneys(bundle, split, tmp_pa
     for size in (64, 96):
         folder = write_resampled_case(source, tmp_path / str(size), size)
         ct, geo = qio.load_image(next(folder.glob("imaging.nii*")))
-        mask, _, info = S.segment_ct(ct, geo, predict, hu_window=b.hu_window, threshold=b.threshold,
-                                     pad_multiple=S._pad_multiple(b), model_spacing=inference.model_pixel_spacing(b),
+        mask, _, info = S.segment_ct(ct, geo, predict, **S.model_arguments(b),
                                      options=S.SegmentOptions(postprocess=False, batch_size=8))
         assert mask.shape[1:] == (size, size) and info["model_pixel_spacing_mm"] == b.domain["pixel_spacing_mm"]
         masks.append((mask > 0).astype(np.uint8))
@@ -269,7 +299,7 @@ def test_segment_any_orientation_matches_evaluate(run_qnkit, bundle, split, tmp_
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / f"{backend}.nii.gz"
         proc = run_qnkit("segment", image, "--model", bundle, "--out", out, "--backend", backend,
-                         "--no-postprocess", "--all-slices", "--no-progress")
+                         "--no-postprocess", "--no-progress")
         assert proc.returncode == 0, proc.stderr
         _assert_same_grid(out, image)
         # torch runs the checkpoint's weights exactly as evaluate does; ONNX Runtime may flip a voxel or two
@@ -305,13 +335,13 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
     expected = {r["case_id"]: r["dice"] for r in raw["cases"]}
     out = tmp_path / "masks"
     proc = run_qnkit("segment", data, "--model", bundle, "--out", out, "--backend", "torch", "--no-postprocess",
-                     "--all-slices", "--stats", tmp_path / "stats.json", "--no-progress")
+                     "--stats", tmp_path / "stats.json", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert [c["name"] for c in stats["cases"]] == sorted(split["test"])
-    for entry in stats["cases"]:  # --all-slices: every slice predicted, as evaluate does
+    for entry in stats["cases"]:  # the kidneys' slab (or every slice), as evaluate predicts it
         slab = entry["model_grid"].pop("slab")
-        assert (slab["start"], slab["stop"], slab["slices_run"]) == (0, entry["slices"], entry["slices"])
+        assert 0 <= slab["start"] < slab["stop"] <= entry["slices"] and slab["slices_run"] > 0
     model_mm = json.loads((bundle / "qnkit.json").read_text())["domain"]["pixel_spacing_mm"]
     for entry in stats["cases"]:  # how the model saw each case: its own pixel size, the model's, the grid
         geo = qio.load_geometry(data / entry["name"] / "imaging.nii.gz")
@@ -326,7 +356,7 @@ def test_batch_segment_other_sizes_matches_evaluate(run_qnkit, bundle, split, tr
 
 
 def test_segment_mirror_matches_evaluate_mirror(run_qnkit, bundle, split, trained_run, tmp_path):
-    """--mirror: segment (torch backend, every slice, raw mask) and evaluate score the same mirrored prediction."""
+    """--mirror: segment (torch backend, raw mask) and evaluate score the same mirrored prediction."""
     from qnkit.train.evaluation import evaluate
 
     case_id = split["test"][0]
@@ -334,7 +364,7 @@ def test_segment_mirror_matches_evaluate_mirror(run_qnkit, bundle, split, traine
     assert expected["mirror"] is True
     out = tmp_path / "mirror.nii.gz"
     proc = run_qnkit("segment", split["data"] / case_id / "imaging.nii.gz", "--model", bundle, "--out", out,
-                     "--backend", "torch", "--mirror", "--no-postprocess", "--all-slices", "--no-progress")
+                     "--backend", "torch", "--mirror", "--no-postprocess", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     dice = _dice_of(out, split["data"] / case_id / "segmentation.nii.gz")
     assert dice == pytest.approx(expected["cases"][0]["dice"], abs=1e-9)

@@ -1,4 +1,4 @@
-"""qnkit.inference: torch-free segmentation path shared by evaluate and segment."""
+"""qnkit.inference: the torch-free model steps of the one path (qnkit.segment.segment_ct)."""
 import subprocess
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qnkit import kernels
-from qnkit.inference import mirrored, pad_slices, padded_size, predict_volume, segment_volume
+from qnkit.inference import mirrored, pad_slices, padded_size, predict_volume, to_input_mask, to_model_input
 
 
 def test_pad_slices_pads_bottom_right_with_zeros():
@@ -18,8 +18,15 @@ def test_pad_slices_pads_bottom_right_with_zeros():
     assert padded_size(256, 16) == 256 and padded_size(33, 16) == 48
 
 
+def _steps(ct, predict_batch, batch_size):
+    """The model steps in a row for an old model (half resolution): (mask on the input's grid, probabilities)."""
+    probs = predict_volume(to_model_input(ct, hu_window=(-200, 400), spacing_hw=(1.0, 1.0), model_spacing=None),
+                           predict_batch, batch_size=batch_size)
+    return to_input_mask(probs, ct.shape[1:], threshold=0.5, model_spacing=None), probs
+
+
 @pytest.mark.parametrize("shape", [(5, 64, 64), (3, 50, 70), (4, 33, 31)])
-def test_segment_volume_with_a_threshold_backend(shape):
+def test_model_steps_with_a_threshold_backend(shape):
     rng = np.random.default_rng(0)
     ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
     seen = []
@@ -30,7 +37,7 @@ def test_segment_volume_with_a_threshold_backend(shape):
         seen.append(len(x))
         return (x > 0.5).astype(np.float32)
 
-    mask, probs = segment_volume(ct, predict_batch, hu_window=(-200, 400), batch_size=2)
+    mask, probs = _steps(ct, predict_batch, batch_size=2)
     half = kernels.downsample_image(ct, -200, 400)
     assert probs.shape == half.shape and probs.dtype == np.float32
     np.testing.assert_array_equal(probs, (half > 0.5).astype(np.float32))
@@ -58,12 +65,12 @@ def test_mirrored_averages_the_prediction_of_the_mirror_image():
 
 @pytest.mark.parametrize("shape", [(4, 33, 31), (2, 50, 70)])
 def test_mirrored_keeps_every_pixel_in_place_through_the_padding(shape):
-    """segment_volume pads bottom/right; the mirror image has its padding on the left and must come back."""
+    """predict_volume pads bottom/right; the mirror image has its padding on the left and must come back."""
     rng = np.random.default_rng(2)
     ct = rng.integers(-1000, 1000, size=shape).astype(np.int16)
     threshold = lambda b: (b > 0.5).astype(np.float32)  # noqa: E731  symmetric: mirroring changes nothing
-    plain, _ = segment_volume(ct, threshold, hu_window=(-200, 400), batch_size=3)
-    mirror, _ = segment_volume(ct, mirrored(threshold), hu_window=(-200, 400), batch_size=3)
+    plain, _ = _steps(ct, threshold, batch_size=3)
+    mirror, _ = _steps(ct, mirrored(threshold), batch_size=3)
     np.testing.assert_array_equal(mirror, plain)
 
 

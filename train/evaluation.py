@@ -1,13 +1,13 @@
-"""Test-set evaluation of a run: per-volume Dice on the ORIGINAL image grid.
+"""Test-set evaluation of a run: per-volume Dice of the mask `qnkit segment` writes, on the ORIGINAL grid.
 
-Each test case of RUN_DIR/evaluation_data.json is segmented whole (no slice cropping) through
-`qnkit.inference.segment_volume`, the path `qnkit segment` uses, with the eager torch backend (each
-slice resampled to the model's pixel spacing and the probabilities brought back to the case's grid),
-then post-processed as `qnkit segment` does by default (one kidney per side, stray pieces dropped), so the
-figure is that of the mask a user gets; each case also keeps the network's raw mask Dice (`dice_network`).
-Masks are compared with the labels (tumor counts as kidney). Mean and standard deviation over volumes go to
-the evaluation TensorBoard writer at the checkpoint's epoch and to RUN_DIR/test_dice.json, from where
-`qnkit export` copies them into the bundle's domain record.
+Each test case of RUN_DIR/evaluation_data.json goes through :func:`qnkit.segment.segment_ct`, the one
+path `qnkit segment` runs (the kidneys' slab, each slice resampled to the model's pixel spacing, the
+probabilities brought back to the case's grid, post-processed: one kidney per side, stray pieces
+dropped), with segment's default options and the checkpoint on the eager torch backend, so the figure
+is that of the mask a user gets. Each case also keeps the network's raw mask Dice (`dice_network`: the
+same prediction before post-processing). Masks are compared with the labels (tumor counts as kidney).
+Mean and standard deviation over volumes go to the evaluation TensorBoard writer at the checkpoint's
+epoch and to RUN_DIR/test_dice.json, from where `qnkit export` copies them into the bundle's domain record.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import numpy as np
 from qnkit import kernels
 from qnkit._atomic import write_text_atomic
 from qnkit.errors import QnkitInputError
-from qnkit.inference import mirrored, model_pixel_spacing, segment_volume
 
 #: RUN_DIR file with the last test evaluation's summary (checkpoint, epoch, mean and std Dice, cases).
 TEST_DICE_NAME = "test_dice.json"
@@ -49,13 +48,16 @@ def _case_files(data_dir: Path, case_id: str) -> tuple[Path, Path]:
 
 def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None = None, device: str = "cpu",
              batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
-             mirror: bool = False, progress=None, log: bool = True) -> dict:
+             mirror: bool = False, masks_dir: Path | None = None, progress=None, log: bool = True) -> dict:
     """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network',
-    'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`."""
+    'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`.
+
+    `masks_dir`: each case's scored mask is also written there, named and encoded as `qnkit segment`
+    writes it (CASE_kidneys.nii.gz), to look at or to compare with segment's.
+    """
     from qnkit import io as qio
     from qnkit.nn.eager import make_predict_batch
-    from qnkit.postprocess import kidney_sides
-    from qnkit.segment import SegmentOptions
+    from qnkit.segment import MASK_SUFFIX, SegmentOptions, model_arguments, segment_ct
     from qnkit.train import checkpoint as ckpt
     from qnkit.train.tb_logging import Logger, tensorboard_dir
 
@@ -69,13 +71,15 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         ini = run_dir / "settings.ini"
         which = read_ini(ini).eval.checkpoint if ini.is_file() else "best"
     model, meta = ckpt.load_model(run_dir, which)
-    pre = meta["preprocessing"]
     ev = meta.get("settings", {}).get("EVAL", {})
-    threshold = float(pre.get("threshold", 0.5) if threshold is None else threshold)
-    batch_size = batch_size or int(ev.get("batch_size", 16))
+    arguments = model_arguments(meta)
+    if threshold is not None:
+        arguments["threshold"] = float(threshold)
+    options = SegmentOptions(batch_size=batch_size or int(ev.get("batch_size", 16)), postprocess=postprocess,
+                             mirror=mirror)
     predict = make_predict_batch(model, device)
-    if mirror:
-        predict = mirrored(predict)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for case_id in ids:
         image_path, labels_path = _case_files(data_dir, case_id)
@@ -83,23 +87,22 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         labels, _ = qio.load_labels(labels_path)
         if ct.shape != labels.shape:
             raise QnkitInputError(f"{case_id}: image shape {ct.shape} and label shape {labels.shape} differ")
-        mask, _ = segment_volume(ct, predict, hu_window=(pre["hu_lo"], pre["hu_hi"]), spacing_hw=geometry.spacing[1:],
-                                 model_spacing=model_pixel_spacing(meta), batch_size=batch_size,
-                                 threshold=threshold, pad_multiple=int(pre.get("pad_multiple", 16)))
         target = (labels > 0).astype(np.uint8)
+        network = {}
+        mask, _, _ = segment_ct(ct, geometry, predict, **arguments, options=options,
+                                network_mask=lambda raw: network.update(dice=kernels.dice(raw, target)))
+        if masks_dir is not None:
+            qio.save_mask(mask, geometry, Path(masks_dir) / f"{case_id}{MASK_SUFFIX}", overwrite=True)
         ml = float(geometry.voxel_volume_ml)
-        raw_dice = kernels.dice(mask, target)
-        if postprocess:
-            mask = (kidney_sides(mask, ct, geometry, SegmentOptions())[0] > 0).astype(np.uint8)
-        rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": raw_dice,
+        rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": network["dice"],
                      "slices": int(ct.shape[0]), "kidney_ml": float(target.sum()) * ml,
-                     "predicted_ml": float(mask.sum()) * ml})
+                     "predicted_ml": float(np.count_nonzero(mask)) * ml})
         if progress is not None:
             progress(rows[-1])
     dices = np.array([r["dice"] for r in rows])
     result = {"run_dir": str(run_dir.resolve()), "checkpoint": which, "epoch": meta["epoch"],
               "checkpoint_sha256": meta.get("files", {}),
-              "data_dir": str(data_dir), "threshold": threshold, "postprocess": postprocess,
+              "data_dir": str(data_dir), "threshold": arguments["threshold"], "postprocess": postprocess,
               "mirror": mirror, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
               "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])), "cases": rows}
     if log:

@@ -22,12 +22,12 @@ def command(
                                           "reported."),
     mirror: bool = typer.Option(False, "--mirror", help="Test-time mirroring, as `qnkit segment --mirror`."),
 ) -> None:
-    """Dice per test volume on the original image grid (full volumes; each slice resampled to the model's
-    pixel spacing, the probabilities brought back to the CT's grid), post-processed as `qnkit segment` does,
-    mean and std; the raw network mask's Dice is shown beside it.
+    """Dice per test volume of the mask `qnkit segment` writes, on the original image grid, mean and std;
+    the raw network mask's Dice (before post-processing) is shown beside it.
 
-    The test cases are those in RUN_DIR/evaluation_data.json; prediction goes through the same
-    qnkit.inference path as `qnkit segment`. Results are also logged to RUN_DIR/tensorboard/evaluation.
+    The test cases are those in RUN_DIR/evaluation_data.json; each goes through the one path of
+    `qnkit segment` (qnkit.segment.segment_ct: kidney slab, resampling to the model's pixel spacing and
+    back, post-processing) with segment's defaults. Results are also logged to RUN_DIR/tensorboard/evaluation.
     """
     from rich.console import Console
     from rich.table import Table
