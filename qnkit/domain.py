@@ -3,9 +3,11 @@
 A model segments what resembles its training data (the domain recorded in its bundle, see
 :attr:`qnkit.bundle.Bundle.domain`). Before inference :func:`input_warnings` looks at the CT and
 its header: values that are not CT Hounsfield units, a slice thickness far outside the model's
-training range, and an orientation nibabel had to guess (qform and sform codes both 0). After
-inference :func:`edge_warnings` looks at the final mask: kidneys touching the first or last slice
-or the in-plane border mean the volume cuts a kidney, so its volume is underestimated.
+training range, an orientation nibabel had to guess (qform and sform codes both 0), and a volume too
+thin along some axis to hold a kidney (a single slice, say). After inference :func:`mask_warnings`
+looks at the final mask: no kidney at all (the CT shows another region, or the model missed them), and
+(:func:`edge_warnings`) kidneys touching the first or last slice or the in-plane border, which means
+the volume cuts a kidney, so its volume is underestimated.
 
 Each warning is one sentence without the case name; `qnkit segment` prints
 ``qnkit: warning: <case>: <sentence>`` on stderr, lists them under ``"warnings"`` in the stats
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["AIR_HU", "THICKNESS_FACTOR", "hu_warning", "thickness_warning", "orientation_warning",
-           "input_warnings", "edge_warnings"]
+__all__ = ["AIR_HU", "THICKNESS_FACTOR", "MIN_EXTENT_MM", "hu_warning", "thickness_warning", "orientation_warning",
+           "extent_warning", "input_warnings", "no_kidney_warning", "edge_warnings", "mask_warnings"]
 
 #: A CT field of view shows air (about -1000 HU outside the body, in the lungs and bowel gas), so some
 #: voxel lies below this value; CT values span more than MIN_HU_RANGE.
@@ -24,6 +26,9 @@ AIR_HU = -500.0
 MIN_HU_RANGE = 200.0
 #: Slice thickness below min / THICKNESS_FACTOR or above max * THICKNESS_FACTOR of the training range is "far outside".
 THICKNESS_FACTOR = 2.0
+#: An adult kidney is about 3-4 cm thick, 5-7 cm wide and 10-13 cm long: a volume spanning less than this
+#: along any axis cannot hold one.
+MIN_EXTENT_MM = 30.0
 
 
 def hu_warning(ct: np.ndarray) -> str | None:
@@ -62,10 +67,42 @@ def orientation_warning(geometry) -> str | None:
     return None
 
 
+def extent_warning(shape, spacing) -> str | None:
+    """A sentence when the volume (internal layout: slices, rows, columns) spans less than
+    :data:`MIN_EXTENT_MM` along some axis, so that it cannot hold a kidney (a single slice, say)."""
+    for axis, (count, size) in enumerate(zip(shape, spacing)):
+        extent = int(count) * float(size)
+        if extent < MIN_EXTENT_MM:
+            what = ("slice", "row", "column")[axis]
+            across = ("along the slices", "from front to back", "from side to side")[axis]
+            return (f"the volume spans only {extent:.3g} mm {across} ({int(count)} {what}{'s' if count != 1 else ''} "
+                    f"of {float(size):.3g} mm); a kidney is 3-4 cm thick and 10-13 cm long, so this volume "
+                    f"cannot hold one")
+    return None
+
+
 def input_warnings(ct: np.ndarray, geometry, domain: dict | None) -> list[str]:
-    """Warnings known before inference: not HU, slice thickness far outside the domain, orientation guessed."""
-    found = [hu_warning(ct), thickness_warning(float(geometry.spacing[0]), domain), orientation_warning(geometry)]
+    """Warnings known before inference: not HU, slice thickness far outside the domain, orientation guessed,
+    a volume too thin to hold a kidney."""
+    found = [hu_warning(ct), thickness_warning(float(geometry.spacing[0]), domain), orientation_warning(geometry),
+             extent_warning(ct.shape, geometry.spacing)]
     return [w for w in found if w]
+
+
+def no_kidney_warning(mask: np.ndarray) -> str | None:
+    """A sentence when the final mask holds no kidney at all (right and left absent): nothing to measure,
+    which a user must not mistake for a result."""
+    if np.any(mask):
+        return None
+    return ("no kidney found (right and left absent): the CT may not show the kidneys (another body region), "
+            "or the model missed them")
+
+
+def mask_warnings(mask: np.ndarray) -> list[str]:
+    """Warnings about the final mask (Z, H, W), non-zero = kidney: no kidney at all, or kidneys touching the
+    volume's edge (:func:`edge_warnings`)."""
+    empty = no_kidney_warning(mask)
+    return [empty] if empty else edge_warnings(mask)
 
 
 def edge_warnings(mask: np.ndarray) -> list[str]:

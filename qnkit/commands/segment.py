@@ -60,8 +60,9 @@ def command(
                                                                    "(batch: one per case, FILE_<case>.png)."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
     strict: bool = typer.Option(False, "--strict", help="Out-of-domain warnings (not HU, slice thickness far outside "
-                                                        "the model's range, orientation guessed, kidney at the "
-                                                        "volume's edge) are errors: exit code 2, that case not written."),
+                                                        "the model's range, orientation guessed, a volume too thin "
+                                                        "to hold a kidney, no kidney found, kidney at the volume's "
+                                                        "edge) are errors: exit code 2, that case not written."),
     all_slices: bool = typer.Option(False, "--all-slices", help="Predict every slice (default: find the kidneys' "
                                                                 "slab with a coarse pass, then predict only there)."),
     z_step: float = typer.Option(0.0, "--z-step", metavar="MM", min=0.0,
