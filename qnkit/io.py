@@ -27,10 +27,14 @@ several times faster than nibabel's own path. :func:`write_nifti` writes any nib
 
 A 4-D (or higher) file whose extra dimensions are all 1 (``(X, Y, Z, 1)``, common from
 converters) is read as 3-D; written results are then 3-D on the same spatial grid.
+
+A header whose voxel size (pixdim) is zero or not finite where the affine is built from it (no sform)
+is refused: nibabel would put 1 mm in its place, and every volume in mL would be a guess.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -331,6 +335,8 @@ def _opened(path):
     with contextlib.ExitStack() as stack:
         try:
             img, stream = _load_header(path, stack)
+        except NiftiError:
+            raise
         except _READ_ERRORS as exc:
             raise NiftiError(f"{path}: not a readable NIfTI file ({_one_line(exc)})") from exc
         yield img, _geometry_of(img, path)
@@ -342,18 +348,60 @@ def _opened(path):
 def _load_header(path: Path, stack: contextlib.ExitStack):
     """``(image, gzip stream or None)``: a NIfTI image whose data are read on demand (never memory-mapped,
     so damage shows when read). ``.nii.gz`` is decoded by :mod:`qnkit.gzip_codec` through a stream that
-    ``stack`` closes.
+    ``stack`` closes. The header's voxel size is checked as written, before nibabel reads (and repairs) it.
     """
     if not path.name.lower().endswith(".gz"):
-        return nib.load(path, mmap=False), None
+        with open(path, "rb") as raw:
+            start = raw.read(nib.Nifti2Header.sizeof_hdr)
+        with _quiet_if(_check_voxel_size(path, start)):
+            return nib.load(path, mmap=False), None
     stream = stack.enter_context(gzip_codec.open_read(path))
     start = stream.read(nib.Nifti2Header.sizeof_hdr)
     stream.seek(0)
     for klass in (nib.Nifti1Image, nib.Nifti2Image):
         if klass.header_class.may_contain_header(start):
             file_map = klass.make_file_map({"image": stream, "header": stream})
-            return klass.from_file_map(file_map, mmap=False), stream
+            with _quiet_if(_check_voxel_size(path, start)):
+                return klass.from_file_map(file_map, mmap=False), stream
     raise ImageFileError("no NIfTI-1 or NIfTI-2 header")
+
+
+def _check_voxel_size(path: Path, start: bytes) -> bool:
+    """Refuse a header whose voxel size (pixdim 1-3) is zero or not finite where the affine is built from
+    it (no sform). nibabel would replace a 0 by 1 mm with a warning of its own on stderr and go on, so a
+    3 mm CT read that way reports kidneys of a third of their volume; nothing about the real size can be
+    guessed. Returns True when the pixdim is unusable but unused (the sform gives the grid), so the
+    caller silences nibabel's repair message. Bytes that are no NIfTI header are left to nibabel."""
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        if len(start) >= klass.sizeof_hdr and klass.may_contain_header(start):
+            try:
+                header = klass(start[:klass.sizeof_hdr], check=False)
+            except (HeaderDataError, ValueError):
+                return False
+            break
+    else:
+        return False
+    size = [float(v) for v in header["pixdim"][1:1 + min(3, max(0, int(header["dim"][0])))]]
+    if all(np.isfinite(v) and v != 0 for v in size):
+        return False
+    if int(header["sform_code"]) > 0:
+        return True
+    raise NiftiError(f"{path}: voxel size {' x '.join(f'{v:g}' for v in size)} mm in the header (pixdim) is "
+                     f"zero or not finite and no sform gives the grid, so the voxels' size is unknown; "
+                     f"fix the header (e.g. set pixdim to the scanner's spacing)")
+
+
+@contextlib.contextmanager
+def _quiet_if(quiet: bool):
+    """Keep nibabel's header-repair messages (warnings of its global logger) off stderr when ``quiet``."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _drain(stream) -> None:
