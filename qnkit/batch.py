@@ -381,7 +381,8 @@ def progress_bar(console, progress: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not progress or console is None, transient=True)
+                    console=console, disable=not progress or console is None or not console.is_terminal,
+                    transient=True)  # in a file (not a terminal) a bar would leave an empty line before the rest
 
 
 def _open_default(bundle, backend: str):
