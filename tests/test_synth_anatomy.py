@@ -172,7 +172,7 @@ def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
     assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
     assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
     with pytest.raises(Exception, match="anatomy version"):
-        make_anatomy_case(1, seed=4, version=3, **COARSE)
+        make_anatomy_case(1, seed=4, version=4, **COARSE)
 
 
 def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
@@ -198,7 +198,7 @@ def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
 def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
-    for args, word in ((["--generator", "anatomy", "--anatomy-version", "3"], "anatomy version"),
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "4"], "anatomy version"),
                        (["--anatomy-version", "1"], "anatomy generator"),
                        (["--phases", "1,1,1,1"], "anatomy generator"),
                        (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
@@ -209,6 +209,44 @@ def test_cli_anatomy_version_is_checked(tmp_path, capsys):
             main(["synth", str(tmp_path / "out"), "--cases", "1", "--size", "64", "--no-progress", *args])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exc.value.code == 2 and len(err) == 1 and word in err[0], err
+
+
+def test_mass_lies_against_the_kidney_is_background_and_spares_kidney_and_bone():
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.anatomy import add_mass
+
+    for seed in range(4):
+        tissue = np.full((70, 90, 90), LABEL["body"], dtype=np.uint8)
+        tissue[30:50, 40:70, 20:30] = LABEL["bone"]
+        labels = np.zeros(tissue.shape, dtype=np.uint8)
+        labels[25:45, 40:60, 50:62] = 1
+        labels[30:34, 45:50, 55:60] = 2
+        tissue[labels > 0] = LABEL["kidney_left"]
+        before_t, before_l = tissue.copy(), labels.copy()
+        record = add_mass(np.random.default_rng(seed), tissue, labels, (2.0, 2.0, 2.0), "left", volume_ml=(300, 300))
+        mass = tissue == LABEL["mass"]
+        assert np.array_equal(labels, before_l), "the mass is background: KiTS labels never change"
+        assert not (mass & (before_l > 0)).any() and not (mass & (before_t == LABEL["bone"])).any()
+        assert (ndi.binary_dilation(mass) & (labels > 0)).any(), "pressed against the kidney"
+        painted_ml = mass.sum() * 8 / 1000
+        assert record["volume_ml"] == pytest.approx(painted_ml, abs=0.1) and 100 < painted_ml <= 330, record
+        assert record["side"] == "left" and record["where"] in ("superior", "anterior", "lateral", "inferior")
+
+
+def test_version_3_adds_masses_to_some_cases_and_keeps_version_2_bodies_otherwise():
+    """Version 3 draws its mass after every draw of version 2, so a case without a mass is version 2's."""
+    with_mass = without = 0
+    for index in range(8):
+        v3 = make_anatomy_case(index, seed=2, version=3, **COARSE)
+        mass = v3.kits_entry()["qnkit_synth"].get("mass")
+        if mass:
+            with_mass += 1
+        else:
+            without += 1
+            v2 = make_anatomy_case(index, seed=2, version=2, **COARSE)
+            assert np.array_equal(v2.imaging, v3.imaging) and np.array_equal(v2.segmentation, v3.segmentation)
+    assert with_mass and without
 
 
 # --------------------------------------------------------------------------- contrast phase mix

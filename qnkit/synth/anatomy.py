@@ -264,6 +264,66 @@ def _move_organ(rng: np.random.Generator, tissue: np.ndarray, organ: str, goal: 
     return {"shift_mm": np.round(shift, 1).tolist(), "scale": np.round(factor, 3).tolist()}
 
 
+#: How often anatomy version 3 puts a large mass against a kidney.
+MASS_P = 0.3
+#: Where the mass sits relative to the kidney (patient axes of the output grid: slice = superior to inferior,
+#: row = anterior to posterior, column = right to left), with weights: adrenal and upper-pole masses above,
+#: exophytic and retroperitoneal ones in front, beside and below.
+_MASS_DIRECTIONS = ((("superior", (-1.0, 0.0, 0.0)), 0.25), (("anterior", (0.0, -1.0, 0.0)), 0.3),
+                    (("lateral", (0.0, 0.0, 1.0)), 0.25), (("inferior", (1.0, 0.0, 0.0)), 0.2))
+#: Tissues a mass never replaces: it pushes organs and bowel aside, not bone, lung or the kidney itself.
+_MASS_SPARES = ("bone", "lung", "spinal_cord", "kidney_right", "kidney_left", "kidney_cyst")
+
+
+def add_mass(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spacing: tuple, side: str,
+             volume_ml: tuple[float, float] = (250.0, 750.0)) -> dict:
+    """Paint a lobulated mass of about `volume_ml` against the `side` kidney, in place.
+
+    The mass takes tissue label ``mass`` and KiTS label 0: in the seed's convention a mass that distorts the
+    kidney is not kidney, so the network must learn to stop at the kidney's edge however large and enhancing
+    the neighbour is. It overlaps the kidney's outline by a fifth of its radius (pressed against it) but never
+    replaces kidney voxels. Returns the record for the case's metadata.
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    names = [d for d, _ in _MASS_DIRECTIONS]
+    weights = np.array([w for _, w in _MASS_DIRECTIONS])
+    name, axis = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    direction = np.array(axis, dtype=np.float64)
+    if name == "lateral" and side == "right":
+        direction = -direction
+    direction = direction + rng.normal(0.0, 0.25, 3)
+    direction /= np.linalg.norm(direction)
+    volume = float(rng.uniform(*volume_ml))
+    radius = (3 * volume * 1000 / (4 * np.pi)) ** (1 / 3)  # mm, of the sphere of that volume
+    axes = radius * rng.uniform(0.8, 1.25, 3)
+    axes *= radius / np.prod(axes) ** (1 / 3)  # same volume, elongated
+    kidney = np.argwhere(tissue == LABEL[f"kidney_{side}"])
+    if len(kidney) == 0:
+        return {}
+    kidney_centre = kidney.mean(axis=0)
+    reach = float(((kidney - kidney_centre) * sp @ direction).max())
+    centre = kidney_centre + direction * (reach + radius * rng.uniform(0.75, 0.95)) / sp
+    half = np.ceil(1.3 * axes.max() / sp).astype(int)
+    lo = np.maximum(np.floor(centre).astype(int) - half, 0)
+    hi = np.minimum(np.ceil(centre).astype(int) + half + 1, tissue.shape)
+    if np.any(hi <= lo):
+        return {}
+    zz, yy, xx = np.meshgrid(*[np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi)], indexing="ij")
+    rel = np.stack([(zz - centre[0]) * sp[0], (yy - centre[1]) * sp[1], (xx - centre[2]) * sp[2]], -1)
+    radial = np.sqrt(((rel / axes) ** 2).sum(-1))
+    lobes = _smooth_displacement(rng, tuple(max(2, int(np.ceil(n * s / 15.0))) for n, s in zip(hi - lo, sp)),
+                                 0.12, smooth_px=1.0)[1]
+    lobes = ndi.zoom(lobes, [n / c for n, c in zip(hi - lo, lobes.shape)], order=1)[: hi[0] - lo[0], : hi[1] - lo[1],
+                                                                                  : hi[2] - lo[2]]
+    inside = radial <= 1.0 + lobes
+    region = tissue[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    kits = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    spared = np.isin(region, [LABEL[t] for t in _MASS_SPARES]) | (kits > 0) | (region == LABEL["air"])
+    painted = inside & ~spared
+    region[painted] = LABEL["mass"]
+    return {"side": side, "where": name, "volume_ml": round(float(painted.sum()) * float(np.prod(sp)) / 1000, 1)}
+
+
 # --------------------------------------------------------------------------- the case
 
 
@@ -280,12 +340,15 @@ def draw_grid(rng: np.random.Generator, pixel_range: tuple[float, float]) -> tup
 
 
 def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: float, labels_from: Path | None,
-                 max_size: int = 512, version: int = 2) -> Anatomy:
+                 max_size: int = 512, version: int = 2, mass_rng: np.random.Generator | None = None) -> Anatomy:
     """Draw one body: deformed atlas tissues plus real (or atlas) kidneys on a fresh output grid.
 
     `version` 1 is the body of the first anatomy recipe (the shipped kidney-synth model's data);
     version 2 also moves and resizes the spleen and liver towards the kidneys (:data:`ORGAN_MOVES`)
-    and jitters each kidney's position, so that organs touch the kidneys in many ways, as in patients.
+    and jitters each kidney's position, so that organs touch the kidneys in many ways, as in patients;
+    version 3 also puts a large mass against one kidney in :data:`MASS_P` of the bodies, drawn from
+    `mass_rng` (default `rng`): a stream of its own keeps every other draw, and so a body without a mass,
+    version 2's.
     """
     atlas, atlas_aff = load_atlas()
     inv_atlas = np.linalg.inv(atlas_aff)
@@ -380,4 +443,10 @@ def make_anatomy(rng: np.random.Generator, *, pixel_mm: float, thickness_mm: flo
             labels[tissue == atlas_label] = 1
     if rng.random() < 0.25:
         meta["cysts"] = _add_cysts(rng, labels, tissue, spacing)
+    mass_rng = rng if mass_rng is None else mass_rng
+    if version >= 3 and mass_rng.random() < MASS_P:
+        present = [side for side in ("right", "left") if side != absent and side in centres]
+        if present:
+            side = present[int(mass_rng.integers(len(present)))]
+            meta["mass"] = add_mass(mass_rng, tissue, labels, spacing, side)
     return Anatomy(tissue=tissue, labels=labels, affine=affine, spacing=spacing, meta=meta)

@@ -22,6 +22,7 @@ TISSUES = (
     "air", "body", "kidney_right", "kidney_left", "kidney_cyst", "liver", "spleen", "pancreas", "gallbladder",
     "stomach", "duodenum", "small_bowel", "colon", "adrenal", "artery", "vein", "portal_vein", "heart", "lung",
     "bone", "cartilage", "spinal_cord", "muscle", "bladder", "prostate", "esophagus",
+    "mass",  # a large retroperitoneal mass against a kidney (anatomy version 3); never in the atlas
 )
 LABEL = {name: i for i, name in enumerate(TISSUES)}
 

@@ -14,9 +14,11 @@ from .render import render
 
 #: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
 #: case so that a dataset names what made it. 1: the shipped kidney-synth model's data; 2 (default): the
-#: spleen and liver moved and resized towards the kidneys, kidney positions jittered.
-RECIPE_VERSIONS = (1, 2)
-RECIPE_VERSION = 2
+#: spleen and liver moved and resized towards the kidneys, kidney positions jittered; 3: version 2 plus, in
+#: :data:`.anatomy.MASS_P` of the cases, a large mass (250-750 mL) pressed against one kidney and labelled
+#: background, as the seed's convention has it (a mass that distorts the kidney is not kidney).
+RECIPE_VERSIONS = (1, 2, 3)
+RECIPE_VERSION = 3
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
@@ -46,7 +48,7 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
     pixel, thickness = draw_grid(rng, pixel_range)
     body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size,
-                        version=version)
+                        version=version, mass_rng=np.random.default_rng(np.random.SeedSequence([seed, index, 3])))
     look = draw_look(rng, phase_p=phase_p)
     imaging = render(rng, body.tissue, body.labels, body.spacing, look)
     size_cm = body.meta.pop("radiographic_size", None)

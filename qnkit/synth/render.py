@@ -156,6 +156,7 @@ def render(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spa
     del f3, bowel, bowel_depth
 
     _paint_kidneys(rng, img, tissue, labels, spacing, look, f1, f2)
+    _paint_mass(rng, img, tissue, look, f1, f2)
 
     if look.table:
         _paint_table(rng, img, body, spacing, hu["table"])
@@ -217,6 +218,20 @@ def _paint_kidneys(rng, img, tissue, labels, spacing, look: Look, f1, f2) -> Non
         img[tumor] = hu["tumor"] + look.texture_hu["tumor"] * f1[tumor]
         necrosis = tumor & (f2 < -rng.uniform(0.3, 1.5))
         img[necrosis] = hu["necrosis"] + 8 * f1[necrosis]
+
+
+def _paint_mass(rng, img, tissue, look: Look, f1, f2) -> None:
+    """A large mass (anatomy version 3): solid, heterogeneous and enhancing like a renal tumor of the case's
+    phase give or take, with necrosis; random numbers are drawn only when there is one, so cases without a
+    mass keep the bytes of earlier versions."""
+    mass = tissue == LABEL["mass"]
+    if not mass.any():
+        return
+    hu = look.hu["tumor"] + rng.uniform(-30, 40)
+    texture = rng.uniform(10, 35)
+    img[mass] = hu + texture * f1[mass]
+    necrosis = mass & (f2 < -rng.uniform(0.2, 1.2))
+    img[necrosis] = look.hu["necrosis"] + 8 * f1[necrosis]
 
 
 def _paint_table(rng, img, body, spacing, value) -> None:

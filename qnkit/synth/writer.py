@@ -55,7 +55,7 @@ def _written_by_synth(path: Path) -> bool:
         return False
 
 
-def _check_out_dir(out_dir: Path, labels_from, cases: int) -> Path:
+def _check_out_dir(out_dir: Path, labels_from, indices) -> Path:
     """Refuse an output that is a file, the --labels-from folder, or that holds data not written here."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -73,7 +73,7 @@ def _check_out_dir(out_dir: Path, labels_from, cases: int) -> Path:
             ours = False
         if not ours:
             raise QnkitInputError(f"{kits} exists and was not written by qnkit synth; refusing to overwrite it")
-    for i in range(cases):
+    for i in indices:
         folder = out_dir / f"case_{i:05d}"
         if folder.exists() and not folder.is_dir():
             raise QnkitInputError(f"{folder} exists and is not a folder")
@@ -115,6 +115,7 @@ def write_dataset(
     workers: int = 1,
     anatomy_version: int | None = None,
     phase_weights=None,
+    only: list[int] | None = None,
 ) -> list[Path]:
     """Write `cases` synthetic cases and ``kits.json`` into `out_dir`; return the case folders.
 
@@ -122,7 +123,8 @@ def write_dataset(
     in-plane size at `size`, with anatomy recipe `anatomy_version` (default: the newest) and contrast
     phases drawn by `phase_weights` (default :data:`.appearance.PHASE_P`);
     ``classic`` makes `size` x `size` slices. Cases are seeded by
-    ``(seed, index)`` only, so `workers` processes give the same bytes as one.
+    ``(seed, index)`` only, so `workers` processes give the same bytes as one, and `only` (indices below
+    `cases`) writes just those cases of the set, byte for byte: a held-out subset without the rest.
     """
     from qnkit._atomic import write_text_atomic
 
@@ -144,9 +146,12 @@ def write_dataset(
     anatomy_version, phase_p = check_anatomy_options(anatomy_version, phase_weights)
     if len(pixel_range) != 2 or not (0.3 <= pixel_range[0] <= pixel_range[1] <= 10):
         raise QnkitInputError(f"pixel range must be two sizes in mm, 0.3 <= lo <= hi <= 10, got {pixel_range}")
+    indices = list(range(cases)) if only is None else sorted({int(i) for i in only})
+    if not indices or indices[0] < 0 or indices[-1] >= cases:
+        raise QnkitInputError(f"case indices must lie in [0, {cases}), got {only}")
     if labels_from is not None:
         _source_cases(labels_from)
-    out_dir = _check_out_dir(Path(out_dir), labels_from, cases)
+    out_dir = _check_out_dir(Path(out_dir), labels_from, indices)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -164,22 +169,22 @@ def write_dataset(
         bar = Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=Console(stderr=True), transient=False)
         bar.start()
-        task = bar.add_task("synth", total=cases)
+        task = bar.add_task("synth", total=len(indices))
     try:
         if workers == 1:
-            for i in range(cases):
+            for i in indices:
                 results[i] = job(i)
                 if bar is not None:
                     bar.advance(task)
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, cases, os.cpu_count() or 1)) as pool:
-                for i, result in zip(range(cases), pool.map(job, range(cases))):
+            with ProcessPoolExecutor(max_workers=min(workers, len(indices), os.cpu_count() or 1)) as pool:
+                for i, result in zip(indices, pool.map(job, indices)):
                     results[i] = result
                     if bar is not None:
                         bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()
-    entries = [results[i][1] for i in range(cases)]
+    entries = [results[i][1] for i in indices]
     write_text_atomic(out_dir / KITS_JSON, json.dumps(entries, indent=2) + "\n")
-    return [results[i][0] for i in range(cases)]
+    return [results[i][0] for i in indices]
