@@ -1,6 +1,42 @@
 """`qnkit segment` as a user meets it, on small synthetic NIfTI files (a few seconds each, shipped model):
-an error is one line on stderr even when stderr is a file."""
+every output path printed, the batch that really runs echoed, and an error is one line on stderr even when
+stderr is a file."""
 from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli_domain import box_ct as _box_ct, run_in_process  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def box_ct(tmp_path):
+    return _box_ct(tmp_path / "box.nii.gz")
+
+
+# --- what was written, and with what ---------------------------------------------------------------------
+
+
+def test_every_output_path_is_printed_and_the_batch_echo_says_what_ran(run_in_process, box_ct, tmp_path):
+    """Mask, preview, the case's record (--resume) and the stats JSON each appear on stdout; --batch-size
+    100000 on ONNX Runtime's CPU session (4 slices per call) is echoed as what ran, not as asked."""
+    mask, preview, stats = tmp_path / "m.nii.gz", tmp_path / "p.png", tmp_path / "s.json"
+    code, out, err = run_in_process("segment", box_ct, "--out", mask, "--preview", preview, "--stats", stats,
+                                    "--resume", "--backend", "onnxruntime", "--device", "cpu",
+                                    "--batch-size", "100000", "--no-progress")
+    assert code == 0, err
+    record = tmp_path / "m.json"
+    for path in (mask, preview, record, stats):
+        assert path.is_file() and str(path) in out, (path, out)
+    summary = out.splitlines()[-1]
+    assert summary.startswith("backend onnxruntime (fp32, cpu, batch 4, not 100000:") and summary.endswith(
+        f"stats -> {stats}"), summary
+    assert "batch 100000" not in out + err
+    (opened,) = [line for line in err.splitlines() if line.startswith("backend: ")]
+    assert "batch 4, not 100000" in opened
+    backend = json.loads(stats.read_text())["backend"]
+    assert backend["batch_size"] == 100000 and backend["slices_per_call"] == 4
 
 
 # --- one line on stderr, also when stderr is a file --------------------------------------------------------

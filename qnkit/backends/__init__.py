@@ -143,7 +143,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
         dev = _resolve_device(device, kind)
         prec = _resolve_precision(precision, dev, bundle, kind)
         backend = _open(bundle, kind, prec, dev, int(batch_size), log, options)
-        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size})")
+        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, {backend.batch_words()})")
         return backend
     failures = []
     for cand_kind, dev, why in _auto_candidates(bundle, device):
@@ -158,7 +158,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
             continue
         if backend.precision == "int8" and precision == "auto":
             why += f"; INT8 by the bundle's evidence: {bundle.cpu_precision_why}"
-        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, batch {backend.batch_size}) - {why}")
+        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, {backend.batch_words()}) - {why}")
         return backend
     detail = "; ".join(failures) or INSTALL_ONNXRUNTIME
     raise QnkitInputError(f"no inference backend can run {bundle.path}: {detail}")

@@ -34,9 +34,21 @@ class Backend(abc.ABC):
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for one contiguous float32 chunk (n <= batch_size, 1, H, W)."""
 
+    @property
+    def slices_per_call(self) -> int:
+        """Slices the network runs per call: ``batch_size``, or fewer where the backend caps it
+        (``max_run_slices``), which is what a user's --batch-size actually gets."""
+        if self.max_run_slices and not self.fixed_batch:
+            return min(self.batch_size, self.max_run_slices)
+        return self.batch_size
+
+    def batch_words(self) -> str:
+        """``batch 16``, or ``batch 4, not 100000: ...`` where the backend runs fewer slices per call."""
+        return batch_words(self.batch_size, self.slices_per_call, self.name)
+
     def describe(self) -> dict:
         return {"name": self.name, "precision": self.precision, "device": self.device,
-                "batch_size": self.batch_size, **self._details()}
+                "batch_size": self.batch_size, "slices_per_call": self.slices_per_call, **self._details()}
 
     def _details(self) -> dict:
         return {}
@@ -70,9 +82,7 @@ class Backend(abc.ABC):
                     f"slices of {h}x{w} do not fit the {self.name} model's {hh}x{ww} input grid "
                     f"(use the onnxruntime or torch backend, or re-export with a larger --input-size)")
         out = np.empty((n, 1, h, w), dtype=np.float32)
-        bs = self.batch_size
-        if self.max_run_slices and not self.fixed_batch:
-            bs = min(bs, self.max_run_slices)
+        bs = self.slices_per_call
         for start in range(0, n, bs):
             chunk = x[start:start + bs]
             m = len(chunk)
@@ -84,6 +94,13 @@ class Backend(abc.ABC):
             y = self._run(chunk)
             out[start:start + m] = y[:m, :, :h, :w]
         return out
+
+
+def batch_words(asked: int, runs: int, name: str) -> str:
+    """How a backend's batch is echoed: what runs per call, and what was asked when that differs."""
+    if runs == asked:
+        return f"batch {runs}"
+    return f"batch {runs}, not {asked}: {name} runs at most {runs} slices per call here"
 
 
 def check_precision(precision: str, allowed: tuple[str, ...], kind: str) -> str:

@@ -227,7 +227,7 @@ def _segment_on_ray(cases, bundle, options, *, plan, address, workers, cpus, gpu
     backends = []
     for w in run.workers:
         b = w["backend"]
-        label = f"{b['name']} ({b['precision']}, {b['device']}, batch {b['batch_size']})"
+        label = f"{b['name']} ({b['precision']}, {b['device']}, {_batch_words(b)})"
         if label not in backends:
             backends.append(label)
     hosts = len({w["host"] for w in run.workers})
@@ -259,17 +259,29 @@ def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool =
         results = []
     for r in results:
         j = r.to_json()
-        written = ", ".join(map(str, done.outputs[r.name].paths())) or "nothing written"
+        target = done.outputs[r.name]
+        paths = target.paths() + ([target.record] if target.record is not None else [])
+        written = ", ".join(map(str, paths)) or "nothing written"
         console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
                       f"({j['slices_per_s']} slices/s) -> {written}", markup=False)
-    line = backend_line or (f"backend {desc['name']} ({desc['precision']}, {desc['device']}, "
-                            f"batch {desc['batch_size']})")
-    if not quiet:
-        console.print(f"{line}; {len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else "")
-                      + (f", {len(current)} up to date" if current else ""), markup=False)
     if stats is not None:
         doc = {"qnkit": version, "model": str(bundle.path), "backend": desc,
                "threshold": bundle.threshold, "hu_window": list(bundle.hu_window),
                "cases": [doc["case"] for doc in current] + [r.to_json() for r in results] + [
                    {"name": c.name, "input": str(c.image), "error": " ".join(str(e).split())} for c, e in failures]}
         write_text_atomic(stats, json.dumps(doc, indent=1, default=str) + "\n")
+    wrote_stats = f"; stats -> {stats}" if stats is not None else ""
+    line = backend_line or f"backend {desc['name']} ({desc['precision']}, {desc['device']}, {_batch_words(desc)})"
+    if not quiet:
+        console.print(f"{line}; {len(results)} case(s) segmented" + (f", {len(failures)} failed" if failures else "")
+                      + (f", {len(current)} up to date" if current else "") + wrote_stats, markup=False)
+    elif wrote_stats:
+        console.print(f"stats -> {stats}", markup=False)
+
+
+def _batch_words(desc: dict) -> str:
+    """The batch a backend ran, as :meth:`qnkit.backends.base.Backend.batch_words` says it."""
+    from qnkit.backends.base import batch_words
+
+    asked = desc.get("batch_size")
+    return batch_words(asked, desc.get("slices_per_call") or asked, desc.get("name"))
