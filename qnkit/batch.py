@@ -67,6 +67,8 @@ class BatchResult:
     results: list = field(default_factory=list)
     failures: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)  # case name -> CaseOutputs actually written
+    # (case name, path, why) of optional outputs (previews) that failed; those cases' masks were kept
+    missing: list = field(default_factory=list)
 
 
 def parse_formats(text: str | None, cases) -> dict[str, tuple[str, ...]]:
@@ -249,6 +251,22 @@ def _write_preview(result, path: Path, bundle, name: str) -> None:
     png = render_preview(result.ct, result.sides, result.spacing, window=bundle.hu_window,
                          title=f"{name}: {describe_sides(result.stats)}")
     write_bytes_atomic(path, png)
+
+
+def _preview_or_warning(result, target: CaseOutputs, bundle, name: str, done: BatchResult, say) -> CaseOutputs:
+    """Write a case's preview PNG. A preview is optional: when it fails, the case's masks (what the
+    inference was for) are kept, the failure is said in one warning line and recorded in ``done.missing``
+    (the command's exit code then says so). Returns the case's outputs as written."""
+    import dataclasses
+
+    try:
+        _write_preview(result, target.preview, bundle, name)
+        return target
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional output leaves the masks alone
+        why = " ".join((str(exc) if isinstance(exc, QnkitInputError) else f"{type(exc).__name__}: {exc}").split())
+        say(f"qnkit: warning: {name}: preview {target.preview} not written ({why}); the mask is kept")
+        done.missing.append((name, target.preview, why))
+        return dataclasses.replace(target, preview=None)
 
 
 def input_sha256(path: Path) -> str:
@@ -447,7 +465,7 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                         if source is not None:
                             _write_dicom(result, source, target, bundle, overwrite)
                         if target.preview is not None:
-                            _write_preview(result, target.preview, bundle, case.name)
+                            target = _preview_or_warning(result, target, bundle, case.name, done, say)
                         if target.record is not None:
                             _write_record(target, result, case, bundle, options, series, digest, record_extra)
                     except BaseException:

@@ -180,7 +180,7 @@ class SegmentWorker:
                        " ".join(str(exc).split()) if isinstance(exc, QnkitInputError)
                        else f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         return {"result": done.results[0] if done.results else None, "failure": failure, "messages": lines,
-                "worker": self.where}
+                "worker": self.where, "missing": done.missing}
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -360,6 +360,9 @@ def segment_on_ray(cases, bundle, options=None, *, outputs: dict | None = None, 
                     result = value["result"]
                     result.input, result.output = case.image, target.nifti  # the paths the user gave
                     results[name] = result
+                    if value.get("missing"):  # an optional output (preview) failed; the masks were written
+                        done.missing.extend(value["missing"])
+                        target = replace(target, preview=None)
                     done.outputs[name] = target
                 idle.append(actor)
                 bar.advance(task)

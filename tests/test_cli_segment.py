@@ -1,13 +1,13 @@
 """`qnkit segment` as a user meets it, on small synthetic NIfTI files (a few seconds each, shipped model):
-every output path printed, the batch that really runs echoed, and an error is one line on stderr even when
-stderr is a file."""
+every output path printed, the batch that really runs echoed, an optional preview that fails leaves the
+finished mask alone, and an error is one line on stderr even when stderr is a file."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from test_cli_domain import box_ct as _box_ct, run_in_process  # noqa: F401 (a fixture)
+from test_cli_domain import box_ct as _box_ct, run_in_process, warnings_in  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -37,6 +37,26 @@ def test_every_output_path_is_printed_and_the_batch_echo_says_what_ran(run_in_pr
     assert "batch 4, not 100000" in opened
     backend = json.loads(stats.read_text())["backend"]
     assert backend["batch_size"] == 100000 and backend["slices_per_call"] == 4
+
+
+def test_a_preview_that_fails_leaves_the_finished_mask(run_in_process, box_ct, tmp_path, monkeypatch):
+    """The preview is optional: its failure is a warning and exit code 1, and the mask and the stats
+    (what the inference was for) stay; before, the mask was deleted with it."""
+    from qnkit import batch
+
+    def broken_preview(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(batch, "_write_preview", broken_preview)
+    mask, preview, stats = tmp_path / "m.nii.gz", tmp_path / "p.png", tmp_path / "s.json"
+    code, out, err = run_in_process("segment", box_ct, "--out", mask, "--preview", preview, "--stats", stats,
+                                    "--no-progress")
+    assert code == 1
+    assert mask.is_file() and stats.is_file() and not preview.exists()
+    assert any(f"preview {preview} not written" in w and "No space left on device" in w for w in warnings_in(err))
+    assert err.splitlines()[-1] == f"qnkit: error: 1 preview(s) not written (the masks were): {preview}"
+    assert f"-> {mask}" in out and str(preview) not in out  # what was written, and only that
+    assert [case["name"] for case in json.loads(stats.read_text())["cases"]] == ["box"]
 
 
 # --- one line on stderr, also when stderr is a file --------------------------------------------------------
