@@ -1,6 +1,12 @@
-"""`qnkit export`: a training run's checkpoint -> a verified model bundle (ONNX, FP16, INT8, TensorRT)."""
+"""`qnkit export`: a training run's checkpoint -> a verified model bundle (ONNX, FP16, INT8, TensorRT).
+
+An export takes from under a minute to a few (graphs exported, each checked against the eager model,
+INT8 calibrated, an engine built), so on a terminal a spinner shows the step it is on and the time so
+far (:func:`export_progress`); each step's message is also kept as a line on stderr.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import List
@@ -43,6 +49,8 @@ def command(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     check: Path = typer.Option(None, "--check", help="Only verify an existing bundle (same as `qnkit verify`)."),
     json_out: bool = typer.Option(False, "--json", help="Print the written qnkit.json."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the current step and the time "
+                                                                         "so far on stderr (a terminal only)."),
 ) -> None:
     """Export RUN_DIR's checkpoint into a model bundle: model.onnx, weights, qnkit.json, and optionally
     model.fp16.onnx, model.int8.onnx and a TensorRT engine, each verified against the eager model."""
@@ -59,12 +67,40 @@ def command(
         raise QnkitInputError("usage: qnkit export RUN_DIR --out BUNDLE_DIR [options] (or --check BUNDLE_DIR)")
     if not run_dir.is_dir():
         raise QnkitInputError(f"{run_dir}: no such run folder")
-    from qnkit.export.bundle_writer import export_bundle
+    size = _parse_size(input_size)
+    from rich.console import Console
 
-    meta = export_bundle(run_dir, out, checkpoint=checkpoint, fp16=fp16, engine=engine, int8=int8,
-                         batches=(min_batch, opt_batch, max_batch), input_size=_parse_size(input_size),
-                         force=force, int8_evidence=int8_evidence or (), log=lambda m: typer.echo(m, err=True))
+    with export_progress(Console(stderr=True, highlight=False, soft_wrap=True), progress,
+                         first="loading torch and the checkpoint") as log:
+        from qnkit.export.bundle_writer import export_bundle
+
+        meta = export_bundle(run_dir, out, checkpoint=checkpoint, fp16=fp16, engine=engine, int8=int8,
+                             batches=(min_batch, opt_batch, max_batch), input_size=size, force=force,
+                             int8_evidence=int8_evidence or (), log=log)
     if json_out:
         typer.echo(json.dumps(meta, indent=1))
     files = ", ".join(sorted(meta["artefacts"]))
     typer.echo(f"bundle written to {out} ({files}) in {meta['export']['seconds']:.1f} s", err=True)
+
+
+@contextlib.contextmanager
+def export_progress(console, enabled: bool = True, first: str = "exporting"):
+    """Yield ``log(message)`` for :func:`qnkit.export.bundle_writer.export_bundle`: each message is printed as
+    a line on ``console`` and, on a terminal, becomes the text of a spinner beside the time elapsed, so a
+    long step (exporting, calibrating, building an engine) shows that it is running and for how long;
+    ``first`` is the spinner's text until the first message (shown only, never printed, so that an error
+    stays the only line). Off a terminal (or not ``enabled``) only the lines are printed: no live display,
+    no stray empty line."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    live = enabled and console.is_terminal
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not live)
+    with bar:
+        task = bar.add_task(first, total=None)
+
+        def log(message: str) -> None:
+            console.print(message, markup=False, highlight=False)
+            bar.update(task, description=" ".join(str(message).split())[:60])
+
+        yield log
