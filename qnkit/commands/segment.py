@@ -194,12 +194,18 @@ def ray_address_argv(argv: list[str]) -> list[str]:
 
 
 def _exit_on_failures(done, count: int, err) -> None:
+    """Exit non-zero when a case failed (2 when every failure was bad input, else 1), or when an optional
+    output (a preview) could not be written although its case's masks were (1)."""
     from qnkit.errors import QnkitInputError
 
     if done.failures:
         bad_input = all(isinstance(exc, QnkitInputError) for _, exc in done.failures)
         err.print(f"qnkit: error: {len(done.failures)} of {count} case(s) failed", markup=False)
         raise typer.Exit(2 if bad_input else 1)
+    if done.missing:
+        err.print(f"qnkit: error: {len(done.missing)} preview(s) not written (the masks were): "
+                  f"{', '.join(str(path) for _, path, _ in done.missing)}", markup=False)
+        raise typer.Exit(1)
 
 
 def _is_stats_document(path: Path) -> bool:
@@ -261,18 +267,12 @@ def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool =
         j = r.to_json()
         target = done.outputs[r.name]
         paths = target.paths() + ([target.record] if target.record is not None else [])
-    """Exit non-zero when a case failed (2 when every failure was bad input, else 1), or when an optional
-    output (a preview) could not be written although its case's masks were (1)."""
         written = ", ".join(map(str, paths)) or "nothing written"
         console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
                       f"({j['slices_per_s']} slices/s) -> {written}", markup=False)
     if stats is not None:
         doc = {"qnkit": version, "model": str(bundle.path), "backend": desc,
                "threshold": bundle.threshold, "hu_window": list(bundle.hu_window),
-    if done.missing:
-        err.print(f"qnkit: error: {len(done.missing)} preview(s) not written (the masks were): "
-                  f"{', '.join(str(path) for _, path, _ in done.missing)}", markup=False)
-        raise typer.Exit(1)
                "cases": [doc["case"] for doc in current] + [r.to_json() for r in results] + [
                    {"name": c.name, "input": str(c.image), "error": " ".join(str(e).split())} for c, e in failures]}
         write_text_atomic(stats, json.dumps(doc, indent=1, default=str) + "\n")
