@@ -3,6 +3,8 @@
 Heavy imports (torch, onnxruntime) happen inside the commands, so `qnkit --help` stays fast and
 torch-free. Bad input (QnkitInputError, click usage errors) ends with one line on stderr and
 exit code 2; any other failure with one line and exit code 1 (QNKIT_DEBUG=1 shows the traceback).
+An optional package that a command turns out to need (torch for `qnkit evaluate`, say) is bad input
+too: one line naming the extra that installs it, exit code 2.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 
 import typer
 
-from qnkit.errors import QnkitInputError
+from qnkit.errors import QnkitInputError, extra_providing, missing_dependency
 
 COMMANDS = ("synth", "train", "evaluate", "export", "verify", "segment", "models", "listen", "bench", "demo")
 
@@ -76,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted", 130)
     except QnkitInputError as exc:
         fail(str(exc), 2)
+    except ModuleNotFoundError as exc:  # an optional package a command imported late: name its extra
+        if exc.name and extra_providing(exc.name):
+            fail(str(missing_dependency(f"qnkit {args[0]}" if args else "qnkit", exc.name)), 2)
+        if os.environ.get("QNKIT_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {exc} (set QNKIT_DEBUG=1 for the traceback)", 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback unless asked

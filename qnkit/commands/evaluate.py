@@ -6,13 +6,16 @@ from pathlib import Path
 
 import typer
 
+from qnkit.commands import choices
+
 
 def command(
     run_dir: Path = typer.Argument(..., help="Run folder written by `qnkit train`."),
     data: Path = typer.Option(None, "--data", help="KiTS19-layout folder (default: the one recorded in the run)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
-    checkpoint: str = typer.Option(None, "--checkpoint", help="best | last (default: [EVAL] checkpoint, i.e. best)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    checkpoint: choices.Checkpoint = typer.Option(None, "--checkpoint", callback=choices.plain, show_default=False,
+                                                  help="Which checkpoint (default: [EVAL] checkpoint, i.e. best)."),
+    device: choices.TorchDevice = typer.Option("cpu", "--device", callback=choices.plain, help="Where torch runs."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Slices per forward pass ([EVAL] batch_size)."),
     threshold: float = typer.Option(None, "--threshold", min=0.01, max=0.99,
                                     help="Probability threshold after upsampling ([EVAL] threshold, 0.5)."),

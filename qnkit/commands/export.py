@@ -13,6 +13,8 @@ from typing import List
 
 import typer
 
+from qnkit.commands import choices
+
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:
     from qnkit.errors import QnkitInputError
@@ -41,7 +43,8 @@ def command(
         None, "--int8-evidence", metavar="CT.nii.gz", help="A real CT (NIfTI, not training data; repeatable) on which the INT8 graph is "
         "compared with FP32 through `qnkit segment`'s pipeline: INT8 becomes the CPU default when its mask Dice "
         "is >= 0.99 on every such CT, else FP32 (choice and figures in qnkit.json). Implies --int8."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="Which checkpoint: best | last."),
+    checkpoint: choices.Checkpoint = typer.Option("best", "--checkpoint", callback=choices.plain,
+                                                  help="Which checkpoint of the run."),
     input_size: str = typer.Option(None, "--input-size", help="Model input grid HxW (default: the run's slices)."),
     min_batch: int = typer.Option(1, "--min-batch", help="TensorRT profile: smallest batch."),
     opt_batch: int = typer.Option(16, "--opt-batch", help="TensorRT profile: batch to optimise for."),
@@ -54,7 +57,7 @@ def command(
 ) -> None:
     """Export RUN_DIR's checkpoint into a model bundle: model.onnx, weights, qnkit.json, and optionally
     model.fp16.onnx, model.int8.onnx and a TensorRT engine, each verified against the eager model."""
-    from qnkit.errors import QnkitInputError
+    from qnkit.errors import QnkitInputError, require
 
     if check is not None:
         if run_dir is not None or out is not None:
@@ -68,6 +71,8 @@ def command(
     if not run_dir.is_dir():
         raise QnkitInputError(f"{run_dir}: no such run folder")
     size = _parse_size(input_size)
+    require("qnkit export", "torch", "safetensors", "onnx", "onnxscript", "onnx_ir", extra="export")
+    require("qnkit export (it checks the graphs with ONNX Runtime)", "onnxruntime")
     from rich.console import Console
 
     with export_progress(Console(stderr=True, highlight=False, soft_wrap=True), progress,

@@ -18,6 +18,8 @@ from typing import List, Optional
 
 import typer
 
+from qnkit.commands import choices
+
 
 def command(
     inputs: List[Path] = typer.Argument(..., metavar="INPUT...", show_default=False,
@@ -36,11 +38,16 @@ def command(
     series: Optional[str] = typer.Option(None, "--series", metavar="UID",
                                          help="SeriesInstanceUID to read when a DICOM input holds several CT series "
                                               "(default: the one with the most slices)."),
-    backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt."),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | fp16 | bf16 | int8 (auto: fp16 on a "
-                                                              "GPU, fp32 on the CPU)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Slices per inference batch."),
+    backend: choices.Backend = typer.Option("auto", "--backend", callback=choices.plain,
+                                            help="Inference backend (auto: the fastest that runs here)."),
+    precision: choices.Precision = typer.Option("auto", "--precision", callback=choices.plain,
+                                                help="auto: fp16 on a GPU; on the CPU the bundle's choice "
+                                                     "(fp32 unless its INT8 evidence passed)."),
+    device: str = typer.Option("auto", "--device", metavar="auto|cpu|cuda[:N]", callback=choices.device,
+                               help="Where the network runs."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Slices per inference batch (ONNX Runtime "
+                                                                   "on the CPU runs fewer per call; the output "
+                                                                   "says what ran)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for kernels and the "
                                                                          "backend (default: all cores)."),
     split_sides: bool = typer.Option(False, "--split-sides", help="Write 1 = right, 2 = left kidney (else 1 = kidney)."),
@@ -97,9 +104,13 @@ def command(
 
     from qnkit import batch as B
     from qnkit import segment as S
-    from qnkit.errors import QnkitInputError
+    from qnkit.errors import QnkitInputError, require
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if preview is not None:  # optional features: their packages first, never after the slow part
+        require("--preview", "matplotlib", extra="plot")
+    if ray is not None:
+        require("--ray", "ray", extra="cluster")
     if no_postprocess and closing:
         raise QnkitInputError("--closing is part of the post-processing; it cannot be used with --no-postprocess")
     radius, unit = S.parse_closing(closing)
@@ -116,9 +127,11 @@ def command(
     from qnkit.models import resolve_model
 
     bundle = load_bundle(resolve_model(model), verify=True)
+    check_backend_choice(backend, precision, device, bundle=bundle, local=ray is None)
     resumable = resume or ray is not None
     plan = B.plan_outputs(cases, batch, out=out, formats=formats, stats=stats, preview=preview,
                           force=force or resumable, records=resumable)
+    check_dicom_support(cases, plan)
     current: list = []
     if resumable:
         if stats is not None and stats.exists() and not force and not _is_stats_document(stats):
@@ -167,6 +180,60 @@ def command(
     summarize(done, opened[0] if opened else None, stats, bundle, console=Console(highlight=False, soft_wrap=True),
               current=current)
     _exit_on_failures(done, len(cases), err)
+
+
+#: Precisions each backend runs (as its own check_precision calls say); "auto" picks one of them.
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8"), "tensorrt": ("fp32", "fp16"),
+                      "torch": ("fp32", "fp16", "bf16")}
+
+
+def check_backend_choice(backend: str, precision: str, device: str, bundle=None, *, local: bool = True) -> None:
+    """Refuse, before any CT loads, a --backend/--precision/--device choice that cannot run.
+
+    What can be known without opening a backend: a precision the backend does not run, TensorRT on the
+    CPU, the backend's package not installed, a CUDA device asked for where no NVIDIA GPU is visible
+    (else `auto` would quietly run on the CPU), the bundle lacking the graph or weights asked for.
+    ``local`` False (a Ray run): packages and GPUs are the workers', so only the choice itself is checked.
+    Opening the backend (after the first CT loads) still checks everything else.
+    """
+    from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, WEIGHTS
+    from qnkit.errors import QnkitInputError, require
+
+    runs = BACKEND_PRECISIONS.get(backend)
+    if runs and precision != "auto" and precision not in runs:
+        raise QnkitInputError(f"--backend {backend} runs {', '.join(runs)}, not --precision {precision}")
+    if backend == "tensorrt" and device == "cpu":
+        raise QnkitInputError("--backend tensorrt runs on a GPU only, not --device cpu")
+    if local:
+        if backend == "torch":
+            require("--backend torch", "torch", "safetensors")
+        if backend == "tensorrt":
+            require("--backend tensorrt", "tensorrt", "torch", extra="gpu")
+        if device.startswith("cuda"):
+            from qnkit.backends import nvidia_gpu_present
+
+            if not nvidia_gpu_present():
+                raise QnkitInputError(f"--device {device}: no NVIDIA GPU is visible here (use --device cpu or auto)")
+    if bundle is not None:
+        graph = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}.get(precision)
+        if backend == "onnxruntime" and graph and not bundle.has(graph):
+            raise QnkitInputError(f"{bundle.path}: no {graph} for --precision {precision} (re-export with "
+                                  f"--{precision}, or choose another precision)")
+        if backend == "torch" and not bundle.has(WEIGHTS):
+            raise QnkitInputError(f"{bundle.path}: no {WEIGHTS} for --backend torch")
+
+
+def check_dicom_support(cases, plan: dict) -> None:
+    """A DICOM input needs pydicom and a SEG or RTSTRUCT output highdicom (the [dicom] extra): checked
+    before the first case loads, so a batch does not fail case by case after the NIfTI ones are done."""
+    from qnkit.batch import is_dicom_case
+    from qnkit.errors import require
+
+    dicom = [c for c in cases if is_dicom_case(c)]
+    if dicom:
+        require(f"DICOM input ({dicom[0].image})", "pydicom", extra="dicom")
+    if any(plan[c.name].seg is not None or plan[c.name].rtstruct is not None for c in cases):
+        require("DICOM SEG/RTSTRUCT output", "highdicom", extra="dicom")
 
 
 def ray_address_argv(argv: list[str]) -> list[str]:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from qnkit.commands import choices
+
 
 def command(
     out_dir: Path = typer.Argument(
@@ -21,11 +23,13 @@ def command(
         help="Folder of real KiTS19 cases (case_*/segmentation.nii.gz, optional kits.json) whose kidney and tumor "
         "masks to build the phantoms around; cycled when --cases exceeds them.",
     ),
-    kidneys: str = typer.Option("both", "--kidneys", help="Kidneys to keep: both, left or right (patient sides)."),
-    generator: str = typer.Option("classic", "--generator", help="classic: analytic phantom (fast, tests and demo); "
-                                  "anatomy: a real organ layout deformed per case with real KiTS19 kidneys "
-                                  "(--labels-from), four contrast phases, scanner effects (what the shipped model "
-                                  "is trained on)."),
+    kidneys: choices.Kidneys = typer.Option("both", "--kidneys", callback=choices.plain,
+                                            help="Kidneys to keep (patient sides)."),
+    generator: choices.Generator = typer.Option(
+        "classic", "--generator", callback=choices.plain,
+        help="classic: analytic phantom (fast, tests and demo); anatomy: a real organ layout deformed per case "
+             "with real KiTS19 kidneys (--labels-from), four contrast phases, scanner effects (what the shipped "
+             "model is trained on)."),
     pixel_range: str = typer.Option("1.3,2.6", "--pixel-range", metavar="LO,HI",
                                     help="anatomy: in-plane pixel size range in mm, drawn log-uniformly per case; "
                                          "--size caps the slice size."),
@@ -43,7 +47,9 @@ def command(
 ) -> None:
     """Write synthetic abdominal CT cases (int16 HU, labels 0/1/2) in the KiTS19 layout.
 
-    Each case has a body, spine, ribs, liver, spleen, bowel, vessels and two kidneys with cortex/medulla contrast and, in most cases, a tumor; kits.json lists case_id and radiographic_size (largest tumor diameter, cm) for every case.
+    Each case has a body, spine, ribs, liver, spleen, bowel, vessels and two kidneys with cortex/medulla
+    contrast and, in most cases, a tumor; kits.json lists case_id and radiographic_size (largest tumor
+    diameter, cm) for every case.
     """
     from qnkit.errors import QnkitInputError
     from qnkit.synth import write_dataset

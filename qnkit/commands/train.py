@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from qnkit.commands import choices
+
 
 def command(
     data: Path = typer.Option(None, "--data", help="KiTS19-layout folder: case_XXXXX/{imaging,segmentation}.nii.gz "
@@ -16,9 +18,10 @@ def command(
     micro_batch: int = typer.Option(None, "--micro-batch", help="[TRAINING] micro_batch (slices per forward pass)."),
     effective_batch: int = typer.Option(None, "--effective-batch", help="[TRAINING] effective_batch (all ranks)."),
     lr: float = typer.Option(None, "--lr", help="[TRAINING] lr. With --resume: restart the schedule from it."),
-    schedule: str = typer.Option(None, "--schedule", metavar="step|poly",
-                                 help="[TRAINING] schedule: step (StepLR, the report's) or poly (lr x (1 - e/E)^0.9 "
-                                      "to the run's last epoch, nnU-Net's). With --resume: restart the schedule."),
+    schedule: choices.Schedule = typer.Option(None, "--schedule", callback=choices.plain, show_default=False,
+                                              help="[TRAINING] schedule: step (StepLR, the report's) or poly "
+                                                   "(lr x (1 - e/E)^0.9 to the run's last epoch, nnU-Net's). "
+                                                   "With --resume: restart the schedule."),
     step_size: int = typer.Option(None, "--step-size", help="[TRAINING] step_size: epochs between learning-rate "
                                                             "decays. With --resume: restart the schedule."),
     gamma: float = typer.Option(None, "--gamma", help="[TRAINING] gamma: the factor of each decay."),
@@ -26,7 +29,8 @@ def command(
                                             help="[TRAINING] min_steps_per_epoch: a small data set repeats its "
                                                  "slices within an epoch up to this many optimiser steps "
                                                  "(0: one pass)."),
-    device: str = typer.Option(None, "--device", help="[COMMON] device: cpu | cuda | auto."),
+    device: choices.TrainDevice = typer.Option(None, "--device", callback=choices.plain, show_default=False,
+                                               help="[COMMON] device."),
     seed: int = typer.Option(None, "--seed", help="[COMMON] seed (splits, initialisation, shuffling)."),
     num_workers: int = typer.Option(None, "--num-workers", help="[COMMON] num_workers of the DataLoader."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="[DATA] cache_dir for the preprocessed .npy cache."),
@@ -51,9 +55,11 @@ def command(
     Settings come from the dataclass defaults, then --settings, then these options. Under
     `torchrun --nproc_per_node=N -m qnkit train ...` it trains with DistributedDataParallel.
     """
+    from qnkit.errors import QnkitInputError, require
+
+    require("qnkit train", "torch", "safetensors", "tensorboard", extra="train")  # before anything else
     from rich.console import Console
 
-    from qnkit.errors import QnkitInputError
     from qnkit.train import distributed as dist
     from qnkit.train.runner import init_settings, resume_settings, train
     from qnkit.train.settings import load_settings
