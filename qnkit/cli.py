@@ -5,6 +5,11 @@ torch-free. Bad input (QnkitInputError, click usage errors) ends with one line o
 exit code 2; any other failure with one line and exit code 1 (QNKIT_DEBUG=1 shows the traceback).
 An optional package that a command turns out to need (torch for `qnkit evaluate`, say) is bad input
 too: one line naming the extra that installs it, exit code 2.
+
+Help is Click's plain layout (``rich_markup_mode=None``): it wraps at the terminal's width, so every
+command's help reads at 80 columns; Typer's rich panels squeeze the help column and cut words with "…".
+A command whose module cannot be imported is listed as unavailable and, when run, says why (exit 1),
+instead of vanishing from the command list.
 """
 from __future__ import annotations
 
@@ -18,33 +23,72 @@ from qnkit.errors import QnkitInputError, extra_providing, missing_dependency
 
 COMMANDS = ("synth", "train", "evaluate", "export", "verify", "segment", "models", "listen", "bench", "demo")
 
-app = typer.Typer(
-    name="qnkit",
-    help="Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+#: One line per command for `qnkit --help` (each fits 80 columns; a command's own --help says more).
+SHORT_HELP = {
+    "synth": "Write synthetic CT cases in the KiTS19 layout.",
+    "train": "Train QuickNAT on a KiTS19-layout folder.",
+    "evaluate": "Dice per test volume of a trained run.",
+    "export": "Export a run's checkpoint into a verified model bundle.",
+    "verify": "Check a model bundle's hashes and print what was checked.",
+    "segment": "Segment both kidneys in CT (NIfTI or DICOM).",
+    "models": "List the shipped models and how they were validated.",
+    "listen": "A DICOM node: segment the CT series a PACS sends.",
+    "bench": "Benchmark kernels, I/O, backends and segment end to end.",
+    "demo": "Synth, train, export, segment and bench, on this machine.",
+}
+
+HELP = "Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast."
 
 
-@app.callback()
-def _root() -> None:
-    """Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast."""
+def make_app() -> typer.Typer:
+    """The `qnkit` app with every command of :data:`COMMANDS` (or its stand-in, when its module fails)."""
+    app = typer.Typer(
+        name="qnkit",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
 
+    @app.callback()
+    def _root() -> None:
+        """Train QuickNAT for kidney segmentation in CT, export it to ONNX/TensorRT, and segment fast."""
 
-def _register() -> None:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"qnkit.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"qnkit.commands.{name}":
-                continue  # command not built yet
-            raise
-        app.command(name)(module.command)
+        except Exception as exc:  # noqa: BLE001 - a broken command is reported, never hidden
+            _add_unavailable(app, name, exc)
+            continue
+        app.command(name, short_help=SHORT_HELP.get(name))(module.command)
+    return app
 
 
-_register()
+def _add_unavailable(app: typer.Typer, name: str, exc: Exception) -> None:
+    """Register ``name`` as a command that fails with why its module could not be imported.
+
+    It stays in `qnkit --help` (marked unavailable) and accepts any arguments, so that running it
+    names the import error instead of a usage error; a missing optional package names its extra.
+    """
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing and extra_providing(missing):  # bad input: exit code 2, as for any missing extra
+        message, code = str(missing_dependency(f"qnkit {name}", missing)), 2
+    else:  # a broken install: exit code 1
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        message, code = (f"qnkit {name} is unavailable: importing qnkit.commands.{name} failed "
+                         f"({type(exc).__name__}: {why}); reinstall qnkit"), 1
+
+    def unavailable(ctx: typer.Context) -> None:
+        fail(message, code)
+
+    unavailable.__doc__ = f"Unavailable here: {message}"
+    app.command(name, short_help="unavailable here (run it to see why)", add_help_option=False,
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(unavailable)
+
+
+app = make_app()
 
 
 # Click's exception classes, whether Typer uses click itself or (Typer >= 0.22) its own copy of it.

@@ -3,8 +3,9 @@
 Typer's standalone mode would print a boxed, multi-line panel for these; `qnkit.cli.main` turns every
 usage error (unknown command or option, missing argument, out-of-range value) into qnkit's one line.
 Runs in-process (SystemExit carries the exit code); none of these commands imports torch.
-The rest: option values checked while parsing (before any CT is read), and optional features that check
-their package first and name the extra.
+The rest: help that reads at 80 columns, option values checked while parsing (before any CT is read),
+optional features that check their package first and name the extra, and a command whose module fails
+to import, reported rather than hidden.
 """
 import os
 import subprocess
@@ -62,6 +63,40 @@ def test_a_command_exit_code_passes_through(run_qnkit, tmp_path):
         inputs[-1].write_bytes(b"not a nifti file")
     code, _, err = run_qnkit("segment", *map(str, inputs), "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 2 and "2 of 2 case(s) failed" in err
+
+
+# --- help that reads at 80 columns ------------------------------------------------------------------------
+
+
+def _help(*args, columns=80):
+    from typer.testing import CliRunner
+
+    from qnkit import cli
+
+    result = CliRunner().invoke(cli.app, [*args, "--help"], env={"COLUMNS": str(columns)}, prog_name="qnkit")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", ["", "synth", "train", "evaluate", "export", "verify", "segment", "models",
+                                     "listen", "bench", "demo"])
+def test_every_help_reads_at_80_columns(command):
+    """No help line wider than 80 columns and no help text cut: neither Rich's "…" (which cut segment's
+    default output name mid-word) nor Click's "..." after a command's one-line summary."""
+    from qnkit import cli
+
+    text = _help(*([command] if command else []))
+    assert "…" not in text and "╭" not in text
+    wide = [line for line in text.splitlines() if len(line) > 80]
+    assert not wide, wide
+    if not command:
+        listing = text.split("Commands:", 1)[1].splitlines()
+        for name in cli.COMMANDS:
+            (line,) = [line for line in listing if line.split()[:1] == [name]]
+            assert not line.rstrip().endswith("..."), line
+    if command == "segment":
+        assert "<input stem>_kidneys.nii.gz" in text and "--device auto|cpu|cuda[:N]" in text
+        assert "<auto|torch|onnxruntime|tensorrt>" in " ".join(text.split())
 
 
 # --- choices checked while parsing, before the CT loads ----------------------------------------------------
@@ -178,3 +213,23 @@ def test_training_commands_without_torch_name_the_extra(tmp_path):
         assert proc.stderr.splitlines() == [f'qnkit: error: qnkit {args[0]} needs torch, which is not installed: '
                                             f'pip install "qnkit[{extra}]"'], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and list(run.iterdir()) == []
+
+
+# --- a command whose module fails to import is reported ---------------------------------------------------
+
+
+def test_a_command_whose_module_fails_to_import_is_listed_and_says_why(run_qnkit, monkeypatch):
+    from qnkit import cli
+
+    monkeypatch.setitem(sys.modules, "qnkit.commands.listen", None)  # its import now fails
+    monkeypatch.setattr(cli, "app", cli.make_app())
+    code, out, _ = run_qnkit("--help")
+    assert code == 0
+    (line,) = [line for line in out.split("Commands:", 1)[1].splitlines() if line.split()[:1] == ["listen"]]
+    assert "unavailable" in line
+    code, out, err = run_qnkit("listen", "--port", "104", "--allow", "PACS")
+    lines = err.splitlines()
+    assert code == 1 and len(lines) == 1 and out == "", err
+    assert "qnkit listen is unavailable" in lines[0] and "qnkit.commands.listen" in lines[0], lines[0]
+    code, _, err = run_qnkit("segment", "--help")  # the others still work
+    assert code == 0

@@ -10,7 +10,7 @@ from qnkit.commands import choices
 
 
 def command(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `qnkit train`."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run folder written by `qnkit train`."),
     data: Path = typer.Option(None, "--data", help="KiTS19-layout folder (default: the one recorded in the run)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
     checkpoint: choices.Checkpoint = typer.Option(None, "--checkpoint", callback=choices.plain, show_default=False,

@@ -34,7 +34,8 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def command(
-    run_dir: Path = typer.Argument(None, help="Training run folder (RUN_DIR/checkpoints/{best,last})."),
+    run_dir: Path = typer.Argument(None, metavar="RUN_DIR", show_default=False,
+                                   help="Training run folder (RUN_DIR/checkpoints/{best,last})."),
     out: Path = typer.Option(None, "--out", help="Bundle folder to write."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (FP16 graph, FP32 I/O), verified."),
     engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine (needs tensorrt and a GPU)."),

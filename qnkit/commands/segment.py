@@ -22,7 +22,7 @@ from qnkit.commands import choices
 
 
 def command(
-    inputs: List[Path] = typer.Argument(..., metavar="INPUT...", show_default=False,
+    inputs: List[Path] = typer.Argument(..., metavar="INPUT", show_default=False,
                                         help="NIfTI file(s), KiTS19 case folder(s) (imaging.nii.gz), DICOM folder(s) "
                                              "(any nesting) or .zip(s) of one, or a folder of NIfTI files / case "
                                              "folders / zips (batch mode)."),
@@ -84,7 +84,7 @@ def command(
                                                         "whose outputs exist and verify against theirs; --force "
                                                         "redoes them. Always on with --ray."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                                      help="Segment on Ray workers (pip install \"qnkit\\[cluster]\"): no ADDRESS or "
+                                      help="Segment on Ray workers (pip install \"qnkit[cluster]\"): no ADDRESS or "
                                            "'auto' starts a local Ray instance; an ADDRESS (host:6379, "
                                            "ray://host:10001) joins a running cluster. Inputs and outputs must be "
                                            "on storage every node sees. Resumable (see --resume)."),
