@@ -7,17 +7,31 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+# The session's trained run (conftest.SMALL_TRAIN_ARGS: 3 epochs, 8 filters, seed 0, one thread) scores a
+# mean Dice of 0.369 (post-processed) and 0.367 (network) on its two test cases (2-core AMD EPYC); the
+# floor sits under that with room for other CPUs' arithmetic, far above what a broken path gives (0 for an
+# empty mask, under 0.05 for a mask of the whole body).
+DICE_FLOOR = 0.30
+
+
 def test_evaluate_json_and_dice_floor(trained_run):
+    from qnkit import io as qio
+
     result = json.loads((trained_run.parent / "evaluation.json").read_text())
     test = json.loads((trained_run / "evaluation_data.json").read_text())["test"]
     assert [r["case_id"] for r in result["cases"]] == test
     dices = [r["dice"] for r in result["cases"]]
     assert result["mean_dice"] == pytest.approx(np.mean(dices)) and result["std_dice"] == pytest.approx(np.std(dices))
-    assert all(0 <= d <= 1 for d in dices)
     assert result["checkpoint"] == "best" and result["postprocess"] is True
     assert result["mean_dice_network"] == pytest.approx(np.mean([r["dice_network"] for r in result["cases"]]))
-    # 3 epochs of a tiny network: far from converged, but clearly better than chance.
-    assert result["mean_dice"] > 0.15
+    for row in result["cases"]:
+        labels, geometry = qio.load_labels(f"{result['data_dir']}/{row['case_id']}/segmentation.nii.gz")
+        assert row["slices"] == labels.shape[0]
+        assert row["kidney_ml"] == pytest.approx(np.count_nonzero(labels) * geometry.voxel_volume_ml)
+        # Dice can be no higher than the two volumes allow: 2 min(P, T) / (P + T)
+        predicted, truth = row["predicted_ml"], row["kidney_ml"]
+        assert row["dice"] <= 2 * min(predicted, truth) / (predicted + truth) + 1e-3, row
+    assert result["mean_dice"] >= DICE_FLOOR and result["mean_dice_network"] >= DICE_FLOOR, result["mean_dice"]
 
 
 def _voxels(path) -> bytes:
