@@ -1,5 +1,6 @@
-"""The shipped model on the one real CT in shared/ (validation only): kidney Dice, volumes, and the
-same answer whatever the input's pixel size. The model was trained on anatomy phantoms only."""
+"""The shipped model on the one real CT in shared/ (validation only): kidney Dice against floors written
+here, volumes, and the same answer whatever the input's pixel size. The model was trained on anatomy
+phantoms only. shared/ sits beside the checkout (CI has it at ../shared); only its absence skips."""
 from __future__ import annotations
 
 import json
@@ -11,18 +12,33 @@ import pytest
 from scipy import ndimage as ndi
 
 from qnkit.models import find_model, shipped_models
-from qnkit.models.recipe import kidney_dice
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL = SHARED / "data" / "real-ct"
 CT, SEG = REAL / "example_ct_sm.nii.gz", REAL / "example_seg.nii.gz"
-needs_real_ct = pytest.mark.skipif(not CT.is_file(), reason="shared real CT not available")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent (CI has it)")
 RIGHT, LEFT = 2, 3  # TotalSegmentator labels of the real CT
+
+# Fixed floors, a little under what the shipped kidney-synth model measures on this CT (both 0.773,
+# right 0.798, left 0.750): a model or pipeline change that loses kidney fails here. Raise them with a
+# better model; never take them from the registry the model itself ships with.
+FLOOR_BOTH, FLOOR_RIGHT, FLOOR_LEFT = 0.75, 0.77, 0.72
+
+
+def _stats_path(mask: Path) -> Path:
+    return mask.with_name(mask.name.split(".")[0] + "_stats.json")
 
 
 def _segment(run_qnkit, ct: Path, out: Path) -> np.ndarray:
-    proc = run_qnkit("segment", ct, "--out", out, "--split-sides", "--no-progress", "--stats", out.with_suffix(".json"))
+    """`qnkit segment --split-sides` with the default model; the mask (1 right, 2 left) on the CT's grid."""
+    proc = run_qnkit("segment", ct, "--out", out, "--split-sides", "--no-progress", "--stats", _stats_path(out))
     assert proc.returncode == 0, proc.stderr
     return np.asarray(nib.load(str(out)).dataobj)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def _resample_inplane(path: Path, pixel_mm: float, out: Path) -> Path:
@@ -57,18 +73,24 @@ def test_a_default_model_is_shipped():
     assert domain["pixel_spacing_mm"] > 0 and model.entry["not_for"]
 
 
-@needs_real_ct
+@needs_shared
 def test_shipped_model_finds_real_kidneys(run_qnkit, tmp_path):
+    """The default model (no --model) on the real CT, scored on its own grid against its labels."""
     sides = _segment(run_qnkit, CT, tmp_path / "mask.nii.gz")
     labels = np.asarray(nib.load(str(SEG)).dataobj)
-    figures = kidney_dice(sides > 0, labels, RIGHT, LEFT, sides=sides)
-    # Bars set just under what the committed model measures (see the registry), so a regression fails.
-    recorded = next(v["figures"] for v in find_model().entry["validation"] if "figures" in v and "both" in v["figures"])
-    assert figures["both"] >= recorded["both"] - 0.01
-    assert figures["right"] >= recorded["right"] - 0.01 and figures["left"] >= recorded["left"] - 0.01
+    assert sides.shape == labels.shape
+    both = _dice(sides > 0, np.isin(labels, (RIGHT, LEFT)))
+    right, left = _dice(sides == 1, labels == RIGHT), _dice(sides == 2, labels == LEFT)
+    assert both >= FLOOR_BOTH and right >= FLOOR_RIGHT and left >= FLOOR_LEFT, (both, right, left)
+    stats = json.loads(_stats_path(tmp_path / "mask.nii.gz").read_text())
+    assert stats["model"] == str(find_model().path)
+    (case,) = stats["cases"]
+    ml = float(np.prod(nib.load(str(CT)).header.get_zooms()[:3])) / 1000.0  # 3 mm voxels: 0.027 mL
+    for name, code in (("right", 1), ("left", 2)):  # each side's volume is its voxels in this CT's mL
+        assert case["kidneys"][name]["volume_ml"] == pytest.approx((sides == code).sum() * ml)
 
 
-@needs_real_ct
+@needs_shared
 def test_same_kidneys_at_any_pixel_size(run_qnkit, tmp_path):
     """The real CT at 3 mm, and resampled in-plane to 1.5 mm and 0.7 mm: masks agree on one grid."""
     base = _segment(run_qnkit, CT, tmp_path / "m3.nii.gz") > 0
@@ -79,155 +101,3 @@ def test_same_kidneys_at_any_pixel_size(run_qnkit, tmp_path):
         coarse = _to_grid(fine, base.shape)
         dice = 2 * np.logical_and(coarse, base).sum() / (coarse.sum() + base.sum())
         assert dice >= 0.95, (pixel, dice)
-
-
-def test_recipe_trains_its_phases_in_turn_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
-    """The recipe's phases become `qnkit train` then `qnkit train --resume --lr ... --step-size ...`;
-    a finished phase is skipped, and --epochs caps the schedule."""
-    import json
-
-    from qnkit.models import recipe as R
-
-    calls = []
-
-    def fake_train(*args, **kw):  # a `qnkit train` that finishes the epochs it is asked for
-        args = [str(a) for a in args]
-        calls.append(args)
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
-
-    monkeypatch.setattr(R, "_qnkit", fake_train)
-    plan = {"settings": "shipped", "phases": [{"epochs": 5}, {"epochs": 15, "lr": 1e-3, "step_size": 4}]}
-    run = tmp_path / "run"
-    R.train_phases(plan, tmp_path / "data", run)
-    assert calls[0][:1] == ["train"] and "--resume" not in calls[0] and calls[0][-2:] == ["--epochs", "5"]
-    assert calls[1][-6:] == ["--epochs", "15", "--lr", "0.001", "--step-size", "4"] and "--resume" in calls[1]
-
-    calls.clear()
-    R.train_phases(plan, tmp_path / "data", run)
-    assert calls == []  # all done
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 7}) + "\n")
-    R.train_phases(plan, tmp_path / "data", run)  # phase 1 done, phase 2 interrupted at epoch 7
-    assert len(calls) == 1 and "--resume" in calls[0] and "15" in calls[0]
-    calls.clear()
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 7}) + "\n")
-    R.train_phases(plan, tmp_path / "data", run, epochs=12)
-    assert len(calls) == 1 and calls[0][calls[0].index("--epochs") + 1] == "12" and "--lr" in calls[0]
-    calls.clear()
-    R.train_phases(plan, tmp_path / "data", run / "none", epochs=3)
-    assert len(calls) == 1 and "--resume" not in calls[0] and "--lr" not in calls[0] and calls[0][-2:] == ["--epochs", "3"]
-
-
-def test_a_fine_tuning_recipe_starts_from_the_committed_run(tmp_path, monkeypatch):
-    """kidney-synth-2: its first phase is `qnkit train --init-from resume/kidney-synth`, resumes are plain."""
-    import json
-
-    from qnkit.models import recipe as R
-
-    calls = []
-
-    def fake_train(*args, **kw):
-        args = [str(a) for a in args]
-        calls.append(args)
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
-
-    monkeypatch.setattr(R, "_qnkit", fake_train)
-    recipe = {**R.RECIPES["kidney-synth-2"], "phases": [{"epochs": 2, "lr": 5e-4, "schedule": "poly"},
-                                                         {"epochs": 4, "lr": 1e-4}]}
-    source = R.init_source(recipe)
-    assert source == R.RESUME_DIR / "kidney-synth" and (source / "checkpoints" / "best" / "meta.json").is_file()
-    run = tmp_path / "run"
-    R.train_phases(recipe, tmp_path / "data", run, init_from=source)
-    assert calls[0][calls[0].index("--init-from") + 1] == str(source) and "--resume" not in calls[0]
-    assert calls[0][calls[0].index("--schedule") + 1] == "poly"
-    assert "--init-from" not in calls[1] and "--resume" in calls[1]
-    assert R.init_source(R.RECIPES["kidney-synth"]) is None
-    with pytest.raises(SystemExit, match="no trained run"):
-        R.init_source(recipe, tmp_path / "empty")
-
-
-def _finished_run(workdir, hashes: dict, epochs: int) -> None:
-    """What a GPU machine brings back: a run trained to `epochs`, its evaluation and bundle (no phantoms)."""
-    import json
-
-    best = workdir / "run" / "checkpoints" / "best"
-    best.mkdir(parents=True)
-    (best / "meta.json").write_text(json.dumps({"epoch": epochs - 3, "files": hashes}))
-    (workdir / "run" / "metrics.jsonl").write_text(json.dumps({"epoch": epochs}) + "\n")
-    (workdir / "evaluation.json").write_text(json.dumps({"epoch": epochs - 3, "checkpoint_sha256": hashes,
-                                                         "mean_dice": 0.9}))
-    (workdir / "bundle").mkdir()
-    (workdir / "bundle" / "qnkit.json").write_text(json.dumps({"training": {"checkpoint_sha256": hashes},
-                                                               "cpu_precision": {"default": "fp32", "why": "x"}}))
-
-
-def test_a_run_trained_elsewhere_is_finished_without_its_phantoms(tmp_path, monkeypatch):
-    """build() reuses a finished run, its evaluation and its bundle when they are of the run's best checkpoint
-    (by SHA-256), so a GPU machine's run is validated and installed here without making its phantoms again;
-    a stale evaluation is redone, and a step that needs phantoms without them says so."""
-    import json
-
-    from qnkit.models import recipe as R
-
-    calls = []
-    monkeypatch.setattr(R, "_qnkit", lambda *args, **kw: calls.append([str(a) for a in args]))
-    work = tmp_path / "work"
-    _finished_run(work, {"model.safetensors": "aa"}, R.RECIPES["kidney-synth-wide"]["phases"][-1]["epochs"])
-    entry = R.build("kidney-synth-wide", work, None, None, None, install=False)
-    assert calls == []
-    assert entry["validation"][0]["figures"]["mean_dice"] == 0.9 and "GPU" in entry["machine"]
-    assert "cases 0-119" in entry["trained_on"] and entry["settings"] == "train/shipped_gpu.ini"
-
-    meta = work / "run" / "checkpoints" / "best" / "meta.json"
-    meta.write_text(json.dumps({"epoch": 40, "files": {"model.safetensors": "bb"}}))  # trained on: stale outputs
-    with pytest.raises(SystemExit, match="no phantoms"):
-        R.build("kidney-synth-wide", work, None, None, None, install=False)
-    (work / "data").mkdir()
-    (work / "data" / "kits.json").write_text("[]")
-    assert R.build("kidney-synth-wide", work, None, None, None, install=False, until="evaluate") == {}
-    assert [c[0] for c in calls] == ["evaluate"]
-
-
-def test_a_recipe_draws_its_kidneys_from_the_first_kits_cases(tmp_path):
-    import json
-
-    from qnkit.models import recipe as R
-
-    kits = tmp_path / "kits"
-    for i in range(5):
-        (kits / f"case_{i:05d}").mkdir(parents=True)
-        (kits / f"case_{i:05d}" / "segmentation.nii.gz").write_bytes(b"x")
-    (kits / "kits.json").write_text(json.dumps([{"case_id": f"case_{i:05d}"} for i in range(5)]))
-    folder = R.first_kits_cases(kits, 3, tmp_path / "subset")
-    assert sorted(p.name for p in folder.iterdir()) == ["case_00000", "case_00001", "case_00002", "kits.json"]
-    assert (folder / "case_00002" / "segmentation.nii.gz").read_bytes() == b"x"
-    assert [e["case_id"] for e in json.loads((folder / "kits.json").read_text())] == ["case_00000", "case_00001",
-                                                                                      "case_00002"]
-    with pytest.raises(SystemExit, match="needs the first 9"):
-        R.first_kits_cases(kits, 9, tmp_path / "subset")
-
-
-def test_benchmark_scripts_parse_and_gpu_ones_name_a_gpu_recipe():
-    """The device scripts cannot run here (no GPU); they must at least parse, and the recipe they are
-    documented with must be a GPU recipe whose KiTS19 subset fits the device's 64 MiB carry limit."""
-    import subprocess
-
-    from qnkit.models import recipe as R
-
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
-    for script in sorted(root.glob("*.sh")):  # gpu_*.sh, and small_run.sh (30 min of CPU: not run here)
-        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
-    for script in sorted(root.glob("gpu_*.sh")):
-        assert "kidney-synth-wide" in script.read_text() or script.name in ("gpu_session.sh", "gpu_kits_stub.sh")
-    wide = R.RECIPES["kidney-synth-wide"]
-    assert wide["machine"] == "gpu" and 0 < wide["kits_cases"] <= 150  # ~0.31 MB of labels per case
-
-
-def test_recipe_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
-    from qnkit.models import recipe as R
-
-    with pytest.raises(SystemExit) as exit_info:
-        R.main(["kidney-synth-wide", "--workdir", str(tmp_path / "work"), "--no-install"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and "no phantoms" in lines[0]
