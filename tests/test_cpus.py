@@ -35,7 +35,6 @@ def test_the_cli_starts_with_a_bad_thread_setting(run_qnkit):
 def test_a_valid_setting_wins(monkeypatch):
     monkeypatch.setenv("QNKIT_NUM_THREADS", "3")
     assert cpus.default_threads() == 3
-    pytest.importorskip("onnxruntime")
     from qnkit.backends.onnxruntime_backend import session_options
 
     assert session_options().intra_op_num_threads == 3
