@@ -104,3 +104,67 @@ def test_a_small_data_set_repeats_its_slices_up_to_the_minimum_steps_per_epoch()
     for r in ranks:
         r.set_epoch(4)
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(drawn)
+
+
+def _random_slice(h=40, w=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, h, w, generator=g)
+    y = (torch.rand(1, h, w, generator=g) > 0.7).float()
+    wt = torch.rand(1, h, w, generator=g) + 0.5
+    return x, y, wt
+
+
+def _padded_window(t, row: int, col: int, size: int):
+    """Plain reference: the size x size window whose centre pixel is (row - 0.5, col - 0.5) for even sizes,
+    i.e. rows row - size/2 .. row + size/2 - 1, zeros outside the slice."""
+    out = torch.zeros(t.shape[0], size, size)
+    r0, c0 = row - size // 2, col - size // 2
+    for i in range(size):
+        for j in range(size):
+            r, c = r0 + i, c0 + j
+            if 0 <= r < t.shape[1] and 0 <= c < t.shape[2]:
+                out[:, i, j] = t[:, r, c]
+    return out
+
+
+def test_window_without_geometry_is_the_slice_region_with_zeros_outside(monkeypatch):
+    x, y, w = _random_slice()
+    aug = Augment.crop_only(16)
+    for row, col in ((20, 28), (3, 5), (38, 54), (0, 0)):
+        # centre (row - 0.5, col - 0.5): the window's pixel grid falls exactly on the slice's
+        monkeypatch.setattr(Augment, "window_centre", lambda self, x_, y_, r=row, c=col: (r - 0.5, c - 0.5))
+        x2, y2, w2 = aug(x, y, w)
+        assert x2.shape == y2.shape == w2.shape == (1, 16, 16)
+        for got, source in ((x2, x), (y2, y), (w2, w)):
+            torch.testing.assert_close(got, _padded_window(source, row, col, 16), atol=1e-5, rtol=0)
+
+
+def test_window_centres_on_kidney_or_body():
+    h, w_ = 64, 80
+    x = torch.zeros(1, h, w_)
+    x[0, 8:56, 10:70] = 0.5  # body
+    y = torch.zeros(1, h, w_)
+    y[0, 30:36, 50:58] = 1.0  # kidney
+    torch.manual_seed(0)
+    kidney_first = Augment.crop_only(16, kidney_p=1.0)
+    for _ in range(20):
+        r, c = kidney_first.window_centre(x, y)
+        assert 30 - 4 <= r <= 35 + 4 and 50 - 4 <= c <= 57 + 4
+    body_only = Augment.crop_only(16, kidney_p=0.0)
+    for _ in range(20):
+        r, c = body_only.window_centre(x, y)
+        assert 8 <= r < 56 and 10 <= c < 70
+    r, c = body_only.window_centre(torch.zeros(1, h, w_), y)  # no body: anywhere in the slice
+    assert 0 <= r <= h - 1 and 0 <= c <= w_ - 1
+
+
+def test_windows_with_geometry_keep_target_and_image_together():
+    x, y, w = _slice(64, 64)
+    aug = Augment(p_intensity=0.0, p_blur=0.0, p_lowres=0.0, p_noise=0.0, p_geometry=1.0, crop=32, crop_kidney_p=1.0)
+    torch.manual_seed(3)
+    for _ in range(5):
+        x2, y2, w2 = aug(x, y, w)
+        assert x2.shape == (1, 32, 32)
+        assert (y2 > 0.5).any(), "a kidney-centred window holds kidney"
+        torch.testing.assert_close(x2, 0.8 * y2, atol=1e-6, rtol=0)  # one sampling grid for both
+        assert set(torch.unique(w2).tolist()) <= {0.0, 1.0}

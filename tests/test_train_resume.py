@@ -53,7 +53,8 @@ def _train_killed_at(kill_at: str, *args):
 
 
 def _records(run):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    timing = {"seconds", "cpu_seconds", "cpu_hours", "wall_hours"}  # how long it took differs; what it computed not
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 

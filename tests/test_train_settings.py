@@ -19,8 +19,9 @@ def test_defaults_are_the_reports():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_parse(name):
     s = load_settings(name)
-    # shipped: the CPU-trained model; shipped-gpu: the wider one a GPU machine trains
-    assert s.network.num_filters == {"shipped": 16, "shipped-gpu": 32}.get(name, 64)
+    # shipped: the CPU-trained model; shipped-gpu: the wider one a GPU machine trains; shipped-fast: on windows
+    assert s.network.num_filters == {"shipped": 16, "shipped-gpu": 32, "shipped-fast": 16}.get(name, 64)
+    assert s.training.crop_size == (128 if name == "shipped-fast" else 0)
     if name.startswith("shipped"):
         assert s.training.augment and s.training.slices_per_epoch > 0 and float(s.data.pixel_spacing_mm) == 2.5
     if name == "shipped-gpu":
@@ -78,3 +79,15 @@ def test_pixel_spacing_is_auto_or_a_positive_number():
     for bad in ("-3", "0", "abc", "inf"):
         with pytest.raises(QnkitInputError, match="pixel_spacing_mm"):
             load_settings(None, {("DATA", "pixel_spacing_mm"): bad})
+
+
+def test_crop_size_must_suit_the_network():
+    from qnkit.errors import QnkitInputError
+    from qnkit.train.runner import network_config
+
+    s = load_settings("shipped-fast")
+    s.set("TRAINING", "crop_size", 120, "test")
+    with pytest.raises(QnkitInputError, match=r"crop_size = 120 must be a multiple of 16"):
+        network_config(s)
+    with pytest.raises(QnkitInputError, match="crop_size"):
+        load_settings("shipped-fast", {("TRAINING", "crop_size"): -16})

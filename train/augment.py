@@ -5,7 +5,14 @@ changes what a 2-D network should not depend on: in-plane scale, rotation and po
 size and placement), contrast, brightness and gamma inside the HU window (phase, calibration),
 blur and lost resolution (reconstruction kernel, thick pixels brought up to the model grid), and
 noise (dose). Geometry moves image, target and loss weights together; intensity changes touch
-only the image. Random numbers come from torch's generator, which the solver seeds per epoch
+only the image.
+
+With ``crop`` > 0 each slice becomes a ``crop`` x ``crop`` window instead (the network is fully
+convolutional, so it trains on windows and predicts whole slices): centred on a kidney pixel with
+probability ``crop_kidney_p``, else on any pixel of the body (the liver, spleen and bowel around the
+kidneys are the negatives that matter). The window is sampled in the same single ``grid_sample`` as
+the scale and rotation, so cropping costs nothing and the augmentation runs on the small window.
+A window reaching past the slice gets image 0 (the padding value) and loss weight 0 there. Random numbers come from torch's generator, which the solver seeds per epoch
 (and DataLoader per worker), so a run and its resumption see the same slices.
 """
 from __future__ import annotations
@@ -43,9 +50,20 @@ class Augment:
     lowres: tuple = (1.2, 2.2)
     p_noise: float = 0.5
     noise_std: tuple = (0.005, 0.04)
+    crop: int = 0  # window side in pixels; 0 = the whole slice
+    crop_kidney_p: float = 0.67
+    body_level: float = 0.05  # scaled intensity above which a pixel is body (-170 HU in the -200..400 window)
+
+    @classmethod
+    def crop_only(cls, crop: int, kidney_p: float = 0.67) -> "Augment":
+        """Windows without random scale, rotation or intensity changes ([TRAINING] augment = false)."""
+        return cls(p_geometry=0.0, p_intensity=0.0, p_blur=0.0, p_lowres=0.0, p_noise=0.0, crop=crop,
+                   crop_kidney_p=kidney_p)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple:
-        if _hit(self.p_geometry):
+        if self.crop:
+            x, y, w = self._window(x, y, w)
+        elif _hit(self.p_geometry):
             x, y, w = self._geometry(x, y, w)
         if _hit(self.p_intensity):
             x = (x * _u(*self.contrast) + _u(-self.brightness, self.brightness)).clamp(0, 1)
@@ -60,6 +78,42 @@ class Augment:
         if _hit(self.p_noise):
             x = (x + torch.randn(x.shape) * _u(*self.noise_std)).clamp(0, 1)
         return x.contiguous(), y.contiguous(), w.contiguous()
+
+    def window_centre(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(row, column) of the window's centre: a kidney pixel (jittered by up to a quarter window) with
+        probability ``crop_kidney_p`` when the slice has kidney, else a body pixel, else anywhere."""
+        h, wd = x.shape[-2:]
+        kidney = torch.nonzero(y[0] >= 0.5) if _hit(self.crop_kidney_p) else y.new_zeros((0, 2), dtype=torch.long)
+        if len(kidney):
+            r, c = kidney[int(torch.randint(len(kidney), ()))].tolist()
+            j = self.crop / 4
+            return r + _u(-j, j), c + _u(-j, j)
+        body = torch.nonzero(x[0] > self.body_level)
+        if len(body):
+            r, c = body[int(torch.randint(len(body), ()))].tolist()
+            return float(r), float(c)
+        return _u(0, h - 1), _u(0, wd - 1)
+
+    def _window(self, x, y, w):
+        """The ``crop`` x ``crop`` window around :meth:`window_centre`, scaled and rotated with
+        probability ``p_geometry``; one bilinear sample for image and target, nearest for weights."""
+        h, wd = x.shape[-2:]
+        row, col = self.window_centre(x, y)
+        s, a = 1.0, 0.0
+        if _hit(self.p_geometry):
+            s, a = _u(*self.scale), math.radians(_u(-self.rotate_deg, self.rotate_deg))
+        half = self.crop / 2
+        # Window pixel offsets (normalised to +-1 over the window) -> input normalised coordinates
+        # (align_corners=False: pixel p of n sits at (2p + 1) / n - 1).
+        rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64) / s
+        linear = torch.diag(torch.tensor([2.0 / wd, 2.0 / h], dtype=torch.float64)) @ rot * half
+        shift = torch.tensor([(2 * col + 1) / wd - 1, (2 * row + 1) / h - 1], dtype=torch.float64)
+        theta = torch.cat([linear, shift[:, None]], 1).float()[None]
+        grid = F.affine_grid(theta, [1, 1, self.crop, self.crop], align_corners=False)
+        xy = F.grid_sample(torch.stack([x, y], 0), grid.expand(2, -1, -1, -1), mode="bilinear",
+                           padding_mode="zeros", align_corners=False)
+        w2 = F.grid_sample(w[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return xy[0], xy[1], w2[0]
 
     def _geometry(self, x, y, w):
         s = _u(*self.scale)

@@ -37,7 +37,8 @@ from qnkit.train.tb_logging import Logger
 ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard",
              "test_dice.json")
 RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
-                     ("COMMON", "progress")} | set(SCHEDULE_KEYS)
+                     ("COMMON", "progress"), ("TRAINING", "crop_size"), ("TRAINING", "crop_kidney_p"),
+                     ("EVAL", "reference_data")} | set(SCHEDULE_KEYS)
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -59,9 +60,11 @@ def network_config(settings: Settings):
         cfg = QuickNATConfig.from_dict(dataclasses.asdict(settings.network))
     except ValueError as exc:
         raise QnkitInputError(f"[NETWORK]: {exc}") from None
-    if settings.data.pad_multiple % cfg.size_divisor:
-        raise QnkitInputError(f"[DATA] pad_multiple = {settings.data.pad_multiple} must be a multiple of "
-                              f"{cfg.size_divisor} (the network pools 4 times by {cfg.pool})")
+    for section, key, value in (("DATA", "pad_multiple", settings.data.pad_multiple),
+                                ("TRAINING", "crop_size", settings.training.crop_size)):
+        if value % cfg.size_divisor:
+            raise QnkitInputError(f"[{section}] {key} = {value} must be a multiple of {cfg.size_divisor} "
+                                  f"(the network pools 4 times by {cfg.pool})")
     return cfg
 
 
@@ -116,6 +119,27 @@ def read_init_source(source_run: Path) -> dict:
     """Metadata of the best checkpoint of `source_run` (verified), with the folder it lives in."""
     folder = ckpt.locate(Path(source_run), "best")
     return {**ckpt.read_meta(folder), "folder": folder}
+
+
+def training_view(t) -> Augment | None:
+    """What each training slice goes through: windows of [TRAINING] crop_size (with the random changes
+    of [TRAINING] augment or without), whole augmented slices, or nothing."""
+    if t.crop_size:
+        return Augment(crop=t.crop_size, crop_kidney_p=t.crop_kidney_p) if t.augment else \
+            Augment.crop_only(t.crop_size, t.crop_kidney_p)
+    return Augment() if t.augment else None
+
+
+def _reference_dataset(settings: Settings, params, cache_root: Path, target: str, info) -> SliceDataset | None:
+    """[EVAL] reference_data's cases, preprocessed with the run's own parameters (None when unset)."""
+    folder = settings.eval.reference_data
+    if not folder:
+        return None
+    cases = D.discover_cases(Path(folder))
+    _on_main(info, lambda: D.build_cache(cases, params, cache_root, workers=settings.common.num_workers))
+    dist.barrier()
+    entries = D.cached_entries(cases, params, cache_root)
+    return SliceDataset([entries[c.case_id] for c in cases], settings.data.pad_multiple, target)
 
 
 def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) -> dict:
@@ -253,6 +277,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
         _on_main(info, build)
         dist.barrier()
         entries = D.cached_entries(pool, params, cache_root)
+        target = "coverage" if settings.data.soft_targets else "labels"
+        reference_ds = _reference_dataset(settings, params, cache_root, target, info)
         if not resume:
             kept, filtered = D.apply_filter(entries, pool, settings.data)
             train_ids, val_ids = D.split_train_val(kept, settings.data.val_fraction, settings.common.seed)
@@ -274,9 +300,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     _set_threads(settings, info)  # process-wide torch settings: only once the input is known to be good
     if settings.common.deterministic:
         _deterministic(device)
-    target = "coverage" if settings.data.soft_targets else "labels"
     train_entries = [entries[i] for i in train_ids]
-    augment = Augment() if settings.training.augment else None
+    augment = training_view(settings.training)
     train_ds = SliceDataset(train_entries, D.training_pad_multiple(train_entries, settings.data.pad_multiple), target,
                             augment=augment)
     val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target)
@@ -320,7 +345,7 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
                 decay = (f"poly to epoch {t.epochs}" if t.schedule == "poly"
                          else f"x{t.gamma:g} every {t.step_size} epoch(s)")
                 console.print(f"learning-rate schedule restarted at epoch {solver.loop['epoch']}: lr {t.lr:g}, {decay}")
-        loop = solver.fit(train_ds, val_ds, console)
+        loop = solver.fit(train_ds, val_ds, console, reference_ds=reference_ds)
     finally:
         logger.close()
         dist.barrier()

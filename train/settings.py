@@ -20,7 +20,7 @@ from qnkit.nn.config import QuickNATConfig
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini", "shipped": HERE / "shipped.ini",
-           "shipped-gpu": HERE / "shipped_gpu.ini"}
+           "shipped-gpu": HERE / "shipped_gpu.ini", "shipped-fast": HERE / "shipped_fast.ini"}
 
 
 @dataclass
@@ -89,6 +89,10 @@ class TrainingSettings:
     # iterations per epoch): the report's lr and schedule then converge on 16 cases as on 210
     min_steps_per_epoch: int = 100
     log_images: int = 4  # slices shown for the best and worst batch; 0 = no images
+    # train on square windows of this many pixels instead of whole slices (0): the step costs about
+    # (crop / slice side)^2 as much; validation and inference still see whole slices
+    crop_size: int = 0
+    crop_kidney_p: float = 0.67  # share of windows centred on a kidney (the rest: anywhere in the body)
 
 
 @dataclass
@@ -96,6 +100,10 @@ class EvalSettings:
     threshold: float = 0.5
     batch_size: int = 16
     checkpoint: str = "best"  # best | last
+    # a fixed KiTS19-layout folder of held-out cases scored after every epoch beside the validation split
+    # (metrics.jsonl "reference_dice"), e.g. an earlier model's validation phantoms: runs that differ in data
+    # and loop are compared on the same cases; "" = none
+    reference_data: str = ""
 
 
 SECTIONS = {
@@ -191,6 +199,8 @@ class Settings:
             ("TRAINING", "log_images", t.log_images >= 0, "must be >= 0"),
             ("TRAINING", "slices_per_epoch", t.slices_per_epoch >= 0, "must be >= 0"),
             ("TRAINING", "min_steps_per_epoch", t.min_steps_per_epoch >= 0, "must be >= 0"),
+            ("TRAINING", "crop_size", t.crop_size >= 0, "must be >= 0 (0 = whole slices)"),
+            ("TRAINING", "crop_kidney_p", 0 <= t.crop_kidney_p <= 1, "must be in [0, 1]"),
             ("EVAL", "threshold", 0 < e.threshold < 1, "must be in (0, 1)"),
             ("EVAL", "batch_size", e.batch_size >= 1, "must be >= 1"),
             ("EVAL", "checkpoint", e.checkpoint in ("best", "last"), "must be best or last"),

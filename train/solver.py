@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -183,7 +184,9 @@ class Solver:
             ckpt.save(self.run_dir, kind, self.net, meta, self.state() if kind == "last" else None)
 
     # ---------------------------------------------------------------- loop
-    def fit(self, train_ds, val_ds, console=None) -> dict:
+    def fit(self, train_ds, val_ds, console=None, reference_ds=None) -> dict:
+        """Train to [TRAINING] epochs (or an early stop); `reference_ds`, a fixed held-out set scored after
+        every epoch beside the validation split, so that runs on other data compare on the same cases."""
         s, info = self.s, self.info
         per_epoch = slices_per_epoch(s.training, len(train_ds))
         if per_epoch != len(train_ds):
@@ -197,11 +200,15 @@ class Solver:
                             persistent_workers=False)
         while self.loop["epoch"] < s.training.epochs and not self.loop["stopped_early"]:
             epoch = self.loop["epoch"] + 1
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
             seed_everything(s.common.seed, epoch, info.rank)
             sampler.set_epoch(epoch)
             train = self.train_epoch(loader, len(train_ds.entries), epoch, console)
             val = self.validate(val_ds, epoch)
+            # the reference set measures the run, it is not part of it: its time is kept apart
+            reference_started, reference_cpu_started = time.perf_counter(), cpu_seconds()
+            reference = self.validate(reference_ds, epoch) if reference_ds is not None else None
+            reference_s, reference_cpu = time.perf_counter() - reference_started, cpu_seconds() - reference_cpu_started
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step()
             self._early_stopping(val["loss"])
@@ -209,19 +216,31 @@ class Solver:
             if improved:
                 self.loop["best_dice"], self.loop["best_epoch"] = val["dice"], epoch
             self.loop["epoch"] = epoch
+            seconds = time.perf_counter() - started - reference_s
+            cpu = cpu_seconds() - cpu_started - reference_cpu
+            # CPU time of this process and its finished children (data loader workers), all ranks of this
+            # machine alike: the cost of the run whatever else shared the cores
+            self.loop["cpu_hours"] = self.loop.get("cpu_hours", 0.0) + cpu * info.world_size / 3600
+            self.loop["wall_hours"] = self.loop.get("wall_hours", 0.0) + seconds / 3600
             record = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "train_dice": train["dice"],
                       "val_loss": val["loss"], "val_dice": val["dice"], "best_val_dice": self.loop["best_dice"],
                       "best_epoch": self.loop["best_epoch"], "rises": self.loop["rises"],
                       "stopped_early": self.loop["stopped_early"],
-                      "seconds": round(time.perf_counter() - started, 3)}
-            self._log_epoch(epoch, train, val, lr)
+                      "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 1),
+                      "cpu_hours": round(self.loop["cpu_hours"], 4), "wall_hours": round(self.loop["wall_hours"], 4),
+                      "train_slice_side": s.training.crop_size or None}
+            if reference is not None:
+                record.update(reference_loss=reference["loss"], reference_dice=reference["dice"],
+                              reference_seconds=round(reference_s, 1))
+            self._log_epoch(epoch, train, val, lr, reference)
             self.logger.epoch_record(record)
             if improved:
                 self._save("best", record)
             self._save("last", record)
             if console is not None and info.is_main:
+                ref = f" | reference dice {reference['dice']:.4f}" if reference is not None else ""
                 console.print(f"epoch {epoch}: train loss {train['loss']:.4f} dice {train['dice']:.4f} | "
-                              f"val loss {val['loss']:.4f} dice {val['dice']:.4f}"
+                              f"val loss {val['loss']:.4f} dice {val['dice']:.4f}{ref}"
                               f"{'  (best)' if improved else ''}")
         return dict(self.loop)
 
@@ -301,10 +320,12 @@ class Solver:
         dice_sum, n_vol, loss_sum, seen = dist.all_reduce_sum([dice_sum, n_vol, loss_sum, seen], self.device)
         return {"loss": loss_sum / max(seen, 1), "dice": dice_sum / max(n_vol, 1), "extremes": extremes}
 
-    def _log_epoch(self, epoch: int, train: dict, val: dict, lr: float) -> None:
+    def _log_epoch(self, epoch: int, train: dict, val: dict, lr: float, reference: dict | None = None) -> None:
         lg = self.logger
         lg.scalars("train", epoch, {"loss": train["loss"], "dice": train["dice"], "lr": lr})
         lg.scalars("validation", epoch, {"loss": val["loss"], "dice": val["dice"]})
+        if reference is not None:
+            lg.scalars("validation", epoch, {"reference_loss": reference["loss"], "reference_dice": reference["dice"]})
         for writer, stats in (("train", train), ("validation", val)):
             ex = stats["extremes"]
             lg.images(writer, "best_batch", epoch, ex.best)
@@ -341,6 +362,12 @@ def _progress(console, enabled: bool, description: str, total: int):
                   console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -40,6 +40,11 @@ def command(
     amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision (CUDA only)."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
                                                                       "contrast, blur and noise per slice."),
+    crop_size: int = typer.Option(None, "--crop-size", help="[TRAINING] crop_size: train on square windows of this many "
+                                                            "pixels (0: whole slices). With --resume: from now on."),
+    reference_data: str = typer.Option(None, "--reference-data", metavar="DIR",
+                                       help="[EVAL] reference_data: held-out cases scored after every epoch beside "
+                                            "the validation split (metrics.jsonl reference_dice)."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="[COMMON] progress bar."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     init_from: Path = typer.Option(None, "--init-from", metavar="RUN_DIR",
@@ -73,6 +78,7 @@ def command(
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
         ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
+        ("TRAINING", "crop_size"): crop_size, ("EVAL", "reference_data"): reference_data,
     }
     if resume and force:
         raise QnkitInputError("--resume and --force exclude each other")
