@@ -19,7 +19,9 @@ import typer
 
 from qnkit.errors import QnkitInputError
 
-SECTIONS = ("kernels", "io", "backends", "e2e")
+SECTIONS = ("kernels", "io", "backends", "e2e", "train")
+#: What a plain `qnkit bench` runs; the training rows (minutes of training steps) only with --only train.
+DEFAULT_SECTIONS = ("kernels", "io", "backends", "e2e")
 
 
 def _system_info() -> dict:
@@ -84,7 +86,9 @@ def command(
     quick: bool = typer.Option(False, "--quick", help="Smoke run: small volume, tiny network, few repeats (for tests)."),
     full: bool = typer.Option(False, "--full", help="Complete sweep: batch sizes 1-32, 100-slice kernel volume, more "
                                                     "repeats (over 25 minutes and 12 GB on 2 cores)."),
-    only: str = typer.Option(",".join(SECTIONS), "--only", help="Sections to run: kernels,io,backends,e2e."),
+    only: str = typer.Option(",".join(DEFAULT_SECTIONS), "--only",
+                             help="Sections to run: kernels,io,backends,e2e,train (train: the recipe's training "
+                                  "loop, whole slices against windows)."),
     batch_sizes: str = typer.Option(None, "--batch-sizes", help="Batch sizes for the backend rows "
                                                                 "(default 1,4; 1,4,16,32 with --full)."),
     repeats: int = typer.Option(0, "--repeats", help="Timed repeats per figure (default: set by the mode)."),
@@ -196,6 +200,17 @@ def command(
                                         quick_size=plan.e2e_size, quick_slices=plan.e2e_slices, profile=profile,
                                         progress=say)
 
+        if "train" in sections:
+            from qnkit.benchmarks import train_step
+
+            with timed("train"):
+                report["train"] = train_step.run(slices=16 if quick else 64, repeats=1 if quick else 3,
+                                                 cases=1 if quick else 2, num_filters=4 if quick else 16,
+                                                 whole_side=64 if quick else train_step.RECIPE_SLICE_SIDE,
+                                                 variants=(("whole", 0), ("window", 32)) if quick
+                                                 else train_step.VARIANTS,
+                                                 workdir=workdir, progress=say)
+
     from qnkit.benchmarks.targets import evaluate
 
     report["targets"] = evaluate(report)
@@ -297,6 +312,18 @@ def _print(console, report: dict) -> None:
                 table.add_row(name, f"{row['wall_s']:.2f}", f"{row['speedup_vs_gpu_eager']:.1f}x",
                               f"{row['mask_dice_vs_gpu_eager']:.4f}", str((row.get("slab") or {}).get("slices_run", "-")))
             console.print(table)
+    train = report.get("train")
+    if train:
+        table = Table(title=f"Training loop (loader, augmentation, forward, backward, Adam), QuickNAT "
+                            f"{train['num_filters']} filters, {train['threads']} threads, median of {train['repeats']} "
+                            f"x {train['slices_per_timing']} slices")
+        for column in ("variant", "input", "slices/s", "s/slice", "GFLOP/slice", "GFLOP/s", "x whole slices"):
+            table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
+        for row in train["rows"]:
+            table.add_row(row["variant"], "x".join(map(str, row["slice_shape"])), f"{row['slices_per_s']:.2f}",
+                          f"{row['seconds_per_slice']:.3f}", f"{row['gflop_per_slice']:.2f}",
+                          f"{row['gflop_per_s']:.1f}", f"{row['speedup_per_slice']:.2f}")
+        console.print(table)
     run = report.get("run")
     if run:
         parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in run["sections_s"].items())
