@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train a GPU recipe of qnkit/models/recipe.py ("machine": "gpu", e.g. kidney-synth-wide) on a lent GPU machine
+# Train a GPU recipe of train/recipe.py ("machine": "gpu", e.g. kidney-synth-wide) on a lent GPU machine
 # (the `device` tool) in one command: make its phantoms on every core, train until the recipe's epochs or
 # TRAIN_S seconds (default 270), then evaluate the best checkpoint on the held-out phantoms, export it and
 # segment the real validation CT (INT8 evidence and figures). What comes back in $OUT: log.txt, epochs.txt,
@@ -13,7 +13,7 @@
 # Finish it here, from the files that came back (FILES_AT), without making the phantoms again:
 #   mkdir -p WORK && cat FILES_AT/run.tar.gz.part-* | tar -xzf - -C WORK && tar -xzf FILES_AT/bundle.tar.gz -C WORK
 #   cp FILES_AT/evaluation.json WORK/
-#   python -m qnkit.models.recipe kidney-synth-wide --workdir WORK --epochs "$(cat FILES_AT/epochs.txt)" \
+#   python -m qnkit.train.recipe kidney-synth-wide --workdir WORK --epochs "$(cat FILES_AT/epochs.txt)" \
 #       --real-ct ../shared/data/real-ct/example_ct_sm.nii.gz --real-labels ../shared/data/real-ct/example_seg.nii.gz
 # A run stopped by TRAIN_S keeps its last finished epoch; a later GPU session resumes it with WORK's run carried.
 set -uo pipefail
@@ -33,16 +33,16 @@ fi
 python3 -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/build.txt" 2>&1 \
   || { tail -20 "$OUT/build.txt"; exit 1; }
 rm -f "$OUT/build.txt"
-recipe() { python3 -m qnkit.models.recipe "$NAME" --workdir "$W" --no-install "$@"; }
+recipe() { python3 -m qnkit.train.recipe "$NAME" --workdir "$W" "$@"; }
 stamp() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
 
 stamp "synth ($(nproc) workers)"
 recipe --kits-labels "$DATA/kits19-labels" --workers "$(nproc)" --until synth >> "$LOG" 2>&1 || { tail -20 "$LOG"; exit 1; }
 stamp "train (at most ${TRAIN_S} s)"
-timeout -s TERM -k 30 "$TRAIN_S" python3 -m qnkit.models.recipe "$NAME" --workdir "$W" --no-install --until train \
+timeout -s TERM -k 30 "$TRAIN_S" python3 -m qnkit.train.recipe "$NAME" --workdir "$W" --until train \
   >> "$LOG" 2>&1
 stamp "train exit $? ($(grep -c . "$W/run/metrics.jsonl" 2>/dev/null || echo 0) epochs in metrics.jsonl)"
-EPOCHS=$(python3 -c "from pathlib import Path; from qnkit.models.recipe import trained_epochs; print(trained_epochs(Path('$W/run')))")
+EPOCHS=$(python3 -c "from pathlib import Path; from qnkit.train.recipe import trained_epochs; print(trained_epochs(Path('$W/run')))")
 echo "$EPOCHS" > "$OUT/epochs.txt"
 # the run first, so that it comes back even if the steps below outlast the call
 tar -czf - -C "$W" --exclude=run/cache --exclude=run/tensorboard run | split -b 15M - "$OUT/run.tar.gz.part-"

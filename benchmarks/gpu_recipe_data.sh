@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .gpurecipe: what a GPU recipe (qnkit/models/recipe.py, "machine": "gpu") needs on a GPU machine that sees
+# Make .gpurecipe: what a GPU recipe (train/recipe.py, "machine": "gpu") needs on a GPU machine that sees
 # no shared/ data: the KiTS19 label maps it draws its kidneys from (the first "kits_cases" cases, copied: links
 # do not travel) with their kits.json entries, and the real validation CT with its labels (INT8 evidence and
 # the real-CT figures). About 38 MB for kidney-synth-wide; the carry limit is 64 MiB with the wheels.
@@ -7,7 +7,7 @@
 set -euo pipefail
 NAME=${1:?usage: gpu_recipe_data.sh RECIPE SHARED_DATA}
 SHARED=${2:-../shared/data}
-COUNT=$(python3 -c "from qnkit.models.recipe import RECIPES; print(RECIPES['$NAME'].get('kits_cases', 0))")
+COUNT=$(python3 -c "from qnkit.train.recipe import RECIPES; print(RECIPES['$NAME'].get('kits_cases', 0))")
 if [ "$COUNT" -lt 1 ]; then
   echo "gpu_recipe_data.sh: recipe $NAME draws from all KiTS19 label maps (65 MB): too much to carry" >&2; exit 2
 fi

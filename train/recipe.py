@@ -1,17 +1,20 @@
-"""The recipe of a shipped model: one command from nothing to an installed, validated bundle.
+"""The recipe of a shipped model: one command from nothing to a validated bundle, ready to install.
 
-    python -m qnkit.models.recipe kidney-synth --workdir WORK --kits-labels shared/data/kits19-labels \\
-        --real-ct shared/data/real-ct/example_ct_sm.nii.gz --real-labels shared/data/real-ct/example_seg.nii.gz
+    python -m qnkit.train.recipe kidney-synth --workdir WORK --kits-labels KITS19_LABELS \\
+        --real-ct example_ct_sm.nii.gz --real-labels example_seg.nii.gz [--resume-dir resume]
+    python -m qnkit.train.recipe kidney-synth --workdir WORK --install-into qnkit/models   # a developer's checkout
 
 Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export):
 ``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> ``qnkit
 evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_CT``: the INT8 graph
 becomes the CPU default only if it agrees with FP32 on the real CT) -> ``qnkit segment`` of the real validation CT,
-scored per kidney against its labels -> the bundle copied into ``qnkit/models/<name>/`` and its
-entry (recipe, figures) written to ``registry.json``. A step whose output already exists is reused,
+scored per kidney against its labels -> the registry entry (recipe, figures) written to
+``WORK/registry_entry.json``. Installing the bundle and its entry as a shipped model is a separate,
+explicit developer step (``--install-into`` a source checkout's ``qnkit/models``): the recipe never writes
+into an installed qnkit. A step whose output already exists is reused,
 so an interrupted build resumes (``qnkit train --resume``). A recipe with ``init_from`` fine-tunes:
-its first phase starts from the best weights of that model's committed run (``resume/<model>``;
-``qnkit train --init-from``) instead of random ones.
+its first phase starts from the best weights of that model's committed run (``--resume-dir``, the
+checkout's ``resume/`` folder: ``RESUME_DIR/<model>``; ``qnkit train --init-from``) instead of random ones.
 
 A recipe marked ``"machine": "gpu"`` is trained on a GPU machine by ``benchmarks/gpu_recipe.sh``
 (``--until`` stops after a step there); the run, its evaluation and its bundle come back, and the same
@@ -30,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qnkit.models import MODELS_DIR, REGISTRY
 
 RECIPES = {
     "kidney-synth": {
@@ -89,12 +91,33 @@ RECIPES = {
         "machine": "gpu",
     },
 }
+#: kidney-synth's own validation phantoms (its run's splits.json): the held-out set on which later recipes are
+#: scored after every epoch, so that their time to kidney-synth's best validation Dice (0.874) is measured on it.
+KIDNEY_SYNTH_VALIDATION = {
+    "synth": {"cases": 140, "seed": 1, "generator": "anatomy", "pixel_range": (1.3, 2.6), "anatomy_version": 1},
+    "only": [2, 16, 22, 37, 40, 51, 53, 55, 63, 68, 69, 70, 85, 89, 97, 99, 101, 111, 115, 132, 133],
+    "best_dice": 0.874,
+}
+
+# The kidney-synth network trained the fast way: 128-pixel windows (a step costs about a third of a whole
+# 208-pixel slice's), anatomy version 3 (a large mass against a kidney in 30 % of the bodies, as a negative),
+# more bodies; a last phase on whole slices at a low rate settles the batch-norm and channel-SE statistics on
+# what inference sees. Scored after every epoch on kidney-synth's validation phantoms (`reference`).
+RECIPES["kidney-synth-4"] = {
+    "description": "QuickNAT (16 filters) at 2.5 mm pixels, trained on 128-pixel windows of anatomy version 3 "
+                   "phantoms (large masses against the kidneys as negatives)",
+    "synth": ["--cases", "160", "--seed", "5", "--generator", "anatomy", "--pixel-range", "1.5,2.6",
+              "--anatomy-version", "3"],
+    "settings": "shipped-fast",
+    "reference": KIDNEY_SYNTH_VALIDATION,
+    "phases": [{"epochs": 20}, {"epochs": 22, "crop_size": 0, "lr": 2e-4, "schedule": "poly"}],
+    "export": ["--int8"],
+    "default": False,  # becomes the default model only once its figures say so
+}
+
+
 class RecipeInputError(SystemExit):
     """A recipe cannot start from what it was given; ``main`` prints the one line and exits 2."""
-
-
-#: Committed training runs (checkpoints and state) of the shipped models: the start of --init-from recipes.
-RESUME_DIR = Path(__file__).resolve().parents[2] / "resume"
 
 
 def _qnkit(*args, log=print) -> None:
@@ -137,30 +160,57 @@ def trained_epochs(run: Path) -> int:
     return json.loads(lines[-1])["epoch"] if lines else 0
 
 
-def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None, init_from: Path | None = None) -> None:
+PHASE_KEYS = ("lr", "schedule", "step_size", "crop_size")
+
+
+def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None, init_from: Path | None = None,
+                 reference: Path | None = None) -> None:
     """Train the recipe's phases in turn, each to its epoch count (`epochs` caps the last one);
-    a phase already done is skipped, one interrupted is resumed. `init_from` (a run folder): the
-    first phase starts from its best weights (`qnkit train --init-from`)."""
+    a phase already done is skipped, one interrupted is resumed (from `data`, wherever the run was started).
+    `init_from` (a run folder): the first phase starts from its best weights (`qnkit train --init-from`);
+    `reference`: held-out cases scored after every epoch (`qnkit train --reference-data`)."""
     phases = [dict(phase) for phase in recipe["phases"]]
     if epochs:
         phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
             (p for p in phases if p["epochs"] >= epochs), phases[-1]), "epochs": epochs}]
+    measured = ["--reference-data", reference] if reference is not None else []
     for phase in phases:
-        schedule = [arg for key in ("lr", "schedule", "step_size") if key in phase
-                    for arg in (f"--{key.replace('_', '-')}", phase[key])]
+        schedule = [arg for key in PHASE_KEYS if key in phase for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
             start = ["--init-from", init_from] if init_from is not None else []
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
-                   *start, "--epochs", phase["epochs"], *schedule)
+                   *start, *measured, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:
-            _qnkit("train", "--out", run, "--resume", "--no-progress", "--epochs", phase["epochs"], *schedule)
+            _qnkit("train", "--out", run, "--resume", "--data", data, "--no-progress", *measured,
+                   "--epochs", phase["epochs"], *schedule)
 
 
-def init_source(recipe: dict, override: Path | None = None) -> Path | None:
-    """The run folder a fine-tuning recipe starts from: `override`, else the committed resume/<model>."""
+def reference_cases(recipe: dict, folder: Path, kits_labels: Path | None, workers: int) -> Path | None:
+    """The recipe's reference set (``recipe["reference"]``: a synth set and the indices kept), made once into
+    `folder`; None for a recipe without one."""
+    spec = recipe.get("reference")
+    if spec is None:
+        return None
+    if not (folder / "kits.json").is_file():
+        if kits_labels is None:
+            raise RecipeInputError(f"recipe: {folder} has no reference phantoms and no --kits-labels was given to "
+                                   f"make them")
+        from qnkit.synth import write_dataset
+
+        write_dataset(folder, **spec["synth"], only=spec["only"], labels_from=kits_labels, workers=workers,
+                      progress=False)
+    return folder
+
+
+def init_source(recipe: dict, override: Path | None = None, resume_dir: Path | None = None) -> Path | None:
+    """The run folder a fine-tuning recipe starts from: `override`, else ``resume_dir/<model>`` (the
+    checkout's committed runs, given explicitly: an installed qnkit has no resume/ folder)."""
     if "init_from" not in recipe:
         return None
-    source = Path(override) if override is not None else RESUME_DIR / recipe["init_from"]
+    if override is None and resume_dir is None:
+        raise RecipeInputError(f"recipe: it starts from {recipe['init_from']}'s committed run: give --resume-dir "
+                               f"(the checkout's resume/ folder) or --init-from RUN")
+    source = Path(override) if override is not None else Path(resume_dir) / recipe["init_from"]
     if not (source / "checkpoints" / "best" / "meta.json").is_file():
         raise RecipeInputError(f"recipe: {source} holds no trained run to start from (checkpoints/best)")
     return source
@@ -210,14 +260,15 @@ def _evaluated_hashes(evaluation: dict) -> dict:
 
 
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
-          install: bool = True, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
-          until: str | None = None) -> dict:
+          install_into: Path | None = None, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
+          until: str | None = None, resume_dir: Path | None = None) -> dict:
     """Synth -> train (phases) -> evaluate -> export -> validate -> install; each step reuses what a previous
     run of it left in ``workdir`` (data, a finished run, an evaluation and a bundle of the run's best
     checkpoint), so a run trained elsewhere (`benchmarks/gpu_recipe.sh` on a GPU machine) is finished here
-    without its phantoms. ``until`` (one of :data:`STEPS`) stops after that step and returns {}."""
+    without its phantoms. ``until`` (one of :data:`STEPS`) stops after that step and returns {}. The entry
+    goes to ``WORK/registry_entry.json``; ``install_into`` (a checkout's qnkit/models) also installs it."""
     recipe = RECIPES[name]
-    source = init_source(recipe, init_from)
+    source = init_source(recipe, init_from, resume_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     data, run, bundle = workdir / "data", workdir / "run", workdir / "bundle"
     evaluation_path = workdir / "evaluation.json"
@@ -230,9 +281,12 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
         if recipe.get("kits_cases"):
             kits_labels = first_kits_cases(kits_labels, recipe["kits_cases"], workdir / "kits19-labels")
         _qnkit("synth", data, *recipe["synth"], "--labels-from", kits_labels, "--workers", workers, "--no-progress")
+    reference = None
+    if not (trained and evaluated):
+        reference = reference_cases(recipe, workdir / "reference", kits_labels, workers)
     if until == "synth":
         return {}
-    train_phases(recipe, data, run, epochs, source)
+    train_phases(recipe, data, run, epochs, source, reference)
     if until == "train":
         return {}
     if _made_from_best(evaluation_path, _evaluated_hashes, run) is None:
@@ -255,7 +309,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
                       f"kidney shapes from the KiTS19 label maps"
                       + (f" of cases 0-{recipe['kits_cases'] - 1}" if recipe.get("kits_cases") else "")
                       + "), no real CT image",
-        "recipe": f"python -m qnkit.models.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
+        "recipe": f"python -m qnkit.train.recipe {name} --workdir WORK --kits-labels KITS19_LABELS"
                   + (f" --epochs {epochs}" if epochs else ""),
         "settings": f"train/{recipe['settings'].replace('-', '_')}.ini",
         **({"machine": "trained on a GPU machine with benchmarks/gpu_recipe.sh"} if recipe.get("machine") == "gpu"
@@ -278,19 +332,30 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
             "summary": f"Dice both {figures['both']:.3f}, right {figures.get('right', float('nan')):.3f}, "
                        f"left {figures.get('left', float('nan')):.3f}",
             "figures": figures})
-    if install:
-        target = MODELS_DIR / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(bundle, target)
-        registry = json.loads(REGISTRY.read_text()) if REGISTRY.is_file() else {"models": {}}
-        default = bool(recipe.get("default", True))
-        if default:  # one default model
-            for other in registry["models"].values():
-                other["default"] = False
-        registry["models"][name] = {**entry, "default": default}
-        REGISTRY.write_text(json.dumps(registry, indent=1) + "\n")
+    from qnkit._atomic import write_text_atomic
+
+    write_text_atomic(workdir / "registry_entry.json", json.dumps(entry, indent=1) + "\n")
+    if install_into is not None:
+        install(name, bundle, entry, Path(install_into), default=bool(recipe.get("default", True)))
     return entry
+
+
+def install(name: str, bundle: Path, entry: dict, models_dir: Path, default: bool) -> None:
+    """Copy `bundle` to ``models_dir/name`` and write its registry entry (a developer's step, into a source
+    checkout's qnkit/models: the next wheel ships it); `default` makes it the one default model."""
+    if not (models_dir / "registry.json").is_file() and not (models_dir / "__init__.py").is_file():
+        raise RecipeInputError(f"recipe: {models_dir} is not a qnkit/models folder (no registry.json or __init__.py)")
+    target = models_dir / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(bundle, target)
+    registry_path = models_dir / "registry.json"
+    registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {"models": {}}
+    if default:  # one default model
+        for other in registry["models"].values():
+            other["default"] = False
+    registry["models"][name] = {**entry, "default": default}
+    registry_path.write_text(json.dumps(registry, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
@@ -302,16 +367,20 @@ def main(argv=None) -> None:
     parser.add_argument("--real-ct", type=Path)
     parser.add_argument("--real-labels", type=Path)
     parser.add_argument("--epochs", type=int, help="train this many epochs in all (default: the settings')")
-    parser.add_argument("--no-install", action="store_true")
+    parser.add_argument("--install-into", type=Path, metavar="MODELS_DIR",
+                        help="also install the bundle and its registry entry into this qnkit/models folder of a "
+                             "source checkout (a developer's step; never an installed qnkit)")
+    parser.add_argument("--resume-dir", type=Path, help="the checkout's resume/ folder of committed runs (a "
+                                                        "fine-tuning recipe starts from RESUME_DIR/<model>)")
     parser.add_argument("--init-from", type=Path, help="for a fine-tuning recipe: the run folder to start from "
-                                                       "(default: the committed resume/<model>)")
+                                                       "(default: RESUME_DIR/<model>)")
     parser.add_argument("--workers", type=int, default=2, help="processes making the phantoms (qnkit synth)")
     parser.add_argument("--until", choices=STEPS, help="stop after this step (a GPU machine trains, this one "
                                                        "validates and installs)")
     args = parser.parse_args(argv)
     try:
-        entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, not args.no_install,
-                      args.epochs, args.init_from, args.workers, args.until)
+        entry = build(args.name, args.workdir, args.kits_labels, args.real_ct, args.real_labels, args.install_into,
+                      args.epochs, args.init_from, args.workers, args.until, args.resume_dir)
     except RecipeInputError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
