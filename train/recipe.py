@@ -110,7 +110,7 @@ RECIPES["kidney-synth-4"] = {
               "--anatomy-version", "3"],
     "settings": "shipped-fast",
     "reference": KIDNEY_SYNTH_VALIDATION,
-    "phases": [{"epochs": 20}, {"epochs": 22, "crop_size": 0, "lr": 2e-4, "schedule": "poly"}],
+    "phases": [{"epochs": 16}, {"epochs": 18, "crop_size": 0, "lr": 2e-4, "schedule": "poly"}],
     "export": ["--int8"],
     "default": False,  # becomes the default model only once its figures say so
 }

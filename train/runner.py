@@ -38,7 +38,7 @@ ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jso
              "test_dice.json")
 RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
                      ("COMMON", "progress"), ("TRAINING", "crop_size"), ("TRAINING", "crop_kidney_p"),
-                     ("EVAL", "reference_data")} | set(SCHEDULE_KEYS)
+                     ("EVAL", "reference_data"), ("EVAL", "reference_every")} | set(SCHEDULE_KEYS)
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:

@@ -104,6 +104,7 @@ class EvalSettings:
     # (metrics.jsonl "reference_dice"), e.g. an earlier model's validation phantoms: runs that differ in data
     # and loop are compared on the same cases; "" = none
     reference_data: str = ""
+    reference_every: int = 1  # score the reference set every this many epochs (and at the run's last epoch)
 
 
 SECTIONS = {
@@ -204,6 +205,7 @@ class Settings:
             ("EVAL", "threshold", 0 < e.threshold < 1, "must be in (0, 1)"),
             ("EVAL", "batch_size", e.batch_size >= 1, "must be >= 1"),
             ("EVAL", "checkpoint", e.checkpoint in ("best", "last"), "must be best or last"),
+            ("EVAL", "reference_every", e.reference_every >= 1, "must be >= 1"),
         ]
         for section, key, ok, message in checks:
             if not ok:

@@ -207,7 +207,8 @@ class Solver:
             val = self.validate(val_ds, epoch)
             # the reference set measures the run, it is not part of it: its time is kept apart
             reference_started, reference_cpu_started = time.perf_counter(), cpu_seconds()
-            reference = self.validate(reference_ds, epoch) if reference_ds is not None else None
+            due = epoch % s.eval.reference_every == 0 or epoch == s.training.epochs
+            reference = self.validate(reference_ds, epoch) if reference_ds is not None and due else None
             reference_s, reference_cpu = time.perf_counter() - reference_started, cpu_seconds() - reference_cpu_started
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step()
