@@ -88,7 +88,8 @@ def test_the_readme_names_the_files_its_figures_come_from(readme):
     named = repo_paths(readme)
     for source in ("qnkit/models/registry.json", "resume/kidney-synth/metrics.jsonl",
                    "resume/kidney-synth/evaluation.json", "resume/kidney-synth-2/metrics.jsonl",
-                   "resume/kidney-synth-2/evaluation.json", "train/shipped.ini"):
+                   "resume/kidney-synth-2/evaluation.json", "train/shipped.ini",
+                   "benchmarks/results/demo-amd-epyc-2cpu.json"):
         assert source in named, source
 
 
@@ -143,7 +144,13 @@ def _quoted_figures() -> list[str]:
     slices = int(re.search(r"^slices_per_epoch\s*=\s*(\d+)", settings, flags=re.M).group(1))
     weights = (ROOT / "qnkit" / "models" / "kidney-synth" / "weights.safetensors").stat().st_size
     epoch_min = [row["seconds"] / 60 for row in ks]
+    demo = json.loads((ROOT / "benchmarks" / "results" / "demo-amd-epyc-2cpu.json").read_text())["last"]
+    dice = [c["dice"] for c in demo["cases"]]
     return [
+        f"held-out case of the run's test split ({['one', 'two', 'three'][len(dice) - 1]})",
+        f"load average {demo['machine']['load_average_1_5_15min'][2]:.1f} over the last 15 minutes",
+        f"test Dice {' and '.join(f'{d:.4f}' for d in dice)}, mean {demo['mean_dice']:.4f}",
+        f"{demo['seconds']:.0f} s in all, {demo['stages_s']['train']:.0f} s of it training",
         f"weights {weights / 1e6:.2f} MB",
         f"{len(phantoms['cases'])} held-out phantoms (mean Dice {phantoms['mean_dice']:.2f}",
         f"Dice {real['both']:.2f} for both kidneys, {real['right']:.2f} right, {real['left']:.2f} left",
