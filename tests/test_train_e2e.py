@@ -77,14 +77,15 @@ def test_tensorboard_writers_hold_per_epoch_scalars(trained_run):
     assert len(steps["evaluation"]["dice"]) >= 1
 
 
-def test_window_training_with_a_reference_set(synth_dataset, tmp_path, run_qnkit):
+def test_window_training_with_a_reference_set(synth_dataset, synth_dataset_factory, tmp_path, run_qnkit):
     """--crop-size trains on windows (validation on whole slices), --reference-data scores a fixed set after every
     epoch, and every epoch records its CPU and wall time, cumulated; resuming without windows goes on from there."""
     run = tmp_path / "run"
+    reference = synth_dataset_factory(cases=3, size=64, seed=1)  # other cases under the same ids (case_00000 ...)
     args = ("--epochs", "1", "--num-filters", "4", "--micro-batch", "4", "--effective-batch", "4", "--no-progress",
             "--device", "cpu", "--min-steps-per-epoch", "0")
     proc = run_qnkit("train", "--data", synth_dataset, "--out", run, *args, "--crop-size", "32",
-                     "--reference-data", synth_dataset)
+                     "--reference-data", reference)
     assert proc.returncode == 0, proc.stderr
     proc = run_qnkit("train", "--out", run, "--resume", "--epochs", "2", "--crop-size", "0", "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -95,6 +96,5 @@ def test_window_training_with_a_reference_set(synth_dataset, tmp_path, run_qnkit
         assert r["cpu_seconds"] > 0 and r["seconds"] > 0
     assert second["cpu_hours"] == pytest.approx(first["cpu_hours"] + second["cpu_seconds"] / 3600, abs=2e-4)
     assert second["wall_hours"] > first["wall_hours"]
-    reference_cases = {p.name for p in synth_dataset.glob("case_*")}
-    cached = {p.name for p in (run / "cache").glob("*/case_*")}
-    assert reference_cases <= cached  # the reference set went through the run's own preprocessing
+    cached = {p.name for p in (run / "cache" / "reference").glob("*/case_*")}
+    assert cached == {"case_00000", "case_00001", "case_00002"}  # the run's own preprocessing, in a cache of its own

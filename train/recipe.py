@@ -178,6 +178,8 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
         schedule = [arg for key in PHASE_KEYS if key in phase for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
             start = ["--init-from", init_from] if init_from is not None else []
+            if run.is_dir() and any(run.iterdir()):
+                start.append("--force")  # a start that ended before its first checkpoint: nothing to keep
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
                    *start, *measured, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:

@@ -136,9 +136,10 @@ def _reference_dataset(settings: Settings, params, cache_root: Path, target: str
     if not folder:
         return None
     cases = D.discover_cases(Path(folder))
-    _on_main(info, lambda: D.build_cache(cases, params, cache_root, workers=settings.common.num_workers))
+    root = cache_root / "reference"  # its own: its case ids are those of other cases (case_00002 ...)
+    _on_main(info, lambda: D.build_cache(cases, params, root, workers=settings.common.num_workers))
     dist.barrier()
-    entries = D.cached_entries(cases, params, cache_root)
+    entries = D.cached_entries(cases, params, root)
     return SliceDataset([entries[c.case_id] for c in cases], settings.data.pad_multiple, target)
 
 
