@@ -15,7 +15,7 @@ import glob
 import importlib.util
 import os
 
-from qnkit.backends.base import PRECISIONS, Backend
+from qnkit.backends.base import PRECISIONS, Backend, batch_words
 from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, WEIGHTS, Bundle, BundleError
 from qnkit.errors import QnkitInputError
 
@@ -103,6 +103,13 @@ def _open(bundle: Bundle, kind: str, precision: str, device: str, batch_size: in
     raise QnkitInputError(f"unknown backend {kind!r} (choose from {', '.join(AVAILABLE_KINDS)})")
 
 
+def _opened(backend) -> str:
+    """``onnxruntime (fp32, cpu, batch 4, not 16: ...)``: an opened backend as the log says it, its batch as it
+    runs (:attr:`Backend.slices_per_call`; an object without it runs its ``batch_size``)."""
+    batch = batch_words(backend.batch_size, getattr(backend, "slices_per_call", backend.batch_size), backend.name)
+    return f"{backend.name} ({backend.precision}, {backend.device}, {batch})"
+
+
 def _auto_candidates(bundle: Bundle, device: str) -> list[tuple[str, str, str]]:
     """(kind, device, why) in order of preference, with the reason each was (not) considered."""
     gpu = device != "cpu" and _torch_cuda()
@@ -143,7 +150,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
         dev = _resolve_device(device, kind)
         prec = _resolve_precision(precision, dev, bundle, kind)
         backend = _open(bundle, kind, prec, dev, int(batch_size), log, options)
-        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, {backend.batch_words()})")
+        log(f"backend: {_opened(backend)}")
         return backend
     failures = []
     for cand_kind, dev, why in _auto_candidates(bundle, device):
@@ -158,7 +165,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
             continue
         if backend.precision == "int8" and precision == "auto":
             why += f"; INT8 by the bundle's evidence: {bundle.cpu_precision_why}"
-        log(f"backend: {backend.name} ({backend.precision}, {backend.device}, {backend.batch_words()}) - {why}")
+        log(f"backend: {_opened(backend)} - {why}")
         return backend
     detail = "; ".join(failures) or INSTALL_ONNXRUNTIME
     raise QnkitInputError(f"no inference backend can run {bundle.path}: {detail}")

@@ -42,10 +42,6 @@ class Backend(abc.ABC):
             return min(self.batch_size, self.max_run_slices)
         return self.batch_size
 
-    def batch_words(self) -> str:
-        """``batch 16``, or ``batch 4, not 100000: ...`` where the backend runs fewer slices per call."""
-        return batch_words(self.batch_size, self.slices_per_call, self.name)
-
     def describe(self) -> dict:
         return {"name": self.name, "precision": self.precision, "device": self.device,
                 "batch_size": self.batch_size, "slices_per_call": self.slices_per_call, **self._details()}

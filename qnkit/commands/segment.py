@@ -353,7 +353,7 @@ def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool =
 
 
 def _batch_words(desc: dict) -> str:
-    """The batch a backend ran, as :meth:`qnkit.backends.base.Backend.batch_words` says it."""
+    """The batch a backend ran (:func:`qnkit.backends.base.batch_words`) from its ``describe()``."""
     from qnkit.backends.base import batch_words
 
     asked = desc.get("batch_size")
