@@ -45,6 +45,20 @@ def cgroup_cpu_limit(root: Path = _CGROUP_ROOT) -> float | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for naming the machine beside every timing."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup quota (rounded up), at least 1."""
     cpus = _affinity_cpus()

@@ -139,12 +139,9 @@ def _machine() -> dict:
     from qnkit.backends import nvidia_gpu_present
     from qnkit.cpus import available_cpus
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from qnkit.cpus import cpu_model
+
+    cpu = cpu_model()
     gpu = None
     if nvidia_gpu_present():
         try:
