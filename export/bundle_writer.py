@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, METADATA_NAME, TIMING_CACHE, VERSION,
-                          WEIGHTS, sealed_metadata_text, sha256_file)
+from qnkit.bundle import (ENGINE, FORMAT, FP16_ONNX, FP32_ONNX, INT8_ONNX, MC_ONNX, METADATA_NAME, TIMING_CACHE,
+                          VERSION, WEIGHTS, sealed_metadata_text, sha256_file)
 from qnkit._atomic import discard_temp, swap_in_dir, temp_dir
 from qnkit.errors import QnkitInputError
 
@@ -100,7 +100,8 @@ def _tool_versions() -> dict:
 def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", fp16: bool = False,
                   engine: bool = False, int8: bool = False, batches: tuple[int, int, int] = (1, 16, 32),
                   input_size: tuple[int, int] | None = None, force: bool = False, calibration_slices: int = 24,
-                  verify_batch_size: int = 16, int8_evidence: list | tuple = (), log=print) -> dict:
+                  verify_batch_size: int = 16, int8_evidence: list | tuple = (), mc_dropout: bool = True,
+                  quality_calibration: dict | None = None, log=print) -> dict:
     """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json).
 
     ``calibration_slices``: synthetic slices the INT8 calibration runs on. ONNX Runtime's percentile
@@ -110,6 +111,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     ``int8_evidence``: real CT files (NIfTI; never training data) on which the INT8 graph is compared
     with FP32 through the runtime's pipeline (:mod:`.int8_evidence`); the result decides the CPU default
     precision recorded in ``qnkit.json`` (``cpu_precision``). Implies ``int8``.
+    ``mc_dropout``: also write ``model.mc.onnx`` (Monte-Carlo dropout, :mod:`.mc_dropout`) for a network with
+    dropout. ``quality_calibration``: the quality verdict's limits and how they were chosen
+    (``python -m qnkit.benchmarks.quality_calibration fit``), recorded as ``qnkit.json`` "quality";
+    default: :data:`qnkit.quality.DEFAULT_CALIBRATION`, marked as not calibrated for this model.
     """
     import torch
     from safetensors.torch import save_file
@@ -196,6 +201,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         if trained and record["fp32"]["other_grid"]["p99_abs_diff"] > verify.BARS["fp32"]["p99_abs_diff"]:
             raise ExportError(f"verification failed: {FP32_ONNX} differs from eager on a {big.shape[2]}x"
                               f"{big.shape[3]} grid; no bundle written")
+        if mc_dropout and cfg.drop_out > 0:
+            from .mc_dropout import export_mc, verify_mc
+
+            log(f"exporting {MC_ONNX} (Monte-Carlo dropout: the Dropout2d masks as an input)...")
+            exports["mc"] = export_mc(model, tmp / MC_ONNX, hw)
+            record["mc"] = verify_mc(model, tmp / MC_ONNX, tmp / FP32_ONNX, x[:8])
         if fp16:
             from .fp16 import export_fp16
 
@@ -251,6 +262,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             "engine": engine_record,
             "verification": record,
         }
+        from qnkit.quality import DEFAULT_CALIBRATION
+
+        metadata["quality"] = quality_calibration or {**DEFAULT_CALIBRATION, "calibrated_for_this_model": False}
         if cpu_precision is not None:  # which graph `precision=auto` runs on the CPU, and why
             metadata["cpu_precision"] = cpu_precision
         metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -99,18 +99,27 @@ def fold_batchnorm(model: nn.Module, *, into_conv: bool = False, min_scale: floa
     return model, dict(counts)
 
 
-def export_module(module: nn.Module, path: Path, example: torch.Tensor, *, opset: int = OPSET) -> dict:
-    """Export ``module`` (image -> probability) with dynamic batch/height/width; check the graph."""
+def export_module(module: nn.Module, path: Path, example: torch.Tensor, *, opset: int = OPSET,
+                  extra_inputs: dict | None = None) -> dict:
+    """Export ``module`` (image -> probability) with dynamic batch/height/width; check the graph.
+
+    ``extra_inputs``: {name: example} of further inputs after the image (forward's parameters of the
+    same names), each with the image's dynamic batch as its first dimension (the Monte-Carlo graph's
+    dropout masks, :mod:`.mc_dropout`).
+    """
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     h16 = torch.export.Dim("h16", min=1, max=MAX_SIDE // 16)
     w16 = torch.export.Dim("w16", min=1, max=MAX_SIDE // 16)
+    extra_inputs = dict(extra_inputs or {})
     started = time.perf_counter()
     with torch.no_grad(), _quiet():
-        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, opset_version=opset,
-                          external_data=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes={"x": {0: batch, 2: 16 * h16, 3: 16 * w16}}, verbose=False)
+        torch.onnx.export(module.eval(), (example, *extra_inputs.values()), str(path), dynamo=True,
+                          opset_version=opset, external_data=False, input_names=[INPUT_NAME, *extra_inputs],
+                          output_names=[OUTPUT_NAME], verbose=False,
+                          dynamic_shapes={"x": {0: batch, 2: 16 * h16, 3: 16 * w16},
+                                          **{name: {0: batch} for name in extra_inputs}})
     seconds = time.perf_counter() - started
     graph = onnx.load(str(path))
     _rename_dims(graph)

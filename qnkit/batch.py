@@ -431,12 +431,19 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
     say = log or ((lambda m: console.print(m, markup=False)) if console is not None else (lambda m: None))
     opened: list = []
 
-    def backend_predict(x):
+    def backend_predict(x, keep=None):
+        """The network on slices x; with Dropout2d masks `keep`, a Monte-Carlo sample (qnkit.uncertainty)."""
         if predict is not None:
-            return predict(x)
+            return predict(x) if keep is None else predict(x, keep)
         if not opened:
             opened.append(_open_default(bundle, backend))
-        return opened[0].predict(x)
+        if keep is None:
+            return opened[0].predict(x)
+        if len(opened) < 2:
+            from qnkit.backends import open_sampler
+
+            opened.append(open_sampler(bundle, opened[0], log=say))
+        return opened[1].predict(x, keep)
 
     done = BatchResult()
     bar = progress_bar(console, progress)
@@ -455,7 +462,7 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                         from qnkit.dicom.output import check_referable
 
                         check_referable(source)  # before the slow part
-                    keep = source is not None or target.preview is not None
+                    keep = source is not None or target.preview is not None or options.keep_samples
                     try:
                         result = S.segment_file(
                             case, target.nifti, backend_predict, bundle=bundle, options=options, overwrite=overwrite,
@@ -488,6 +495,6 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                     say(f"qnkit: {case.name} failed: {' '.join(why.split())}")
                 bar.advance(cases_task)
     finally:
-        for engine in opened:
+        for engine in {id(e): e for e in opened}.values():
             engine.close()
     return done

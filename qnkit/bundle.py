@@ -10,6 +10,7 @@ A bundle is a folder::
     BUNDLE/model.int8.onnx       static QDQ INT8 graph (optional)
     BUNDLE/model.engine          serialized TensorRT engine (optional) + timing.cache
     BUNDLE/weights.safetensors   weights for the eager torch backend (network config in qnkit.json)
+    BUNDLE/model.mc.onnx         FP32 graph with a second input, dropout_keep (Monte-Carlo dropout; optional)
 
 The bundle folder is one signed-off unit and the trust boundary: ``qnkit.json`` carries
 ``manifest_sha256``, the SHA-256 of its own canonical content (every key but that one), and every
@@ -37,6 +38,7 @@ METADATA_NAME = "qnkit.json"
 MANIFEST_KEY = "manifest_sha256"
 FP32_ONNX, FP16_ONNX, INT8_ONNX = "model.onnx", "model.fp16.onnx", "model.int8.onnx"
 ENGINE, TIMING_CACHE, WEIGHTS = "model.engine", "timing.cache", "weights.safetensors"
+MC_ONNX = "model.mc.onnx"  # FP32 graph with Dropout2d masks as a second input (Monte-Carlo dropout)
 
 
 class BundleError(QnkitInputError):

@@ -40,7 +40,7 @@ __all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_probabilities",
            "load_case", "resolve_inputs", "output_path", "check_writable_folder", "parse_closing", "MASK_SUFFIX"]
 
 MASK_SUFFIX = "_kidneys.nii.gz"
-STAGES = ("load", "preprocess", "inference", "postprocess", "write")
+STAGES = ("load", "preprocess", "inference", "postprocess", "uncertainty", "write")
 
 
 @dataclass
@@ -62,6 +62,10 @@ class SegmentOptions:
     mirror: bool = False  # test-time mirroring (qnkit.inference.mirrored, applied by segment_ct): twice the work
     z_step_mm: float = 0.0  # inside the slab, predict one slice per this many mm and interpolate the
     #                         probabilities between (0: every slice; an approximation, see predict_kidney_slab)
+    quality: bool = False  # per-kidney quality verdict (qnkit.quality): a mirror pass over the kidneys' box
+    uncertainty: int = 0  # with quality: Monte-Carlo dropout samples over the kidneys' box (qnkit.uncertainty)
+    seed: int = 0  # the Monte-Carlo samples' seed (the same seed draws the same samples on every backend)
+    keep_samples: bool = False  # keep the CT, sides and samples in the result (for --uncertainty-map)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class CaseResult:
     sides: np.ndarray | None = field(default=None, repr=False)  # internal layout, 1 right, 2 left
     ct: np.ndarray | None = field(default=None, repr=False)
     geometry: qio.Geometry | None = field(default=None, repr=False)
+    samples: object | None = field(default=None, repr=False)  # qnkit.uncertainty.KidneySamples (with quality)
 
     @property
     def slices(self) -> int:
@@ -325,17 +330,27 @@ def model_arguments(model) -> dict:
     if isinstance(model, dict):
         pre = model["preprocessing"]
         return {"hu_window": (float(pre["hu_lo"]), float(pre["hu_hi"])), "threshold": float(pre.get("threshold", 0.5)),
-                "pad_multiple": int(pre.get("pad_multiple", 16)), "model_spacing": inference.model_pixel_spacing(model)}
+                "pad_multiple": int(pre.get("pad_multiple", 16)), "model_spacing": inference.model_pixel_spacing(model),
+                "dropout": _dropout_sites(model.get("network") or model.get("config"))}
     pre = model.metadata.get("preprocessing", {})
     return {"hu_window": model.hu_window, "threshold": model.threshold,
             "pad_multiple": int(pre.get("pad_multiple", model.size_divisor)),
-            "model_spacing": inference.model_pixel_spacing(model)}
+            "model_spacing": inference.model_pixel_spacing(model), "dropout": _dropout_sites(model.network)}
+
+
+def _dropout_sites(network: dict | None) -> dict | None:
+    """{"sites", "filters", "p"} of a QuickNAT config's Dropout2d layers (4 encoder + 4 decoder blocks);
+    None without a config or without dropout (then no Monte-Carlo samples can be drawn)."""
+    if not isinstance(network, dict) or not float(network.get("drop_out", 0.0)) > 0:
+        return None
+    return {"sites": 8, "filters": int(network["num_filters"]), "p": float(network["drop_out"])}
 
 
 def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_window, threshold: float = 0.5,
                pad_multiple: int = 16, model_spacing: float | None = None,
                options: SegmentOptions | None = None, progress=None, timings: dict | None = None,
-               network_mask: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+               network_mask: Callable[[np.ndarray], None] | None = None, dropout: dict | None = None,
+               samples_out: list | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The one path from a CT to its kidney mask. Returns (mask, sides, model_grid).
 
     `ct` is in the internal layout with its `geometry`; the model is `predict_batch` and the keywords
@@ -352,6 +367,12 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
 
     `network_mask`, when given, is called with the network's mask (uint8 {0, 1}, the input's grid)
     before post-processing changes it: the raw mask `qnkit evaluate` scores beside the output.
+
+    ``options.quality``: after post-processing, a mirror pass and ``options.uncertainty`` Monte-Carlo
+    dropout samples (``predict_batch(x, keep)``, masks from ``options.seed``; `dropout` is
+    :func:`model_arguments`' record of the network's Dropout2d) are drawn over the kidneys' box only
+    (:func:`qnkit.uncertainty.sample_kidneys`); the :class:`~qnkit.uncertainty.KidneySamples` (or None:
+    no kidney) is appended to `samples_out`, its seconds to timings["uncertainty"].
     """
     options = options or SegmentOptions()
     timings = timings if timings is not None else {}
@@ -369,6 +390,16 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     t = time.perf_counter()
     out, sides = post.kidney_sides(mask, ct, geometry, options, in_place=True)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t + timings.pop("upsample", 0.0)
+    if options.quality:
+        from qnkit.uncertainty import sample_kidneys
+
+        t = time.perf_counter()
+        drawn = sample_kidneys(ct, sides, geometry.spacing, predict_batch, samples=options.uncertainty,
+                               seed=options.seed, dropout=dropout, hu_window=hu_window, model_spacing=model_spacing,
+                               threshold=threshold, pad_multiple=pad_multiple, mirror_batch=predict_batch)
+        timings["uncertainty"] = timings.get("uncertainty", 0.0) + time.perf_counter() - t
+        if samples_out is not None:
+            samples_out.append(drawn)
     return out, sides, model_grid
 
 
@@ -402,11 +433,20 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
     timings: dict = {"load": load_s}
     if progress is not None:
         progress(0, ct.shape[0])
+    drawn: list = []
     mask, sides, model_grid = segment_ct(
         ct, geometry, predict_batch, **model_arguments(bundle), options=options,
-        progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings)
+        progress=(lambda n: progress(n, ct.shape[0])) if progress is not None else None, timings=timings,
+        samples_out=drawn)
     warnings += _report_warnings(case.name, checks.mask_warnings(mask), options.strict)
     stats = kidney_stats(sides, ct, geometry)
+    samples = drawn[0] if drawn else None
+    if options.quality:
+        from qnkit import quality as Q
+
+        calibration, source = Q.calibration_of(bundle)
+        for side, verdict in Q.kidney_quality(sides, ct, geometry.spacing, samples, calibration, source).items():
+            stats[side]["quality"] = verdict
     t = time.perf_counter()
     if out_path is not None:
         qio.save_mask(mask, geometry, out_path, overwrite=overwrite)
@@ -416,7 +456,7 @@ def segment_file(case: CaseInput, out_path: Path | None, predict_batch, *, bundl
                       spacing=geometry.spacing, voxel_volume_ml=geometry.voxel_volume_ml, stats=stats,
                       timings=timings, model_grid=model_grid, warnings=warnings,
                       sides=sides if keep_arrays else None, ct=ct if keep_arrays else None,
-                      geometry=geometry if keep_arrays else None)
+                      geometry=geometry if keep_arrays else None, samples=samples if keep_arrays else None)
 
 
 def _report_warnings(name: str, warnings: list[str], strict: bool) -> list[str]:

@@ -16,10 +16,10 @@ import importlib.util
 import os
 
 from qnkit.backends.base import PRECISIONS, Backend, batch_words
-from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, WEIGHTS, Bundle, BundleError
+from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, MC_ONNX, WEIGHTS, Bundle, BundleError
 from qnkit.errors import QnkitInputError
 
-__all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "nvidia_gpu_present"]
+__all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "open_sampler", "nvidia_gpu_present"]
 
 AVAILABLE_KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
 _ONNX_FOR = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
@@ -169,3 +169,34 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
         return backend
     detail = "; ".join(failures) or INSTALL_ONNXRUNTIME
     raise QnkitInputError(f"no inference backend can run {bundle.path}: {detail}")
+
+
+def open_sampler(bundle: Bundle, backend: Backend, *, log=print) -> Backend:
+    """A backend that draws Monte-Carlo dropout samples (``predict(x, keep)``) for ``bundle``, on ``backend``'s device.
+
+    The torch backend samples itself (weights + masks). Otherwise the bundle's ``model.mc.onnx`` on ONNX
+    Runtime (CPU, or CUDA / TensorRT execution providers on a GPU: how the TensorRT backend samples);
+    a bundle exported before that graph existed samples on eager torch from its weights. QnkitInputError
+    when neither can run here.
+    """
+    if backend.name == "torch":
+        return backend
+    device = backend.device
+    if bundle.has(MC_ONNX) and _installed("onnxruntime"):
+        from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend, gpu_providers
+
+        dev = device if device != "cpu" and gpu_providers() else "cpu"
+        sampler = OnnxRuntimeBackend(bundle, precision="fp32", device=dev, batch_size=backend.batch_size,
+                                     graph=MC_ONNX)
+        log(f"uncertainty: Monte-Carlo samples on {_opened(sampler)} with {MC_ONNX}")
+        return sampler
+    if _installed("torch") and _installed("safetensors") and bundle.has(WEIGHTS):
+        from qnkit.backends.torch_backend import TorchBackend
+
+        dev = device if device != "cpu" and _torch_cuda() else "cpu"
+        sampler = TorchBackend(bundle, device=dev, batch_size=backend.batch_size)
+        log(f"uncertainty: Monte-Carlo samples on {_opened(sampler)} (the bundle has no {MC_ONNX}: re-export it "
+            f"to sample on {backend.name})")
+        return sampler
+    raise QnkitInputError(f"{bundle.path}: cannot draw Monte-Carlo samples here: no {MC_ONNX} in the bundle "
+                          f"(re-export it) and no torch for its weights")

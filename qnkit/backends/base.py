@@ -61,9 +61,22 @@ class Backend(abc.ABC):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.predict(batch)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 1, h, w) in [0, 1] -> float32 probabilities (N, 1, h, w)."""
+    def _run_sampled(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Probabilities of one chunk with the Dropout2d masks ``keep`` (n, sites, filters): a backend
+        that can draw Monte-Carlo samples (:mod:`qnkit.uncertainty`) overrides this."""
+        raise QnkitInputError(f"the {self.name} backend ({getattr(self, 'model_name', 'this graph')}) "
+                              f"cannot draw Monte-Carlo dropout samples")
+
+    def predict(self, batch: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """float32 (N, 1, h, w) in [0, 1] -> float32 probabilities (N, 1, h, w).
+
+        ``keep``: float32 (N, sites, filters) Dropout2d masks, one per slice (Monte-Carlo dropout,
+        :meth:`_run_sampled`); None runs the eval-mode network."""
         x = np.asarray(batch)
+        if keep is not None:
+            keep = np.ascontiguousarray(keep, dtype=np.float32)
+            if keep.ndim != 3 or len(keep) != len(x):
+                raise ValueError(f"dropout masks must be (N, sites, filters) with N = {len(x)}, got {keep.shape}")
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"{self.name} backend expects slices (N, 1, h, w), got shape {x.shape}")
         n, _, h, w = x.shape
@@ -87,7 +100,13 @@ class Backend(abc.ABC):
                 buf = np.zeros((rows, 1, hh, ww), dtype=np.float32)
                 buf[:m, :, :h, :w] = chunk
                 chunk = buf
-            y = self._run(chunk)
+            if keep is None:
+                y = self._run(chunk)
+            else:
+                part = keep[start:start + m]
+                if rows != m:
+                    part = np.concatenate([part, np.ones((rows - m, *part.shape[1:]), np.float32)])
+                y = self._run_sampled(chunk, part)
             out[start:start + m] = y[:m, :, :h, :w]
         return out
 

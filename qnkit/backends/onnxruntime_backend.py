@@ -16,6 +16,7 @@ import numpy as np
 from qnkit.backends.base import Backend, check_precision
 from qnkit.cpus import default_threads
 from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle
+from qnkit.uncertainty import KEEP_INPUT
 from qnkit.errors import QnkitInputError
 
 GRAPHS = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
@@ -59,13 +60,13 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle | None = None, *, precision: str = "fp32", device: str = "cpu",
                  batch_size: int = 16, threads: int | None = None, tensorrt_ep: bool = True,
-                 model_path: str | Path | None = None, size_divisor: int = 16):
+                 model_path: str | Path | None = None, size_divisor: int = 16, graph: str | None = None):
         import onnxruntime as ort
 
         self.precision = check_precision(precision, tuple(GRAPHS), "onnxruntime")
         self.batch_size = int(batch_size)
         if model_path is None:
-            self.model_name = GRAPHS[precision]
+            self.model_name = graph or GRAPHS[precision]  # graph: another of the bundle's (model.mc.onnx)
             model = bundle.read(self.model_name)  # the verified bytes are what the session parses
             self.size_divisor = bundle.size_divisor
             self.fixed_hw = None if bundle.dynamic_hw else bundle.input_size
@@ -99,6 +100,7 @@ class OnnxRuntimeBackend(Backend):
         if not on_gpu:
             self.max_run_slices = CPU_RUN_SLICES
         self._input = self.session.get_inputs()[0].name
+        self._keep = next((i.name for i in self.session.get_inputs()[1:] if i.name == KEEP_INPUT), None)
         self._output = self.session.get_outputs()[0].name
         self._ort = ort
         self._threads = self.session.get_session_options().intra_op_num_threads
@@ -109,6 +111,19 @@ class OnnxRuntimeBackend(Backend):
         binding = self.session.io_binding()
         value = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self._device_id)
         binding.bind_ortvalue_input(self._input, value)
+        binding.bind_output(self._output, "cuda", self._device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _run_sampled(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Monte-Carlo dropout on the Monte-Carlo graph (:data:`qnkit.bundle.MC_ONNX`): masks as its second input."""
+        if self._keep is None:
+            return super()._run_sampled(x, keep)
+        if self.device == "cpu":
+            return self.session.run([self._output], {self._input: x, self._keep: keep})[0]
+        binding = self.session.io_binding()
+        for name, array in ((self._input, x), (self._keep, keep)):
+            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id))
         binding.bind_output(self._output, "cuda", self._device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

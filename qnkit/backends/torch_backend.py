@@ -65,6 +65,13 @@ class TorchBackend(Backend):
             graph.replay()
             return static_out.cpu().numpy()
 
+    def _run_sampled(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Monte-Carlo dropout: the eval network with Dropout2d's masks given (QuickNAT.forward's ``keep``)."""
+        torch = self._torch
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(torch.from_numpy(x).to(self._dev), torch.from_numpy(keep).to(self._dev))
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
     def _graph_for(self, shape: tuple):
         """Capture (once per shape) a CUDA graph of the forward pass on static buffers."""
         if shape not in self._graphs:

@@ -69,7 +69,9 @@ def command(
     strict: bool = typer.Option(False, "--strict", help="Out-of-domain warnings (not HU, slice thickness far outside "
                                                         "the model's range, orientation guessed, a volume too thin "
                                                         "to hold a kidney, no kidney found, kidney at the volume's "
-                                                        "edge) are errors: exit code 2, that case not written."),
+                                                        "edge) are errors: exit code 2, that case not written; and "
+                                                        "a kidney whose quality verdict is check ends with exit "
+                                                        "code 2 (its outputs are written)."),
     all_slices: bool = typer.Option(False, "--all-slices", help="Predict every slice (default: find the kidneys' "
                                                                 "slab with a coarse pass, then predict only there)."),
     z_step: float = typer.Option(0.0, "--z-step", metavar="MM", min=0.0,
@@ -78,6 +80,19 @@ def command(
                                       "every slice). 0: every slice."),
     mirror: bool = typer.Option(False, "--mirror", help="Test-time mirroring: average each slice's prediction with "
                                 "that of its left-right mirror image (twice the network work; nnU-Net's default)."),
+    quality: bool = typer.Option(True, "--quality/--no-quality", help="Per-kidney quality verdict (ok / check, "
+                                 "with the reason): plausibility of the mask and a test-time mirror pass over the "
+                                 "kidneys (about one more pass of the network over them)."),
+    uncertainty: int = typer.Option(0, "--uncertainty", metavar="N", min=0, max=64,
+                                    help="Also draw N Monte-Carlo dropout samples over the kidneys (Bayesian "
+                                         "QuickNAT's agreement and volume CV in the verdict; about N more passes "
+                                         "over the kidneys). 0: none."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Monte-Carlo samples (the same samples on every "
+                                                      "backend)."),
+    uncertainty_map: Optional[Path] = typer.Option(None, "--uncertainty-map", metavar="FILE.nii.gz",
+                                                   help="Write the voxel-wise disagreement of the mirror pass and "
+                                                        "the samples (0 agree .. 1 split) on the input's grid "
+                                                        "(single input)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     resume: bool = typer.Option(False, "--resume", help="Write a record (<name>_kidneys.json: stats, hashes of the "
                                                         "input, outputs and model) beside each mask, and skip cases "
@@ -116,10 +131,21 @@ def command(
     radius, unit = S.parse_closing(closing)
     options = S.SegmentOptions(batch_size=batch_size, postprocess=not no_postprocess, closing=radius,
                                closing_unit=unit, split_sides=split_sides, strict=strict, slab=not all_slices,
-                               z_step_mm=z_step, mirror=mirror,
+                               z_step_mm=z_step, mirror=mirror, quality=quality or uncertainty > 0 or
+                               uncertainty_map is not None, uncertainty=uncertainty, seed=seed,
+                               keep_samples=uncertainty_map is not None,
                                **{k: v for k, v in (("min_kidney_ml", min_kidney_ml), ("merge_mm", merge_mm))
                                   if v is not None})
     cases, batch = B.resolve_cases(inputs)
+    if uncertainty_map is not None:
+        from qnkit import io as qio
+
+        if batch:
+            raise QnkitInputError("--uncertainty-map takes one input")
+        if not qio.is_nifti_path(uncertainty_map):
+            raise QnkitInputError(f"--uncertainty-map {uncertainty_map}: expected a .nii or .nii.gz file name")
+        if uncertainty_map.exists() and not force:
+            raise QnkitInputError(f"{uncertainty_map} exists; pass --force to replace it")
 
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
@@ -170,16 +196,53 @@ def command(
                 raise B.BackendUnavailable(str(exc)) from None
         return opened[0]
 
+    def sampler():
+        """The backend that draws Monte-Carlo samples (the engine itself when it can; qnkit.backends.open_sampler)."""
+        if len(opened) < 2:
+            from qnkit.backends import open_sampler
+
+            opened.append(open_sampler(bundle, engine(), log=lambda msg: err.print(msg, markup=False)))
+        return opened[1]
+
+    def predict(x, keep=None):
+        return engine().predict(x) if keep is None else sampler().predict(x, keep)
+
     try:
-        done = B.segment_many(cases, bundle, options, outputs=plan, predict=lambda x: engine().predict(x),
+        done = B.segment_many(cases, bundle, options, outputs=plan, predict=predict,
                               series=series, overwrite=force or resumable, stop_on_error=len(cases) == 1 and not
                               current, progress=progress, console=err)
     finally:
-        for e in opened:
+        for e in {id(e): e for e in opened}.values():
             e.close()
+    if uncertainty_map is not None and done.results:
+        write_uncertainty_map(done.results[0], uncertainty_map, overwrite=force)
     summarize(done, opened[0] if opened else None, stats, bundle, console=Console(highlight=False, soft_wrap=True),
               current=current)
     _exit_on_failures(done, len(cases), err)
+    if strict and _flagged(done.results):
+        err.print(f"qnkit: error: --strict: quality check needed for {', '.join(_flagged(done.results))}",
+                  markup=False)
+        raise typer.Exit(2)
+
+
+def _flagged(results) -> list[str]:
+    """'case right' for each kidney whose quality verdict is check."""
+    return [f"{r.name} {side}" for r in results for side in ("right", "left")
+            if (r.stats.get(side, {}).get("quality") or {}).get("verdict") == "check"]
+
+
+def write_uncertainty_map(result, path: Path, *, overwrite: bool) -> None:
+    """The voxel-wise disagreement (:meth:`qnkit.uncertainty.KidneySamples.voxel_uncertainty`) as float32 NIfTI
+    on the input's grid (0 outside the kidneys' box)."""
+    import numpy as np
+
+    from qnkit import io as qio
+
+    if result.samples is None or result.geometry is None:
+        return
+    volume = np.zeros(result.shape, np.float32)
+    volume[result.samples.box] = result.samples.voxel_uncertainty()
+    qio.save_volume(volume, result.geometry, path, overwrite=overwrite)
 
 
 #: Precisions each backend runs (as its own check_precision calls say); "auto" picks one of them.
@@ -323,6 +386,7 @@ def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool =
 
     from qnkit import __version__ as version
     from qnkit._atomic import write_text_atomic
+    from qnkit.quality import describe_quality
     from qnkit.report import describe_sides
 
     results, failures = done.results, done.failures
@@ -335,7 +399,8 @@ def summarize(done, engine, stats, bundle, *, console, current=(), quiet: bool =
         target = done.outputs[r.name]
         paths = target.paths() + ([target.record] if target.record is not None else [])
         written = ", ".join(map(str, paths)) or "nothing written"
-        console.print(f"{r.name}: {describe_sides(r.stats)}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
+        verdicts = describe_quality({side: r.stats[side].get("quality") for side in ("right", "left")})
+        console.print(f"{r.name}: {describe_sides(r.stats)}{f' [quality: {verdicts}]' if verdicts else ''}; {r.slices} slices in {j['timings_s']['wall']:.2f} s "
                       f"({j['slices_per_s']} slices/s) -> {written}", markup=False)
     if stats is not None:
         doc = {"qnkit": version, "model": str(bundle.path), "backend": desc,

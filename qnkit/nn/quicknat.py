@@ -166,13 +166,25 @@ class QuickNAT(nn.Module):
                 f"QuickNAT expects input (N, {c}, H, W) with H and W divisible by {d}, "
                 f"got {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def dropout_sites(self) -> int:
+        """Dense blocks that end in Dropout2d (4 encoders + 4 decoders; the bottleneck has none)."""
+        return len(self.encoders) + len(self.decoders)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``x``; ``keep`` (N, dropout_sites, num_filters), when given, multiplies each dense
+        block's output channels (encoders first, then decoders deepest first) as that block's Dropout2d
+        would with the same mask: 0 for a dropped channel, 1/(1-p) for a kept one (Monte-Carlo dropout
+        with masks drawn outside the network, so every backend draws the same samples for one seed;
+        all ones is the eval-mode network). Call it on an eval-mode model."""
         if not is_tracing():
             self.check_input(x)
         k, mask = self.config.pool, self._unpool == "mask"
         skips, keys = [], []
-        for enc in self.encoders:
+        for site, enc in enumerate(self.encoders):
             x = enc(x)
+            if keep is not None:
+                x = x * keep[:, site, :, None, None]
             skips.append(x)
             if mask:
                 x, key = first_max_masks(x, k)
@@ -180,12 +192,15 @@ class QuickNAT(nn.Module):
                 x, key = F.max_pool2d(x, k, k, return_indices=True)
             keys.append(key)
         x = self.bottleneck(x)
-        for dec, skip, key in zip(self.decoders, reversed(skips), reversed(keys)):
+        for site, (dec, skip, key) in enumerate(zip(self.decoders, reversed(skips), reversed(keys)),
+                                                start=len(self.encoders)):
             if mask:
                 up = unpool_masked(x, key, k)
             else:
                 up = F.max_unpool2d(x, key, k, k, output_size=skip.shape[-2:])
             x = dec(torch.cat((skip, up), dim=1))
+            if keep is not None:
+                x = x * keep[:, site, :, None, None]
         return self.classifier(x)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
