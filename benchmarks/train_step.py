@@ -43,23 +43,27 @@ def _settings(crop: int, num_filters: int):
 
 
 def _flops_per_slice(model, shape: tuple) -> float:
-    """FLOPs of one forward + backward pass per slice of a micro-batch of `shape` (N, C, H, W)."""
+    """FLOPs of one forward + backward pass per slice of a micro-batch of `shape` (N, C, H, W), counted on one
+    slice (they are linear in the batch; the counter itself is slow)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.rand(shape)
+    x = torch.rand((1, *shape[1:]))
     counter = FlopCounterMode(display=False)
     with counter:
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / shape[0]
+    return float(counter.get_total_flops())
 
 
 def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int = 16, workdir: Path | None = None,
-        variants=VARIANTS, whole_side: int = RECIPE_SLICE_SIDE, progress: Callable[[str], None] = lambda _: None) -> dict:
+        variants=VARIANTS, whole_side: int = RECIPE_SLICE_SIDE, data: Path | None = None,
+        loader_workers: int | None = None, progress: Callable[[str], None] = lambda _: None) -> dict:
     """Time each variant's training loop on the same phantoms; per-slice seconds, slices/s, GFLOP/s and the
     speed-up of each variant over the first (whole slices, padded to `whole_side` as in the recipe, or to
-    the phantoms' largest grid where that is larger), measured side by side in this run."""
+    the phantoms' largest grid where that is larger), measured side by side in this run. `data`: a KiTS19-layout
+    folder to use instead of `cases` anatomy phantoms made in `workdir`; `loader_workers`: DataLoader processes
+    (default: the recipe's)."""
     import time
 
     import torch
@@ -73,7 +77,7 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
 
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-train-"))
     progress("training rows: phantoms")
-    data = _phantoms(workdir / "train-phantoms", cases, seed=0)
+    data = Path(data) if data is not None else _phantoms(workdir / "train-phantoms", cases, seed=0)
     base = _settings(0, num_filters)
     found = D.discover_cases(data)
     params = D.PreprocessParams.from_settings(base.data, float(base.data.pixel_spacing_mm))
@@ -90,8 +94,8 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
         solver = Solver(model, settings, device=torch.device("cpu"), info=dist.DistInfo(), run_dir=workdir / name,
                         meta={})
         sampler = EpochSubsetSampler(len(dataset), slices, seed=0)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch, sampler=sampler,
-                                             num_workers=settings.common.num_workers)
+        workers = settings.common.num_workers if loader_workers is None else loader_workers
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers)
         side = tuple(dataset[0][0].shape[-2:])
         flops = _flops_per_slice(model, (t.micro_batch, 1, *side))
         times = []
@@ -104,7 +108,7 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
                 times.append(time.perf_counter() - begin)
         seconds = sorted(times)[len(times) // 2] / slices
         rows.append({"variant": name, "crop_size": crop or None, "slice_shape": list(side),
-                     "micro_batch": t.micro_batch, "loader_workers": settings.common.num_workers,
+                     "micro_batch": t.micro_batch, "loader_workers": workers,
                      "seconds_per_slice": seconds, "slices_per_s": 1.0 / seconds,
                      "gflop_per_slice": flops / 1e9, "gflop_per_s": flops / 1e9 / seconds, "timings_s": times})
     baseline = rows[0]["seconds_per_slice"]

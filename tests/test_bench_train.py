@@ -7,10 +7,10 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def train_rows(tmp_path_factory):
+def train_rows(tmp_path_factory, synth_dataset):
     from qnkit.benchmarks import train_step
 
-    return train_step.run(slices=8, repeats=1, cases=1, num_filters=4, whole_side=64,
+    return train_step.run(slices=8, repeats=1, num_filters=4, whole_side=64, data=synth_dataset, loader_workers=0,
                           variants=(("whole", 0), ("window", 32)), workdir=tmp_path_factory.mktemp("bench-train"))
 
 
