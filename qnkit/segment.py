@@ -335,7 +335,8 @@ def model_arguments(model) -> dict:
     pre = model.metadata.get("preprocessing", {})
     return {"hu_window": model.hu_window, "threshold": model.threshold,
             "pad_multiple": int(pre.get("pad_multiple", model.size_divisor)),
-            "model_spacing": inference.model_pixel_spacing(model), "dropout": _dropout_sites(model.network)}
+            "model_spacing": inference.model_pixel_spacing(model),
+            "dropout": _dropout_sites(getattr(model, "network", None))}
 
 
 def _dropout_sites(network: dict | None) -> dict | None:

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC_LAYOUT = {"qnkit": "qnkit", "qnkit.train": "train", "qnkit.export": "export", "qnkit.benchmarks": "benchmarks"}
 
 # Files in the package folders that are deliberately not installed: shell drivers that run from a checkout
-# (benchmarks/gpu_session.sh and friends install the checkout on a lent GPU machine themselves).
-CHECKOUT_ONLY = {"qnkit.benchmarks": ["*.sh"]}
+# (benchmarks/gpu_session.sh and friends install the checkout on a lent GPU machine themselves), and the
+# committed results the README quotes (benchmarks/results/*.json: figures of one machine, not run-time data).
+CHECKOUT_ONLY = {"qnkit.benchmarks": ["*.sh", "results/*.json"]}
 
 # Build products and caches that live beside the sources in a working tree.
 BUILD_PRODUCTS = ("*.pyc", "*.so", "*.pyd", "*.c")
