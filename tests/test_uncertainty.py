@@ -22,7 +22,7 @@ def tiny_graphs(tmp_path_factory):
     """(model, Monte-Carlo graph) of a tiny QuickNAT with dropout 0.3 (one export: ~10 s of the budget)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from export.mc_dropout import export_mc
+    from qnkit.export.mc_dropout import export_mc
     from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
 
     torch.manual_seed(0)
