@@ -198,7 +198,7 @@ def _fitted_checkpoint_run(root: Path) -> Path:
 def shared_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """(RUN_DIR, BUNDLE_DIR): a fitted tiny checkpoint and its bundle exported once per session through the
     CLI with --fp16 --int8 on a 64x64 grid; shared read-only by the export, backend and bundle tests."""
-    pytest.importorskip("torch")
+    import torch  # noqa: F401
     import onnxruntime  # noqa: F401  (segmenting needs it: missing is an error, not a skip)
 
     def build(root: Path) -> None:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("torch")
+import torch  # noqa: F401
 import onnxruntime  # noqa: E402,F401  (segmenting needs it: missing is an error, not a skip)
 
 from qnkit.bundle import (BundleError, engine_mismatch, load_bundle, sealed_metadata_text,  # noqa: E402

@@ -87,7 +87,7 @@ def test_cgroup_files_v2_and_v1(tmp_path):
     (0, "abc", 2, None),  # an unusable value counts as unset
 ])
 def test_training_threads(monkeypatch, setting, env, ranks, expected):
-    torch = pytest.importorskip("torch")
+    import torch
     from qnkit.train import distributed as dist
     from qnkit.train.runner import _set_threads
     from qnkit.train.settings import Settings

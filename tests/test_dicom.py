@@ -23,10 +23,8 @@ from qnkit import io as qio
 from qnkit.dicom.series import DicomError, load_series
 from qnkit.errors import QnkitInputError
 
-pytest.importorskip("pydicom")
-pytest.importorskip("highdicom")
-
-
+import pydicom  # noqa: F401
+import highdicom  # noqa: F401
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> dict:
     """The referable real series (uncompressed; as shipped, JPEG 2000) and its variants (all the same CT)."""
@@ -40,7 +38,7 @@ def cases(tmp_path_factory) -> dict:
 
 def _sitk_grid(folder: Path, tmp: Path):
     """(CT, Geometry) of the series as SimpleITK reads it, through a NIfTI that SimpleITK writes."""
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     path = tmp / "sitk.nii.gz"
@@ -159,7 +157,7 @@ def test_seg_valid_and_equal_to_the_nifti_mask(reference_mask):
 
 
 def test_rtstruct_valid_and_rasterises_back(cases, reference_mask):
-    rt_utils = pytest.importorskip("rt_utils")
+    import rt_utils
     from qnkit import kernels
 
     img, outputs = reference_mask

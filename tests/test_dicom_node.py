@@ -28,8 +28,7 @@ import pytest
 import dicom_cases as D
 from fixtures.scanner_series import scanner_series
 
-pytest.importorskip("pynetdicom")
-
+import pynetdicom  # noqa: F401
 SCENARIO = Path(__file__).with_name("dicom_node_scenario.py")
 SCANNER_SCRIPT = Path(__file__).with_name("fixtures") / "scanner_series.py"
 

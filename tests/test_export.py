@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+import torch
+import onnx
 import onnxruntime  # noqa: E402,F401  (segmenting needs it: missing is an error, not a skip)
 
 HU = (-200.0, 400.0)  # the shared bundle's HU window (conftest.EXPORT_HU)

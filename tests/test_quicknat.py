@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from qnkit.nn.quicknat import (  # noqa: E402
     SE_BLOCKS, ChannelSELayer, ChannelSpatialSELayer, QuickNAT, QuickNATConfig, SpatialSELayer,
@@ -167,7 +167,7 @@ LEGACY_OPSET = 17
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """``WithSigmoid(model)`` in mask form, exported with a dynamic batch axis (``dynamo=False``)."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     model = small(se_block="CSSE").eval()
     path = tmp_path_factory.mktemp("onnx") / "quicknat_torchscript.onnx"
     wrapped = WithSigmoid(model.set_unpool("mask")).eval()

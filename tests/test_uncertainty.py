@@ -20,8 +20,8 @@ def test_draw_keep_is_dropout2d_masks_and_seeded():
 @pytest.fixture(scope="module")
 def tiny_graphs(tmp_path_factory):
     """(model, Monte-Carlo graph) of a tiny QuickNAT with dropout 0.3 (one export: ~10 s of the budget)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
+    import torch
+    import onnxruntime  # noqa: F401
     from qnkit.export.mc_dropout import export_mc
     from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
 

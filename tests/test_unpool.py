@@ -1,7 +1,7 @@
 """Mask-based (export-friendly) max pool/unpool == native MaxPool2d/MaxUnpool2d, ties included."""
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 import torch.nn.functional as F  # noqa: E402
 
 from qnkit.nn.unpool import (  # noqa: E402
