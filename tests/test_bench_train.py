@@ -32,6 +32,8 @@ def test_flops_scale_with_the_pixels_and_rates_follow_from_the_times(train_rows)
         assert row["slices_per_s"] == pytest.approx(1 / seconds)
         assert row["gflop_per_s"] == pytest.approx(row["gflop_per_slice"] / seconds)
         assert row["speedup_per_slice"] == pytest.approx(whole["seconds_per_slice"] / seconds)
+        assert row["best_seconds_per_slice"] == pytest.approx(min(row["timings_s"]) / train_rows["slices_per_timing"])
+        assert row["best_speedup_per_slice"] == pytest.approx(whole["best_seconds_per_slice"] / row["best_seconds_per_slice"])
 
 
 def test_the_table_prints_every_row(train_rows):
