@@ -24,7 +24,8 @@ def installed(module: str) -> bool:
 def extra_providing(module: str) -> str | None:
     """The qnkit extra (``train``, ``plot``, ``dicom``, ...) whose requirements install ``module``, read from
     qnkit's own package metadata so that it cannot drift from pyproject.toml; None when no extra does (or
-    qnkit is not installed). The catch-all ``dev`` extra is named only when nothing else installs it."""
+    qnkit is not installed). The catch-all ``dev`` extra, and ``gpu`` (a GPU server's CUDA stack), are named
+    only when nothing else installs it: torch on a CPU machine comes with ``train``, not with ``gpu``."""
     import importlib.metadata as md
     import re
 
@@ -40,7 +41,7 @@ def extra_providing(module: str) -> str | None:
         found = re.match(r"\s*([A-Za-z0-9_.\-]+).*?extra\s*==\s*['\"]([^'\"]+)['\"]", line)
         if found and found.group(1).lower().replace("-", "_") == wanted:
             extras.append(found.group(2))
-    return next((e for e in extras if e != "dev"), extras[0] if extras else None)
+    return next((e for e in extras if e not in ("dev", "gpu")), extras[0] if extras else None)
 
 
 def install_hint(module: str, extra: str | None = None) -> str:
