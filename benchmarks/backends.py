@@ -5,6 +5,12 @@ repeated timings; its speed is also given as a ratio to the eager FP32 model mea
 run on the same device, and its masks are compared with those of eager FP32 on the CPU (Dice
 agreement). With an untrained bundle the
 agreement figures are flagged as not meaningful (speed does not depend on the weights).
+
+Each row also gives the network's achieved GFLOP/s (the FLOPs of one forward pass on the bench's grid,
+counted from the ONNX graph, times slices/s) and, on the CPU, that as a percentage of the machine's
+measured GEMM peak for the row's data type on the same threads (:mod:`qnkit.benchmarks.peak`): FP32 rows
+against an FP32 matrix product, INT8 rows against an INT8 one. FP16 on the CPU and GPU rows get GFLOP/s
+without a peak.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import numpy as np
 
 from qnkit import kernels
 from qnkit.benchmarks.timing import measure
-from qnkit.bundle import FP16_ONNX, INT8_ONNX, Bundle, load_bundle
+from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, load_bundle
 
 
 @dataclass(frozen=True)
@@ -129,13 +135,46 @@ def _in_subprocess(bundle: Bundle, config: BackendConfig, batch_sizes, repeats: 
     return result
 
 
+def network_floor(bundle: Bundle, *, progress: Callable[[str], None] | None = None) -> dict:
+    """The FLOPs of one slice on the bench's grid (FP32 graph, and the INT8 graph's share in INT8) and the
+    measured GEMM peak of FP32 and, when the bundle has an INT8 graph, INT8, on the backends' threads."""
+    from qnkit.benchmarks import peak
+
+    flops = {"fp32": peak.network_flops(bundle.read(FP32_ONNX), bundle.input_size)}
+    precisions = ["fp32"]
+    if bundle.has(INT8_ONNX):
+        flops["int8"] = peak.network_flops(bundle.read(INT8_ONNX), bundle.input_size)
+        precisions.append("int8")
+    peaks = {}
+    for precision in precisions:
+        if progress:
+            progress(f"measuring the {precision.upper()} GEMM peak")
+        peaks[precision] = peak.measure_peak(precision)
+    return {"flops": flops, "peak": peaks}
+
+
+def _with_floor(row: dict, floor: dict) -> dict:
+    """`row` with its GFLOP/s and, where a peak of its data type on its device was measured, % of that peak."""
+    from qnkit.benchmarks.peak import achieved
+
+    flops = floor["flops"].get(row["precision"], floor["flops"]["fp32"])["flops_per_slice"]
+    peak = floor["peak"].get(row["precision"]) if row["device"] == "cpu" else None
+    gflop_per_s, percent = achieved(flops, row["slices_per_s"], peak["gflop_per_s"] if peak else None)
+    return {**row, "flops_per_slice": flops, "gflop_per_s": gflop_per_s,
+            "peak_gflop_per_s": peak["gflop_per_s"] if peak else None, "percent_of_peak": percent}
+
+
 def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained: bool = True,
         gpu: bool = False, tensorrt: bool = False, progress: Callable[[str], None] | None = None,
-        log=print) -> list[dict]:
-    """One row per (backend, batch size) with slices/s, speed-up over eager FP32 and mask agreement.
+        log=print, floor: dict | None = None) -> list[dict]:
+    """One row per (backend, batch size) with slices/s, speed-up over eager FP32, mask agreement, and the
+    network's GFLOP/s with its % of the measured peak (:func:`network_floor`, written into `floor` when given).
 
     Each backend runs in its own process, one after the other, on the same slices.
     """
+    measured_floor = network_floor(bundle, progress=progress)
+    if floor is not None:
+        floor.update(measured_floor)
     rows, eager_rate, eager_masks = [], {}, None
     with tempfile.TemporaryDirectory(prefix="qnkit-bench-masks-") as tmp:
         for i, config in enumerate(configs_for(bundle, gpu, tensorrt)):
@@ -157,13 +196,13 @@ def run(bundle: Bundle, *, batch_sizes=(1, 4, 16, 32), repeats: int = 3, trained
                 if config.kind == "torch" and config.precision == "fp32" and not config.options:
                     eager_rate[config.device, batch] = rate
                 baseline = eager_rate.get((config.device, batch))
-                rows.append({
+                rows.append(_with_floor({
                     "backend": config.label, "kind": config.kind, "precision": config.precision,
                     "device": config.device, "batch": batch, "seconds": timing, "slices_per_s": rate,
                     "speedup_vs_eager_fp32": rate / baseline if baseline else None,
                     "dice_agreement_vs_eager": agreement, "agreement_meaningful": trained,
                     "describe": result["describe"],
-                })
+                }, measured_floor))
     return rows
 
 
