@@ -100,17 +100,20 @@ def _tool_versions() -> dict:
 def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best", fp16: bool = False,
                   engine: bool = False, int8: bool = False, batches: tuple[int, int, int] = (1, 16, 32),
                   input_size: tuple[int, int] | None = None, force: bool = False, calibration_slices: int = 24,
-                  verify_batch_size: int = 16, int8_evidence: list | tuple = (), mc_dropout: bool = True,
-                  quality_calibration: dict | None = None, log=print) -> dict:
+                  verify_batch_size: int = 16, int8_evidence: list | tuple = (), int8_phantoms: int | str | Path = 20,
+                  mc_dropout: bool = True, quality_calibration: dict | None = None, log=print) -> dict:
     """Write the bundle ``out`` from ``run_dir``'s checkpoint; returns its metadata (qnkit.json).
 
-    ``calibration_slices``: synthetic slices the INT8 calibration runs on. ONNX Runtime's percentile
-    calibrator keeps every intermediate output of all of them in memory: 24 slices of the full-size
-    network at 256x256 held over 6 GB. ``verify_batch_size``: slices per batch when the graphs are
+    ``calibration_slices``: slices per anatomy phantom the INT8 calibration runs on (3 phantoms on the
+    model's grid for a trained checkpoint, 1 for an untrained one; :mod:`.int8`), folded into the
+    calibrator one batch of 8 at a time. A trained checkpoint's INT8 graph keeps the convolutions that
+    hurt the mask most in float (per-layer sensitivity on 3 tuning phantoms, recorded in
+    ``export.int8``). ``verify_batch_size``: slices per batch when the graphs are
     checked against the eager model (eager FP32 holds about 0.4 GB per slice of a batch at 256x256).
     ``int8_evidence``: real CT files (NIfTI; never training data) on which the INT8 graph is compared
-    with FP32 through the runtime's pipeline (:mod:`.int8_evidence`); the result decides the CPU default
-    precision recorded in ``qnkit.json`` (``cpu_precision``). Implies ``int8``.
+    with FP32 through the runtime's pipeline (:mod:`.int8_evidence`), together with ``int8_phantoms``
+    held-out anatomy phantoms (a number to make, seed 77, or a folder of cases); the result decides the
+    CPU default precision recorded in ``qnkit.json`` (``cpu_precision``). Implies ``int8``.
     ``mc_dropout``: also write ``model.mc.onnx`` (Monte-Carlo dropout, :mod:`.mc_dropout`) for a network with
     dropout. ``quality_calibration``: the quality verdict's limits and how they were chosen
     (``python -m qnkit.benchmarks.quality_calibration fit``), recorded as ``qnkit.json`` "quality";
@@ -214,21 +217,30 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             exports["fp16"] = export_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX)
             record["fp16"] = check("fp16", tmp / FP16_ONNX, bar_applies=trained)
         if int8:
-            from .int8 import quantize_int8
+            from .int8 import ModelGrid, quantize_int8
 
-            log(f"quantising {INT8_ONNX} (static QDQ, synthetic calibration)...")
-            calib, _ = verify.synthetic_slices(hw, hu_window, seed=777, cases=2,
-                                               per_case=max(1, calibration_slices // 2))
-            exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, calib)
+            grid = ModelGrid(hu_window=hu_window, model_spacing=(cmeta.get("domain") or {}).get("pixel_spacing_mm"),
+                             pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)))
+            log(f"quantising {INT8_ONNX} (static QDQ, calibrated on phantoms on the model's grid"
+                + (", per-layer sensitivity search)..." if trained else "; untrained: no search)..."))
+            exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, grid, threshold=threshold,
+                                            search=trained, calibration_cases=3 if trained else 1,
+                                            slices_per_case=calibration_slices, log=log)
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
-            from .int8_evidence import decide, int8_real_ct_evidence
+            from .int8_evidence import decide, int8_phantom_evidence, int8_real_ct_evidence
 
             if int8_evidence:
-                record["int8_real_ct"], cpu_precision = int8_real_ct_evidence(
-                    tmp / FP32_ONNX, tmp / INT8_ONNX, int8_evidence, hu_window=hu_window, threshold=threshold,
-                    pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)),
-                    model_spacing=(cmeta.get("domain") or {}).get("pixel_spacing_mm"),
-                    size_divisor=cfg.size_divisor, log=log)
+                model_args = {"hu_window": hu_window, "threshold": threshold, "pad_multiple": grid.pad_multiple,
+                              "model_spacing": grid.model_spacing}
+                record["int8_real_ct"], _ = int8_real_ct_evidence(
+                    tmp / FP32_ONNX, tmp / INT8_ONNX, int8_evidence, **model_args, size_divisor=cfg.size_divisor,
+                    log=log)
+                record["int8_phantoms"] = int8_phantom_evidence(
+                    tmp / FP32_ONNX, tmp / INT8_ONNX, int8_phantoms, **model_args, size_divisor=cfg.size_divisor,
+                    log=log)
+                cpu_precision = decide(record["int8_real_ct"]["cts"], record["int8_phantoms"],
+                                       graph=exports["int8"])
+                log(f"CPU default precision: {cpu_precision['default']} ({cpu_precision['why']})")
             else:
                 cpu_precision = decide([])
         else:

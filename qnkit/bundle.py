@@ -30,7 +30,8 @@ from pathlib import Path
 from qnkit.errors import QnkitInputError
 
 __all__ = ["FORMAT", "VERSION", "METADATA_NAME", "MANIFEST_KEY", "BundleError", "Bundle", "load_bundle",
-           "sha256_file", "sha256_bytes", "manifest_sha256", "sealed_metadata_text", "engine_mismatch"]
+           "sha256_file", "sha256_bytes", "manifest_sha256", "sealed_metadata_text", "engine_mismatch",
+           "int8_dot_product"]
 
 FORMAT = "qnkit-bundle"
 VERSION = 1
@@ -126,13 +127,23 @@ class Bundle:
         return dict(self.metadata["model"]["network"])
 
     @property
-    def cpu_precision(self) -> str:
-        """The graph ``precision="auto"`` runs on the CPU: "int8" only when ``qnkit.json``'s ``cpu_precision``
-        says so on evidence that passed (``verification.int8_real_ct``, real CTs, written by
-        ``qnkit export --int8-evidence``) and the INT8 graph is in the bundle; "fp32" otherwise."""
+    def int8_evidence_passed(self) -> bool:
+        """True when ``qnkit.json`` chose INT8 on evidence that passed: the real CTs
+        (``verification.int8_real_ct``, ``qnkit export --int8-evidence``) and the held-out phantoms
+        (``verification.int8_phantoms``), with the INT8 graph in the bundle."""
         choice = self.metadata.get("cpu_precision") or {}
-        evidence = (self.metadata.get("verification") or {}).get("int8_real_ct") or {}
-        if choice.get("default") == "int8" and evidence.get("passed") is True and self.has(INT8_ONNX):
+        verification = self.metadata.get("verification") or {}
+        real = verification.get("int8_real_ct") or {}
+        phantoms = verification.get("int8_phantoms") or {}
+        return (choice.get("default") == "int8" and real.get("passed") is True and phantoms.get("passed") is True
+                and self.has(INT8_ONNX))
+
+    @property
+    def cpu_precision(self) -> str:
+        """The graph ``precision="auto"`` runs on the CPU: "int8" only when the bundle's INT8 evidence passed
+        (:attr:`int8_evidence_passed`) and this CPU has an INT8 dot-product instruction
+        (:func:`int8_dot_product`: without one INT8 is not the fast path it is meant to be); "fp32" otherwise."""
+        if self.int8_evidence_passed and int8_dot_product()[0]:
             return "int8"
         return "fp32"
 
@@ -140,9 +151,13 @@ class Bundle:
     def cpu_precision_why(self) -> str:
         """One line on why :attr:`cpu_precision` is what it is."""
         choice = self.metadata.get("cpu_precision") or {}
-        if self.cpu_precision == "int8":
-            return str(choice.get("why", "INT8 verified on real CT"))
-        return str(choice.get("why") or "no INT8 evidence on real CT in this bundle")
+        if not self.int8_evidence_passed:
+            return str(choice.get("why") or "no INT8 evidence on real CT and phantoms in this bundle")
+        has_it, instruction = int8_dot_product()
+        why = str(choice.get("why", "INT8 verified on real CT and phantoms"))
+        if has_it:
+            return f"{why}; this CPU has {instruction}"
+        return f"the INT8 evidence passed ({why}), but this CPU has no INT8 dot-product instruction ({instruction})"
 
     @property
     def engine(self) -> dict | None:
@@ -195,6 +210,29 @@ class Bundle:
             data = self.read(name)
             checked.append({"name": name, "bytes": len(data), "sha256": record["sha256"]})
         return checked
+
+
+#: CPU flags (Linux /proc/cpuinfo) of an INT8 dot-product instruction: x86 VNNI (AVX512 or AVX) and AMX, ARM's
+#: SDOT/UDOT and I8MM. ONNX Runtime's INT8 kernels are its fast path only with one of them.
+INT8_DOT_PRODUCT_FLAGS = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8",
+                          "asimddp": "ARM dot product (SDOT/UDOT)", "i8mm": "ARM I8MM"}
+
+
+def int8_dot_product(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
+    """(whether this CPU has an INT8 dot-product instruction, which one or why not), from /proc/cpuinfo."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False, f"cannot tell: {cpuinfo} unreadable (not Linux?)"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    found = [name for flag, name in INT8_DOT_PRODUCT_FLAGS.items() if flag in flags]
+    if found:
+        return True, ", ".join(found)
+    return False, f"none of {', '.join(INT8_DOT_PRODUCT_FLAGS.values())} in its flags"
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:

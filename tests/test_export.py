@@ -79,7 +79,12 @@ def test_prelu_exported_as_leaky_relu(shared_bundle):
     assert "PRelu" not in ops and ops["LeakyRelu"] == 27  # 9 dense blocks x 3 activations
 
 
-def test_int8_graph_quantises_only_the_inner_spatial_convolutions(shared_bundle):
+def test_int8_graph_quantises_inner_spatial_convolutions_the_search_kept(shared_bundle):
+    """Only inner k x k convolutions can run in INT8 (first, last and 1x1 stay in float); which of them do is what
+    the export's sensitivity search recorded, and its record holds: every candidate scored alone, every step's
+    figures, and the INT8 set is exactly the accepted steps, each at the target on the tuning phantoms."""
+    from qnkit.export.int8 import CALIBRATIONS, CASE_FLOOR, quantised_convolutions
+
     graph = onnx.load(str(shared_bundle[1] / "model.int8.onnx")).graph
     producers = {out: node for node in graph.node for out in node.output}
     weights = {init.name: list(init.dims) for init in graph.initializer}
@@ -92,11 +97,24 @@ def test_int8_graph_quantises_only_the_inner_spatial_convolutions(shared_bundle)
     convs = [node for node in graph.node if node.op_type == "Conv"]
     shapes = [weight_shape(conv) for conv in convs]
     assert not shapes[0][1] and not shapes[-1][1], "first and last convolutions stay in float"
-    for shape, quantised in shapes[1:-1]:
-        assert quantised == (shape[2] * shape[3] > 1), shape
-    assert sum(quantised for _, quantised in shapes) > 0
+    candidates = {conv.name for conv, (shape, _) in zip(convs[1:-1], shapes[1:-1]) if shape[2] * shape[3] > 1}
+    in_int8 = set(quantised_convolutions(shared_bundle[1] / "model.int8.onnx"))
+    assert in_int8 <= candidates and in_int8, "only inner k x k convolutions run in INT8, and some do"
+
     meta = _meta(shared_bundle[1])["export"]["int8"]
-    assert meta["activations"] == "uint8 asymmetric" and meta["calibration"].startswith("percentile")
+    assert meta["activations"].startswith("uint8 asymmetric") and meta["calibration"] in {c[0] for c in CALIBRATIONS}
+    assert {q["node"] for q in meta["quantised"]} == in_int8 and meta["quantised_convolutions"] == len(in_int8)
+    assert {k["node"] for k in meta["kept_float"]} == {conv.name for conv in convs} - in_int8
+    assert all(k["why"] for k in meta["kept_float"]) and 0 < meta["int8_flops_share"] < 1
+    search = meta["search"]
+    assert {row["node"] for row in search["sensitivity"]} == candidates
+    assert all(0 <= row["dice_alone"] <= 1 and row["module"] for row in search["sensitivity"])
+    accepted = [step for step in search["steps"] if step["accepted"]]
+    assert {step["node"] for step in accepted} == in_int8
+    assert all(step["dice"] >= search["target_dice"] and step["worst_case_dice"] >= CASE_FLOOR for step in accepted)
+    assert all(not (step["dice"] >= search["target_dice"] and step["worst_case_dice"] >= CASE_FLOOR)
+               for step in search["steps"] if not step["accepted"])
+    assert search["equalised_fp32_dice"] >= 0.999  # equalising the inputs leaves the FP32 masks as they were
 
 
 def test_fp16_graph_is_strongly_typed_fp16(shared_bundle):
