@@ -182,9 +182,12 @@ def command(
             import importlib.util
 
             with timed("backends"):
+                floor: dict = {}  # the network's FLOPs per slice and the measured GEMM peaks
                 report["backends"] = backend_bench.run(
                     bundle, batch_sizes=batches, repeats=repeats or plan.backend_repeats, trained=trained,
-                    gpu=gpu, tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say)
+                    gpu=gpu, tensorrt=gpu and importlib.util.find_spec("tensorrt") is not None, progress=say,
+                    floor=floor)
+                report["network_floor"] = floor
         if "e2e" in sections:
             from qnkit.benchmarks import e2e
 
@@ -259,17 +262,24 @@ def _print(console, report: dict) -> None:
         note = "" if bundle["trained"] else " (untrained weights: agreement not meaningful)"
         table = Table(title=f"Backends, QuickNAT {bundle['network'].get('num_filters')} filters, "
                             f"{bundle['input_size'][0]}x{bundle['input_size'][1]} input{note}")
-        for column in ("backend", "batch", "slices/s", "spread", "x eager FP32", "Dice vs eager"):
+        for column in ("backend", "batch", "slices/s", "spread", "x eager FP32", "Dice vs eager", "GFLOP/s",
+                       "% of peak"):
             table.add_column(column, justify="left" if column == "backend" else "right", no_wrap=True)
         for row in rows:
             if "error" in row:
-                table.add_row(row["backend"], "-", "-", "-", "-", f"[red]{row['error'][:60]}[/red]")
+                table.add_row(row["backend"], "-", "-", "-", "-", f"[red]{row['error'][:60]}[/red]", "-", "-")
                 continue
-            speedup = row["speedup_vs_eager_fp32"]
+            speedup, percent = row["speedup_vs_eager_fp32"], row.get("percent_of_peak")
             table.add_row(row["backend"], str(row["batch"]), f"{row['slices_per_s']:.2f}",
                           f"{row['seconds']['spread']:.0%}", f"{speedup:.2f}" if speedup else "-",
-                          f"{row['dice_agreement_vs_eager']:.4f}")
+                          f"{row['dice_agreement_vs_eager']:.4f}", f"{row['gflop_per_s']:.1f}",
+                          f"{percent:.0f}" if percent is not None else "-")
         console.print(table)
+        floor = report.get("network_floor")
+        if floor:
+            from qnkit.benchmarks.peak import describe_floor
+
+            console.print(describe_floor(floor))
     e2e = report.get("e2e")
     if e2e:
         case, d, e = e2e["case"], e2e["default"], e2e["eager"]
