@@ -58,7 +58,9 @@ def mass_pair(index: int, *, seed: int = 0, labels_from: Path | None = None, vol
 def _segment(image_path: Path, model: str, stats: Path) -> dict:
     cmd = [sys.executable, "-m", "qnkit", "segment", str(image_path), "--model", model, "--stats", str(stats),
            "--out", str(image_path.with_name(image_path.name.replace(".nii.gz", "_kidneys.nii.gz"))), "--no-progress"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"qnkit segment {image_path} failed ({done.returncode}): {done.stderr.strip()}")
     return json.loads(stats.read_text())
 
 
@@ -100,7 +102,19 @@ def main(argv=None) -> None:
     parser.add_argument("--labels-from", type=Path, help="KiTS19 label maps for the kidneys (default: the atlas's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    result = measure(args.model, cases=args.cases, seed=args.seed, labels_from=args.labels_from)
+    from qnkit.errors import QnkitInputError
+    from qnkit.models import resolve_model
+
+    try:  # a model that cannot be found is one line before any phantom is made
+        bundle = resolve_model(args.model)
+        if not (bundle / "qnkit.json").is_file():
+            raise QnkitInputError(f"{args.model}: no model bundle there (`qnkit models` lists the shipped ones)")
+        if args.cases < 1:
+            raise QnkitInputError(f"--cases must be at least 1, got {args.cases}")
+    except QnkitInputError as exc:
+        print(f"mass_effect: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = measure(str(bundle), cases=args.cases, seed=args.seed, labels_from=args.labels_from)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text + "\n")
