@@ -146,7 +146,13 @@ def _quoted_figures() -> list[str]:
     epoch_min = [row["seconds"] / 60 for row in ks]
     demo = json.loads((ROOT / "benchmarks" / "results" / "demo-amd-epyc-2cpu.json").read_text())["last"]
     dice = [c["dice"] for c in demo["cases"]]
+    train = {r["variant"]: r for r in
+             json.loads((ROOT / "benchmarks" / "results" / "train-amd-epyc-2cpu.json").read_text())["train"]["rows"]}
+    whole, window = train["whole"], train["window"]
     return [
+        f"a window costs {window['seconds_per_slice']:.3f} s against {whole['seconds_per_slice']:.3f} s for a whole "
+        f"slice ({window['speedup_per_slice']:.2f}x per slice; {window['gflop_per_slice']:.2f} against "
+        f"{whole['gflop_per_slice']:.2f} GFLOP, {window['gflop_per_s']:.0f} against {whole['gflop_per_s']:.0f} GFLOP/s)",
         f"held-out case of the run's test split ({['one', 'two', 'three'][len(dice) - 1]})",
         f"load average {demo['machine']['load_average_1_5_15min'][2]:.1f} over the last 15 minutes",
         f"test Dice {' and '.join(f'{d:.4f}' for d in dice)}, mean {demo['mean_dice']:.4f}",
