@@ -235,12 +235,30 @@ def _write_dicom(result, source, outputs: CaseOutputs, bundle, overwrite: bool) 
     if outputs.seg is not None:
         from qnkit.dicom.seg import write_seg
 
-        write_seg(result.sides, result.geometry, source, outputs.seg, algorithm=algorithm, overwrite=overwrite)
+        write_seg(result.sides, result.geometry, source, outputs.seg, algorithm=algorithm, overwrite=overwrite,
+                  quality=_quality_of(result))
     if outputs.rtstruct is not None:
         from qnkit.dicom.rtstruct import write_rtstruct
 
         write_rtstruct(result.sides, result.geometry, source, outputs.rtstruct, algorithm=algorithm,
                        overwrite=overwrite)
+
+
+def _quality_of(result) -> dict | None:
+    """{"right": verdict or None, "left": ...} of a result segmented with quality on; None without."""
+    quality = {side: (result.stats.get(side) or {}).get("quality") for side in ("right", "left")}
+    return quality if any(q is not None for q in quality.values()) else None
+
+
+def _uncertainty_volume(result):
+    """The Monte-Carlo disagreement on the CT's grid (zeros outside the sampled box); None without samples."""
+    import numpy as np
+
+    if result.samples is None or result.samples.count == 0:
+        return None
+    volume = np.zeros(result.sides.shape, np.float32)
+    volume[result.samples.box] = result.samples.voxel_uncertainty()
+    return volume
 
 
 def _write_preview(result, path: Path, bundle, name: str) -> None:
@@ -249,7 +267,8 @@ def _write_preview(result, path: Path, bundle, name: str) -> None:
     from qnkit.report import describe_sides
 
     png = render_preview(result.ct, result.sides, result.spacing, window=bundle.hu_window,
-                         title=f"{name}: {describe_sides(result.stats)}")
+                         title=f"{name}: {describe_sides(result.stats)}", uncertainty=_uncertainty_volume(result),
+                         quality=_quality_of(result))
     write_bytes_atomic(path, png)
 
 
@@ -480,7 +499,9 @@ def segment_many(cases, bundle, options=None, *, outputs: dict | None = None, pr
                             if p not in existed:
                                 p.unlink(missing_ok=True)
                         raise
-                    result.ct = result.sides = result.geometry = None
+                    result.ct = result.sides = None
+                    if not options.keep_samples:  # --uncertainty-map needs both after the batch
+                        result.geometry = result.samples = None
                     done.results.append(result)
                     done.outputs[case.name] = target
                 except BackendUnavailable as exc:
