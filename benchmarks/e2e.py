@@ -9,7 +9,11 @@ only where the default differs from the card's baseline:
 - ``default``: what ``qnkit segment CT`` does: backend ``auto`` (ONNX Runtime on the CPU, INT8 only
   where the bundle's real-CT evidence chose it), the kidney slab (a coarse pass, then every slice
   of the slab only);
-- ``eager``: eager PyTorch FP32 on every slice (``--backend torch --all-slices``).
+- ``eager``: eager PyTorch FP32 on every slice (``--backend torch --all-slices``);
+- ``uncertainty``: the default path with the per-kidney quality verdict and N Monte-Carlo dropout
+  samples (``--quality --uncertainty N``; N = :data:`UNCERTAINTY_SAMPLES`, fewer in a quick run): what
+  the verdict costs, as ``cost_vs_plain`` (its wall time over the default path's). One timed run,
+  whatever the mode: it does the default path's work and about N + 1 more passes over the kidneys' box.
 
 Each path runs in a fresh process (``python -m qnkit.benchmarks.e2e``), so its peak memory is its
 own and neither inherits the other's thread pools or caches: backend opened, one warm-up batch,
@@ -39,6 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from qnkit.segment import STAGES
+
+#: Monte-Carlo samples of the ``uncertainty`` row: the calibration's (benchmarks/quality_calibration.py);
+#: `qnkit segment --uncertainty` has no default N.
+UNCERTAINTY_SAMPLES = 8
 PATHS = {
     "default": {"backend": "auto", "precision": "auto", "slab": True,
                 "what": "qnkit segment's defaults: backend auto (ONNX Runtime on the CPU; INT8 only where the "
@@ -46,6 +54,9 @@ PATHS = {
     "eager": {"backend": "torch", "precision": "fp32", "slab": False,
               "what": "eager PyTorch FP32 on every slice (qnkit segment --backend torch --all-slices): same model, "
                       "millimetre resampling, post-processing and .nii.gz I/O"},
+    "uncertainty": {"backend": "auto", "precision": "auto", "slab": True,
+                    "what": "the default path with the quality verdict (qnkit segment --quality --uncertainty N): "
+                            "a mirror pass and N Monte-Carlo dropout samples over the kidneys' box"},
 }
 
 #: The GPU rows (issue 13, point 7); ``needs``: a package without which the row is skipped, and why.
@@ -99,7 +110,7 @@ def _peak_rss_gb() -> float:
 def measure_path(job: dict) -> dict:
     """One path (``job["path"]``) on one CT in this process: open, warm up, time ``repeats`` whole cases."""
     from qnkit import inference
-    from qnkit.backends import open_backend
+    from qnkit.backends import open_backend, open_sampler
     from qnkit.bundle import load_bundle
     from qnkit.io import load_geometry
     from qnkit.segment import CaseInput, SegmentOptions, model_arguments, segment_file
@@ -109,6 +120,10 @@ def measure_path(job: dict) -> dict:
     bundle = load_bundle(job["bundle"])
     backend = open_backend(bundle, path["backend"], precision=path["precision"], device=path.get("device", "cpu"),
                            batch_size=job["batch_size"], log=lambda *a: None, **path.get("options", {}))
+    segment = job.get("segment", {})  # SegmentOptions beyond the defaults: the uncertainty row's quality pass
+    dropout = model_arguments(bundle)["dropout"] if segment.get("uncertainty") else None
+    sampler = open_sampler(bundle, backend, log=lambda *a: None) if dropout else None
+    predict = _predict_with(backend, sampler)
     open_s = time.perf_counter() - started
     image, out = Path(job["image"]), Path(job["out"])
     geometry = load_geometry(image)
@@ -118,8 +133,10 @@ def measure_path(job: dict) -> dict:
     warm = np.zeros((job["batch_size"], 1, *(inference.padded_size(n, pad_multiple) for n in grid)), np.float32)
     with backend:
         backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
+        if sampler is not None:
+            sampler.predict(warm, np.ones((len(warm), dropout["sites"], dropout["filters"]), np.float32))
         case = CaseInput(name="bench", image=image, source=image)
-        options = SegmentOptions(batch_size=job["batch_size"], slab=path["slab"])
+        options = SegmentOptions(batch_size=job["batch_size"], slab=path["slab"], **segment)
         runs, result = [], None
         profile = job.get("profile")
         for attempt in range(max(1, job["repeats"])):
@@ -129,19 +146,39 @@ def measure_path(job: dict) -> dict:
 
                 profiler = Profiler(interval=0.005)
                 profiler.start()
-            result = segment_file(case, out, backend.predict, bundle=bundle, options=options, overwrite=True)
+            result = segment_file(case, out, predict, bundle=bundle, options=options, overwrite=True)
             if profiler is not None:
                 profiler.stop()
                 Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
             runs.append(result.timings)
         describe = backend.describe()
+        if sampler is not None and sampler is not backend:
+            describe["sampler"] = sampler.describe()
+            sampler.close()
     stages = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*STAGES, "wall")}
-    return {"what": path["what"], "backend": describe, "open_s": open_s, "stages_s": stages,
-            "wall_s": stages["wall"], "runs_wall_s": [r["wall"] for r in runs], "repeats": len(runs),
-            "share_outside_inference": (stages["wall"] - stages["inference"]) / stages["wall"],
-            "slab": (result.model_grid or {}).get("slab"), "model_grid": result.model_grid,
-            "kidneys_ml": {side: result.stats[side]["volume_ml"] for side in ("right", "left")},
-            "peak_rss_gb": _peak_rss_gb()}
+    row = {"what": path["what"], "backend": describe, "open_s": open_s, "stages_s": stages,
+           "wall_s": stages["wall"], "runs_wall_s": [r["wall"] for r in runs], "repeats": len(runs),
+           "share_outside_inference": (stages["wall"] - stages["inference"]) / stages["wall"],
+           "slab": (result.model_grid or {}).get("slab"), "model_grid": result.model_grid,
+           "kidneys_ml": {side: result.stats[side]["volume_ml"] for side in ("right", "left")},
+           "peak_rss_gb": _peak_rss_gb()}
+    if options.quality:
+        verdicts = {side: result.stats[side].get("quality") for side in ("right", "left")}
+        row["quality"] = {side: q and {k: q[k] for k in ("verdict", "score", "samples")}
+                          for side, q in verdicts.items()}
+    return row
+
+
+def _predict_with(backend, sampler):
+    """`qnkit segment`'s predict(x, keep=None): the backend's network, and the Monte-Carlo samples (``keep``
+    given) on `sampler` (:func:`qnkit.backends.open_sampler`; None: no samples)."""
+    if sampler is None:
+        return backend.predict
+
+    def predict(x, keep=None):
+        return backend.predict(x) if keep is None else sampler.predict(x, keep)
+
+    return predict
 
 
 def _in_subprocess(job: dict) -> dict:
@@ -193,8 +230,10 @@ def gpu_rows(bundle_path: Path, image: Path, truth: np.ndarray, work: Path, *, b
 
 def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole: bool = True, repeats: int = 2,
         batch_size: int = 16, memory_slices: int = 0, quick_size: int = 128, quick_slices: int = 24,
-        profile: bool = False, gpu: bool | None = None, progress=lambda what: None) -> dict:
-    """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side; see the module.
+        profile: bool = False, gpu: bool | None = None, uncertainty_samples: int = UNCERTAINTY_SAMPLES,
+        progress=lambda what: None) -> dict:
+    """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side, and the default
+    path with the quality verdict and `uncertainty_samples` Monte-Carlo samples; see the module.
     ``gpu`` None: the GPU rows run where an NVIDIA GPU is present."""
     from qnkit import io as qio
     from qnkit.bundle import load_bundle
@@ -235,11 +274,19 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         paths[name]["dice_vs_truth"] = mask_dice(masks[name], truth)
         out.unlink(missing_ok=True)
     default, eager = paths["default"], paths["eager"]
+    progress(f"end to end: default path with --quality --uncertainty {uncertainty_samples}, 1 run")
+    out = work / "mask_uncertainty.nii.gz"
+    uncertainty = _in_subprocess({"path": "uncertainty", "bundle": str(bundle_path), "image": str(image),
+                                  "out": str(out), "batch_size": batch_size, "repeats": 1,
+                                  "segment": {"quality": True, "uncertainty": uncertainty_samples}})
+    uncertainty.update(samples_asked=uncertainty_samples, cost_vs_plain=uncertainty["wall_s"] / default["wall_s"],
+                       mask_dice_vs_default=mask_dice(qio.load_labels(out)[0] > 0, masks["default"]))
+    out.unlink(missing_ok=True)
     report = {
         "case": case, "model": {"path": str(bundle_path), "name": bundle_path.name,
                                 "network": bundle.network, "pixel_spacing_mm": (bundle.domain or {}).get("pixel_spacing_mm"),
                                 "cpu_precision": bundle.cpu_precision},
-        "batch_size": batch_size, "repeats": repeats, "default": default, "eager": eager,
+        "batch_size": batch_size, "repeats": repeats, "default": default, "eager": eager, "uncertainty": uncertainty,
         "speedup_vs_eager": eager["wall_s"] / default["wall_s"],
         "speedup_vs_eager_with_open": (eager["wall_s"] + eager["open_s"]) / (default["wall_s"] + default["open_s"]),
         "mask_dice_vs_eager": mask_dice(masks["default"], masks["eager"]),
@@ -247,7 +294,8 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         "peak_rss_gb": default["peak_rss_gb"], "peak_rss_gb_by_slices": {str(case["shape"][0]): default["peak_rss_gb"]},
         "note": "seconds: per-case wall time of the default path (load to written mask, median); speedup: eager's "
                 "over it; speedup_vs_eager_with_open adds each backend's opening (imports, session); peak RSS: "
-                "the default path's worker process",
+                "the default path's worker process; uncertainty.cost_vs_plain: the default path with --quality "
+                f"--uncertainty {uncertainty_samples} (one run), its wall time over the default path's",
     }
     if gpu is None:
         from qnkit.backends import nvidia_gpu_present

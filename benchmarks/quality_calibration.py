@@ -30,14 +30,6 @@ GOOD_DICE, BAD_DICE = 0.85, 0.75
 NOISE_HU = 60.0
 
 
-def _truth_sides(labels: np.ndarray, ct: np.ndarray, geometry) -> np.ndarray:
-    from qnkit import postprocess as post
-    from qnkit.segment import SegmentOptions
-
-    _, sides = post.kidney_sides((labels > 0).astype(np.uint8), ct, geometry, SegmentOptions(min_kidney_ml=1.0))
-    return sides
-
-
 def _variants(ct: np.ndarray, labels: np.ndarray, geometry, rng) -> list[tuple]:
     """(variant, ct, labels, geometry): the case, its field of view cut through the kidneys (the file's
     slices past 40 % of the kidneys' extent dropped, so the affine stays), and it with low-dose noise."""
@@ -65,13 +57,14 @@ def measure_case(name: str, ct, labels, geometry, predict, arguments: dict, samp
     """Rows (one per kidney found) of one CT: signals, true Dice, volumes."""
     from qnkit import quality as Q
     from qnkit.kernels import dice
+    from qnkit.quality_eval import labelled_sides
     from qnkit.segment import SegmentOptions, segment_ct
 
     drawn: list = []
     timings: dict = {}
     _, sides, _ = segment_ct(ct, geometry, predict, **arguments, timings=timings, samples_out=drawn,
                              options=SegmentOptions(quality=True, uncertainty=samples, seed=seed))
-    truth = _truth_sides(labels, ct, geometry)
+    truth = labelled_sides(labels, ct, geometry)
     signals = Q.kidney_signals(sides, ct, geometry.spacing, drawn[0] if drawn else None)
     rows = []
     for side, value in (("right", 1), ("left", 2)):
@@ -163,21 +156,18 @@ def fit(rows: list[dict], *, quantile: float = 0.975) -> dict:
 
 
 def evaluate(rows: list[dict], calibration: dict) -> dict:
-    """Spearman of each signal and of the score against the true Dice; flagged shares of bad and good kidneys."""
-    from qnkit.quality import SIGNALS, spearman, verdict
+    """:func:`qnkit.quality_eval.quality_summary` of `rows` judged with `calibration`'s limits: Spearman of the
+    score and of each signal against the true Dice, flagged shares of bad and good kidneys."""
+    from qnkit.quality_eval import quality_summary
 
-    dice = [r["dice"] for r in rows]
-    out = {"kidneys": len(rows), "spearman": {}}
-    for name in SIGNALS:
-        have = [(r["signals"][name], r["dice"]) for r in rows if name in r["signals"]]
-        out["spearman"][name] = round(spearman(*zip(*have)), 3) if len(have) >= 3 else None
-    verdicts = [verdict(r["signals"], calibration) for r in rows]
-    out["spearman"]["score"] = round(spearman([v["score"] for v in verdicts], dice), 3)
-    bad = [v for v, r in zip(verdicts, rows) if r["dice"] < BAD_DICE]
-    good = [v for v, r in zip(verdicts, rows) if r["dice"] >= 0.9]
-    out["bad_flagged"] = f"{sum(v['verdict'] == 'check' for v in bad)}/{len(bad)}"
-    out["good_flagged"] = f"{sum(v['verdict'] == 'check' for v in good)}/{len(good)}"
-    return out
+    return quality_summary(judged(rows, calibration))
+
+
+def judged(rows: list[dict], calibration: dict) -> list[dict]:
+    """The rows as :func:`qnkit.quality_eval.judged_kidneys` gives them, each with its verdict under `calibration`."""
+    from qnkit.quality import verdict
+
+    return [{**r, **verdict(r["signals"], calibration)} for r in rows]
 
 
 def main(argv=None) -> int:
@@ -196,6 +186,7 @@ def main(argv=None) -> int:
     f.add_argument("rows", type=Path)
     f.add_argument("--held-out", type=Path, required=True)
     f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--plot", type=Path, help="scatter plot (PNG) of the held-out kidneys' score against their Dice")
     args = parser.parse_args(argv)
     if args.step == "measure":
         rows = measure(args.model, args.folders, samples=args.samples, seed=args.seed, mass_bodies=args.mass_bodies,
@@ -212,6 +203,11 @@ def main(argv=None) -> int:
                        calibration=evaluate(rows, calibration), held_out={"rows": str(args.held_out),
                                                                           **evaluate(held, calibration)})
     args.out.write_text(json.dumps(calibration, indent=1) + "\n")
+    if args.plot is not None:
+        from qnkit.quality_eval import render_quality_plot
+
+        args.plot.write_bytes(render_quality_plot(judged(held, calibration), calibration["held_out"],
+                                                  title=f"held-out kidneys ({args.held_out.name})"))
     print(json.dumps(calibration, indent=1))
     return 0
 

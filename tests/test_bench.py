@@ -107,12 +107,33 @@ def test_bench_quick_writes_every_row_json_and_plot(shared_bundle, tmp_path, cap
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "Backends" in out and "Performance targets" in out
+    _check_uncertainty_row(e2e, out)
 
     targets = {row["target"]: row for row in report["targets"]}
     assert any(t.startswith("every kernel within 2x") for t in targets)
     assert any(t.startswith("best CPU backend") and "batch 4" in t for t in targets)
     gpu = next(row for t, row in targets.items() if "on the GPU" in t)
     assert gpu["met"] is None or report["system"]["gpu"]
+
+
+def _check_uncertainty_row(e2e: dict, printed: str) -> None:
+    """The quick run's e2e row of the default path with --quality --uncertainty N (issue 26): one run, its cost
+    against the default path of the same run, the same mask, a verdict per kidney found (with the samples the
+    network's dropout allows: none for the shared bundle's), and its row in the printed table."""
+    from qnkit.commands.bench import QUICK_UNCERTAINTY_SAMPLES
+
+    row, default = e2e["uncertainty"], e2e["default"]
+    assert row["samples_asked"] == QUICK_UNCERTAINTY_SAMPLES and row["repeats"] == 1
+    assert row["cost_vs_plain"] == pytest.approx(row["wall_s"] / default["wall_s"])
+    assert 0 < row["stages_s"]["uncertainty"] <= row["wall_s"] and "uncertainty" in row["what"]
+    assert row["backend"]["name"] == default["backend"]["name"] and row["mask_dice_vs_default"] >= 0.999
+    drawn = QUICK_UNCERTAINTY_SAMPLES if e2e["model"]["network"].get("drop_out", 0) > 0 else 0
+    for side in ("right", "left"):
+        quality = row["quality"][side]
+        assert (quality is None) == (default["kidneys_ml"][side] == 0)
+        assert quality is None or (quality["verdict"] in ("ok", "check") and quality["samples"] == drawn)
+    line = next(line for line in printed.splitlines() if f"--uncertainty {QUICK_UNCERTAINTY_SAMPLES}" in line)
+    assert f"({row['cost_vs_plain']:.2f}x)" in line
 
 
 @pytest.mark.parametrize("args, message", [

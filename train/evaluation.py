@@ -8,6 +8,10 @@ is that of the mask a user gets. Each case also keeps the network's raw mask Dic
 same prediction before post-processing). Masks are compared with the labels (tumor counts as kidney).
 Mean and standard deviation over volumes go to the evaluation TensorBoard writer at the checkpoint's
 epoch and to RUN_DIR/test_dice.json, from where `qnkit export` copies them into the bundle's domain record.
+
+With `quality`, the same pass also draws `qnkit segment --quality --uncertainty N`'s mirror pass and
+Monte-Carlo samples and gives each kidney its verdict beside its true Dice (:mod:`qnkit.quality_eval`),
+with the calibration a bundle would carry or, given none, qnkit's default limits.
 """
 from __future__ import annotations
 
@@ -48,9 +52,14 @@ def _case_files(data_dir: Path, case_id: str) -> tuple[Path, Path]:
 
 def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None = None, device: str = "cpu",
              batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
-             mirror: bool = False, masks_dir: Path | None = None, progress=None, log: bool = True) -> dict:
+             mirror: bool = False, masks_dir: Path | None = None, progress=None, log: bool = True,
+             quality: bool = False, uncertainty: int = 0, seed: int = 0, calibration: dict | None = None) -> dict:
     """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network',
     'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`.
+
+    `quality` (or `uncertainty` > 0): each case also gets "kidneys" ({"right", "left"}:
+    :func:`qnkit.quality_eval.judged_kidneys`) and the result a "quality" summary
+    (:func:`qnkit.quality_eval.quality_summary`); `calibration`: the limits ({"limits": ...}; default: qnkit's).
 
     `masks_dir`: each case's scored mask is also written there, named and encoded as `qnkit segment`
     writes it (CASE_kidneys.nii.gz), to look at or to compare with segment's.
@@ -75,8 +84,14 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
     arguments = model_arguments(meta)
     if threshold is not None:
         arguments["threshold"] = float(threshold)
+    quality = quality or uncertainty > 0
     options = SegmentOptions(batch_size=batch_size or int(ev.get("batch_size", 16)), postprocess=postprocess,
-                             mirror=mirror)
+                             mirror=mirror, quality=quality, uncertainty=uncertainty, seed=seed)
+    if quality:
+        from qnkit import quality as Q
+        from qnkit import quality_eval as QE
+
+        limits, source = (calibration, "given") if calibration else Q.calibration_of(None)
     predict = make_predict_batch(model, device)
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
@@ -88,15 +103,18 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         if ct.shape != labels.shape:
             raise QnkitInputError(f"{case_id}: image shape {ct.shape} and label shape {labels.shape} differ")
         target = (labels > 0).astype(np.uint8)
-        network = {}
-        mask, _, _ = segment_ct(ct, geometry, predict, **arguments, options=options,
-                                network_mask=lambda raw: network.update(dice=kernels.dice(raw, target)))
+        network, drawn = {}, []
+        mask, sides, _ = segment_ct(ct, geometry, predict, **arguments, options=options, samples_out=drawn,
+                                    network_mask=lambda raw: network.update(dice=kernels.dice(raw, target)))
         if masks_dir is not None:
             qio.save_mask(mask, geometry, Path(masks_dir) / f"{case_id}{MASK_SUFFIX}", overwrite=True)
         ml = float(geometry.voxel_volume_ml)
         rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": network["dice"],
                      "slices": int(ct.shape[0]), "kidney_ml": float(target.sum()) * ml,
                      "predicted_ml": float(np.count_nonzero(mask)) * ml})
+        if quality:
+            verdicts = Q.kidney_quality(sides, ct, geometry.spacing, drawn[0] if drawn else None, limits, source)
+            rows[-1]["kidneys"] = QE.judged_kidneys(sides, QE.labelled_sides(labels, ct, geometry), verdicts, ml)
         if progress is not None:
             progress(rows[-1])
     dices = np.array([r["dice"] for r in rows])
@@ -105,6 +123,10 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
               "data_dir": str(data_dir), "threshold": arguments["threshold"], "postprocess": postprocess,
               "mirror": mirror, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
               "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])), "cases": rows}
+    if quality:
+        kidneys = [k for r in rows for k in r["kidneys"].values() if k is not None]
+        result["quality"] = {"uncertainty": uncertainty, "seed": seed, "calibration": source,
+                             **QE.quality_summary(kidneys)}
     if log:
         log_dir = meta.get("settings", {}).get("COMMON", {}).get("log_dir", "")
         logger = Logger(run_dir, log_dir=log_dir, writers=("evaluation",))

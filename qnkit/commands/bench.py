@@ -22,6 +22,8 @@ from qnkit.errors import QnkitInputError
 SECTIONS = ("kernels", "io", "backends", "e2e", "train")
 #: What a plain `qnkit bench` runs; the training rows (minutes of training steps) only with --only train.
 DEFAULT_SECTIONS = ("kernels", "io", "backends", "e2e")
+#: Monte-Carlo samples of the e2e uncertainty row in a --quick run (a smoke run; the other modes draw 8).
+QUICK_UNCERTAINTY_SAMPLES = 2
 
 
 def _system_info() -> dict:
@@ -101,7 +103,8 @@ def command(
 ) -> None:
     """Benchmark kernels against NumPy, .nii.gz I/O against nibabel, backends against eager PyTorch, and
     `qnkit segment` end to end: its default path against eager PyTorch FP32 on every slice, on a whole
-    512x512 CT at 0.7 mm (generated once, then cached), with a 1,000-slice CT for peak memory. The default
+    512x512 CT at 0.7 mm (generated once, then cached), with a 1,000-slice CT for peak memory, and what
+    --quality --uncertainty 8 costs on top of the default path (one run). The default
     run takes under 10 minutes and 4 GB on 2 cores; --full runs the complete sweep."""
     import tempfile
 
@@ -198,7 +201,8 @@ def command(
                                         batch_size=plan.e2e_batch,
                                         memory_slices=plan.e2e_memory_slices if memory_slices is None else memory_slices,
                                         quick_size=plan.e2e_size, quick_slices=plan.e2e_slices, profile=profile,
-                                        progress=say)
+                                        uncertainty_samples=QUICK_UNCERTAINTY_SAMPLES if quick
+                                        else e2e.UNCERTAINTY_SAMPLES, progress=say)
 
         if "train" in sections:
             from qnkit.benchmarks import train_step
@@ -300,6 +304,10 @@ def _print(console, report: dict) -> None:
         table.add_row("opening the backend s", f"{d['open_s']:.2f}", f"{e['open_s']:.2f}")
         table.add_row("peak RSS GB", f"{d['peak_rss_gb']:.2f}", f"{e['peak_rss_gb']:.2f}")
         table.add_row("Dice vs true labels", f"{d['dice_vs_truth']:.4f}", f"{e['dice_vs_truth']:.4f}")
+        u = e2e.get("uncertainty")
+        if u:
+            table.add_row(f"wall with --quality --uncertainty {u['samples_asked']} s",
+                          f"{u['wall_s']:.2f} ({u['cost_vs_plain']:.2f}x)", "-")
         console.print(table)
         line = (f"end to end: {e2e['speedup_vs_eager']:.1f}x eager FP32 ({e2e['seconds']:.1f} s against "
                 f"{e2e['eager_seconds']:.1f} s), mask Dice vs eager {e2e['mask_dice_vs_eager']:.4f}")

@@ -1,4 +1,5 @@
-"""`qnkit evaluate`: per-volume Dice of a trained run on its recorded test split."""
+"""`qnkit evaluate`: per-volume Dice of a trained run on its recorded test split, and (``--quality``) how
+well the per-kidney quality verdict (:mod:`qnkit.quality`) ranks the kidneys by their true Dice."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,17 @@ def command(
                                           "dropped); --no-postprocess scores the network's raw mask. Both are "
                                           "reported."),
     mirror: bool = typer.Option(False, "--mirror", help="Test-time mirroring, as `qnkit segment --mirror`."),
+    quality: bool = typer.Option(False, "--quality/--no-quality",
+                                 help="Also each kidney's quality verdict (as `qnkit segment --quality`) beside its "
+                                      "true Dice (labels split into sides at the body's midline), and the Spearman "
+                                      "rank correlation of the score (and of each signal) with the Dice."),
+    uncertainty: int = typer.Option(0, "--uncertainty", metavar="N", min=0, max=64,
+                                    help="With the quality verdict: N Monte-Carlo dropout samples per kidney, as "
+                                         "`qnkit segment --uncertainty` (implies --quality). 0: none."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the Monte-Carlo samples."),
+    quality_plot: Path = typer.Option(None, "--quality-plot", metavar="FILE.png",
+                                      help="Write a scatter plot of the quality score against the true Dice "
+                                           "(implies --quality; needs the plot extra)."),
 ) -> None:
     """Dice per test volume of the mask `qnkit segment` writes, on the original image grid, mean and std;
     the raw network mask's Dice (before post-processing) is shown beside it.
@@ -31,12 +43,15 @@ def command(
     The test cases are those in RUN_DIR/evaluation_data.json; each goes through the one path of
     `qnkit segment` (qnkit.segment.segment_ct: kidney slab, resampling to the model's pixel spacing and
     back, post-processing) with segment's defaults. Results are also logged to RUN_DIR/tensorboard/evaluation.
+    --quality adds the quality pass of `qnkit segment --quality --uncertainty N` and puts each kidney's Dice,
+    score, verdict and signals in the JSON, with the Spearman correlation of score and Dice.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from qnkit._atomic import write_text_atomic
-    from qnkit.errors import QnkitInputError
+    from qnkit._atomic import write_bytes_atomic, write_text_atomic
+    from qnkit.errors import QnkitInputError, require
+    from qnkit import quality_eval as QE
     from qnkit.train.evaluation import evaluate
 
     if checkpoint not in (None, "best", "last"):
@@ -50,10 +65,17 @@ def command(
             raise QnkitInputError("--device cuda but no CUDA device is available")
     if json_out is not None and json_out.is_dir():
         raise QnkitInputError(f"--json {json_out} is a folder")
+    if quality_plot is not None:
+        require("--quality-plot", "matplotlib", extra="plot")
+        if quality_plot.suffix.lower() != ".png" or quality_plot.is_dir():
+            raise QnkitInputError(f"--quality-plot {quality_plot}: expected a .png file name")
+        if not quality_plot.absolute().parent.is_dir():
+            raise QnkitInputError(f"--quality-plot {quality_plot}: folder does not exist")
+    quality = quality or uncertainty > 0 or quality_plot is not None
     console = Console(stderr=True)
     result = evaluate(run_dir, data_dir=data, which=checkpoint, device=device, batch_size=batch_size,
-                      threshold=threshold, postprocess=postprocess, mirror=mirror,
-                      progress=lambda row: console.log(f"{row['case_id']}: Dice {row['dice']:.4f}"))
+                      threshold=threshold, postprocess=postprocess, mirror=mirror, quality=quality,
+                      uncertainty=uncertainty, seed=seed, progress=lambda row: console.log(_case_line(row)))
     table = Table(title=f"{run_dir} — {result['checkpoint']} checkpoint (epoch {result['epoch']})")
     for name in ("case", "Dice", "network Dice", "slices", "kidney ml", "predicted ml"):
         table.add_column(name, justify="left" if name == "case" else "right")
@@ -64,5 +86,21 @@ def command(
     table.add_row("mean ± std", f"{result['mean_dice']:.4f} ± {result['std_dice']:.4f}",
                   f"{result['mean_dice_network']:.4f}", "", "", "")
     Console().print(table)
+    if quality:
+        Console(highlight=False, soft_wrap=True).print(QE.describe_summary(result["quality"]), markup=False)
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result, indent=1))
+    if quality_plot is not None:
+        kidneys = [k for row in result["cases"] for k in row["kidneys"].values() if k is not None]
+        write_bytes_atomic(quality_plot, QE.render_quality_plot(
+            kidneys, result["quality"],
+            title=f"{Path(run_dir).name}, {result['checkpoint']} checkpoint (epoch {result['epoch']})"))
+
+
+def _case_line(row: dict) -> str:
+    """'case_00003: Dice 0.9012' and, with quality, each kidney's verdict."""
+    from qnkit.quality import describe_quality
+
+    verdicts = describe_quality({side: k for side, k in (row.get("kidneys") or {}).items()
+                                 if k is not None and k.get("verdict") is not None})
+    return f"{row['case_id']}: Dice {row['dice']:.4f}" + (f" [quality: {verdicts}]" if verdicts else "")
