@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-#: (name, [TRAINING] crop_size): today's whole slices against the new recipe's windows.
-VARIANTS = (("whole", 0), ("window", 128))
+#: (name, [TRAINING] crop_size, amp, compile): the kidney-synth loop's whole slices against windows, and windows
+#: with bf16 autocast (where the CPU has it natively; FP32 elsewhere) and torch.compile.
+VARIANTS = (("whole", 0, False, False), ("window", 128, False, False), ("window, bf16, compiled", 128, True, True))
 #: The whole-slice side of the kidney-synth recipe: its phantoms' largest 2.5 mm grid, to which every slice pads.
 RECIPE_SLICE_SIDE = 208
 
@@ -32,11 +33,13 @@ def _phantoms(folder: Path, cases: int, seed: int) -> Path:
     return folder
 
 
-def _settings(crop: int, num_filters: int):
+def _settings(crop: int, num_filters: int, amp: bool = False, compile_step: bool = False):
     from qnkit.train.settings import load_settings
 
     settings = load_settings("shipped")
     settings.set("TRAINING", "crop_size", crop, "bench")
+    settings.set("TRAINING", "amp", amp, "bench")
+    settings.set("TRAINING", "compile", compile_step, "bench")
     settings.set("NETWORK", "num_filters", num_filters, "bench")
     settings.set("COMMON", "progress", False, "bench")
     settings.set("TRAINING", "log_images", 0, "bench")
@@ -75,7 +78,7 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
     from qnkit.train.checkpoint import build_model
     from qnkit.train.dataset import SliceDataset
     from qnkit.train.runner import network_config, training_view
-    from qnkit.train.solver import EpochSubsetSampler, Solver, seed_everything
+    from qnkit.train.solver import EpochSubsetSampler, Solver, describe_step, seed_everything
 
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qnkit-bench-train-"))
     progress("training rows: phantoms")
@@ -87,8 +90,8 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
     largest = max(max(e.stats["model_shape"][1:]) for e in entries)
     pad = max(int(whole_side), -(-largest // base.data.pad_multiple) * base.data.pad_multiple)
     loops = []
-    for name, crop in variants:
-        settings = _settings(crop, num_filters)
+    for name, crop, amp, compile_step in variants:
+        settings = _settings(crop, num_filters, amp, compile_step)
         t = settings.training
         seed_everything(0)
         model = build_model(network_config(settings).to_dict())
@@ -102,7 +105,8 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
         loader = torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers,
                                              persistent_workers=workers > 0)
         side = tuple(dataset[0][0].shape[-2:])
-        loops.append({"name": name, "crop": crop, "solver": solver, "sampler": sampler, "loader": loader,
+        loops.append({"name": name, "crop": crop, "precision": describe_step(solver),
+                      "solver": solver, "sampler": sampler, "loader": loader,
                       "side": side, "micro_batch": t.micro_batch, "workers": workers, "times": [],
                       "flops": _flops_per_slice(model, (t.micro_batch, 1, *side))})
     # the variants take turns, repeat by repeat, so that anything else on the cores weighs on each alike
@@ -118,7 +122,8 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
     for loop in loops:
         times, flops = loop["times"], loop["flops"]
         seconds = sorted(times)[len(times) // 2] / slices
-        rows.append({"variant": loop["name"], "crop_size": loop["crop"] or None, "slice_shape": list(loop["side"]),
+        rows.append({"variant": loop["name"], "crop_size": loop["crop"] or None, "step": loop["precision"],
+                     "slice_shape": list(loop["side"]),
                      "micro_batch": loop["micro_batch"], "loader_workers": loop["workers"],
                      "seconds_per_slice": seconds, "best_seconds_per_slice": min(times) / slices,
                      "slices_per_s": 1.0 / seconds, "gflop_per_slice": flops / 1e9,

@@ -59,6 +59,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: /proc/cpuinfo flags of a native bfloat16 dot product (bf16 autocast otherwise runs emulated, slower than FP32).
+BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "ARM BF16"}
+
+
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
+    """(True, its name) when the CPU computes bfloat16 dot products natively (:data:`BF16_FLAGS`), else
+    (False, why): mixed-precision training on the CPU pays only there (AVX2-only machines get FP32)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False, f"{cpuinfo} unreadable"
+    flags = set()
+    for line in text.splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    found = [name for flag, name in BF16_FLAGS.items() if flag in flags]
+    return (True, found[0]) if found else (False, "no AVX512-BF16, AMX-BF16 or ARM BF16 in the CPU flags")
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup quota (rounded up), at least 1."""
     cpus = _affinity_cpus()

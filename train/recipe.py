@@ -111,6 +111,9 @@ RECIPES["kidney-synth-4"] = {
     "settings": "shipped-fast",
     "reference": KIDNEY_SYNTH_VALIDATION,
     "phases": [{"epochs": 16}, {"epochs": 18, "crop_size": 0, "lr": 2e-4, "schedule": "poly"}],
+    # bf16 autocast (where the CPU has it natively) and torch.compile, on every start and resume: epochs 1-3
+    # ran without them (metrics.jsonl's "step" says how each epoch ran)
+    "step": ["--amp", "--compile"],
     "export": ["--int8"],
     "default": False,  # becomes the default model only once its figures say so
 }
@@ -174,6 +177,7 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
         phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
             (p for p in phases if p["epochs"] >= epochs), phases[-1]), "epochs": epochs}]
     measured = ["--reference-data", reference] if reference is not None else []
+    measured += list(recipe.get("step", []))
     for phase in phases:
         schedule = [arg for key in PHASE_KEYS if key in phase for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():

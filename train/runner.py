@@ -31,14 +31,16 @@ from qnkit.train import distributed as dist
 from qnkit.train.augment import Augment
 from qnkit.train.dataset import SliceDataset
 from qnkit.train.settings import Settings, apply_overrides, load_settings, read_ini
-from qnkit.train.solver import SCHEDULE_KEYS, Solver, count_parameters, seed_everything, slices_per_epoch
+from qnkit.train.solver import (SCHEDULE_KEYS, Solver, count_parameters, describe_step, seed_everything,
+                                 slices_per_epoch)
 from qnkit.train.tb_logging import Logger
 
 ARTEFACTS = ("settings.ini", "evaluation_data.json", "splits.json", "metrics.jsonl", "checkpoints", "tensorboard",
              "test_dice.json")
 RESUME_CHANGEABLE = {("TRAINING", "epochs"), ("COMMON", "device"), ("COMMON", "num_workers"),
                      ("COMMON", "progress"), ("TRAINING", "crop_size"), ("TRAINING", "crop_kidney_p"),
-                     ("EVAL", "reference_data"), ("EVAL", "reference_every")} | set(SCHEDULE_KEYS)
+                     ("EVAL", "reference_data"), ("EVAL", "reference_every"), ("TRAINING", "amp"),
+                     ("TRAINING", "compile")} | set(SCHEDULE_KEYS)
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -339,7 +341,7 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             t = settings.training
             console.print(f"QuickNAT {meta['parameters']:,} parameters; micro-batch {t.micro_batch} x "
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
-                          f"{t.micro_batch * solver.accum * info.world_size}")
+                          f"{t.micro_batch * solver.accum * info.world_size}; {describe_step(solver)}")
             if initialised_from is not None and not resume:
                 console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})")
             if restarted:

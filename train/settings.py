@@ -82,7 +82,12 @@ class TrainingSettings:
     alpha: float = 1.0  # weight of the Dice loss
     beta: float = 0.5  # weight of the weighted BCE loss
     early_stop_patience: int = 2  # stop when the validation loss rose for more than this many epochs in a row
-    amp: bool = False  # mixed precision; used on CUDA only
+    # mixed precision: float16 autocast on CUDA; bfloat16 autocast on a CPU with native bf16 (AVX512-BF16,
+    # AMX; qnkit.cpus.native_bf16), FP32 on any other CPU, where emulated bf16 would be slower
+    amp: bool = False
+    # torch.compile the training step's network (inductor): faster steps after a minute or two of compiling
+    # at the start of each (resumed) run; validation stays eager (its whole slices vary in size)
+    compile: bool = False
     augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
     slices_per_epoch: int = 0  # 0 = every training slice each epoch; else a fresh random subset of this many
     # a small data set repeats its slices within an epoch up to this many optimiser steps (nnU-Net's fixed

@@ -105,8 +105,9 @@ class Solver:
                                     weight_decay=t.weight_decay)
         self._schedule_start = 0  # the epoch the learning-rate schedule (re)started at
         self.sched = self._scheduler()
-        self.amp = bool(t.amp) and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = amp_dtype(bool(t.amp), device)
+        self.amp = self.amp_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = CombinedLoss(t.alpha, t.beta)
         self.accum = max(1, round(t.effective_batch / (t.micro_batch * info.world_size)))
         self.logger = logger or Logger(run_dir, enabled=False)
@@ -118,6 +119,8 @@ class Solver:
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        # the training step's network; checkpoints and validation use self.net, the module itself
+        self.step_model = torch.compile(self.model) if t.compile else self.model
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -227,7 +230,7 @@ class Solver:
                       "val_loss": val["loss"], "val_dice": val["dice"], "best_val_dice": self.loop["best_dice"],
                       "best_epoch": self.loop["best_epoch"], "rises": self.loop["rises"],
                       "stopped_early": self.loop["stopped_early"],
-                      "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 1),
+                      "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 1), "step": describe_step(self),
                       "cpu_hours": round(self.loop["cpu_hours"], 4), "wall_hours": round(self.loop["wall_hours"], 4),
                       "train_slice_side": s.training.crop_size or None}
             if reference is not None:
@@ -254,7 +257,7 @@ class Solver:
             self.loop["stopped_early"] = True
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp)
 
     def train_epoch(self, loader, num_volumes: int, epoch: int, console=None) -> dict:
         self.model.train()
@@ -272,7 +275,7 @@ class Solver:
                 sync = contextlib.nullcontext() if (last or not self.info.enabled) else self.model.no_sync()
                 with sync:
                     with self._autocast():
-                        logits = self.model(x)
+                        logits = self.step_model(x).float()
                     loss = self.loss_fn(logits, y, w)
                     self.scaler.scale(loss / group).backward()
                 if last:
@@ -309,7 +312,7 @@ class Solver:
                 items = [val_ds[i] for i in range(start, min(start + bs, idx.stop))]
                 x, y, w = (torch.stack([it[j] for it in items]).to(self.device) for j in range(3))
                 with self._autocast():
-                    logits = self.net(x)
+                    logits = self.net(x).float()
                 loss = float(self.loss_fn(logits, y, w))
                 pred = logits > 0
                 counts += _counts(pred, y, w).sum(0).cpu()
@@ -363,6 +366,33 @@ def _progress(console, enabled: bool, description: str, total: int):
                   console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
+
+
+def amp_dtype(asked: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of [TRAINING] amp on `device`: float16 on CUDA, bfloat16 on a CPU that has it
+    natively (:func:`qnkit.cpus.native_bf16`), None (FP32) otherwise or when not asked."""
+    if not asked:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    from qnkit.cpus import native_bf16
+
+    return torch.bfloat16 if device.type == "cpu" and native_bf16()[0] else None
+
+
+def describe_step(solver) -> str:
+    """'bf16 autocast (AVX512-BF16), torch.compile' / 'FP32 (amp: no AVX512-BF16 ...)': how the step runs."""
+    from qnkit.cpus import native_bf16
+
+    t = solver.s.training
+    if solver.amp_dtype is not None:
+        why = native_bf16()[1] if solver.device.type == "cpu" else "CUDA"
+        precision = f"{str(solver.amp_dtype).removeprefix('torch.')} autocast ({why})"
+    elif t.amp:
+        precision = f"FP32 (amp asked: {native_bf16()[1]})" if solver.device.type == "cpu" else "FP32"
+    else:
+        precision = "FP32"
+    return precision + (", torch.compile" if t.compile else "")
 
 
 def cpu_seconds() -> float:

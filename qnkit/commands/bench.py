@@ -211,7 +211,7 @@ def command(
                 report["train"] = train_step.run(slices=16 if quick else 64, repeats=1 if quick else 5,
                                                  cases=1 if quick else 2, num_filters=4 if quick else 16,
                                                  whole_side=64 if quick else train_step.RECIPE_SLICE_SIDE,
-                                                 variants=(("whole", 0), ("window", 32)) if quick
+                                                 variants=(("whole", 0, False, False), ("window", 32, False, False)) if quick
                                                  else train_step.VARIANTS,
                                                  workdir=workdir, progress=say)
 
@@ -332,11 +332,12 @@ def _print(console, report: dict) -> None:
         table = Table(title=f"Training loop (loader, augmentation, forward, backward, Adam), QuickNAT "
                             f"{train['num_filters']} filters, {train['threads']} threads, median of {train['repeats']} "
                             f"x {train['slices_per_timing']} slices")
-        for column in ("variant", "input", "slices/s", "s/slice", "best s/slice", "GFLOP/slice", "GFLOP/s",
+        for column in ("variant", "input", "step", "slices/s", "s/slice", "best s/slice", "GFLOP/slice", "GFLOP/s",
                        "x whole", "best x whole"):
             table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
         for row in train["rows"]:
-            table.add_row(row["variant"], "x".join(map(str, row["slice_shape"])), f"{row['slices_per_s']:.2f}",
+            table.add_row(row["variant"], "x".join(map(str, row["slice_shape"])), row.get("step", "FP32"),
+                          f"{row['slices_per_s']:.2f}",
                           f"{row['seconds_per_slice']:.3f}", f"{row['best_seconds_per_slice']:.3f}",
                           f"{row['gflop_per_slice']:.2f}", f"{row['gflop_per_s']:.1f}",
                           f"{row['speedup_per_slice']:.2f}", f"{row['best_speedup_per_slice']:.2f}")

@@ -37,7 +37,10 @@ def command(
     pixel_spacing_mm: str = typer.Option(None, "--pixel-spacing-mm", metavar="MM|auto",
                                          help="[DATA] pixel_spacing_mm: the in-plane pixel spacing the model works "
                                               "at; auto = 2 x the median of the training cases (default)."),
-    amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision (CUDA only)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="[TRAINING] amp: mixed precision: float16 on CUDA, "
+                             "bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX), FP32 on other CPUs."),
+    compile_step: bool = typer.Option(None, "--compile/--no-compile", help="[TRAINING] compile: torch.compile the "
+                                      "training step (a minute or two of compiling at each start)."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
                                                                       "contrast, blur and noise per slice."),
     crop_size: int = typer.Option(None, "--crop-size", help="[TRAINING] crop_size: train on square windows of this many "
@@ -76,6 +79,7 @@ def command(
         ("TRAINING", "min_steps_per_epoch"): min_steps_per_epoch,
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
+        ("TRAINING", "compile"): compile_step,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
         ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
         ("TRAINING", "crop_size"): crop_size, ("EVAL", "reference_data"): reference_data,
