@@ -311,8 +311,8 @@ class Solver:
             for start in range(idx.start, idx.stop, bs):
                 items = [val_ds[i] for i in range(start, min(start + bs, idx.stop))]
                 x, y, w = (torch.stack([it[j] for it in items]).to(self.device) for j in range(3))
-                with self._autocast():
-                    logits = self.net(x).float()
+                with self._autocast() if self.amp_dtype == torch.float16 else contextlib.nullcontext():
+                    logits = self.net(x).float()  # bf16 trains; the model is scored in FP32, as it ships
                 loss = float(self.loss_fn(logits, y, w))
                 pred = logits > 0
                 counts += _counts(pred, y, w).sum(0).cpu()
