@@ -205,3 +205,27 @@ def test_tampered_checkpoint_is_refused(shared_bundle, run_qnkit, tmp_path):
     proc = run_qnkit("export", run, "--out", tmp_path / "b")
     assert proc.returncode == 2 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_quality_calibration_is_sealed_into_the_bundle(export_reusing_shared_graph, tmp_path, capsys):
+    """`qnkit export --quality-calibration FILE`: the limits of `quality_calibration fit` become the bundle's, read
+    by `qnkit segment --quality`; a file without a positive limit for every signal is one line and exit code 2."""
+    from qnkit.bundle import load_bundle
+    from qnkit.cli import main
+    from qnkit.quality import SIGNALS, calibration_of
+
+    limits = {name: 0.5 + k for k, name in enumerate(SIGNALS)}
+    good, bad = tmp_path / "calibration.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"limits": limits, "chosen_on": {"kidneys": 40}}))
+    bad.write_text(json.dumps({"limits": {**limits, "hu_spread": 0}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(export_reusing_shared_graph[0]), "--out", str(tmp_path / "no"), "--quality-calibration",
+              str(bad), "--input-size", "64x64", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "hu_spread" in err[0] and not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(export_reusing_shared_graph[0]), "--out", str(tmp_path / "b"), "--quality-calibration",
+              str(good), "--input-size", "64x64", "--no-progress"])
+    assert exit_info.value.code in (0, None)
+    calibration, source = calibration_of(load_bundle(tmp_path / "b"))
+    assert source == "bundle" and calibration["limits"] == limits and calibration["calibrated_for_this_model"]

@@ -44,6 +44,10 @@ def command(
         None, "--int8-evidence", metavar="CT.nii.gz", help="A real CT (NIfTI, not training data; repeatable) on which the INT8 graph is "
         "compared with FP32 through `qnkit segment`'s pipeline: INT8 becomes the CPU default when its mask Dice "
         "is >= 0.99 on every such CT, else FP32 (choice and figures in qnkit.json). Implies --int8."),
+    quality_calibration: Path = typer.Option(
+        None, "--quality-calibration", metavar="FILE.json", help="The quality verdict's limits for this model "
+        "(python -m qnkit.benchmarks.quality_calibration fit ... --out FILE.json), sealed into qnkit.json; "
+        "without it the bundle records qnkit's default limits, marked as not calibrated for it."),
     checkpoint: choices.Checkpoint = typer.Option("best", "--checkpoint", callback=choices.plain,
                                                   help="Which checkpoint of the run."),
     input_size: str = typer.Option(None, "--input-size", help="Model input grid HxW (default: the run's slices)."),
@@ -72,6 +76,7 @@ def command(
     if not run_dir.is_dir():
         raise QnkitInputError(f"{run_dir}: no such run folder")
     size = _parse_size(input_size)
+    calibration = _read_calibration(quality_calibration) if quality_calibration is not None else None
     require("qnkit export", "torch", "safetensors", "onnx", "onnxscript", "onnx_ir", extra="export")
     require("qnkit export (it checks the graphs with ONNX Runtime)", "onnxruntime")
     from rich.console import Console
@@ -82,11 +87,28 @@ def command(
 
         meta = export_bundle(run_dir, out, checkpoint=checkpoint, fp16=fp16, engine=engine, int8=int8,
                              batches=(min_batch, opt_batch, max_batch), input_size=size, force=force,
-                             int8_evidence=int8_evidence or (), log=log)
+                             int8_evidence=int8_evidence or (), quality_calibration=calibration, log=log)
     if json_out:
         typer.echo(json.dumps(meta, indent=1))
     files = ", ".join(sorted(meta["artefacts"]))
     typer.echo(f"bundle written to {out} ({files}) in {meta['export']['seconds']:.1f} s", err=True)
+
+
+def _read_calibration(path: Path) -> dict:
+    """The calibration JSON of ``quality_calibration fit``: a "limits" object with a positive number for each of
+    :data:`qnkit.quality.SIGNALS`."""
+    from qnkit.errors import QnkitInputError
+    from qnkit.quality import SIGNALS
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise QnkitInputError(f"--quality-calibration {path}: unreadable ({exc.__class__.__name__})") from None
+    limits = record.get("limits") if isinstance(record, dict) else None
+    bad = [k for k in SIGNALS if not isinstance((limits or {}).get(k), (int, float)) or limits[k] <= 0]
+    if bad:
+        raise QnkitInputError(f"--quality-calibration {path}: no positive limit for {', '.join(bad)}")
+    return {**record, "calibrated_for_this_model": True}
 
 
 @contextlib.contextmanager
