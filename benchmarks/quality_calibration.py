@@ -14,7 +14,8 @@ kidney is rarely sent to ``check``; ``evaluate`` scores held-out rows: Spearman 
 verdict's score against the true Dice, and the share of bad kidneys (Dice < ``bad``) flagged.
 
     python -m qnkit.benchmarks.quality_calibration measure --model kidney-synth --out cal.json DIR...
-    python -m qnkit.benchmarks.quality_calibration fit cal.json --held-out held.json --out calibration.json
+    python -m qnkit.benchmarks.quality_calibration fit cal.json --held-out held.json --out calibration.json \
+        [--plot held.png] [--into BUNDLE]
 """
 from __future__ import annotations
 
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
     f.add_argument("--held-out", type=Path, required=True)
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--plot", type=Path, help="scatter plot (PNG) of the held-out kidneys' score against their Dice")
+    f.add_argument("--into", type=Path, metavar="BUNDLE", help="seal the limits into this exported bundle's qnkit.json")
     args = parser.parse_args(argv)
     if args.step == "measure":
         rows = measure(args.model, args.folders, samples=args.samples, seed=args.seed, mass_bodies=args.mass_bodies,
@@ -203,6 +205,10 @@ def main(argv=None) -> int:
                        calibration=evaluate(rows, calibration), held_out={"rows": str(args.held_out),
                                                                           **evaluate(held, calibration)})
     args.out.write_text(json.dumps(calibration, indent=1) + "\n")
+    if args.into is not None:
+        from qnkit.export.bundle_writer import reseal_quality
+
+        reseal_quality(args.into, calibration)
     if args.plot is not None:
         from qnkit.quality_eval import render_quality_plot
 

@@ -289,6 +289,21 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     return metadata
 
 
+def reseal_quality(bundle_dir: str | Path, calibration: dict) -> Path:
+    """Put a fitted quality calibration (``quality_calibration fit``) into an exported bundle's ``qnkit.json`` and
+    seal it again (its manifest hash): the limits are measured with the bundle itself, so they come after its
+    export. The bundle is verified first (every artefact's hash), and only the "quality" record changes."""
+    from qnkit._atomic import write_text_atomic
+    from qnkit.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    metadata = {**bundle.metadata, "quality": {**calibration, "calibrated_for_this_model": True}}
+    path = Path(bundle_dir) / METADATA_NAME
+    write_text_atomic(path, sealed_metadata_text(metadata))
+    load_bundle(bundle_dir)  # sealed as a reader checks it
+    return path
+
+
 def _build_engine(tmp: Path, hw, batches, divisor: int, x, reference, threshold: float, log) -> tuple[dict, dict]:
     """Build, save and verify the TensorRT engine (FP16) in the bundle folder being written.
 

@@ -229,3 +229,20 @@ def test_quality_calibration_is_sealed_into_the_bundle(export_reusing_shared_gra
     assert exit_info.value.code in (0, None)
     calibration, source = calibration_of(load_bundle(tmp_path / "b"))
     assert source == "bundle" and calibration["limits"] == limits and calibration["calibrated_for_this_model"]
+
+
+def test_a_fitted_calibration_is_sealed_into_an_exported_bundle(shared_bundle, tmp_path):
+    """`quality_calibration fit --into BUNDLE` (reseal_quality): only the "quality" record changes, and the bundle
+    still verifies as a whole."""
+    from qnkit.bundle import load_bundle
+    from qnkit.export.bundle_writer import reseal_quality
+    from qnkit.quality import SIGNALS, calibration_of
+
+    bundle = shutil.copytree(shared_bundle[1], tmp_path / "bundle")
+    before = _meta(bundle)
+    limits = {name: 1.0 + k for k, name in enumerate(SIGNALS)}
+    reseal_quality(bundle, {"limits": limits, "chosen_on": "test"})
+    after = _meta(bundle)
+    assert {k for k in after if after[k] != before.get(k)} == {"quality", "manifest_sha256"}
+    calibration, source = calibration_of(load_bundle(bundle))
+    assert source == "bundle" and calibration["limits"] == limits and calibration["calibrated_for_this_model"]
