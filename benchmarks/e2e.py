@@ -231,10 +231,12 @@ def gpu_rows(bundle_path: Path, image: Path, truth: np.ndarray, work: Path, *, b
 def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole: bool = True, repeats: int = 2,
         batch_size: int = 16, memory_slices: int = 0, quick_size: int = 128, quick_slices: int = 24,
         profile: bool = False, gpu: bool | None = None, uncertainty_samples: int = UNCERTAINTY_SAMPLES,
-        progress=lambda what: None) -> dict:
+        baseline=None, progress=lambda what: None) -> dict:
     """Both paths on the whole CT (or, with ``whole`` False, a small phantom), side by side, and the default
     path with the quality verdict and `uncertainty_samples` Monte-Carlo samples; see the module.
-    ``gpu`` None: the GPU rows run where an NVIDIA GPU is present."""
+    ``gpu`` None: the GPU rows run where an NVIDIA GPU is present. ``baseline``: another model (name or bundle)
+    whose default path is timed on the same CT in the same run (``seconds_vs_baseline``: this model's time over
+    its; a new default model against the one it replaces)."""
     from qnkit import io as qio
     from qnkit.bundle import load_bundle
     from qnkit.kernels import mask_dice
@@ -274,6 +276,17 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         paths[name]["dice_vs_truth"] = mask_dice(masks[name], truth)
         out.unlink(missing_ok=True)
     default, eager = paths["default"], paths["eager"]
+    compared = None
+    if baseline is not None:
+        other = Path(resolve_model(baseline))
+        progress(f"end to end: default path of the baseline model {other.name}, {repeats} run(s)")
+        out = work / "mask_baseline.nii.gz"
+        compared = _in_subprocess({"path": "default", "bundle": str(other), "image": str(image), "out": str(out),
+                                   "batch_size": batch_size, "repeats": repeats})
+        baseline_mask = qio.load_labels(out)[0] > 0
+        compared.update(model=other.name, dice_vs_truth=mask_dice(baseline_mask, truth),
+                        mask_dice_vs_default=mask_dice(baseline_mask, masks["default"]))
+        out.unlink(missing_ok=True)
     progress(f"end to end: default path with --quality --uncertainty {uncertainty_samples}, 1 run")
     out = work / "mask_uncertainty.nii.gz"
     uncertainty = _in_subprocess({"path": "uncertainty", "bundle": str(bundle_path), "image": str(image),
@@ -292,6 +305,7 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
         "mask_dice_vs_eager": mask_dice(masks["default"], masks["eager"]),
         "seconds": default["wall_s"], "eager_seconds": eager["wall_s"],
         "peak_rss_gb": default["peak_rss_gb"], "peak_rss_gb_by_slices": {str(case["shape"][0]): default["peak_rss_gb"]},
+        **({"baseline": compared, "seconds_vs_baseline": default["wall_s"] / compared["wall_s"]} if compared else {}),
         "note": "seconds: per-case wall time of the default path (load to written mask, median); speedup: eager's "
                 "over it; speedup_vs_eager_with_open adds each backend's opening (imports, session); peak RSS: "
                 "the default path's worker process; uncertainty.cost_vs_plain: the default path with --quality "

@@ -28,7 +28,8 @@ def test_bench_quick_writes_every_row_json_and_plot(shared_bundle, tmp_path, cap
     and FP32 ONNX Runtime gives the eager masks. On the session's shared bundle (fitted tiny checkpoint,
     FP32/FP16/INT8 graphs), so that the test does not export a random-weight network of its own."""
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = run_cli("bench", "--quick", "--model", str(shared_bundle[1]), "--json", str(report_path),
+    code = run_cli("bench", "--quick", "--model", str(shared_bundle[1]), "--baseline-model", str(shared_bundle[1]),
+                   "--json", str(report_path),
                    "--plot", str(plot_path), "--workdir", str(tmp_path / "work"))
     assert code in (0, None)
     report = json.loads(report_path.read_text())
@@ -108,6 +109,10 @@ def test_bench_quick_writes_every_row_json_and_plot(shared_bundle, tmp_path, cap
     out = capsys.readouterr().out
     assert "Backends" in out and "Performance targets" in out
     _check_uncertainty_row(e2e, out)
+    baseline = e2e["baseline"]  # the same bundle as its own baseline: the same mask, its own timing
+    assert baseline["model"] == shared_bundle[1].name and baseline["mask_dice_vs_default"] == 1.0
+    assert e2e["seconds_vs_baseline"] == pytest.approx(default["wall_s"] / baseline["wall_s"])
+    assert f"wall of baseline {baseline['model']} s" in out
 
     targets = {row["target"]: row for row in report["targets"]}
     assert any(t.startswith("every kernel within 2x") for t in targets)
@@ -141,6 +146,7 @@ def _check_uncertainty_row(e2e: dict, printed: str) -> None:
     (["--batch-sizes", "0,4"], "--batch-sizes"),
     (["--json", "/nonexistent-folder/x.json"], "folder does not exist"),
     (["--model", "/nonexistent-bundle"], "bundle not found"),
+    (["--baseline-model", "/nonexistent-bundle"], "--baseline-model"),
     (["--quick", "--full"], "exclude each other"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(args, message, capsys):

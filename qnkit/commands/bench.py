@@ -80,6 +80,9 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 def command(
     model: Path = typer.Option(None, "--model", help="Bundle to benchmark (default: a random-weight full-size QuickNAT)."),
+    baseline_model: str = typer.Option(None, "--baseline-model", metavar="NAME|BUNDLE",
+                                       help="e2e: also time this model's default path on the same CT in the same "
+                                            "run (e.g. the default model a new one replaces)."),
     json_out: Path = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot_out: Path = typer.Option(None, "--plot", help="Write throughput curves and the stage breakdown to this PNG."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run: small volume, tiny network, few repeats (for tests)."),
@@ -123,6 +126,11 @@ def command(
             raise QnkitInputError(f"folder does not exist: {out.absolute().parent}")
     if model is not None and not model.exists():
         raise QnkitInputError(f"bundle not found: {model}")
+    if baseline_model is not None:
+        from qnkit.models import resolve_model
+
+        if not resolve_model(baseline_model).is_dir():
+            raise QnkitInputError(f"--baseline-model {baseline_model}: no such model or bundle")
     if repeats < 0:
         raise QnkitInputError(f"--repeats must be >= 0, got {repeats}")
     if quick and full:
@@ -202,7 +210,7 @@ def command(
                                         memory_slices=plan.e2e_memory_slices if memory_slices is None else memory_slices,
                                         quick_size=plan.e2e_size, quick_slices=plan.e2e_slices, profile=profile,
                                         uncertainty_samples=QUICK_UNCERTAINTY_SAMPLES if quick
-                                        else e2e.UNCERTAINTY_SAMPLES, progress=say)
+                                        else e2e.UNCERTAINTY_SAMPLES, baseline=baseline_model, progress=say)
 
         if "train" in sections:
             from qnkit.benchmarks import train_step
@@ -304,6 +312,10 @@ def _print(console, report: dict) -> None:
         table.add_row("opening the backend s", f"{d['open_s']:.2f}", f"{e['open_s']:.2f}")
         table.add_row("peak RSS GB", f"{d['peak_rss_gb']:.2f}", f"{e['peak_rss_gb']:.2f}")
         table.add_row("Dice vs true labels", f"{d['dice_vs_truth']:.4f}", f"{e['dice_vs_truth']:.4f}")
+        b = e2e.get("baseline")
+        if b:
+            table.add_row(f"wall of baseline {b['model']} s", f"{b['wall_s']:.2f} (this model "
+                          f"{e2e['seconds_vs_baseline']:.2f}x)", "-")
         u = e2e.get("uncertainty")
         if u:
             table.add_row(f"wall with --quality --uncertainty {u['samples_asked']} s",
