@@ -196,3 +196,26 @@ def test_the_recipe_writes_its_entry_beside_the_run_and_installs_only_where_told
     with pytest.raises(SystemExit, match="not a qnkit/models folder"):
         R.build("kidney-synth-wide", work, None, None, None, install_into=tmp_path / "elsewhere")
     assert snapshot() == before
+
+
+def test_the_registry_records_hours_curve_and_checkpoint_hash(tmp_path):
+    """issue 25 point 2: total CPU and wall hours, how the steps ran, the whole validation curve (the reference
+    Dice where it was scored) and the hash of the shipped checkpoint."""
+    import json
+
+    from qnkit.train.recipe import training_record
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    run.mkdir()
+    bundle.mkdir()
+    rows = [{"epoch": 1, "val_dice": 0.51234, "best_val_dice": 0.51234, "best_epoch": 1, "cpu_hours": 0.4,
+             "wall_hours": 0.3},
+            {"epoch": 2, "val_dice": 0.6, "best_val_dice": 0.6, "best_epoch": 2, "cpu_hours": 0.7, "wall_hours": 0.5,
+             "reference_dice": 0.55555, "step": "bfloat16 autocast (AVX512-BF16), torch.compile"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (bundle / "qnkit.json").write_text(json.dumps({"training": {"checkpoint_sha256": {"model.safetensors": "ab"}}}))
+    record = training_record(run, bundle)
+    assert (record["epochs"], record["cpu_hours"], record["wall_hours"], record["best_epoch"]) == (2, 0.7, 0.5, 2)
+    assert record["validation_curve"] == [[1, 0.5123, None], [2, 0.6, 0.5556]]
+    assert record["steps"] == ["FP32", "bfloat16 autocast (AVX512-BF16), torch.compile"]
+    assert record["checkpoint_sha256"] == {"model.safetensors": "ab"}

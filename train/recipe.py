@@ -265,6 +265,23 @@ def _evaluated_hashes(evaluation: dict) -> dict:
     return evaluation["checkpoint_sha256"]
 
 
+def training_record(run: Path, bundle: Path) -> dict:
+    """What the registry says about how a model was trained: its CPU and wall hours (cumulated across resumes),
+    how each epoch's step ran, the whole validation curve (and the reference set's, where scored) and the hash
+    of the shipped checkpoint's files."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = rows[-1]
+    meta = json.loads((bundle / "qnkit.json").read_text()).get("training", {})
+    steps = sorted({row.get("step") or "FP32" for row in rows})
+    return {"epochs": last["epoch"], "cpu_hours": last.get("cpu_hours"), "wall_hours": last.get("wall_hours"),
+            "steps": steps, "best_epoch": last["best_epoch"], "best_validation_dice": round(last["best_val_dice"], 4),
+            "validation_curve": [[row["epoch"], round(row["val_dice"], 4),
+                                  None if row.get("reference_dice") is None else round(row["reference_dice"], 4)]
+                                 for row in rows],
+            "curve_columns": ["epoch", "validation Dice", "reference Dice (kidney-synth's validation phantoms)"],
+            "checkpoint_sha256": meta.get("checkpoint_sha256")}
+
+
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
           install_into: Path | None = None, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
           until: str | None = None, resume_dir: Path | None = None) -> dict:
@@ -328,6 +345,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
                         "summary": f"mean Dice {evaluation.get('mean_dice', float('nan')):.3f}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
     }
+    entry["training"] = training_record(run, bundle)
     cpu = json.loads((bundle / "qnkit.json").read_text()).get("cpu_precision")
     if cpu:
         entry["cpu_precision"] = {"default": cpu["default"], "why": cpu["why"]}
