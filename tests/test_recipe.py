@@ -211,7 +211,7 @@ def test_the_registry_records_hours_curve_and_checkpoint_hash(tmp_path):
     rows = [{"epoch": 1, "val_dice": 0.51234, "best_val_dice": 0.51234, "best_epoch": 1, "cpu_hours": 0.4,
              "wall_hours": 0.3},
             {"epoch": 2, "val_dice": 0.6, "best_val_dice": 0.6, "best_epoch": 2, "cpu_hours": 0.7, "wall_hours": 0.5,
-             "reference_dice": 0.55555, "step": "bfloat16 autocast (AVX512-BF16), torch.compile"}]
+             "reference_dice": 0.55561, "step": "bfloat16 autocast (AVX512-BF16), torch.compile"}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (bundle / "qnkit.json").write_text(json.dumps({"training": {"checkpoint_sha256": {"model.safetensors": "ab"}}}))
     record = training_record(run, bundle)
