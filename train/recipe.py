@@ -274,12 +274,17 @@ def training_record(run: Path, bundle: Path) -> dict:
     meta = json.loads((bundle / "qnkit.json").read_text()).get("training", {})
     steps = sorted({row.get("step") or "FP32" for row in rows})
     return {"epochs": last["epoch"], "cpu_hours": last.get("cpu_hours"), "wall_hours": last.get("wall_hours"),
-            "steps": steps, "best_epoch": last["best_epoch"], "best_validation_dice": round(last["best_val_dice"], 4),
-            "validation_curve": [[row["epoch"], round(row["val_dice"], 4),
-                                  None if row.get("reference_dice") is None else round(row["reference_dice"], 4)]
+            "steps": steps, "best_epoch": last.get("best_epoch"),
+            "best_validation_dice": _rounded(last.get("best_val_dice")),
+            "validation_curve": [[row["epoch"], _rounded(row.get("val_dice")),
+                                  _rounded(row.get("reference_dice"))]
                                  for row in rows],
             "curve_columns": ["epoch", "validation Dice", "reference Dice (kidney-synth's validation phantoms)"],
             "checkpoint_sha256": meta.get("checkpoint_sha256")}
+
+
+def _rounded(value) -> float | None:
+    return None if value is None else round(float(value), 4)
 
 
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
