@@ -149,7 +149,16 @@ def _quoted_figures() -> list[str]:
     train = {r["variant"]: r for r in
              json.loads((ROOT / "benchmarks" / "results" / "train-amd-epyc-2cpu.json").read_text())["train"]["rows"]}
     whole, window = train["whole"], train["window"]
+    ks4 = _metrics("kidney-synth-4")
+    ks4_window = next(row for row in reversed(ks4) if row.get("train_slice_side"))
+    ks4_check = json.loads((ROOT / "resume" / "kidney-synth-4" / "validation.json").read_text())
+    ks4_real, ks4_mass = ks4_check["real_ct"]["figures"], ks4_check["mass_effect"]["max_abs_relative_change"]
     return [
+        f"reference Dice {ks4_window['reference_dice']:.3f} after the window epochs and {ks4[-1]['reference_dice']:.3f} "
+        f"after the two whole-slice epochs",
+        f"in {ks4[-1]['cpu_hours']:.2f} CPU hours",
+        f"at most {100 * ks4_mass:.1f} %",
+        f"its Dice is {ks4_real['both']:.3f} ({ks4_real['right']:.3f} right, {ks4_real['left']:.3f} left)",
         f"a window costs {window['seconds_per_slice']:.3f} s against {whole['seconds_per_slice']:.3f} s for a whole "
         f"slice ({window['speedup_per_slice']:.2f}x per slice; {window['gflop_per_slice']:.2f} against "
         f"{whole['gflop_per_slice']:.2f} GFLOP, {window['gflop_per_s']:.0f} against {whole['gflop_per_s']:.0f} GFLOP/s)",
