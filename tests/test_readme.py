@@ -162,6 +162,9 @@ def _quoted_figures() -> list[str]:
         f"a window costs {window['seconds_per_slice']:.3f} s against {whole['seconds_per_slice']:.3f} s for a whole "
         f"slice ({window['speedup_per_slice']:.2f}x per slice; {window['gflop_per_slice']:.2f} against "
         f"{whole['gflop_per_slice']:.2f} GFLOP, {window['gflop_per_s']:.0f} against {whole['gflop_per_s']:.0f} GFLOP/s)",
+        f"{train['window, bf16, compiled']['seconds_per_slice']:.3f} s with bf16 autocast and a compiled step "
+        f"({train['window, bf16, compiled']['speedup_per_slice']:.2f}x a whole slice in FP32, "
+        f"{train['window, bf16, compiled']['gflop_per_s']:.0f} GFLOP/s)",
         f"held-out case of the run's test split ({['one', 'two', 'three'][len(dice) - 1]})",
         f"load average {demo['machine']['load_average_1_5_15min'][2]:.1f} over the last 15 minutes",
         f"test Dice {' and '.join(f'{d:.4f}' for d in dice)}, mean {demo['mean_dice']:.4f}",
