@@ -110,7 +110,7 @@ def _peak_rss_gb() -> float:
 def measure_path(job: dict) -> dict:
     """One path (``job["path"]``) on one CT in this process: open, warm up, time ``repeats`` whole cases."""
     from qnkit import inference
-    from qnkit.backends import open_backend, open_sampler
+    from qnkit.backends import open_backend, open_sampler, sampling_predict
     from qnkit.bundle import load_bundle
     from qnkit.io import load_geometry
     from qnkit.segment import CaseInput, SegmentOptions, model_arguments, segment_file
@@ -123,7 +123,7 @@ def measure_path(job: dict) -> dict:
     segment = job.get("segment", {})  # SegmentOptions beyond the defaults: the uncertainty row's quality pass
     dropout = model_arguments(bundle)["dropout"] if segment.get("uncertainty") else None
     sampler = open_sampler(bundle, backend, log=lambda *a: None) if dropout else None
-    predict = _predict_with(backend, sampler)
+    predict = sampling_predict(lambda: backend, lambda: sampler)
     open_s = time.perf_counter() - started
     image, out = Path(job["image"]), Path(job["out"])
     geometry = load_geometry(image)
@@ -167,18 +167,6 @@ def measure_path(job: dict) -> dict:
         row["quality"] = {side: q and {k: q[k] for k in ("verdict", "score", "samples")}
                           for side, q in verdicts.items()}
     return row
-
-
-def _predict_with(backend, sampler):
-    """`qnkit segment`'s predict(x, keep=None): the backend's network, and the Monte-Carlo samples (``keep``
-    given) on `sampler` (:func:`qnkit.backends.open_sampler`; None: no samples)."""
-    if sampler is None:
-        return backend.predict
-
-    def predict(x, keep=None):
-        return backend.predict(x) if keep is None else sampler.predict(x, keep)
-
-    return predict
 
 
 def _in_subprocess(job: dict) -> dict:

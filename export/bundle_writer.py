@@ -274,9 +274,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             "engine": engine_record,
             "verification": record,
         }
-        from qnkit.quality import DEFAULT_CALIBRATION
-
-        metadata["quality"] = quality_calibration or {**DEFAULT_CALIBRATION, "calibrated_for_this_model": False}
+        metadata["quality"] = _quality_record(quality_calibration)
         if cpu_precision is not None:  # which graph `precision=auto` runs on the CPU, and why
             metadata["cpu_precision"] = cpu_precision
         metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -289,6 +287,16 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     return metadata
 
 
+def _quality_record(calibration: dict | None) -> dict:
+    """qnkit.json's "quality": a fitted calibration, or qnkit's default limits marked as not fitted to this model."""
+    from qnkit.quality import DEFAULT_CALIBRATION, check_calibration
+
+    if calibration is None:
+        return {**DEFAULT_CALIBRATION, "calibrated_for_this_model": False}
+    check_calibration(calibration)
+    return {**calibration, "calibrated_for_this_model": True}
+
+
 def reseal_quality(bundle_dir: str | Path, calibration: dict) -> Path:
     """Put a fitted quality calibration (``quality_calibration fit``) into an exported bundle's ``qnkit.json`` and
     seal it again (its manifest hash): the limits are measured with the bundle itself, so they come after its
@@ -297,7 +305,7 @@ def reseal_quality(bundle_dir: str | Path, calibration: dict) -> Path:
     from qnkit.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    metadata = {**bundle.metadata, "quality": {**calibration, "calibrated_for_this_model": True}}
+    metadata = {**bundle.metadata, "quality": _quality_record(calibration)}
     path = Path(bundle_dir) / METADATA_NAME
     write_text_atomic(path, sealed_metadata_text(metadata))
     load_bundle(bundle_dir)  # sealed as a reader checks it

@@ -250,25 +250,15 @@ def _quality_of(result) -> dict | None:
     return quality if any(q is not None for q in quality.values()) else None
 
 
-def _uncertainty_volume(result):
-    """The Monte-Carlo disagreement on the CT's grid (zeros outside the sampled box); None without samples."""
-    import numpy as np
-
-    if result.samples is None or result.samples.count == 0:
-        return None
-    volume = np.zeros(result.sides.shape, np.float32)
-    volume[result.samples.box] = result.samples.voxel_uncertainty()
-    return volume
-
-
 def _write_preview(result, path: Path, bundle, name: str) -> None:
     from qnkit._atomic import write_bytes_atomic
     from qnkit.preview import render_preview
     from qnkit.report import describe_sides
 
+    samples = result.samples if result.samples is not None and result.samples.count else None  # the mirror pass alone: 0 everywhere
     png = render_preview(result.ct, result.sides, result.spacing, window=bundle.hu_window,
-                         title=f"{name}: {describe_sides(result.stats)}", uncertainty=_uncertainty_volume(result),
-                         quality=_quality_of(result))
+                         title=f"{name}: {describe_sides(result.stats)}", quality=_quality_of(result),
+                         uncertainty=None if samples is None else samples.uncertainty_on_grid(result.sides.shape))
     write_bytes_atomic(path, png)
 
 

@@ -220,15 +220,11 @@ INT8_DOT_PRODUCT_FLAGS = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", 
 
 def int8_dot_product(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
     """(whether this CPU has an INT8 dot-product instruction, which one or why not), from /proc/cpuinfo."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
+    from qnkit.cpus import cpu_flags
+
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
         return False, f"cannot tell: {cpuinfo} unreadable (not Linux?)"
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
     found = [name for flag, name in INT8_DOT_PRODUCT_FLAGS.items() if flag in flags]
     if found:
         return True, ", ".join(found)

@@ -59,21 +59,45 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(cpuinfo: str | Path = CPUINFO) -> frozenset | None:
+    """The CPU's feature flags ("flags" on x86, "Features" on ARM) from Linux's /proc/cpuinfo; None when it
+    cannot be read (not Linux). This machine's are read once."""
+    if str(cpuinfo) == CPUINFO:
+        return _own_cpu_flags()
+    return _read_cpu_flags(cpuinfo)
+
+
+@functools.lru_cache(maxsize=1)
+def _own_cpu_flags() -> frozenset | None:
+    return _read_cpu_flags(CPUINFO)
+
+
+def _read_cpu_flags(cpuinfo: str | Path) -> frozenset | None:
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
 #: /proc/cpuinfo flags of a native bfloat16 dot product (bf16 autocast otherwise runs emulated, slower than FP32).
 BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "ARM BF16"}
 
 
-def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
+def native_bf16(cpuinfo: str | Path = CPUINFO) -> tuple[bool, str]:
     """(True, its name) when the CPU computes bfloat16 dot products natively (:data:`BF16_FLAGS`), else
     (False, why): mixed-precision training on the CPU pays only there (AVX2-only machines get FP32)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
         return False, f"{cpuinfo} unreadable"
-    flags = set()
-    for line in text.splitlines():
-        if line.split(":", 1)[0].strip() in ("flags", "Features"):
-            flags |= set(line.split(":", 1)[1].split())
     found = [name for flag, name in BF16_FLAGS.items() if flag in flags]
     return (True, found[0]) if found else (False, "no AVX512-BF16, AMX-BF16 or ARM BF16 in the CPU flags")
 

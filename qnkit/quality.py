@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 
 from qnkit.postprocess import LEFT, RIGHT, ball, bounding_box
 
-__all__ = ["SIGNALS", "DEFAULT_CALIBRATION", "calibration_of", "kidney_signals", "verdict", "kidney_quality",
+__all__ = ["SIGNALS", "DEFAULT_CALIBRATION", "calibration_of", "check_calibration", "kidney_signals", "verdict", "kidney_quality",
            "describe_quality", "spearman"]
 
 ADULT_KIDNEY_ML = (80.0, 300.0)
@@ -61,6 +61,16 @@ def calibration_of(bundle) -> tuple[dict, str]:
     if isinstance(record, dict) and isinstance(record.get("limits"), dict):
         return record, "bundle"
     return DEFAULT_CALIBRATION, "default: the bundle records no calibration"
+
+
+def check_calibration(record) -> None:
+    """QnkitInputError unless `record` has a "limits" object with a positive number for each of :data:`SIGNALS`."""
+    from qnkit.errors import QnkitInputError
+
+    limits = record.get("limits") if isinstance(record, dict) else None
+    bad = [k for k in SIGNALS if not isinstance((limits or {}).get(k), (int, float)) or limits[k] <= 0]
+    if bad:
+        raise QnkitInputError(f"no positive limit for {', '.join(bad)}")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

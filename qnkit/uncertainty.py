@@ -58,6 +58,12 @@ class KidneySamples:
         q = votes / np.float32(self.count + 1)
         return np.float32(4.0) * q * (np.float32(1.0) - q)
 
+    def uncertainty_on_grid(self, shape: tuple) -> np.ndarray:
+        """:meth:`voxel_uncertainty` on the whole input grid of `shape` (0 outside the kidneys' box)."""
+        volume = np.zeros(shape, np.float32)
+        volume[self.box] = self.voxel_uncertainty()
+        return volume
+
 
 def sample_kidneys(ct: np.ndarray, sides: np.ndarray, spacing, sample_batch, *, samples: int, seed: int,
                    dropout: dict | None, hu_window, model_spacing: float | None, threshold: float,

@@ -111,7 +111,7 @@ RECIPES["kidney-synth-4"] = {
     "settings": "shipped-fast",
     "reference": KIDNEY_SYNTH_VALIDATION,
     "phases": [{"epochs": 16}, {"epochs": 18, "crop_size": 0, "lr": 2e-4, "schedule": "poly"}],
-    # bf16 autocast (where the CPU has it natively) and torch.compile, on every start and resume: epochs 1-3
+    # bf16 autocast (where the CPU has it natively) and torch.compile, on every start and resume: epochs 1-4
     # ran without them (metrics.jsonl's "step" says how each epoch ran)
     "step": ["--amp", "--compile"],
     "export": ["--int8"],
@@ -176,8 +176,7 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
     if epochs:
         phases = [p for p in phases if p["epochs"] < epochs] + [{**next(
             (p for p in phases if p["epochs"] >= epochs), phases[-1]), "epochs": epochs}]
-    measured = ["--reference-data", reference] if reference is not None else []
-    measured += list(recipe.get("step", []))
+    every_start = (["--reference-data", reference] if reference is not None else []) + list(recipe.get("step", []))
     for phase in phases:
         schedule = [arg for key in PHASE_KEYS if key in phase for arg in (f"--{key.replace('_', '-')}", phase[key])]
         if not (run / "checkpoints").is_dir():
@@ -185,9 +184,9 @@ def train_phases(recipe: dict, data: Path, run: Path, epochs: int | None = None,
             if run.is_dir() and any(run.iterdir()):
                 start.append("--force")  # a start that ended before its first checkpoint: nothing to keep
             _qnkit("train", "--data", data, "--out", run, "--settings", recipe["settings"], "--no-progress",
-                   *start, *measured, "--epochs", phase["epochs"], *schedule)
+                   *start, *every_start, "--epochs", phase["epochs"], *schedule)
         elif trained_epochs(run) < phase["epochs"]:
-            _qnkit("train", "--out", run, "--resume", "--data", data, "--no-progress", *measured,
+            _qnkit("train", "--out", run, "--resume", "--data", data, "--no-progress", *every_start,
                    "--epochs", phase["epochs"], *schedule)
 
 

@@ -106,7 +106,6 @@ class Solver:
         self._schedule_start = 0  # the epoch the learning-rate schedule (re)started at
         self.sched = self._scheduler()
         self.amp_dtype = amp_dtype(bool(t.amp), device)
-        self.amp = self.amp_dtype is not None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = CombinedLoss(t.alpha, t.beta)
         self.accum = max(1, round(t.effective_batch / (t.micro_batch * info.world_size)))
@@ -121,6 +120,11 @@ class Solver:
             self.model = DistributedDataParallel(self.net, device_ids=ids)
         # the training step's network; checkpoints and validation use self.net, the module itself
         self.step_model = torch.compile(self.model) if t.compile else self.model
+
+    @property
+    def amp(self) -> bool:
+        """Whether the step runs under autocast ([TRAINING] amp where this device and CPU allow it)."""
+        return self.amp_dtype is not None
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:

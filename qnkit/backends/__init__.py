@@ -19,7 +19,8 @@ from qnkit.backends.base import PRECISIONS, Backend, batch_words
 from qnkit.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, MC_ONNX, WEIGHTS, Bundle, BundleError
 from qnkit.errors import QnkitInputError
 
-__all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "open_sampler", "nvidia_gpu_present"]
+__all__ = ["AVAILABLE_KINDS", "PRECISIONS", "Backend", "open_backend", "open_sampler", "sampling_predict",
+           "nvidia_gpu_present"]
 
 AVAILABLE_KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
 _ONNX_FOR = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
@@ -200,3 +201,14 @@ def open_sampler(bundle: Bundle, backend: Backend, *, log=print) -> Backend:
         return sampler
     raise QnkitInputError(f"{bundle.path}: cannot draw Monte-Carlo samples here: no {MC_ONNX} in the bundle "
                           f"(re-export it) and no torch for its weights")
+
+
+def sampling_predict(network, sampler):
+    """`predict(x, keep=None)` as :func:`qnkit.segment.segment_ct` calls it: ``network()`` predicts plain slices,
+    ``sampler()`` (:func:`open_sampler`'s backend) the Monte-Carlo samples (``keep``: the Dropout2d masks). Both
+    are called at each use, so that a caller may open them lazily."""
+
+    def predict(x, keep=None):
+        return network().predict(x) if keep is None else sampler().predict(x, keep)
+
+    return predict

@@ -95,20 +95,17 @@ def command(
 
 
 def _read_calibration(path: Path) -> dict:
-    """The calibration JSON of ``quality_calibration fit``: a "limits" object with a positive number for each of
-    :data:`qnkit.quality.SIGNALS`."""
+    """The calibration JSON of ``quality_calibration fit`` (checked by :func:`qnkit.quality.check_calibration`)."""
     from qnkit.errors import QnkitInputError
-    from qnkit.quality import SIGNALS
+    from qnkit.quality import check_calibration
 
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise QnkitInputError(f"--quality-calibration {path}: unreadable ({exc.__class__.__name__})") from None
-    limits = record.get("limits") if isinstance(record, dict) else None
-    bad = [k for k in SIGNALS if not isinstance((limits or {}).get(k), (int, float)) or limits[k] <= 0]
-    if bad:
-        raise QnkitInputError(f"--quality-calibration {path}: no positive limit for {', '.join(bad)}")
-    return {**record, "calibrated_for_this_model": True}
+        check_calibration(record)
+    except (OSError, ValueError, QnkitInputError) as exc:
+        why = str(exc) if isinstance(exc, QnkitInputError) else f"unreadable ({exc.__class__.__name__})"
+        raise QnkitInputError(f"--quality-calibration {path}: {why}") from None
+    return record
 
 
 @contextlib.contextmanager

@@ -148,7 +148,7 @@ def command(
         if uncertainty_map.exists() and not force:
             raise QnkitInputError(f"{uncertainty_map} exists; pass --force to replace it")
 
-    from qnkit.backends import open_backend
+    from qnkit.backends import open_backend, open_sampler, sampling_predict
     from qnkit.bundle import load_bundle
 
     from qnkit.models import resolve_model
@@ -200,16 +200,11 @@ def command(
     def sampler():
         """The backend that draws Monte-Carlo samples (the engine itself when it can; qnkit.backends.open_sampler)."""
         if len(opened) < 2:
-            from qnkit.backends import open_sampler
-
             opened.append(open_sampler(bundle, engine(), log=lambda msg: err.print(msg, markup=False)))
         return opened[1]
 
-    def predict(x, keep=None):
-        return engine().predict(x) if keep is None else sampler().predict(x, keep)
-
     try:
-        done = B.segment_many(cases, bundle, options, outputs=plan, predict=predict,
+        done = B.segment_many(cases, bundle, options, outputs=plan, predict=sampling_predict(engine, sampler),
                               series=series, overwrite=force or resumable, stop_on_error=len(cases) == 1 and not
                               current, progress=progress, console=err)
     finally:
@@ -235,15 +230,11 @@ def _flagged(results) -> list[str]:
 def write_uncertainty_map(result, path: Path, *, overwrite: bool) -> None:
     """The voxel-wise disagreement (:meth:`qnkit.uncertainty.KidneySamples.voxel_uncertainty`) as float32 NIfTI
     on the input's grid (0 outside the kidneys' box)."""
-    import numpy as np
-
     from qnkit import io as qio
 
     if result.samples is None or result.geometry is None:
         return
-    volume = np.zeros(result.shape, np.float32)
-    volume[result.samples.box] = result.samples.voxel_uncertainty()
-    qio.save_volume(volume, result.geometry, path, overwrite=overwrite)
+    qio.save_volume(result.samples.uncertainty_on_grid(result.shape), result.geometry, path, overwrite=overwrite)
 
 
 #: Precisions each backend runs (as its own check_precision calls say); "auto" picks one of them.
