@@ -172,7 +172,7 @@ def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
     assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
     assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
     with pytest.raises(Exception, match="anatomy version"):
-        make_anatomy_case(1, seed=4, version=4, **COARSE)
+        make_anatomy_case(1, seed=4, version=5, **COARSE)
 
 
 def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
@@ -198,7 +198,7 @@ def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
 def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
-    for args, word in ((["--generator", "anatomy", "--anatomy-version", "4"], "anatomy version"),
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "5"], "anatomy version"),
                        (["--anatomy-version", "1"], "anatomy generator"),
                        (["--phases", "1,1,1,1"], "anatomy generator"),
                        (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
@@ -247,6 +247,45 @@ def test_version_3_adds_masses_to_some_cases_and_keeps_version_2_bodies_otherwis
             v2 = make_anatomy_case(index, seed=2, version=2, **COARSE)
             assert np.array_equal(v2.imaging, v3.imaging) and np.array_equal(v2.segmentation, v3.segmentation)
     assert with_mass and without
+
+
+def test_version_4_draws_lookalikes_at_the_kidneys_hu_and_keeps_version_3_otherwise():
+    """Version 4 moves the spleen, liver or mass onto the kidney's parenchyma HU in some cases; the bodies
+    are version 3's, and a case that draws no look-alike is version 3's to the byte."""
+    from qnkit.synth.appearance import draw_look, draw_lookalikes
+
+    plain = draw_look(np.random.default_rng(0))
+    seen = set()
+    for seed in range(12):
+        look = draw_lookalikes(np.random.default_rng(seed), plain)
+        parenchyma = 0.5 * (plain.hu["cortex"] + plain.hu["medulla"])
+        for organ in ("spleen", "liver"):
+            if organ in look.lookalikes:
+                assert abs(look.hu[organ] - parenchyma) < 40
+            else:
+                assert look.hu[organ] == plain.hu[organ]
+        assert (look.mass_hu is not None) == ("mass" in look.lookalikes)
+        assert look.hu["cortex"] == plain.hu["cortex"]
+        seen.update(look.lookalikes)
+    assert seen == {"spleen", "liver", "mass"}
+
+    same = differs = 0
+    for index in range(6):
+        v4 = make_anatomy_case(index, seed=2, version=4, **COARSE)
+        v3 = make_anatomy_case(index, seed=2, version=3, **COARSE)
+        record = v4.kits_entry()["qnkit_synth"]
+        assert np.array_equal(v3.segmentation, v4.segmentation), "the same bodies"
+        if record["lookalikes"]:
+            differs += 1
+            assert not np.array_equal(v3.imaging, v4.imaging)
+            spleen_like = "spleen" in record["lookalikes"]
+            assert set(record["lookalikes"]) <= {"spleen", "liver", "mass"}
+            assert "mass" not in record["lookalikes"] or record.get("mass")
+            del spleen_like
+        else:
+            same += 1
+            assert np.array_equal(v3.imaging, v4.imaging)
+    assert same and differs
 
 
 # --------------------------------------------------------------------------- contrast phase mix

@@ -78,6 +78,9 @@ class Look:
     outside_value: float  # value outside the reconstruction circle
     circle: bool
     table: bool
+    mass_hu: float | None = None  # a large mass's mean HU; None: the case's tumor HU give or take (version 3)
+    mass_texture_hu: float | None = None
+    lookalikes: tuple = ()  # organs drawn at the kidney's HU (anatomy version 4), for the case's record
 
 
 def phase_probabilities(weights) -> tuple:
@@ -121,3 +124,35 @@ def draw_look(rng: np.random.Generator, wild_p: float = 0.2, phase_p: tuple = PH
         outside_value=float(rng.choice([-1024.0, -2048.0, -3024.0, -1000.0])),
         circle=bool(rng.random() < 0.5), table=bool(rng.random() < 0.7),
     )
+
+
+#: Anatomy version 4's look-alikes: how often each neighbour is drawn at the kidney's own HU. In real CT the
+#: spleen and liver enhance close to the renal parenchyma in many phases and patients (and a solid mass
+#: against a kidney often enhances like it), so intensity alone must never separate them: the network has to
+#: find the kidney by its shape, its sinus and its place.
+LOOKALIKE_P = {"spleen": 0.4, "liver": 0.25, "mass": 0.5}
+
+
+def draw_lookalikes(rng: np.random.Generator, look: Look) -> Look:
+    """`look` with some neighbours of the kidney moved onto the kidney's parenchyma HU (:data:`LOOKALIKE_P`).
+
+    Drawn from a stream of its own, after everything else, so a case that draws no look-alike keeps every
+    value of the look it was given. The value is the parenchyma's (cortex and medulla averaged, as the
+    nephrographic phase shows them) within a few HU, with a texture like the cortex's."""
+    hu, tex = dict(look.hu), dict(look.texture_hu)
+    parenchyma = 0.5 * (hu["cortex"] + hu["medulla"])
+    chosen = [name for name, p in LOOKALIKE_P.items() if rng.random() < p]
+    mass_hu = mass_texture = None
+    for name in chosen:
+        value = float(parenchyma + rng.normal(0.0, 8.0))
+        texture = float(tex["cortex"] * rng.uniform(0.8, 1.5))
+        if name == "mass":
+            mass_hu, mass_texture = value, texture
+        else:
+            hu[name], tex[name] = value, texture
+    if not chosen:
+        return look
+    from dataclasses import replace
+
+    return replace(look, hu=hu, texture_hu=tex, mass_hu=mass_hu, mass_texture_hu=mass_texture,
+                   lookalikes=tuple(chosen))

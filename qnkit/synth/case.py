@@ -8,7 +8,7 @@ import numpy as np
 from qnkit.errors import QnkitInputError
 
 from .anatomy import draw_grid, make_anatomy
-from .appearance import PHASE_P, PHASES, draw_look, phase_probabilities
+from .appearance import PHASE_P, PHASES, draw_look, draw_lookalikes, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
 
@@ -16,9 +16,11 @@ from .render import render
 #: case so that a dataset names what made it. 1: the shipped kidney-synth model's data; 2 (default): the
 #: spleen and liver moved and resized towards the kidneys, kidney positions jittered; 3: version 2 plus, in
 #: :data:`.anatomy.MASS_P` of the cases, a large mass (250-750 mL) pressed against one kidney and labelled
-#: background, as the seed's convention has it (a mass that distorts the kidney is not kidney).
-RECIPE_VERSIONS = (1, 2, 3)
-RECIPE_VERSION = 3
+#: background, as the seed's convention has it (a mass that distorts the kidney is not kidney); 4: version 3's
+#: bodies with look-alikes (:data:`.appearance.LOOKALIKE_P`): the spleen, the liver or the mass drawn at the
+#: kidney's own HU in some cases, so that only shape and place tell them from it.
+RECIPE_VERSIONS = (1, 2, 3, 4)
+RECIPE_VERSION = 4
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
@@ -50,6 +52,8 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
     body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size,
                         version=version, mass_rng=np.random.default_rng(np.random.SeedSequence([seed, index, 3])))
     look = draw_look(rng, phase_p=phase_p)
+    if version >= 4:
+        look = draw_lookalikes(np.random.default_rng(np.random.SeedSequence([seed, index, 4])), look)
     imaging = render(rng, body.tissue, body.labels, body.spacing, look)
     size_cm = body.meta.pop("radiographic_size", None)
     if size_cm is None:
@@ -59,6 +63,8 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
         "qnkit_synth": {"generator": "anatomy", "recipe_version": version, "seed": seed, "index": index,
                         "pixel_range_mm": list(pixel_range), "labels_from": "kits19" if labels_from else None,
                         "phase": look.phase, "wild_appearance": look.wild,
+                        **({"lookalikes": [n for n in look.lookalikes if n != "mass" or body.meta.get("mass")]}
+                           if version >= 4 else {}),
                         "phase_probabilities": dict(zip(PHASES, (round(p, 4) for p in phase_p))),
                         **{k: (float(v) if isinstance(v, np.floating) else v) for k, v in body.meta.items()}},
         "slice_thickness": round(float(body.spacing[0]), 4),

@@ -229,6 +229,8 @@ def _paint_mass(rng, img, tissue, look: Look, f1, f2) -> None:
         return
     hu = look.hu["tumor"] + rng.uniform(-30, 40)
     texture = rng.uniform(10, 35)
+    if look.mass_hu is not None:  # a look-alike (version 4): the draws above are kept, so the rest stays
+        hu, texture = look.mass_hu, look.mass_texture_hu
     img[mass] = hu + texture * f1[mass]
     necrosis = mass & (f2 < -rng.uniform(0.2, 1.2))
     img[necrosis] = look.hu["necrosis"] + 8 * f1[necrosis]
