@@ -79,8 +79,11 @@ def measure_case(name: str, ct, labels, geometry, predict, arguments: dict, samp
 
 
 def measure(model: str, folders: list[Path], *, samples: int, seed: int, mass_bodies: int, mass_seed: int,
-            labels_from: Path | None, log=print, save=None) -> list[dict]:
-    """Rows of every case (and its variants) in `folders` and of `mass_bodies` mass bodies; `save(rows)` after each."""
+            labels_from: Path | None, log=print, save=None, done: list[dict] | None = None) -> list[dict]:
+    """Rows of every case (and its variants) in `folders` and of `mass_bodies` mass bodies; `save(rows)` after each.
+
+    Rows in `done` are kept and their case-variants not measured again (a measurement cut short goes on);
+    each case's low-dose noise is drawn from its own generator, so the rows do not depend on where it resumed."""
     from qnkit import io as qio
     from qnkit.backends.torch_backend import TorchBackend
     from qnkit.bundle import load_bundle
@@ -91,16 +94,20 @@ def measure(model: str, folders: list[Path], *, samples: int, seed: int, mass_bo
     backend = TorchBackend(bundle, batch_size=16)
     predict = backend.predict
     arguments = model_arguments(bundle)
-    rng = np.random.default_rng(seed)
-    rows: list[dict] = []
+    rows: list[dict] = list(done or [])
+    measured = {r["case"] for r in rows}
     cases = [c for folder in folders for c in sorted(Path(folder).glob("case_*")) if (c / "imaging.nii.gz").exists()]
-    for case in cases:
+    for case_index, case in enumerate(cases):
+        if all(f"{case.parent.name}/{case.name}/{v}" in measured for v in ("original", "lowdose")):
+            continue
         ct, geometry = qio.load_image(case / "imaging.nii.gz")
         labels, _ = qio.load_image(case / "segmentation.nii.gz")
-        for variant, image, truth, geo in _variants(ct, labels, geometry, rng):
+        for variant, image, truth, geo in _variants(ct, labels, geometry, np.random.default_rng([seed, case_index])):
+            name = f"{case.parent.name}/{case.name}/{variant}"
+            if name in measured:
+                continue
             t = time.perf_counter()
-            got = measure_case(f"{case.parent.name}/{case.name}/{variant}", image, truth, geo, predict, arguments,
-                               samples, seed)
+            got = measure_case(name, image, truth, geo, predict, arguments, samples, seed)
             rows += got
             if save is not None:
                 save(rows)
@@ -110,6 +117,8 @@ def measure(model: str, folders: list[Path], *, samples: int, seed: int, mass_bo
         from qnkit.benchmarks.mass_effect import mass_pair
 
         for index in range(mass_bodies):
+            if f"mass{mass_seed}/{index}" in measured:
+                continue
             _, with_mass, record = mass_pair(index, seed=mass_seed, labels_from=labels_from)
             ct, labels, geometry = _synth_arrays(with_mass)
             got = measure_case(f"mass{mass_seed}/{index}", ct, labels, geometry, predict, arguments, samples, seed)
@@ -183,6 +192,7 @@ def main(argv=None) -> int:
     m.add_argument("--mass-bodies", type=int, default=0)
     m.add_argument("--mass-seed", type=int, default=0)
     m.add_argument("--labels-from", type=Path)
+    m.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure only the rest")
     f = sub.add_parser("fit")
     f.add_argument("rows", type=Path)
     f.add_argument("--held-out", type=Path, required=True)
@@ -194,7 +204,8 @@ def main(argv=None) -> int:
         rows = measure(args.model, args.folders, samples=args.samples, seed=args.seed, mass_bodies=args.mass_bodies,
                        mass_seed=args.mass_seed, labels_from=args.labels_from,
                        log=lambda m: print(m, file=sys.stderr, flush=True),
-                       save=lambda rows: args.out.write_text(json.dumps(rows, indent=1) + "\n"))
+                       save=lambda rows: args.out.write_text(json.dumps(rows, indent=1) + "\n"),
+                       done=json.loads(args.out.read_text()) if args.resume and args.out.exists() else None)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
         return 0
     rows, held = json.loads(args.rows.read_text()), json.loads(args.held_out.read_text())

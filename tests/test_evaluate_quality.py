@@ -129,3 +129,34 @@ def test_calibration_fit_and_held_out_summary_share_the_evaluate_summary(tmp_pat
     assert (held_out["kidneys"], held_out["bad"], held_out["bad_flagged"], held_out["good_not_flagged"]) == (4, 2, 2, 2)
     assert held_out["spearman"]["score"] < -0.6
     assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_calibration_measure_resumes_without_measuring_twice(tmp_path, monkeypatch):
+    """`measure --resume` keeps the rows already written and measures only the case-variants not in them; each
+    case's low-dose noise comes from its own generator, so a resumed measurement draws what a whole one does."""
+    import numpy as np
+
+    from qnkit.benchmarks import quality_calibration as C
+    from qnkit.synth import write_dataset
+
+    write_dataset(tmp_path / "set", cases=2, seed=3, size=48, progress=False)
+    calls, noise = [], {}
+
+    def fake_case(name, ct, labels, geometry, *args):
+        calls.append(name)
+        noise[name] = float(np.asarray(ct, dtype=np.float64).sum())
+        return [{"case": name, "side": "right", "dice": 0.9, "signals": {}}]
+
+    monkeypatch.setattr(C, "measure_case", fake_case)
+    out = tmp_path / "rows.json"
+    assert C.main(["measure", "--out", str(out), str(tmp_path / "set")]) == 0
+    whole = json.loads(out.read_text())
+    first_calls, first_noise = list(calls), dict(noise)
+    assert {"set/case_00000/original", "set/case_00001/lowdose"} <= set(first_calls)
+
+    out.write_text(json.dumps([r for r in whole if not r["case"].startswith("set/case_00001")]))
+    calls.clear()
+    assert C.main(["measure", "--out", str(out), "--resume", str(tmp_path / "set")]) == 0
+    assert calls and all(name.startswith("set/case_00001") for name in calls)
+    assert noise["set/case_00001/lowdose"] == first_noise["set/case_00001/lowdose"]
+    assert sorted(r["case"] for r in json.loads(out.read_text())) == sorted(r["case"] for r in whole)
