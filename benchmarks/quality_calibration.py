@@ -146,23 +146,44 @@ def _synth_arrays(case):
     return ct, labels, geometry
 
 
+#: A signal whose Spearman correlation with the true Dice over the calibration kidneys is above this does not
+#: rank bad kidneys above good ones: it stays measured and reported, and leaves the verdict (limit null). One
+#: that is constant over them (no second lump anywhere) is no evidence either way and keeps its limit.
+#: ``at_edge`` and the volume are kept for what they mean: a cut kidney's volume is not the kidney's, and an
+#: adult kidney holds 80-300 mL.
+KEEP_SPEARMAN = -0.2
+KEPT_FOR_MEANING = ("at_edge", "volume_implausibility")
+#: Lowest limits: when no good calibration kidney shows a signal at all (no second lump), its percentile is 0
+#: and any trace would send a kidney to check; a second lump is one of at least 15 % of the two.
+FLOORS = {"second_lump": 0.15}
+
+
 def fit(rows: list[dict], *, quantile: float = 0.975) -> dict:
-    """Limits per signal: the `quantile` of the signal over kidneys with Dice >= GOOD_DICE (rounded up)."""
-    from qnkit.quality import DEFAULT_CALIBRATION, SIGNALS
+    """Limits per signal: the `quantile` of the signal over kidneys with Dice >= GOOD_DICE (x 1.05, at least
+    :data:`FLOORS`); null for a signal that does not rank the kidneys (:data:`KEEP_SPEARMAN`)."""
+    from qnkit.quality import DEFAULT_CALIBRATION, SIGNALS, spearman
 
     good = [r for r in rows if r["dice"] >= GOOD_DICE]
-    limits = {}
+    limits, left_out = {}, {}
     for name in SIGNALS:
         values = [r["signals"][name] for r in good if name in r["signals"]]
+        pairs = [(r["signals"][name], r["dice"]) for r in rows if name in r["signals"]]
+        rank = spearman(*zip(*pairs)) if len(pairs) >= 3 else float("nan")
         if name == "at_edge":
             limits[name] = 0.5
         elif name == "volume_implausibility":
             limits[name] = max(1.0, float(np.quantile(values, quantile))) if values else 1.0
+        elif rank > KEEP_SPEARMAN:  # nan (a constant signal) is no evidence either way: kept
+            limits[name] = None
+            left_out[name] = f"Spearman {rank:.2f} against Dice over the calibration kidneys (kept at <= {KEEP_SPEARMAN})"
         elif values:
-            limits[name] = float(np.quantile(values, quantile)) * 1.05 + 1e-4
+            limits[name] = max(float(np.quantile(values, quantile)) * 1.05 + 1e-4, FLOORS.get(name, 0.0))
         else:
             limits[name] = DEFAULT_CALIBRATION["limits"][name]
-    return {"limits": {k: round(v, 4) for k, v in limits.items()}}
+    out = {"limits": {k: (None if v is None else round(v, 4)) for k, v in limits.items()}}
+    if left_out:
+        out["left_out"] = left_out
+    return out
 
 
 def evaluate(rows: list[dict], calibration: dict) -> dict:
@@ -212,7 +233,9 @@ def main(argv=None) -> int:
     calibration = fit(rows)
     calibration.update(chosen_on={"rows": str(args.rows), "kidneys": len(rows), "good_dice": GOOD_DICE,
                                   "rule": "each limit: 1.05 x the 97.5th percentile of the signal over "
-                                          "calibration kidneys with Dice >= 0.85; volume 80-300 mL"},
+                                          "calibration kidneys with Dice >= 0.85 (second lump at least 0.15); "
+                                          "volume 80-300 mL; a signal with Spearman against Dice above -0.2 "
+                                          "over them is reported, not judged (limit null)"},
                        calibration=evaluate(rows, calibration), held_out={"rows": str(args.held_out),
                                                                           **evaluate(held, calibration)})
     args.out.write_text(json.dumps(calibration, indent=1) + "\n")

@@ -17,7 +17,8 @@ Signals, each a number per kidney where larger means less trustworthy (:func:`ki
 - ``at_edge``: 1 when the kidney touches the volume's edge (a truncated field of view), else 0.
 
 The verdict compares each signal with its calibrated limit (``score`` = the largest ratio
-signal / limit; ``check`` when the score exceeds 1, with the signals that did as the reason). Limits
+signal / limit; ``check`` when the score exceeds 1, with the signals that did as the reason); a signal
+whose limit is null is reported but not judged (the calibration found it does not rank kidneys). Limits
 come from the bundle's ``qnkit.json`` ("quality", written by ``qnkit export``); a bundle without them
 uses :data:`DEFAULT_CALIBRATION` and the result says so.
 """
@@ -64,13 +65,19 @@ def calibration_of(bundle) -> tuple[dict, str]:
 
 
 def check_calibration(record) -> None:
-    """QnkitInputError unless `record` has a "limits" object with a positive number for each of :data:`SIGNALS`."""
+    """QnkitInputError unless `record` has a "limits" object with, for each of :data:`SIGNALS`, a positive
+    number or null (a signal reported but left out of the verdict), and at least one number."""
     from qnkit.errors import QnkitInputError
 
     limits = record.get("limits") if isinstance(record, dict) else None
-    bad = [k for k in SIGNALS if not isinstance((limits or {}).get(k), (int, float)) or limits[k] <= 0]
+    if not isinstance(limits, dict):
+        raise QnkitInputError("the quality calibration has no \"limits\" object")
+    bad = [k for k in SIGNALS if k not in limits or not (limits[k] is None or (
+        isinstance(limits[k], (int, float)) and not isinstance(limits[k], bool) and limits[k] > 0))]
     if bad:
-        raise QnkitInputError(f"no positive limit for {', '.join(bad)}")
+        raise QnkitInputError(f"no positive limit (or null) for {', '.join(bad)}")
+    if all(limits[k] is None for k in SIGNALS):
+        raise QnkitInputError("every quality limit is null: nothing would ever be judged")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -116,7 +116,7 @@ def test_calibration_fit_and_held_out_summary_share_the_evaluate_summary(tmp_pat
                 "signals": {"volume_implausibility": volume, "hu_spread": spread, "mirror_disagreement": 0.02,
                             "second_lump": 0.0, "concavity": 0.2, "at_edge": 0.0}}
 
-    calibration_rows = [row(0.9 + 0.005 * k, 1.0, 40.0 + k) for k in range(10)] + [row(0.4, 2.5, 200.0)]
+    calibration_rows = [row(0.9 + 0.005 * k, 1.0, 49.0 - k) for k in range(10)] + [row(0.4, 2.5, 200.0)]
     held = [row(0.95, 1.0, 42.0), row(0.6, 1.8, 60.0), row(0.3, 3.0, 180.0), row(0.92, 1.0, 45.0)]
     (tmp_path / "cal.json").write_text(json.dumps(calibration_rows))
     (tmp_path / "held.json").write_text(json.dumps(held))
@@ -160,3 +160,26 @@ def test_calibration_measure_resumes_without_measuring_twice(tmp_path, monkeypat
     assert calls and all(name.startswith("set/case_00001") for name in calls)
     assert noise["set/case_00001/lowdose"] == first_noise["set/case_00001/lowdose"]
     assert sorted(r["case"] for r in json.loads(out.read_text())) == sorted(r["case"] for r in whole)
+
+
+def test_fit_leaves_out_a_signal_that_ranks_the_wrong_way_and_floors_the_second_lump():
+    """A signal higher on good kidneys than on bad ones gets limit null: reported, not judged; a calibration
+    whose good kidneys never show a second lump still needs a real lump (>= 0.15) to flag one."""
+    from qnkit.benchmarks import quality_calibration as C
+    from qnkit.errors import QnkitInputError
+    from qnkit.quality import SIGNALS, check_calibration, verdict
+
+    rows = [{"case": f"c{k}", "side": "right", "dice": 0.5 + 0.04 * k,
+             "signals": {"hu_spread": 30.0 + 10 * k, "second_lump": 0.0, "concavity": 0.5 - 0.03 * k,
+                         "volume_implausibility": 1.0, "at_edge": 0.0}} for k in range(12)]
+    calibration = C.fit(rows)
+    limits = calibration["limits"]
+    assert limits["hu_spread"] is None and "hu_spread" in calibration["left_out"]
+    assert limits["second_lump"] == 0.15 and limits["concavity"] > 0
+    check_calibration(calibration)
+    judged = verdict({"hu_spread": 900.0, "second_lump": 0.05, "concavity": 0.0}, calibration)
+    assert judged["verdict"] == "ok" and judged["score"] < 1
+    with pytest.raises(QnkitInputError, match="every quality limit is null"):
+        check_calibration({"limits": {name: None for name in SIGNALS}})
+    with pytest.raises(QnkitInputError, match="concavity"):
+        check_calibration({"limits": {**limits, "concavity": -1}})
