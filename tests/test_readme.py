@@ -153,7 +153,30 @@ def _quoted_figures() -> list[str]:
     ks4_window = next(row for row in reversed(ks4) if row.get("train_slice_side"))
     ks4_check = json.loads((ROOT / "resume" / "kidney-synth-4" / "validation.json").read_text())
     ks4_real, ks4_mass = ks4_check["real_ct"]["figures"], ks4_check["mass_effect"]["max_abs_relative_change"]
+    quality = json.loads((ROOT / "resume" / "kidney-synth" / "quality-calibration.json").read_text())
+    held_out = quality["held_out"]
+    real_sm, real_dcm = (c["kidneys"] for c in json.loads(
+        (ROOT / "resume" / "kidney-synth" / "quality-real-ct.json").read_text())["cts"])
+
+    def _unedged(kidney):  # the score without the at-edge signal
+        return max(v / quality["limits"][k] for k, v in kidney["signals"].items() if k != "at_edge" and quality["limits"].get(k))
+
+    sealed = json.loads((ROOT / "qnkit" / "models" / "kidney-synth" / "qnkit.json").read_text())["quality"]
+    assert sealed["limits"] == quality["limits"], "the shipped bundle carries the committed calibration"
     return [
+        f"chosen on {quality['chosen_on']['kidneys']} kidneys",
+        f"On {held_out['kidneys']} held-out kidneys",
+        f"Spearman rank correlation with the true Dice is {held_out['spearman']['score']:.3f}, "
+        f"{held_out['bad_flagged']} of the {held_out['bad']} kidneys with Dice below 0.75",
+        f"and {'both' if held_out['good'] == 2 else held_out['good']} with Dice of 0.90 or more are `ok`",
+        f"true Dice of {held_out['kidneys']} held-out phantom kidneys",
+        f"mirror pass {held_out['spearman']['mirror_disagreement']:.2f}, dropout volume spread "
+        f"{held_out['spearman']['mc_volume_cv']:.2f}, dropout disagreement\n{held_out['spearman']['mc_disagreement']:.2f}",
+        f"(+{quality['calibration']['spearman']['hu_spread']:.2f} on the calibration kidneys",
+        f"(right Dice {real_sm['right']['dice']:.3f}, left {real_sm['left']['dice']:.3f}); without the edge they would "
+        f"score {_unedged(real_sm['right']):.2f} and {_unedged(real_sm['left']):.2f}",
+        f"found, {real_dcm['left']['volume_ml']:.1f} mL, is `{real_dcm['left']['verdict']}`",
+        f"({real_dcm['left']['signals']['mc_disagreement']:.3f} against a limit of {quality['limits']['mc_disagreement']:.3f})",
         f"reference Dice {ks4_window['reference_dice']:.3f} after the window epochs and {ks4[-1]['reference_dice']:.3f} "
         f"after the two whole-slice epochs",
         f"in {ks4[-1]['cpu_hours']:.2f} CPU hours",
