@@ -246,3 +246,30 @@ def test_a_fitted_calibration_is_sealed_into_an_exported_bundle(shared_bundle, t
     assert {k for k in after if after[k] != before.get(k)} == {"quality", "manifest_sha256"}
     calibration, source = calibration_of(load_bundle(bundle))
     assert source == "bundle" and calibration["limits"] == limits and calibration["calibrated_for_this_model"]
+
+
+def test_mc_graph_added_to_a_bundle_exported_without_it(shared_bundle, tmp_path):
+    """`python -m qnkit.export.mc_dropout BUNDLE` (add_mc_graph): a bundle without model.mc.onnx gets it from its own
+    weights, verified as export verifies it; only the new artefact and its records change, the bundle still loads
+    whole, and the sampler then runs on ONNX Runtime. A second call, or a bundle that fails its hashes, is one
+    line and exit code 2."""
+    from qnkit.backends import open_backend, open_sampler
+    from qnkit.bundle import MC_ONNX, load_bundle, sealed_metadata_text
+    from qnkit.export.mc_dropout import main as add_mc
+
+    bundle = shutil.copytree(shared_bundle[1], tmp_path / "bundle")
+    meta = _meta(bundle)
+    assert not (bundle / MC_ONNX).exists()  # the tiny network trains without dropout; dropout has no weights
+    meta["model"]["network"]["drop_out"] = 0.2
+    (bundle / "qnkit.json").write_text(sealed_metadata_text(meta))
+    before = _meta(bundle)
+    assert add_mc([str(bundle)]) == 0
+    after = _meta(bundle)
+    assert {k for k in after if after[k] != before.get(k)} == {"artefacts", "export", "verification", "manifest_sha256"}
+    assert set(after["artefacts"]) - set(before["artefacts"]) == {MC_ONNX} and after["verification"]["mc"]["passed"]
+    loaded = load_bundle(bundle)
+    sampler = open_sampler(loaded, open_backend(loaded, "onnxruntime", precision="fp32", log=lambda m: None), log=lambda m: None)
+    assert sampler.name == "onnxruntime" and sampler.model_name == MC_ONNX
+    assert add_mc([str(bundle)]) == 2
+    (bundle / "model.onnx").write_bytes(b"tampered")
+    assert add_mc([str(tmp_path / "bundle")]) == 2

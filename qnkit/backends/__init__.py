@@ -196,8 +196,8 @@ def open_sampler(bundle: Bundle, backend: Backend, *, log=print) -> Backend:
 
         dev = device if device != "cpu" and _torch_cuda() else "cpu"
         sampler = TorchBackend(bundle, device=dev, batch_size=backend.batch_size)
-        log(f"uncertainty: Monte-Carlo samples on {_opened(sampler)} (the bundle has no {MC_ONNX}: re-export it "
-            f"to sample on {backend.name})")
+        log(f"uncertainty: Monte-Carlo samples on {_opened(sampler)} (the bundle has no {MC_ONNX}: add it with "
+            f"`python -m qnkit.export.mc_dropout BUNDLE` to sample on {backend.name})")
         return sampler
     raise QnkitInputError(f"{bundle.path}: cannot draw Monte-Carlo samples here: no {MC_ONNX} in the bundle "
                           f"(re-export it) and no torch for its weights")
