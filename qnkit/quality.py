@@ -43,9 +43,9 @@ REASONS = {"mc_disagreement": "dropout samples disagree", "mc_volume_cv": "dropo
            "hu_spread": "mixed tissue under the mask", "second_lump": "a second lump glued to the kidney",
            "concavity": "irregular shape", "at_edge": "touches the volume's edge"}
 
-#: Limits used when a bundle records none: starting values, not yet fitted to data (on the real validation CT
-#: they mark both kidneys, Dice 0.80 and 0.75, "check"). Fit them for a model with
-#: benchmarks/quality_calibration.py and export with the result ("chosen_on" then says on what).
+#: Limits used when a bundle records none: starting values, not fitted to any model's data (the shipped
+#: kidney-synth carries its own, fitted on phantoms: resume/kidney-synth/quality-calibration.json). Fit them for
+#: a model with benchmarks/quality_calibration.py and export with the result ("chosen_on" then says on what).
 DEFAULT_CALIBRATION = {
     "limits": {"mc_disagreement": 0.08, "mc_volume_cv": 0.08, "mirror_disagreement": 0.15,
                "volume_implausibility": 1.0, "hu_spread": 120.0, "second_lump": 0.25, "concavity": 0.45,
