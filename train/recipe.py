@@ -123,19 +123,14 @@ RECIPES["kidney-synth-4"] = {
 # bodies (seed 6), and the time split the other way: kidney-synth-4's two whole-slice epochs gave +0.07 of
 # reference Dice after sixteen window epochs had given their last +0.00, so ten window epochs, eight whole.
 RECIPES["kidney-synth-5"] = {
+    **RECIPES["kidney-synth-4"],
     "description": "QuickNAT (16 filters) at 2.5 mm pixels, trained on 128-pixel windows then whole slices of "
                    "anatomy version 4 phantoms (large masses as negatives; spleen, liver and masses at the "
                    "kidney's HU)",
     "synth": ["--cases", "160", "--seed", "6", "--generator", "anatomy", "--pixel-range", "1.5,2.6",
               "--anatomy-version", "4"],
-    "settings": "shipped-fast",
-    "reference": KIDNEY_SYNTH_VALIDATION,
     "phases": [{"epochs": 10}, {"epochs": 18, "crop_size": 0, "lr": 5e-4, "schedule": "poly"}],
-    "step": ["--amp", "--compile"],
-    "export": ["--int8"],
-    "default": False,
 }
-
 
 class RecipeInputError(SystemExit):
     """A recipe cannot start from what it was given; ``main`` prints the one line and exits 2."""
