@@ -13,7 +13,7 @@ kidney with Dice >= ``good`` lies (its 97.5th percentile over the good kidneys),
 kidney is rarely sent to ``check``; ``evaluate`` scores held-out rows: Spearman of each signal and of the
 verdict's score against the true Dice, and the share of bad kidneys (Dice < ``bad``) flagged.
 
-    python -m qnkit.benchmarks.quality_calibration measure --model kidney-synth --out cal.json DIR...
+    python -m qnkit.benchmarks.quality_calibration measure --model kidney-synth --out cal.json [--resume] DIR...
     python -m qnkit.benchmarks.quality_calibration fit cal.json --held-out held.json --out calibration.json \
         [--plot held.png] [--into BUNDLE]
 """
