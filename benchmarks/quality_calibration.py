@@ -152,7 +152,6 @@ def _synth_arrays(case):
 #: ``at_edge`` and the volume are kept for what they mean: a cut kidney's volume is not the kidney's, and an
 #: adult kidney holds 80-300 mL.
 KEEP_SPEARMAN = -0.2
-KEPT_FOR_MEANING = ("at_edge", "volume_implausibility")
 #: Lowest limits: when no good calibration kidney shows a signal at all (no second lump), its percentile is 0
 #: and any trace would send a kidney to check; a second lump is one of at least 15 % of the two.
 FLOORS = {"second_lump": 0.15}

@@ -277,8 +277,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         metadata["quality"] = _quality_record(quality_calibration)
         if cpu_precision is not None:  # which graph `precision=auto` runs on the CPU, and why
             metadata["cpu_precision"] = cpu_precision
-        metadata["artefacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        metadata["artefacts"] = {p.name: artefact_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / METADATA_NAME).write_text(sealed_metadata_text(metadata), encoding="utf-8")
         swap_in_dir(tmp, out)
     except BaseException:
@@ -297,19 +296,31 @@ def _quality_record(calibration: dict | None) -> dict:
     return {**calibration, "calibrated_for_this_model": True}
 
 
+def artefact_record(path: Path) -> dict:
+    """qnkit.json's record of one bundle file: its SHA-256 and size."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def reseal(bundle_dir: str | Path, metadata: dict) -> Path:
+    """Write `metadata` as the bundle's ``qnkit.json``, sealed with its manifest hash, and load the bundle back as
+    a reader checks it (for records added after export: the quality limits, a graph exported later)."""
+    from qnkit._atomic import write_text_atomic
+    from qnkit.bundle import load_bundle
+
+    path = Path(bundle_dir) / METADATA_NAME
+    write_text_atomic(path, sealed_metadata_text(metadata))
+    load_bundle(bundle_dir)
+    return path
+
+
 def reseal_quality(bundle_dir: str | Path, calibration: dict) -> Path:
     """Put a fitted quality calibration (``quality_calibration fit``) into an exported bundle's ``qnkit.json`` and
     seal it again (its manifest hash): the limits are measured with the bundle itself, so they come after its
     export. The bundle is verified first (every artefact's hash), and only the "quality" record changes."""
-    from qnkit._atomic import write_text_atomic
     from qnkit.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    metadata = {**bundle.metadata, "quality": _quality_record(calibration)}
-    path = Path(bundle_dir) / METADATA_NAME
-    write_text_atomic(path, sealed_metadata_text(metadata))
-    load_bundle(bundle_dir)  # sealed as a reader checks it
-    return path
+    return reseal(bundle_dir, {**bundle.metadata, "quality": _quality_record(calibration)})
 
 
 def _build_engine(tmp: Path, hw, batches, divisor: int, x, reference, threshold: float, log) -> tuple[dict, dict]:

@@ -17,15 +17,23 @@ from qnkit.bundle import WEIGHTS, Bundle
 from qnkit.errors import QnkitInputError
 
 
+def bundle_network(bundle: Bundle):
+    """The bundle's QuickNAT (eval mode, CPU) with its ``weights.safetensors``: the verified bytes are what is loaded."""
+    from safetensors.torch import load as load_safetensors
+
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+
+    model = QuickNAT(QuickNATConfig.from_dict(bundle.network), unpool="indices")
+    model.load_state_dict(load_safetensors(bundle.read(WEIGHTS)))
+    return model.eval()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, bundle: Bundle, *, precision: str = "fp32", device: str = "cpu", batch_size: int = 16,
                  cuda_graphs: bool = False, threads: int | None = None):
         import torch
-        from safetensors.torch import load as load_safetensors
-
-        from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
 
         self.precision = check_precision(precision, ("fp32", "fp16", "bf16"), "torch")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -36,9 +44,7 @@ class TorchBackend(Backend):
         self.size_divisor = bundle.size_divisor
         if self._dev.type == "cpu":
             torch.set_num_threads(threads or default_threads())
-        model = QuickNAT(QuickNATConfig.from_dict(bundle.network), unpool="indices")
-        model.load_state_dict(load_safetensors(bundle.read(WEIGHTS)))  # the verified bytes are what is loaded
-        self.model = model.to(self._dev).eval()
+        self.model = bundle_network(bundle).to(self._dev)
         self._torch = torch
         self.cuda_graphs = bool(cuda_graphs) and self._dev.type == "cuda"
         self.fixed_batch = self.cuda_graphs

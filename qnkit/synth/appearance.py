@@ -10,7 +10,7 @@ one value per tissue inside its range; with probability ``wild`` every value is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -152,7 +152,5 @@ def draw_lookalikes(rng: np.random.Generator, look: Look) -> Look:
             hu[name], tex[name] = value, texture
     if not chosen:
         return look
-    from dataclasses import replace
-
     return replace(look, hu=hu, texture_hu=tex, mass_hu=mass_hu, mass_texture_hu=mass_texture,
                    lookalikes=tuple(chosen))
