@@ -172,7 +172,7 @@ def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
     assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
     assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
     with pytest.raises(Exception, match="anatomy version"):
-        make_anatomy_case(1, seed=4, version=5, **COARSE)
+        make_anatomy_case(1, seed=4, version=6, **COARSE)
 
 
 def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
@@ -198,7 +198,7 @@ def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
 def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
-    for args, word in ((["--generator", "anatomy", "--anatomy-version", "5"], "anatomy version"),
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "6"], "anatomy version"),
                        (["--anatomy-version", "1"], "anatomy generator"),
                        (["--phases", "1,1,1,1"], "anatomy generator"),
                        (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
@@ -286,6 +286,84 @@ def test_version_4_draws_lookalikes_at_the_kidneys_hu_and_keeps_version_3_otherw
             same += 1
             assert np.array_equal(v3.imaging, v4.imaging)
     assert same and differs
+
+
+def _ellipsoid_kidney(shape=(60, 60, 60), centre=(30, 30, 30), radii_mm=(55, 30, 22), spacing=(2.0, 2.0, 2.0)):
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, centre, spacing)], indexing="ij")
+    return (zz / radii_mm[0]) ** 2 + (xx / radii_mm[1]) ** 2 + (yy / radii_mm[2]) ** 2 < 1.0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sinus_is_carved_inside_the_kidney_and_opens_medially(side):
+    """The sinus comes out of the kidney label only (tumor and the lateral parenchyma kept), becomes tissue of
+    its own, and reaches the kidney's outside on the medial side alone (columns run patient right -> left)."""
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.sinus import carve_sinus
+
+    spacing = (2.0, 2.0, 2.0)
+    kidney = _ellipsoid_kidney(spacing=spacing)
+    seen = 0
+    for seed in range(8):
+        labels = kidney.astype(np.uint8)
+        labels[40:46, 25:35, 25:35][kidney[40:46, 25:35, 25:35]] = 2  # a small tumor: never carved
+        tissue = np.where(kidney, LABEL[f"kidney_{side}"], LABEL["body"]).astype(np.uint8)
+        before = labels.copy()
+        record = carve_sinus(np.random.default_rng(seed), tissue, labels, spacing)
+        sinus = tissue == LABEL["renal_sinus"]
+        if record[side] == 0.0:
+            assert not sinus.any()
+            continue
+        seen += 1
+        assert record == {side: record[side], "right" if side == "left" else "left": 0.0}
+        assert 0.03 < record[side] < 0.35 and record[side] == pytest.approx(sinus.sum() / kidney.sum(), abs=1e-4)
+        assert (before[sinus] == 1).all() and (labels[sinus] == 0).all()
+        assert np.array_equal(labels[~sinus], before[~sinus]) and (labels == 2).sum() == (before == 2).sum()
+        mouth = sinus & ndi.binary_dilation(~kidney)  # sinus voxels that touch the outside of the kidney
+        assert mouth.any(), "the sinus opens at the hilum"
+        medial = np.argwhere(mouth)[:, 2] - 30
+        assert ((medial > 0) if side == "right" else (medial < 0)).all(), "only on the medial side"
+    assert seen >= 5
+
+
+def test_sinus_leaves_small_kidneys_and_cysts_alone():
+    from qnkit.synth.sinus import carve_sinus
+
+    small = _ellipsoid_kidney(radii_mm=(20, 14, 12))  # ~14 mL
+    tissue = np.where(small, LABEL["kidney_left"], LABEL["body"]).astype(np.uint8)
+    labels = small.astype(np.uint8)
+    assert carve_sinus(np.random.default_rng(0), tissue, labels, (2.0, 2.0, 2.0)) == {"right": 0.0, "left": 0.0}
+    assert np.array_equal(labels, small)
+
+    kidney = _ellipsoid_kidney()
+    for seed in range(4):
+        tissue = np.where(kidney, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
+        tissue[25:35, 25:35, 30:36] = np.where(kidney[25:35, 25:35, 30:36], LABEL["kidney_cyst"], LABEL["body"])
+        labels = kidney.astype(np.uint8)
+        carve_sinus(np.random.default_rng(seed), tissue, labels, (2.0, 2.0, 2.0))
+        assert (labels[tissue == LABEL["kidney_cyst"]] == 1).all()
+
+
+def test_version_5_labels_the_sinus_background_and_keeps_version_4_elsewhere():
+    """Version 5 is version 4's bodies with each kidney's sinus taken out of its label; the image differs
+    only around the kidneys, and the sinus is darker than the parenchyma (fat), except for excreted contrast."""
+    from scipy import ndimage as ndi
+
+    carved = 0
+    for index in range(4):
+        v5 = make_anatomy_case(index, seed=3, version=5, pixel_range=(2.5, 2.5), max_size=160)
+        v4 = make_anatomy_case(index, seed=3, version=4, pixel_range=(2.5, 2.5), max_size=160)
+        record = v5.kits_entry()["qnkit_synth"]
+        gone = (v4.segmentation == 1) & (v5.segmentation == 0)
+        assert np.array_equal(v5.segmentation[~gone], v4.segmentation[~gone])
+        assert gone.any() == any(f > 0 for f in record["sinus"].values())
+        far = ~ndi.binary_dilation(v4.segmentation > 0, iterations=8)
+        assert np.array_equal(v5.imaging[far], v4.imaging[far])
+        if gone.sum() > 200 and record["phase"] != "excretory":
+            carved += 1
+            parenchyma = v5.segmentation == 1
+            assert np.median(v5.imaging[gone]) < np.median(v5.imaging[parenchyma]) - 20
+    assert carved
 
 
 # --------------------------------------------------------------------------- contrast phase mix

@@ -37,7 +37,10 @@ def command(
                                         help="anatomy: recipe version. 1: the shipped kidney-synth model's data; "
                                              "2: also the spleen and liver moved and resized towards the kidneys "
                                              "and kidney positions jittered (organs touch the kidneys as in "
-                                             "patients)."),
+                                             "patients); 3: also large masses against a kidney (background); "
+                                             "4: also the spleen, liver or mass at the kidney's HU in some "
+                                             "bodies; 5: also the renal sinus opened at the hilum and "
+                                             "labelled background (the kidney is its parenchyma)."),
     phases: str = typer.Option(None, "--phases", metavar="U,C,N,E", show_default="0.15,0.35,0.35,0.15",
                                help="anatomy: how often each contrast phase is drawn (unenhanced, corticomedullary, "
                                     "nephrographic, excretory; scaled to sum to 1), e.g. mostly unenhanced for the "

@@ -11,6 +11,7 @@ from .anatomy import draw_grid, make_anatomy
 from .appearance import PHASE_P, PHASES, draw_look, draw_lookalikes, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
+from .sinus import carve_sinus
 
 #: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
 #: case so that a dataset names what made it. 1: the shipped kidney-synth model's data; 2 (default): the
@@ -18,9 +19,11 @@ from .render import render
 #: :data:`.anatomy.MASS_P` of the cases, a large mass (250-750 mL) pressed against one kidney and labelled
 #: background, as the seed's convention has it (a mass that distorts the kidney is not kidney); 4: version 3's
 #: bodies with look-alikes (:data:`.appearance.LOOKALIKE_P`): the spleen, the liver or the mass drawn at the
-#: kidney's own HU in some cases, so that only shape and place tell them from it.
-RECIPE_VERSIONS = (1, 2, 3, 4)
-RECIPE_VERSION = 4
+#: kidney's own HU in some cases, so that only shape and place tell them from it; 5: version 4's bodies with
+#: the renal sinus opened at the hilum and labelled background (:mod:`.sinus`): the kidney label is the
+#: parenchyma, as in TotalSegmentator's masks and kidney dosimetry, not KiTS19's sinus-filled outline.
+RECIPE_VERSIONS = (1, 2, 3, 4, 5)
+RECIPE_VERSION = 5
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
@@ -51,6 +54,9 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
     pixel, thickness = draw_grid(rng, pixel_range)
     body = make_anatomy(rng, pixel_mm=pixel, thickness_mm=thickness, labels_from=labels_from, max_size=max_size,
                         version=version, mass_rng=np.random.default_rng(np.random.SeedSequence([seed, index, 3])))
+    if version >= 5:
+        body.meta["sinus"] = carve_sinus(np.random.default_rng(np.random.SeedSequence([seed, index, 5])),
+                                         body.tissue, body.labels, body.spacing)
     look = draw_look(rng, phase_p=phase_p)
     if version >= 4:
         look = draw_lookalikes(np.random.default_rng(np.random.SeedSequence([seed, index, 4])), look)

@@ -200,24 +200,44 @@ def _white_noise(rng: np.random.Generator, shape: tuple) -> np.ndarray:
 def _paint_kidneys(rng, img, tissue, labels, spacing, look: Look, f1, f2) -> None:
     """Cortex, medulla (pyramids between columns of Bertin), sinus fat and pelvis; tumor with necrosis."""
     hu = look.hu
+    carved = tissue == LABEL["renal_sinus"]
+    _paint_hilar_sinus(img, carved, hu, f1, f2)
     kidney = (labels == 1) & (tissue != LABEL["kidney_cyst"])
     if kidney.any():
         depth = _depth_mm(labels > 0, spacing)
-        deep = float(np.quantile(depth[kidney], 0.9)) if kidney.any() else 0.0
         cortex = kidney & ((depth <= look.cortex_mm) | (f1 > 1.0))
         img[cortex] = hu["cortex"] + look.texture_hu["cortex"] * f1[cortex]
         medulla = kidney & ~cortex
         img[medulla] = hu["medulla"] + look.texture_hu["medulla"] * f1[medulla]
+        # With a carved sinus (version 5) the old one is not painted, but its draws are taken as version 4
+        # takes them (from the uncarved kidney), so that the rest of the image keeps version 4's numbers.
+        whole_depth = _depth_mm((labels > 0) | carved, spacing) if carved.any() else depth
+        whole = (kidney | carved) & (tissue != LABEL["kidney_cyst"])
+        deep = float(np.quantile(whole_depth[whole], 0.9))
         if rng.random() < 0.75 and deep > look.cortex_mm:
-            sinus = kidney & (depth > max(look.cortex_mm + 2, deep * rng.uniform(0.8, 1.0)))
-            fat_part = sinus & (f2 > 0)
-            img[fat_part] = hu["sinus_fat"] + 10 * f1[fat_part]
-            img[sinus & ~fat_part] = hu["urine"] + 10 * f1[sinus & ~fat_part]
+            reach = max(look.cortex_mm + 2, deep * rng.uniform(0.8, 1.0))
+            if not carved.any():
+                sinus = kidney & (depth > reach)
+                fat_part = sinus & (f2 > 0)
+                img[fat_part] = hu["sinus_fat"] + 10 * f1[fat_part]
+                img[sinus & ~fat_part] = hu["urine"] + 10 * f1[sinus & ~fat_part]
     tumor = labels == 2
     if tumor.any():
         img[tumor] = hu["tumor"] + look.texture_hu["tumor"] * f1[tumor]
         necrosis = tumor & (f2 < -rng.uniform(0.3, 1.5))
         img[necrosis] = hu["necrosis"] + 8 * f1[necrosis]
+
+
+def _paint_hilar_sinus(img, sinus, hu, f1, f2) -> None:
+    """The carved renal sinus (anatomy version 5): fat, the pelvis (urine, or contrast in the excretory
+    phase) where the coarse field is high, and vessel strands where the fine one is."""
+    if not sinus.any():
+        return
+    img[sinus] = hu["sinus_fat"] + 10 * f1[sinus]
+    pelvis = sinus & (f2 > 0.3)
+    img[pelvis] = hu["urine"] + 10 * f1[pelvis]
+    vessels = sinus & ~pelvis & (f1 > 1.0)
+    img[vessels] = hu["vein"] + 10 * f2[vessels]
 
 
 def _paint_mass(rng, img, tissue, look: Look, f1, f2) -> None:
