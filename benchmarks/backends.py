@@ -91,9 +91,11 @@ def configs_for(bundle: Bundle, gpu: bool, tensorrt: bool) -> list[BackendConfig
 
 def bench_slices(bundle: Bundle, count: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """`count` preprocessed slices around synthetic kidneys (with labels), on the bundle's grid."""
+    from qnkit.inference import model_context
     from qnkit.verification import synthetic_slices
 
-    x, labels = synthetic_slices(bundle.input_size, bundle.hu_window, cases=2, per_case=max(1, count // 2))
+    x, labels = synthetic_slices(bundle.input_size, bundle.hu_window, cases=2, per_case=max(1, count // 2),
+                                 context=model_context(bundle))
     reps = -(-count // len(x))
     return np.ascontiguousarray(np.tile(x, (reps, 1, 1, 1))[:count]), np.tile(labels, (reps, 1, 1, 1))[:count]
 
@@ -140,10 +142,11 @@ def network_floor(bundle: Bundle, *, progress: Callable[[str], None] | None = No
     measured GEMM peak of FP32 and, when the bundle has an INT8 graph, INT8, on the backends' threads."""
     from qnkit.benchmarks import peak
 
-    flops = {"fp32": peak.network_flops(bundle.read(FP32_ONNX), bundle.input_size)}
+    channels = int(bundle.network.get("num_channels", 1))
+    flops = {"fp32": peak.network_flops(bundle.read(FP32_ONNX), bundle.input_size, channels)}
     precisions = ["fp32"]
     if bundle.has(INT8_ONNX):
-        flops["int8"] = peak.network_flops(bundle.read(INT8_ONNX), bundle.input_size)
+        flops["int8"] = peak.network_flops(bundle.read(INT8_ONNX), bundle.input_size, channels)
         precisions.append("int8")
     peaks = {}
     for precision in precisions:

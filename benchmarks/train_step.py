@@ -108,7 +108,7 @@ def run(*, slices: int = 64, repeats: int = 3, cases: int = 2, num_filters: int 
         loops.append({"name": name, "crop": crop, "precision": describe_step(solver),
                       "solver": solver, "sampler": sampler, "loader": loader,
                       "side": side, "micro_batch": t.micro_batch, "workers": workers, "times": [],
-                      "flops": _flops_per_slice(model, (t.micro_batch, 1, *side))})
+                      "flops": _flops_per_slice(model, (t.micro_batch, model.config.num_channels, *side))})
     # the variants take turns, repeat by repeat, so that anything else on the cores weighs on each alike
     for epoch in range(repeats + 1):  # the first is the warm-up
         for loop in loops:

@@ -122,6 +122,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     import torch
     from safetensors.torch import save_file
 
+    from qnkit.inference import model_context
     from qnkit.nn.eager import make_predict_batch
     from qnkit.train import checkpoint as ckpt
 
@@ -154,6 +155,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         raise QnkitInputError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {lo_b}/{opt_b}/{hi_b}")
     model, cmeta = ckpt.load_model(run_dir, checkpoint)
     cfg = model.config
+    context = model_context(cmeta)  # (planes per slice, their spacing in mm): (1, None) for a 2-D model
     pre = cmeta.get("preprocessing", {})
     hu_window = (float(pre.get("hu_lo", -200.0)), float(pre.get("hu_hi", 400.0)))
     threshold = float(pre.get("threshold", 0.5))
@@ -168,7 +170,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
                   metadata={"format": "qnkit-quicknat-weights"})
         log(f"exporting {FP32_ONNX} ({hw[0]}x{hw[1]} grid, dynamic batch/height/width)...")
         exports = {"fp32": export_fp32(model, tmp / FP32_ONNX, hw)}
-        x, labels = verify.synthetic_slices(hw, hu_window)
+        x, labels = verify.synthetic_slices(hw, hu_window, context=context)
         torch.manual_seed(0)
         eager = verify.batched(make_predict_batch(model, "cpu"), x, batch_size=verify_batch_size)
         record = {"reference": "eager torch FP32 (CPU) of the checkpoint", "threshold": threshold,
@@ -193,7 +195,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
         # An untrained network's masks are noise around the threshold: its figures are recorded, not enforced.
         record["fp32"] = check("fp32", tmp / FP32_ONNX, bar_applies=trained)
         # dynamic height/width: a second grid, larger by one divisor step in each direction
-        big = np.zeros((4, 1, hw[0] + cfg.size_divisor, hw[1] + 2 * cfg.size_divisor), np.float32)
+        big = np.zeros((4, cfg.num_channels, hw[0] + cfg.size_divisor, hw[1] + 2 * cfg.size_divisor), np.float32)
         big[:, :, :hw[0], :hw[1]] = x[:4]
         ref_big = make_predict_batch(model, "cpu")(big)
         ort_big = OnnxRuntimeBackend(model_path=tmp / FP32_ONNX, size_divisor=cfg.size_divisor).predict(big)
@@ -220,7 +222,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             from .int8 import ModelGrid, quantize_int8
 
             grid = ModelGrid(hu_window=hu_window, model_spacing=(cmeta.get("domain") or {}).get("pixel_spacing_mm"),
-                             pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)))
+                             pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)), context=context)
             log(f"quantising {INT8_ONNX} (static QDQ, calibrated on phantoms on the model's grid"
                 + (", per-layer sensitivity search)..." if trained else "; untrained: no search)..."))
             exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, grid, threshold=threshold,
@@ -231,7 +233,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
 
             if int8_evidence:
                 model_args = {"hu_window": hu_window, "threshold": threshold, "pad_multiple": grid.pad_multiple,
-                              "model_spacing": grid.model_spacing}
+                              "model_spacing": grid.model_spacing, "context": context}
                 record["int8_real_ct"], _ = int8_real_ct_evidence(
                     tmp / FP32_ONNX, tmp / INT8_ONNX, int8_evidence, **model_args, size_divisor=cfg.size_divisor,
                     log=log)
@@ -254,7 +256,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             "format": FORMAT, "version": VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"architecture": "QuickNAT", "network": cfg.to_dict(), "input_size": list(hw),
-                      "dynamic_hw": True, "input": {"name": INPUT_NAME, "shape": ["batch", 1, "height", "width"],
+                      "dynamic_hw": True, "input": {"name": INPUT_NAME,
+                                                    "shape": ["batch", cfg.num_channels, "height", "width"],
                                                     "dtype": "float32", "range": [0.0, 1.0]},
                       "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, "height", "width"],
                                  "dtype": "float32", "meaning": "kidney probability (sigmoid applied)"}},
@@ -334,7 +337,8 @@ def _build_engine(tmp: Path, hw, batches, divisor: int, x, reference, threshold:
     from qnkit.backends.tensorrt_build import build_engine, engine_profile, tensorrt_or_none, uses_strongly_typed_fp16
 
     source = FP16_ONNX if uses_strongly_typed_fp16(tensorrt_or_none()) else FP32_ONNX
-    data, rec = build_engine(tmp / source, profile=engine_profile(hw, divisor, batches, input_name=INPUT_NAME),
+    profile = engine_profile(hw, divisor, batches, input_name=INPUT_NAME, channels=x.shape[1])
+    data, rec = build_engine(tmp / source, profile=profile,
                              precision="fp16", timing_cache=tmp / TIMING_CACHE, log=log)
     (tmp / ENGINE).write_bytes(data)
     backend = TensorRTBackend(data, precision="fp16", batch_size=batches[1], size_divisor=divisor, record=rec)

@@ -88,19 +88,21 @@ MIN_INT8_SHARE = 0.5
 
 @dataclass(frozen=True)
 class ModelGrid:
-    """How the runtime feeds the model (qnkit.segment): HU window, pixel spacing (None: half resolution), padding."""
+    """How the runtime feeds the model (qnkit.segment): HU window, pixel spacing (None: half resolution), padding,
+    and the context planes per slice ((1, None) for a 2-D model; :func:`qnkit.inference.model_context`)."""
 
     hu_window: tuple[float, float]
     model_spacing: float | None
     pad_multiple: int
+    context: tuple = (1, None)
 
 
 def model_grid_slices(grid: ModelGrid, *, seed: int, cases: int, per_case: int,
                       log: Callable[[str], None] = lambda _: None) -> list[np.ndarray]:
-    """Network inputs (float32 (n, 1, h, w), one array per case) of `cases` anatomy phantoms of `seed`.
+    """Network inputs (float32 (n, C, h, w), one array per case) of `cases` anatomy phantoms of `seed`.
 
-    Each phantom goes through the runtime's preprocessing (:func:`qnkit.inference.to_model_input`: HU
-    window, resampling to the model's pixel spacing; padding to ``pad_multiple``). Three quarters of a
+    Each phantom goes through the runtime's preprocessing (:func:`qnkit.inference.model_input_slices`: HU
+    window, resampling to the model's pixel spacing, a 2.5-D model's context planes; padding to ``pad_multiple``). Three quarters of a
     case's slices are spread over its kidneys and 10 slices around them (the kidney slab ``qnkit segment``
     predicts), a quarter over the whole volume (its coarse pass).
     """
@@ -117,9 +119,10 @@ def model_grid_slices(grid: ModelGrid, *, seed: int, cases: int, per_case: int,
         across = np.linspace(0, depth - 1, per_case // 4)
         picks = np.unique(np.concatenate([near, across]).round().astype(int))
         pixel = float(case.meta["pixel_spacing"])
-        image = inference.to_model_input(np.ascontiguousarray(case.imaging[picks]), hu_window=grid.hu_window,
-                                         spacing_hw=(pixel, pixel), model_spacing=grid.model_spacing)
-        out.append(np.ascontiguousarray(inference.pad_slices(image, grid.pad_multiple)[:, None], dtype=np.float32))
+        image = inference.model_input_slices(np.ascontiguousarray(case.imaging), picks, hu_window=grid.hu_window,
+                                             spacing_hw=(pixel, pixel), model_spacing=grid.model_spacing,
+                                             slice_mm=float(np.linalg.norm(case.affine[:3, 0])), context=grid.context)
+        out.append(inference.network_batch(image, grid.pad_multiple))
     return out
 
 

@@ -45,7 +45,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def compare_on_ct(path: Path, predictors: dict, *, hu_window, threshold: float, pad_multiple: int,
-                  model_spacing: float | None, batch_size: int = 16, raw: bool = True) -> dict:
+                  model_spacing: float | None, batch_size: int = 16, raw: bool = True, context=(1, None)) -> dict:
     """Figures of one CT: INT8 against FP32 (output masks, per side, and with `raw` the every-slice masks), and
     the volumes.
 
@@ -61,12 +61,12 @@ def compare_on_ct(path: Path, predictors: dict, *, hu_window, threshold: float, 
     for name, predict in predictors.items():
         started = time.perf_counter()
         _, sides, grid = segment_ct(ct, geometry, predict, hu_window=hu_window, threshold=threshold,
-                                    pad_multiple=pad_multiple, model_spacing=model_spacing,
+                                    pad_multiple=pad_multiple, model_spacing=model_spacing, context=context,
                                     options=SegmentOptions(batch_size=batch_size))
         out[name] = {"sides": sides, "seconds": time.perf_counter() - started}
         if raw:
             every, _, _ = segment_ct(ct, geometry, predict, hu_window=hu_window, threshold=threshold,
-                                     pad_multiple=pad_multiple, model_spacing=model_spacing,
+                                     pad_multiple=pad_multiple, model_spacing=model_spacing, context=context,
                                      options=SegmentOptions(batch_size=batch_size, slab=False, postprocess=False))
             out[name]["raw"] = every > 0
     fp32, int8 = out["fp32"], out["int8"]
@@ -145,7 +145,8 @@ def _predictors(fp32_path: Path, int8_path: Path, size_divisor: int) -> dict:
 
 
 def int8_real_ct_evidence(fp32_path: Path, int8_path: Path, cts: list[Path], *, hu_window, threshold: float,
-                          pad_multiple: int, model_spacing: float | None, size_divisor: int, log=print) -> tuple[dict, dict]:
+                          pad_multiple: int, model_spacing: float | None, size_divisor: int, log=print,
+                          context=(1, None)) -> tuple[dict, dict]:
     """(``verification.int8_real_ct`` record, the choice on these CTs alone) for the graphs being exported;
     the bundle's ``cpu_precision`` is :func:`decide` on this record and :func:`int8_phantom_evidence`'s."""
     predictors = _predictors(fp32_path, int8_path, size_divisor)
@@ -153,7 +154,7 @@ def int8_real_ct_evidence(fp32_path: Path, int8_path: Path, cts: list[Path], *, 
     for ct in cts:
         log(f"INT8 evidence: segmenting {Path(ct).name} with the FP32 and the INT8 graph...")
         figures = compare_on_ct(Path(ct), predictors, hu_window=hu_window, threshold=threshold,
-                                pad_multiple=pad_multiple, model_spacing=model_spacing)
+                                pad_multiple=pad_multiple, model_spacing=model_spacing, context=context)
         d = figures["dice_int8_vs_fp32"]
         log(f"INT8 evidence: {figures['data']}: mask Dice vs FP32 both {d['both']}, right {d['right']}, "
             f"left {d['left']}, raw every slice {d['raw_every_slice']}")
@@ -182,7 +183,7 @@ def _phantom_files(phantoms: int | str | Path, folder: Path, log) -> tuple[list[
 
 def int8_phantom_evidence(fp32_path: Path, int8_path: Path, phantoms: int | str | Path, *, hu_window,
                           threshold: float, pad_multiple: int, model_spacing: float | None, size_divisor: int,
-                          log=print) -> dict:
+                          log=print, context=(1, None)) -> dict:
     """``verification.int8_phantoms``: INT8 against FP32 on held-out phantoms through the runtime's pipeline
     (output masks, per side; no every-slice pass), with the mean, the worst and whether each agrees."""
     import tempfile
@@ -193,7 +194,8 @@ def int8_phantom_evidence(fp32_path: Path, int8_path: Path, phantoms: int | str 
         cases = []
         for path in files:
             figures = compare_on_ct(path, predictors, hu_window=hu_window, threshold=threshold,
-                                    pad_multiple=pad_multiple, model_spacing=model_spacing, raw=False)
+                                    pad_multiple=pad_multiple, model_spacing=model_spacing, raw=False,
+                                    context=context)
             figures["data"] = path.parent.name
             cases.append(figures)
             log(f"INT8 evidence: phantom {figures['data']}: mask Dice vs FP32 {figures['dice_int8_vs_fp32']['both']}")

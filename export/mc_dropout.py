@@ -51,7 +51,7 @@ def export_mc(model: nn.Module, path: Path, input_size: tuple[int, int]) -> dict
     folded, _ = fold_batchnorm(model)
     folded.set_unpool("mask")
     cfg = model.config
-    example = torch.rand(2, 1, *input_size)
+    example = torch.rand(2, cfg.num_channels, *input_size)
     keep = torch.ones(2, folded.dropout_sites, cfg.num_filters)
     info = export_module(MonteCarloQuickNAT(folded), path, example, extra_inputs={KEEP_INPUT: keep})
     return {**info, "dropout_keep": {"shape": ["batch", folded.dropout_sites, cfg.num_filters],
@@ -95,6 +95,7 @@ def add_mc_graph(bundle_dir: str | Path, *, slices: int = 8, seed: int = 0) -> d
     artefact, its export and verification records and the manifest change. Returns the verification record."""
     from qnkit.backends.torch_backend import bundle_network
     from qnkit.bundle import FP32_ONNX, MC_ONNX, load_bundle
+    from qnkit.inference import model_context
     from qnkit.verification import synthetic_slices
 
     from .bundle_writer import artefact_record, reseal
@@ -108,7 +109,8 @@ def add_mc_graph(bundle_dir: str | Path, *, slices: int = 8, seed: int = 0) -> d
         raise ExportError(f"{folder}: the network has no dropout (drop_out {drop_out}): nothing to sample")
     model = bundle_network(bundle)
     hw = bundle.input_size
-    x, _ = synthetic_slices(hw, bundle.hu_window)  # what export verifies on: CT-like slices, not white noise
+    # what export verifies on: CT-like slices, not white noise
+    x, _ = synthetic_slices(hw, bundle.hu_window, context=model_context(bundle))
     x = x[np.linspace(0, len(x) - 1, min(slices, len(x))).round().astype(int)]
     path = folder / MC_ONNX
     try:

@@ -12,7 +12,8 @@ yet the changed rounding flips near-tied maxima in the max-pooling windows, whic
 in the unpooling (a trained tiny model: max |probability diff| 3.6e-3 vs 1.6e-6 for scale+shift).
 
 Export: ``torch.onnx.export(dynamo=True)``, opset 18, weights inline, input ``image``
-(batch, 1, height, width) -> output ``probability`` (sigmoid applied); batch, height and width
+(batch, C, height, width; C = the network's ``num_channels``, fixed) -> output ``probability``
+(batch, 1, height, width; sigmoid applied); batch, height and width
 are dynamic (height and width multiples of 16), verified at export time. The mask form of
 max-unpooling keeps the graph free of MaxUnpool/ScatterND.
 
@@ -213,7 +214,7 @@ def export_fp32(model: nn.Module, path: Path, input_size: tuple[int, int]) -> di
 
     folded, counts = fold_batchnorm(model)
     folded.set_unpool("mask")
-    example = torch.rand(2, 1, *input_size)
+    example = torch.rand(2, model.config.num_channels, *input_size)
     info = export_module(WithSigmoid(folded), path, example)
     return {**info, "batchnorm": {"folded_into_conv": counts.get("into_conv", 0),
                                   "scale_shift": counts.get("scale_shift", 0)}}

@@ -5,7 +5,7 @@ A bundle is a folder::
     BUNDLE/qnkit.json            metadata (format, input size, preprocessing, threshold, training
                                  metrics, tool versions, verification figures, engine target,
                                  SHA-256 and size of every artefact)
-    BUNDLE/model.onnx            FP32 graph, input "image" (N,1,H,W) -> output "probability"
+    BUNDLE/model.onnx            FP32 graph, input "image" (N,C,H,W) -> output "probability" (N,1,H,W)
     BUNDLE/model.fp16.onnx       FP16 graph with FP32 inputs/outputs (optional)
     BUNDLE/model.int8.onnx       static QDQ INT8 graph (optional)
     BUNDLE/model.engine          serialized TensorRT engine (optional) + timing.cache

@@ -14,7 +14,8 @@ Each batch the backend sees is padded to the same multiple as in training
 (:func:`qnkit.inference.predict_volume`). Padding matters: QuickNAT's channel SE pools over the whole
 (padded) slice, so a prediction depends on the padded size.
 
-Nothing here imports torch; a backend is any ``predict(x (N,1,h,w) float32) -> probabilities``.
+Nothing here imports torch; a backend is any ``predict(x (N,C,h,w) float32) -> probabilities (N,1,h,w)``,
+C the model's input planes per slice (1, or a 2.5-D model's context planes: :func:`qnkit.inference.model_context`).
 """
 from __future__ import annotations
 
@@ -124,11 +125,13 @@ def _add_times(timings: dict | None, times: dict) -> None:
 
 def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, hu_window, spacing_hw,
                           model_spacing: float | None, batch_size: int, pad_multiple: int,
-                          progress: Callable[[int], None] | None = None, times: dict) -> np.ndarray:
+                          progress: Callable[[int], None] | None = None, times: dict,
+                          slice_mm: float | None = None, context=(1, None)) -> np.ndarray:
     """Model-grid probabilities float32 (len(index), h, w) of the slices ``ct[index]``.
 
-    A worker thread prepares the next two batches while the backend runs one; `times` gets
-    'preprocess' and 'inference' seconds added, `progress(n)` the slices finished.
+    A worker thread prepares the next two batches (:func:`qnkit.inference.model_input_slices`: a 2.5-D
+    model's `context` planes from the slices `slice_mm` apart around them) while the backend runs one;
+    `times` gets 'preprocess' and 'inference' seconds added, `progress(n)` the slices finished.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,10 +141,9 @@ def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, h
 
     def prepare(start: int) -> np.ndarray:
         t = time.perf_counter()
-        chosen = index[start:start + batch_size]
-        run = chosen[-1] - chosen[0] + 1 == len(chosen) and (np.diff(chosen) == 1).all()
-        part = ct[chosen[0]:chosen[-1] + 1] if run else ct[chosen]
-        image = inference.to_model_input(part, hu_window=hu_window, spacing_hw=spacing_hw, model_spacing=model_spacing)
+        image = inference.model_input_slices(ct, index[start:start + batch_size], hu_window=hu_window,
+                                             spacing_hw=spacing_hw, model_spacing=model_spacing, slice_mm=slice_mm,
+                                             context=context)
         times["preprocess"] += time.perf_counter() - t
         return image
 
@@ -207,22 +209,25 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     positives do not stretch the slab), span the slab, widened by the step and
     ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted; while the
     probabilities reach an end of the slab that is not the volume's end, the slab grows by the
-    margin there and only the new slices are predicted (a slice's prediction does not depend on its
-    neighbours). Slices outside the slab are background. Nothing found by the coarse pass, or a
+    margin there and only the new slices are predicted (a slice's prediction does not depend on which
+    other slices are predicted). Slices outside the slab are background. Nothing found by the coarse pass, or a
     volume too short for a coarse pass to save work, runs every slice.
 
     ``options.z_step_mm`` > 0 predicts one slab slice per that many mm only (and the slab's ends)
     and interpolates the probabilities of the slices between linearly: about half the work on 1 mm
     slices at 2 mm, at a cost in agreement with every slice (mask Dice 0.987 on the bench's whole
     CT), so it is not the default. `model` holds the model arguments (hu_window, spacing_hw,
-    model_spacing, batch_size, threshold, pad_multiple) and `timings` (a dict that gets 'preprocess',
-    'inference' and 'upsample' seconds added). Returns (mask uint8 (Z, H, W), slab record).
+    model_spacing, batch_size, threshold, pad_multiple, context) and `timings` (a dict that gets
+    'preprocess', 'inference' and 'upsample' seconds added). Returns (mask uint8 (Z, H, W), slab record).
+    A 2.5-D model's context planes reach past the slab into the rest of the CT, as they would
+    predicting every slice, so that the slab gives each slice the prediction a whole-CT pass gives it.
 
     Memory: the mask is one uint8 volume, written in place; probabilities exist for the slab on the
     model grid only (a 2.5 mm model's grid holds a 16th of a 0.7 mm CT's pixels), and the CT is never
     copied whole.
     """
     z, H, W = ct.shape
+    context_slice_mm = slice_mm  # the true spacing: context planes lie at millimetres, checked there
     slice_mm = float(slice_mm) if slice_mm and slice_mm > 0 else 1.0
     step = max(1, int(options.coarse_step_mm // slice_mm))
     margin = int(np.ceil((options.slab_margin_mm + step * slice_mm) / slice_mm))
@@ -239,7 +244,8 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
             progress(min(z, done[0] + n))
 
     def probabilities(index: np.ndarray) -> np.ndarray:
-        out = predict_probabilities(ct, predict_batch, index, progress=tick, times=times, **{
+        out = predict_probabilities(ct, predict_batch, index, progress=tick, times=times, slice_mm=context_slice_mm,
+                                    context=model.get("context", (1, None)), **{
             k: model[k] for k in ("hu_window", "spacing_hw", "model_spacing", "batch_size", "pad_multiple")})
         done[0] += len(index)
         return out
@@ -320,7 +326,8 @@ def _kidney_runs(coarse: np.ndarray, area_mm2: np.ndarray, min_share: float) -> 
 
 
 def model_arguments(model) -> dict:
-    """:func:`segment_ct`'s keywords that describe a model: hu_window, threshold, pad_multiple, model_spacing.
+    """:func:`segment_ct`'s keywords that describe a model: hu_window, threshold, pad_multiple, model_spacing,
+    dropout and context ((planes per slice, their spacing in mm): :func:`qnkit.inference.model_context`).
 
     `model` is a bundle (:class:`qnkit.bundle.Bundle`: what `qnkit segment` runs) or a checkpoint's
     meta dict (qnkit.train.checkpoint: what `qnkit evaluate` runs); both record the training's
@@ -331,12 +338,13 @@ def model_arguments(model) -> dict:
         pre = model["preprocessing"]
         return {"hu_window": (float(pre["hu_lo"]), float(pre["hu_hi"])), "threshold": float(pre.get("threshold", 0.5)),
                 "pad_multiple": int(pre.get("pad_multiple", 16)), "model_spacing": inference.model_pixel_spacing(model),
-                "dropout": _dropout_sites(model.get("network") or model.get("config"))}
+                "dropout": _dropout_sites(model.get("network") or model.get("config")),
+                "context": inference.model_context(model)}
     pre = model.metadata.get("preprocessing", {})
     return {"hu_window": model.hu_window, "threshold": model.threshold,
             "pad_multiple": int(pre.get("pad_multiple", model.size_divisor)),
             "model_spacing": inference.model_pixel_spacing(model),
-            "dropout": _dropout_sites(getattr(model, "network", None))}
+            "dropout": _dropout_sites(getattr(model, "network", None)), "context": inference.model_context(model)}
 
 
 def _dropout_sites(network: dict | None) -> dict | None:
@@ -351,7 +359,7 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
                pad_multiple: int = 16, model_spacing: float | None = None,
                options: SegmentOptions | None = None, progress=None, timings: dict | None = None,
                network_mask: Callable[[np.ndarray], None] | None = None, dropout: dict | None = None,
-               samples_out: list | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+               samples_out: list | None = None, context=(1, None)) -> tuple[np.ndarray, np.ndarray, dict]:
     """The one path from a CT to its kidney mask. Returns (mask, sides, model_grid).
 
     `ct` is in the internal layout with its `geometry`; the model is `predict_batch` and the keywords
@@ -361,7 +369,8 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     "slab": ...}. Each slice is resampled in-plane to the model's `model_spacing` (mm) and the
     probabilities brought back to the input's exact grid before thresholding; `model_spacing` None
     (a model without a domain record) feeds half the input's resolution, as before the millimetre
-    contract. Only the kidneys' slab is predicted (:func:`predict_kidney_slab`; ``options.slab``
+    contract. A 2.5-D model (`context` = (C, mm), :func:`qnkit.inference.model_context`) gets each
+    slice's C context planes, ``geometry.spacing[0]`` mm apart being the CT's slices. Only the kidneys' slab is predicted (:func:`predict_kidney_slab`; ``options.slab``
     False predicts every slice); ``options.mirror`` averages each slice's prediction with its
     mirror image's (:func:`qnkit.inference.mirrored`). Post-processing is
     :func:`qnkit.postprocess.kidney_sides`, on the mask in place.
@@ -382,10 +391,12 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     mask, slab = predict_kidney_slab(
         ct, predict, slice_mm=geometry.spacing[0], options=options, progress=progress, hu_window=hu_window,
         spacing_hw=spacing_hw, model_spacing=model_spacing, batch_size=options.batch_size, threshold=threshold,
-        pad_multiple=pad_multiple, timings=timings)
+        pad_multiple=pad_multiple, timings=timings, context=context)
     model_grid = {"input_pixel_spacing_mm": [round(s, 4) for s in spacing_hw],
                   "model_pixel_spacing_mm": None if model_spacing is None else round(model_spacing, 4),
                   "grid": slab.pop("grid"), "slab": slab}
+    if context[0] > 1:
+        model_grid["context"] = {"planes": int(context[0]), "mm": float(context[1])}
     if network_mask is not None:
         network_mask(mask)
     t = time.perf_counter()
@@ -397,7 +408,8 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
         t = time.perf_counter()
         drawn = sample_kidneys(ct, sides, geometry.spacing, predict_batch, samples=options.uncertainty,
                                seed=options.seed, dropout=dropout, hu_window=hu_window, model_spacing=model_spacing,
-                               threshold=threshold, pad_multiple=pad_multiple, mirror_batch=predict_batch)
+                               threshold=threshold, pad_multiple=pad_multiple, mirror_batch=predict_batch,
+                               context=context)
         timings["uncertainty"] = timings.get("uncertainty", 0.0) + time.perf_counter() - t
         if samples_out is not None:
             samples_out.append(drawn)

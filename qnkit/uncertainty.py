@@ -67,10 +67,11 @@ class KidneySamples:
 
 def sample_kidneys(ct: np.ndarray, sides: np.ndarray, spacing, sample_batch, *, samples: int, seed: int,
                    dropout: dict | None, hu_window, model_spacing: float | None, threshold: float,
-                   pad_multiple: int, mirror_batch=None) -> KidneySamples | None:
+                   pad_multiple: int, mirror_batch=None, context=(1, None)) -> KidneySamples | None:
     """Draw `samples` Monte-Carlo dropout masks and one mirror mask over the box of the kidneys in `sides`.
 
-    `sample_batch(x, keep)`: probabilities of slices x (N, 1, h, w) with Dropout2d masks `keep`;
+    `sample_batch(x, keep)`: probabilities (N, 1, h, w) of slices x (N, C, h, w) with Dropout2d masks `keep`
+    (C: a 2.5-D model's `context` planes, :func:`qnkit.inference.model_input_slices`);
     `dropout`: {"sites", "filters", "p"} of the network (None or samples 0: the mirror pass only,
     which runs on `mirror_batch(x)`, or on `sample_batch` with all-ones masks). Returns None when
     no kidney was found. Masks are the thresholded probabilities on the input's grid (no post-processing).
@@ -91,10 +92,10 @@ def sample_kidneys(ct: np.ndarray, sides: np.ndarray, spacing, sample_batch, *, 
     to_mask = dict(threshold=threshold, model_spacing=model_spacing)
     for start in range(z0, z1, SLICES_PER_GROUP):
         stop = min(z1, start + SLICES_PER_GROUP)
-        image = inference.to_model_input(ct[start:stop], hu_window=hu_window, spacing_hw=spacing[1:],
-                                         model_spacing=model_spacing)
-        h, w = image.shape[1:]
-        x = np.ascontiguousarray(inference.pad_slices(image, pad_multiple)[:, None], dtype=np.float32)
+        image = inference.model_input_slices(ct, np.arange(start, stop), hu_window=hu_window, spacing_hw=spacing[1:],
+                                             model_spacing=model_spacing, slice_mm=spacing[0], context=context)
+        h, w = image.shape[-2:]
+        x = inference.network_batch(image, pad_multiple)
         flipped = np.ascontiguousarray(x[..., ::-1])
         if mirror_batch is not None:
             back = np.asarray(mirror_batch(flipped), np.float32)

@@ -6,8 +6,9 @@ ONNX on ONNX Runtime's CPU provider, with the same slices, grids and bars, befor
 this lives in the runtime (torch-free), and export imports it from here.
 
 Slices come from :func:`qnkit.synth.make_case` phantoms (two kidneys, tumors, KiTS-like HU)
-preprocessed exactly as at inference (``kernels.downsample_image`` with the bundle's HU window,
-zero-padded bottom/right to the model grid), taken around the kidneys so that the masks being
+preprocessed exactly as at inference (``kernels.downsample_image`` with the bundle's HU window, a
+2.5-D model's context planes by :func:`qnkit.inference.model_input_slices`, zero-padded
+bottom/right to the model grid), taken around the kidneys so that the masks being
 compared are not empty. Figures: max/mean absolute difference of probabilities and the Dice
 agreement of the thresholded masks (eager mask as reference, pixels pooled over all slices).
 The bars (FP32: Dice >= 0.999 and the 99th percentile of |diff| <= 1e-3; FP16: Dice >= 0.99)
@@ -30,17 +31,19 @@ BARS = {"fp32": {"min_dice": 0.999, "p99_abs_diff": 1e-3}, "fp16": {"min_dice": 
 
 
 def _fit(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Crop or zero-pad (Z, H, W) at the bottom/right to (Z, h, w)."""
+    """Crop or zero-pad (Z, ..., H, W) at the bottom/right to (Z, ..., h, w)."""
     h, w = hw
-    out = np.zeros((x.shape[0], h, w), dtype=x.dtype)
-    hh, ww = min(h, x.shape[1]), min(w, x.shape[2])
-    out[:, :hh, :ww] = x[:, :hh, :ww]
+    out = np.zeros((*x.shape[:-2], h, w), dtype=x.dtype)
+    hh, ww = min(h, x.shape[-2]), min(w, x.shape[-1])
+    out[..., :hh, :ww] = x[..., :hh, :ww]
     return out
 
 
 def synthetic_slices(input_size: tuple[int, int], hu_window: tuple[float, float], *, cases: int = 2,
-                     seed: int = 20240, per_case: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 (N,1,h,w) in [0,1], labels uint8 (N,1,h,w)) around the kidneys of ``cases`` phantoms."""
+                     seed: int = 20240, per_case: int = 12, context=(1, None)) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (N,C,h,w) in [0,1], labels uint8 (N,1,h,w)) around the kidneys of ``cases`` phantoms;
+    C = 1, or a 2.5-D model's context planes (`context`: :func:`qnkit.inference.model_context`)."""
+    from qnkit.inference import model_input_slices
     from qnkit.synth import make_case
 
     size = 2 * max(input_size)
@@ -49,11 +52,12 @@ def synthetic_slices(input_size: tuple[int, int], hu_window: tuple[float, float]
         case = make_case(index, size=size, seed=seed)
         span = kernels.kidney_slice_range(case.segmentation, margin=2) or (0, len(case.segmentation))
         picks = np.unique(np.linspace(span[0], span[1] - 1, per_case).round().astype(int))
-        ct = np.ascontiguousarray(case.imaging[picks])
-        images.append(_fit(kernels.downsample_image(ct, *hu_window), input_size))
+        image = model_input_slices(case.imaging, picks, hu_window=hu_window, spacing_hw=None, model_spacing=None,
+                                   slice_mm=float(np.linalg.norm(case.affine[:3, 0])), context=context)
+        images.append(_fit(image if image.ndim == 4 else image[:, None], input_size))
         # informational only: nearest 2x subsampling of the labels (kidney + tumor)
         labels.append(_fit((case.segmentation[picks, ::2, ::2] > 0).astype(np.uint8), input_size))
-    return np.concatenate(images)[:, None], np.concatenate(labels)[:, None]
+    return np.concatenate(images), np.concatenate(labels)[:, None]
 
 
 def agreement(reference: np.ndarray, other: np.ndarray, threshold: float) -> dict:
@@ -97,7 +101,7 @@ def context(eager: np.ndarray, labels: np.ndarray, threshold: float, trained: bo
 
 
 def verification_grids(x: np.ndarray, divisor: int) -> dict[str, np.ndarray]:
-    """The slices ``x`` (N, 1, h, w) on three grids: as given, one divisor step smaller each way
+    """The slices ``x`` (N, C, h, w) on three grids: as given, one divisor step smaller each way
     (cropped) and larger (zero-padded by one step in h and two in w), so that an engine is seen
     to compute the same on inputs smaller and larger than the export size."""
     n, c, h, w = x.shape
@@ -114,7 +118,7 @@ def verification_grids(x: np.ndarray, divisor: int) -> dict[str, np.ndarray]:
 def verify_engine(predict, reference, x: np.ndarray, *, precision: str, threshold: float,
                   divisor: int) -> tuple[dict, str | None]:
     """(figures per grid, why it fails or None): ``predict`` against ``reference`` (both callables on
-    (N, 1, h, w) float32 slices) on :func:`verification_grids`, each held to ``BARS[precision]``."""
+    (N, C, h, w) float32 slices) on :func:`verification_grids`, each held to ``BARS[precision]``."""
     figures, why = {}, None
     for name, grid in verification_grids(x, divisor).items():
         figures[name] = {"shape": list(grid.shape[2:]),

@@ -147,6 +147,25 @@ def test_base_batching_pads_and_crops():
         b.predict(np.zeros((1, 1, 80, 64), np.float32))
 
 
+class _Centre(_Echo):
+    """A 2.5-D backend: takes 3 planes per slice, returns the centre plane (one probability plane)."""
+
+    channels = 3
+
+    def _run(self, x):
+        self.seen.append(x.shape)
+        return x[:, 1:2].copy()
+
+
+def test_base_batching_of_context_planes_returns_one_plane():
+    x = np.random.default_rng(4).random((5, 3, 32, 48), dtype=np.float32)
+    b = _Centre(2, fixed_hw=(64, 64), fixed_batch=True)
+    np.testing.assert_array_equal(b.predict(x), x[:, 1:2])
+    assert b.seen == [(2, 3, 64, 64)] * 3
+    with pytest.raises(ValueError, match=r"expects slices \(N, 3, h, w\)"):
+        b.predict(x[:, :1])
+
+
 def test_max_run_slices_splits_large_batches():
     x = np.random.default_rng(3).random((10, 1, 32, 48), dtype=np.float32)
     b = _Echo(16)

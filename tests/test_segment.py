@@ -101,10 +101,14 @@ def test_one_path_from_a_ct_to_its_mask():
     root = Path(__file__).resolve().parents[1]
     # qnkit/uncertainty.py is segment_ct's sampling step (it feeds the kidneys' box to the sampler and brings the
     # samples back); qnkit/quality_eval.py splits the true labels into sides, as segment_ct does its mask; the
-    # INT8 calibration feeds the quantiser slices preprocessed exactly as segment_ct feeds the network
+    # INT8 calibration feeds the quantiser slices preprocessed exactly as segment_ct feeds the network, and export's
+    # verification slices are preprocessed the same way; a 2.5-D model's planes are built by one function
     expected = {"kidney_sides": {"qnkit/segment.py", "qnkit/quality_eval.py"},
                 "select_kidneys": {"qnkit/postprocess.py"}, "predict_volume": {"qnkit/segment.py"},
-                "to_model_input": {"qnkit/segment.py", "qnkit/uncertainty.py", "export/int8.py"},
+                "to_model_input": {"qnkit/inference.py"},
+                "model_input_slices": {"qnkit/segment.py", "qnkit/uncertainty.py", "export/int8.py",
+                                       "qnkit/verification.py"},
+                "context_planes": {"qnkit/inference.py"},
                 "to_input_mask": {"qnkit/segment.py", "qnkit/uncertainty.py"}}
     callers: dict = {name: set() for name in expected}
     for folder in ("qnkit", "train", "export", "benchmarks"):

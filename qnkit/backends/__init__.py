@@ -1,7 +1,8 @@
 """Inference backends behind one interface, and :func:`open_backend` to pick one for a bundle.
 
-``backend.predict(x)``: float32 ``(N, 1, h, w)`` preprocessed slices -> float32 probabilities of
-the same shape (any N; batched internally at ``backend.batch_size``), so ``backend.predict`` is
+``backend.predict(x)``: float32 ``(N, C, h, w)`` preprocessed slices (C: the model's input planes per
+slice, 1 but for a 2.5-D model) -> float32 probabilities ``(N, 1, h, w)`` (any N; batched internally at
+``backend.batch_size``), so ``backend.predict`` is
 the ``predict_batch`` of :func:`qnkit.inference.segment_volume`. Importing this package imports
 neither torch nor onnxruntime; each backend imports what it needs when opened.
 

@@ -1,7 +1,8 @@
 """The one small interface every inference backend implements, and the batching they share.
 
-A backend maps preprocessed slices, float32 ``(N, 1, h, w)`` in [0, 1], to float32 kidney
-probabilities of the same shape. :meth:`Backend.predict` accepts any ``N`` and any ``h, w``
+A backend maps preprocessed slices, float32 ``(N, C, h, w)`` in [0, 1] (C = ``channels``: 1, or a
+2.5-D model's context planes per slice), to float32 kidney probabilities ``(N, 1, h, w)``.
+:meth:`Backend.predict` accepts any ``N`` and any ``h, w``
 that are multiples of the bundle's size divisor: it checks the input, zero-pads ``h, w`` up to
 a fixed-size model's grid (bottom/right, as :mod:`qnkit.inference` pads), splits ``N`` into
 chunks of ``batch_size`` (padding the last chunk when the backend needs a fixed batch, e.g.
@@ -26,13 +27,14 @@ class Backend(abc.ABC):
     device: str = "cpu"
     batch_size: int = 16
     size_divisor: int = 16
+    channels: int = 1  # input planes per slice (the network's num_channels)
     fixed_hw: tuple[int, int] | None = None  # a model that only runs on this grid (inputs are padded to it)
     fixed_batch: bool = False  # pad the last chunk to batch_size (static shapes, CUDA graphs)
     max_run_slices: int | None = None  # most slices per _run call, whatever the batch size
 
     @abc.abstractmethod
     def _run(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities for one contiguous float32 chunk (n <= batch_size, 1, H, W)."""
+        """Probabilities (n, 1, H, W) for one contiguous float32 chunk (n <= batch_size, channels, H, W)."""
 
     @property
     def slices_per_call(self) -> int:
@@ -68,7 +70,7 @@ class Backend(abc.ABC):
                               f"cannot draw Monte-Carlo dropout samples")
 
     def predict(self, batch: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """float32 (N, 1, h, w) in [0, 1] -> float32 probabilities (N, 1, h, w).
+        """float32 (N, channels, h, w) in [0, 1] -> float32 probabilities (N, 1, h, w).
 
         ``keep``: float32 (N, sites, filters) Dropout2d masks, one per slice (Monte-Carlo dropout,
         :meth:`_run_sampled`); None runs the eval-mode network."""
@@ -77,9 +79,9 @@ class Backend(abc.ABC):
             keep = np.ascontiguousarray(keep, dtype=np.float32)
             if keep.ndim != 3 or len(keep) != len(x):
                 raise ValueError(f"dropout masks must be (N, sites, filters) with N = {len(x)}, got {keep.shape}")
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"{self.name} backend expects slices (N, 1, h, w), got shape {x.shape}")
-        n, _, h, w = x.shape
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"{self.name} backend expects slices (N, {self.channels}, h, w), got shape {x.shape}")
+        n, c, h, w = x.shape
         d = self.size_divisor
         if h % d or w % d:
             raise ValueError(f"{self.name} backend needs h and w divisible by {d}, got {h}x{w}")
@@ -97,7 +99,7 @@ class Backend(abc.ABC):
             m = len(chunk)
             rows = bs if self.fixed_batch else m
             if (rows, hh, ww) != (m, h, w) or chunk.dtype != np.float32 or not chunk.flags.c_contiguous:
-                buf = np.zeros((rows, 1, hh, ww), dtype=np.float32)
+                buf = np.zeros((rows, c, hh, ww), dtype=np.float32)
                 buf[:m, :, :h, :w] = chunk
                 chunk = buf
             if keep is None:

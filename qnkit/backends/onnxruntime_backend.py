@@ -48,6 +48,13 @@ def session_options(threads: int | None = None):
     return so
 
 
+def graph_channels(input_shape) -> int:
+    """Input planes per slice of a graph whose input is (batch, C, height, width): its C when fixed,
+    else 1 (qnkit's exports always fix it; a graph with a dynamic C takes what it is given)."""
+    c = input_shape[1] if len(input_shape) == 4 else None
+    return int(c) if isinstance(c, int) and c > 0 else 1
+
+
 # On the CPU a session runs at most this many slices per call. Activations of more slices spill
 # out of the caches and the memory-bound element-wise ops take over, and the memory arena keeps
 # the peak of the largest call (full-size QuickNAT, INT8, 2 cores: 5.3 slices/s and 0.6 GB at 1
@@ -100,6 +107,7 @@ class OnnxRuntimeBackend(Backend):
         if not on_gpu:
             self.max_run_slices = CPU_RUN_SLICES
         self._input = self.session.get_inputs()[0].name
+        self.channels = graph_channels(self.session.get_inputs()[0].shape)
         self._keep = next((i.name for i in self.session.get_inputs()[1:] if i.name == KEEP_INPUT), None)
         self._output = self.session.get_outputs()[0].name
         self._ort = ort

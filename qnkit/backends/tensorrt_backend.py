@@ -94,9 +94,10 @@ def verify_rebuilt_engine(bundle: Bundle, engine_bytes: bytes, record: dict, pre
     """Figures of a freshly built engine against the bundle's FP32 ONNX (ONNX Runtime CPU), as at export;
     raises :class:`EngineVerificationError` when they miss the bar."""
     from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from qnkit.inference import model_context
     from qnkit.verification import synthetic_slices, verify_engine
 
-    x, _ = synthetic_slices(bundle.input_size, bundle.hu_window)
+    x, _ = synthetic_slices(bundle.input_size, bundle.hu_window, context=model_context(bundle))
     reference = OnnxRuntimeBackend(bundle, precision="fp32", device="cpu")
     engine = TensorRTBackend(engine_bytes, precision=precision, size_divisor=bundle.size_divisor, record=record)
     try:
@@ -127,7 +128,8 @@ def load_or_build_engine(bundle: Bundle, precision: str, *, batches: tuple[int, 
     if choice == "bundle":
         return bundle.read(ENGINE), dict(bundle.engine)  # the verified bytes are what is deserialized
     profile = engine_profile(bundle.input_size, bundle.size_divisor, batches, cover=hw,
-                             input_name=bundle.metadata["model"].get("input", {}).get("name", "image"))
+                             input_name=bundle.metadata["model"].get("input", {}).get("name", "image"),
+                             channels=int(bundle.network.get("num_channels", 1)))
     source = engine_source(bundle, precision, trt)
     onnx_bytes = bundle.read(source)  # verified as read; the build parses these bytes
     key = (f"{sha256_bytes(onnx_bytes)[:16]}-trt{here['tensorrt']}-sm{here['compute_capability']}-{precision}"
@@ -192,6 +194,7 @@ class TensorRTBackend(Backend):
                 raise BundleError(f"engine tensor {n} is {self.engine.get_tensor_dtype(n)}, expected float32")
         lo, opt, hi = (list(s) for s in self.engine.get_tensor_profile_shape(self._in, 0))
         self.profile = {"input": self._in, "min": lo, "opt": opt, "max": hi}  # what the engine itself says
+        self.channels = int(lo[1])  # input planes per slice (fixed in every profile shape)
         self.batch_size = max(lo[0], min(int(batch_size), hi[0]))
         self.fixed_batch = lo[0] > 1
         self.fixed_hw = None  # never padded up to a grid: every slice runs at the size it was given
@@ -210,7 +213,7 @@ class TensorRTBackend(Backend):
         torch = self._torch
         with torch.cuda.stream(self._stream):
             xin = torch.from_numpy(x).to(self._dev, non_blocking=False)
-            out = torch.empty(x.shape, dtype=torch.float32, device=self._dev)
+            out = torch.empty((x.shape[0], 1, *x.shape[2:]), dtype=torch.float32, device=self._dev)
             self.context.set_input_shape(self._in, tuple(x.shape))
             self.context.set_tensor_address(self._in, xin.data_ptr())
             self.context.set_tensor_address(self._out, out.data_ptr())

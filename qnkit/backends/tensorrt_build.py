@@ -75,8 +75,10 @@ def unavailable_reason() -> str | None:
 
 
 def engine_profile(input_size: tuple[int, int], divisor: int, batches: tuple[int, int, int], *,
-                   cover: tuple[int, int] | None = None, input_name: str = "image") -> dict:
+                   cover: tuple[int, int] | None = None, input_name: str = "image", channels: int = 1) -> dict:
     """The optimisation profile {"input", "min", "opt", "max"} (NCHW lists) of an engine.
+
+    Channels: the network's input planes per slice (``num_channels``), fixed in every shape.
 
     Batch: ``batches`` = (min, opt, max). Height/width: from one divisor step (the smallest grid
     the network accepts) through the export grid ``input_size`` (opt: what TensorRT tunes for)
@@ -93,7 +95,8 @@ def engine_profile(input_size: tuple[int, int], divisor: int, batches: tuple[int
     top = [MAX_GRID_FACTOR * h, MAX_GRID_FACTOR * w]
     if cover is not None:
         top = [max(t, padded_size(c, GROW_STEPS * d)) for t, c in zip(top, cover)]
-    return {"input": input_name, "min": [lo, 1, d, d], "opt": [opt, 1, h, w], "max": [hi, 1, *top]}
+    c = int(channels)
+    return {"input": input_name, "min": [lo, c, d, d], "opt": [opt, c, h, w], "max": [hi, c, *top]}
 
 
 def profile_covers(profile: dict, hw: tuple[int, int]) -> bool:

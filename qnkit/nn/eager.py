@@ -6,7 +6,8 @@ import torch
 
 
 def make_predict_batch(model: torch.nn.Module, device: str | torch.device = "cpu", amp: bool = False):
-    """`predict_batch(x float32 (N,1,h,w), keep=None) -> float32 probabilities (N,1,h,w)` for a logits model.
+    """`predict_batch(x float32 (N,C,h,w), keep=None) -> float32 probabilities (N,1,h,w)` for a logits model
+    (C: the network's num_channels).
 
     The model is put in eval mode on `device`; prediction runs under torch.inference_mode (and
     float16 autocast when `amp` is set and the device is CUDA). `keep`: QuickNAT's Dropout2d masks
