@@ -108,7 +108,7 @@ def test_one_path_from_a_ct_to_its_mask():
                 "to_model_input": {"qnkit/inference.py"},
                 "model_input_slices": {"qnkit/segment.py", "qnkit/uncertainty.py", "export/int8.py",
                                        "qnkit/verification.py"},
-                "context_planes": {"qnkit/inference.py"},
+                "context_planes": {"qnkit/inference.py", "train/dataset.py"},
                 "to_input_mask": {"qnkit/segment.py", "qnkit/uncertainty.py"}}
     callers: dict = {name: set() for name in expected}
     for folder in ("qnkit", "train", "export", "benchmarks"):

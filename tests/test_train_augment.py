@@ -168,3 +168,22 @@ def test_windows_with_geometry_keep_target_and_image_together():
         assert (y2 > 0.5).any(), "a kidney-centred window holds kidney"
         torch.testing.assert_close(x2, 0.8 * y2, atol=1e-6, rtol=0)  # one sampling grid for both
         assert set(torch.unique(w2).tolist()) <= {0.0, 1.0}
+
+
+def test_context_planes_get_one_transform():
+    """A 2.5-D slice's planes move, blur and change contrast alike: three copies of a slice come out as three
+    copies of what the slice alone comes out as (noise, drawn per plane, off), in windows and whole slices."""
+    x, y, w = _slice()
+    x[0, 30:40, 5:20] = 0.4  # body beside the kidney, for the window's centre
+    for crop in (0, 32):
+        for seed in range(3):
+            aug = Augment(**{**OFF, "p_geometry": 1.0, "p_intensity": 1.0, "p_blur": 1.0, "p_lowres": 1.0},
+                          crop=crop, crop_kidney_p=0.5)
+            torch.manual_seed(seed)
+            one = aug(x.clone(), y.clone(), w.clone())
+            torch.manual_seed(seed)
+            three = aug(x.repeat(3, 1, 1), y.clone(), w.clone())
+            assert three[0].shape == (3, *one[0].shape[1:])
+            # (the blur's convolution may round the last bit differently for a batch of three planes)
+            assert all(torch.allclose(plane, one[0][0], rtol=0, atol=1e-6) for plane in three[0])
+            assert torch.equal(three[1], one[1]) and torch.equal(three[2], one[2])

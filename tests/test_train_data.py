@@ -258,3 +258,36 @@ def test_training_slices_of_different_grids_pad_to_one_shape(tmp_path):
     ds = SliceDataset(entries, pad_multiple=multiple)
     assert {ds[i][0].shape for i in range(len(ds))} == {(1, 48, 48)}
     assert float(ds[2][2][0, 33:].sum()) == 0.0  # padding carries no loss weight
+
+
+@pytest.mark.parametrize("margin,context_mm", [(1, 20.0), (1000, 2.5)])  # 8.5 mm slices
+def test_dataset_context_planes_are_those_inference_builds(tmp_path, margin, context_mm):
+    """A 2.5-D model's training image is the C planes inference builds from the whole CT (qnkit.inference,
+    the same function, clamped at the volume's ends, not at the cached kidney range's), padded alike; labels and
+    weights stay the slice's own. A 2-D model's records and cache key have no context fields."""
+    from qnkit import inference
+    from qnkit import io as qio
+    from qnkit.synth import make_case, write_case
+
+    write_case(make_case(2, size=32, seed=4), tmp_path / "data")
+    (case,) = D.discover_cases(tmp_path / "data")
+    params = D.PreprocessParams(-200.0, 400.0, margin, 2.0, None, context_planes=3, context_mm=context_mm)
+    entry = D.build_cache([case], params, tmp_path / "cache")[case.case_id]
+    flat = D.PreprocessParams(-200.0, 400.0, margin, 2.0, None)
+    assert set(flat.record()) == {"hu_lo", "hu_hi", "slice_margin", "omega0", "pixel_spacing_mm"}
+    assert flat.key() != params.key() and params.record()["context_mm"] == context_mm
+    ct, geometry = qio.load_image(case.image)
+    start, stop = entry.slice_range
+    ds = SliceDataset([entry], pad_multiple=16, target="labels", context=params.context)
+    expected = inference.model_input_slices(ct, np.arange(start, stop), hu_window=(-200.0, 400.0), spacing_hw=None,
+                                            model_spacing=None, slice_mm=geometry.spacing[0], context=(3, context_mm))
+    labels = np.load(entry.path("labels"))
+    for z in range(len(ds)):
+        x, y, w, _ = ds[z]
+        assert x.shape == (3, 16, 16) and y.shape == w.shape == (1, 16, 16)
+        np.testing.assert_array_equal(x.numpy(), inference.pad_slices(expected[z], 16))
+        np.testing.assert_array_equal(y[0].numpy(), labels[z])
+    image_range = entry.stats["image_slice_range"]  # the cache reaches past the kidney range, or is the whole CT
+    reach = params.context_slices(geometry.spacing[0])  # 20 mm at 8.5 mm: 3 slices
+    assert image_range == ([0, len(ct)] if margin == 1000 else [max(0, start - reach), min(len(ct), stop + reach)])
+    assert (image_range[0] < start or stop < image_range[1]) is (margin == 1)

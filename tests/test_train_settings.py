@@ -51,6 +51,10 @@ def test_ini_and_overrides(tmp_path):
     ("[TRAINING]\namp = maybe\n", ["amp", "boolean"]),
     ("[TRAINING]\nlr = nan\n", ["lr", "finite"]),
     ("no section header\n", ["not a valid .ini"]),
+    ("[NETWORK]\nnum_channels = 3\n", ["num_channels = 3", "context_mm = 0", "disagree"]),
+    ("[DATA]\ncontext_mm = 3\n", ["num_channels = 1", "context_mm = 3", "disagree"]),
+    ("[NETWORK]\nnum_channels = 2\n[DATA]\ncontext_mm = 3\n", ["[NETWORK]", "num_channels", "odd"]),
+    ("[DATA]\ncontext_mm = -1\n", ["[DATA]", "context_mm", ">= 0"]),
 ])
 def test_bad_settings_name_file_section_key(tmp_path, text, words):
     ini = tmp_path / "bad.ini"
@@ -91,3 +95,11 @@ def test_crop_size_must_suit_the_network():
         network_config(s)
     with pytest.raises(QnkitInputError, match="crop_size"):
         load_settings("shipped-fast", {("TRAINING", "crop_size"): -16})
+
+
+def test_a_three_plane_model_is_num_channels_and_context_mm(tmp_path):
+    ini = tmp_path / "ctx.ini"
+    ini.write_text("[NETWORK]\nnum_channels = 3\n[DATA]\ncontext_mm = 3.0\n")
+    settings = load_settings(ini)
+    assert (settings.network.num_channels, settings.data.context_mm) == (3, 3.0)
+    assert Settings().data.context_mm == 0.0  # 2-D unless asked

@@ -5,7 +5,8 @@ changes what a 2-D network should not depend on: in-plane scale, rotation and po
 size and placement), contrast, brightness and gamma inside the HU window (phase, calibration),
 blur and lost resolution (reconstruction kernel, thick pixels brought up to the model grid), and
 noise (dose). Geometry moves image, target and loss weights together; intensity changes touch
-only the image.
+only the image. A 2.5-D model's image is its C context planes: every plane gets the same geometric
+and intensity change (one slab of tissue moved and imaged alike), noise is drawn per plane.
 
 With ``crop`` > 0 each slice becomes a ``crop`` x ``crop`` window instead (the network is fully
 convolutional, so it trains on windows and predicts whole slices): centred on a kidney pixel with
@@ -34,7 +35,7 @@ def _hit(p: float) -> bool:
 
 @dataclass(frozen=True)
 class Augment:
-    """Random changes applied to one padded slice (image, target, weights), each (1, h, w) float32."""
+    """Random changes applied to one padded slice (image (C, h, w), target and weights (1, h, w)) float32."""
 
     p_geometry: float = 0.8
     scale: tuple = (0.85, 1.18)
@@ -81,14 +82,15 @@ class Augment:
 
     def window_centre(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(row, column) of the window's centre: a kidney pixel (jittered by up to a quarter window) with
-        probability ``crop_kidney_p`` when the slice has kidney, else a body pixel, else anywhere."""
+        probability ``crop_kidney_p`` when the slice has kidney, else a body pixel (of the centre plane: the
+        slice itself), else anywhere."""
         h, wd = x.shape[-2:]
         kidney = torch.nonzero(y[0] >= 0.5) if _hit(self.crop_kidney_p) else y.new_zeros((0, 2), dtype=torch.long)
         if len(kidney):
             r, c = kidney[int(torch.randint(len(kidney), ()))].tolist()
             j = self.crop / 4
             return r + _u(-j, j), c + _u(-j, j)
-        body = torch.nonzero(x[0] > self.body_level)
+        body = torch.nonzero(x[x.shape[0] // 2] > self.body_level)
         if len(body):
             r, c = body[int(torch.randint(len(body), ()))].tolist()
             return float(r), float(c)
@@ -110,10 +112,7 @@ class Augment:
         shift = torch.tensor([(2 * col + 1) / wd - 1, (2 * row + 1) / h - 1], dtype=torch.float64)
         theta = torch.cat([linear, shift[:, None]], 1).float()[None]
         grid = F.affine_grid(theta, [1, 1, self.crop, self.crop], align_corners=False)
-        xy = F.grid_sample(torch.stack([x, y], 0), grid.expand(2, -1, -1, -1), mode="bilinear",
-                           padding_mode="zeros", align_corners=False)
-        w2 = F.grid_sample(w[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return xy[0], xy[1], w2[0]
+        return _sample(x, y, w, grid)
 
     def _geometry(self, x, y, w):
         s = _u(*self.scale)
@@ -123,10 +122,17 @@ class Augment:
         theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, tx],
                               [math.sin(a) / s, math.cos(a) / s, ty]], dtype=torch.float32)[None]
         grid = F.affine_grid(theta, [1, 1, *x.shape[-2:]], align_corners=False)
-        xy = F.grid_sample(torch.stack([x, y], 0), grid.expand(2, -1, -1, -1), mode="bilinear",
-                           padding_mode="zeros", align_corners=False)
-        w2 = F.grid_sample(w[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return xy[0], xy[1], w2[0]
+        return _sample(x, y, w, grid)
+
+
+def _sample(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, grid: torch.Tensor) -> tuple:
+    """Image planes (C, h, w) and target (1, h, w) sampled bilinearly, weights (1, h, w) nearest, at `grid`
+    (1, h', w', 2): one geometric transform for every plane, target and weights alike."""
+    planes = torch.cat([x, y], 0)[:, None]  # each plane its own batch item: the same grid, the same arithmetic
+    xy = F.grid_sample(planes, grid.expand(len(planes), -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                       align_corners=False)
+    w2 = F.grid_sample(w[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return xy[:-1, 0], xy[-1], w2[0]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -134,6 +140,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    out = F.conv2d(F.pad(x[None], (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    planes = x[:, None]  # (C, 1, h, w): each plane blurred alike
+    out = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return out[0]
+    return out[:, 0]

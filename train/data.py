@@ -10,7 +10,9 @@ Order of operations (so that the test set is never touched by training):
    kidney fraction resampled in-plane to that spacing by :mod:`qnkit.resample` -- the compiled 2x2
    kernels when a case is exactly 2:1 --, binary labels = fraction >= 0.5, border weights) into
    `.npy` files, recording tumor and kidney voxel counts on the way. Cases with different pixel
-   sizes thus all reach the model at one spacing.
+   sizes thus all reach the model at one spacing. For a 2.5-D model the image reaches further along z
+   than the labels, by as many slices as its context planes reach (``image_slice_range`` in the
+   manifest's stats), so that a slice's planes read the CT's own neighbours, as at inference.
 4. `apply_filter` drops cases whose tumor distorts the kidney (kits.json radiographic size and/or
    tumor/kidney voxel ratio) and records why; `split_train_val` draws 80:20 from the rest.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -56,14 +59,39 @@ class PreprocessParams:
     omega0: float
     # The model's in-plane pixel spacing (mm); None: half the resolution of each case (2x its own spacing).
     pixel_spacing_mm: float | None = None
+    # A 2.5-D model's input planes per slice and their distance along z (mm); 1 and 0.0 for a 2-D model.
+    context_planes: int = 1
+    context_mm: float = 0.0
 
     @classmethod
-    def from_settings(cls, data, pixel_spacing_mm: float | None = None) -> "PreprocessParams":
+    def from_settings(cls, data, pixel_spacing_mm: float | None = None, context_planes: int = 1) -> "PreprocessParams":
+        """The parameters of [DATA] `data`, the model's pixel spacing and its input planes per slice ([NETWORK]
+        num_channels)."""
         return cls(float(data.hu_lo), float(data.hu_hi), int(data.slice_margin), float(data.omega0),
-                   None if pixel_spacing_mm is None else float(pixel_spacing_mm))
+                   None if pixel_spacing_mm is None else float(pixel_spacing_mm), int(context_planes),
+                   float(data.context_mm) if context_planes > 1 else 0.0)
+
+    @property
+    def context(self) -> tuple[int, float | None]:
+        """(planes per slice, their distance in mm) as :func:`qnkit.inference.model_context` gives them."""
+        return (self.context_planes, self.context_mm) if self.context_planes > 1 else (1, None)
+
+    def context_slices(self, slice_mm: float) -> int:
+        """How many slices of `slice_mm` the outermost context plane lies from its slice (0 for a 2-D model)."""
+        if self.context_planes == 1:
+            return 0
+        return int(math.ceil(self.context_planes // 2 * self.context_mm / float(slice_mm)))
+
+    def record(self) -> dict:
+        """The parameters as recorded (cache key, manifests, splits, checkpoints): a 2-D model's without the
+        context fields, so that its records and cache are those of the 2-D models before them."""
+        record = asdict(self)
+        if self.context_planes == 1:
+            del record["context_planes"], record["context_mm"]
+        return record
 
     def key(self) -> str:
-        text = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        text = json.dumps({"version": CACHE_VERSION, **self.record()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -208,7 +236,7 @@ def _identity(path: Path) -> dict:
 
 
 def _manifest_for(case: Case, params: PreprocessParams) -> dict:
-    return {"version": CACHE_VERSION, "case_id": case.case_id, "params": asdict(params),
+    return {"version": CACHE_VERSION, "case_id": case.case_id, "params": params.record(),
             "sources": {"image": _identity(case.image), "labels": _identity(case.labels)}}
 
 
@@ -234,7 +262,8 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     Image and kidney fraction ("coverage", the soft target) are resampled in-plane to
     `params.pixel_spacing_mm` by :mod:`qnkit.resample`; binary labels are coverage >= 0.5 and the
     border weights are computed from them. With `pixel_spacing_mm` None each case goes to half its
-    own resolution (2x its spacing).
+    own resolution (2x its spacing). For a 2.5-D model the image keeps the slices its context planes
+    reach beyond the kidney range (within the volume; stats ``image_slice_range``).
     """
     from qnkit import io as qio
     from qnkit import resample
@@ -260,12 +289,17 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     # Kidney fraction of each model pixel (tumor counts as kidney); exactly 2:1 it is the 2x2 block mean.
     coverage = resample.coverage_to_model_grid(labels[start:stop], spacing_hw, model_mm)
     labels_model = (coverage >= 0.5).view(np.uint8)
-    image_model = resample.to_model_grid(image[start:stop], spacing_hw, model_mm, (params.hu_lo, params.hu_hi))
+    reach = params.context_slices(igeom.spacing[0])
+    image_start, image_stop = max(0, start - reach), min(labels.shape[0], stop + reach)
+    image_model = resample.to_model_grid(image[image_start:image_stop], spacing_hw, model_mm,
+                                         (params.hu_lo, params.hu_hi))
     weights = kernels.border_weights(labels_model, params.omega0)
     arrays = {"image": image_model, "labels": labels_model, "coverage": coverage, "weights": weights}
     stats = {"num_slices": int(stop - start), "kidney_voxels": kidney, "tumor_voxels": tumor,
              "slice_range": [int(start), int(stop)], "shape": list(labels.shape),
              "spacing_mm": [round(float(v), 6) for v in igeom.spacing], "model_shape": list(labels_model.shape)}
+    if reach:
+        stats["image_slice_range"] = [int(image_start), int(image_stop)]
     return arrays, stats
 
 
@@ -332,15 +366,19 @@ def training_pad_multiple(entries: list[CacheEntry], pad_multiple: int) -> int:
 def model_domain(params: PreprocessParams, entries: list[CacheEntry], cases: list[Case], pad_multiple: int) -> dict:
     """The model's domain for the checkpoint and the bundle: pixel spacing (mm), slice-thickness range
     of the training cases, HU window, input size (the training slices' grid padded to `pad_multiple`)
-    and the training data's source."""
+    and the training data's source; a 2.5-D model's also its context planes per slice and their distance
+    in mm (``context_planes``, ``context_mm``: :func:`qnkit.inference.model_context` reads them)."""
     thickness = [e.stats["spacing_mm"][0] for e in entries if e.stats.get("spacing_mm")]
     grids = [e.stats["model_shape"][1:] for e in entries if e.stats.get("model_shape")]
     pad = max(1, int(pad_multiple))
     size = [-(-max(g[i] for g in grids) // pad) * pad for i in (0, 1)] if grids else None
-    return {"pixel_spacing_mm": params.pixel_spacing_mm,
-            "slice_thickness_mm": [min(thickness), max(thickness)] if thickness else None,
-            "hu_window": [params.hu_lo, params.hu_hi], "input_size": size,
-            "training_data": training_data_record(cases)}
+    domain = {"pixel_spacing_mm": params.pixel_spacing_mm,
+              "slice_thickness_mm": [min(thickness), max(thickness)] if thickness else None,
+              "hu_window": [params.hu_lo, params.hu_hi], "input_size": size,
+              "training_data": training_data_record(cases)}
+    if params.context_planes > 1:
+        domain.update(context_planes=params.context_planes, context_mm=params.context_mm)
+    return domain
 
 
 def _write_entry(folder: Path, case: Case, params: PreprocessParams, expected: dict) -> CacheEntry:
@@ -411,4 +449,4 @@ def write_splits(run_dir: Path, *, data_dir: Path, seed: int, test: list[Case], 
         {"data_dir": str(Path(data_dir).resolve()), "seed": seed, "test": test_ids}, indent=1))
     write_text_atomic(run_dir / "splits.json", json.dumps(
         {"data_dir": str(Path(data_dir).resolve()), "seed": seed, "train": train, "validation": val,
-         "test": test_ids, "filtered": filtered, "preprocessing": asdict(params), "domain": domain}, indent=1))
+         "test": test_ids, "filtered": filtered, "preprocessing": params.record(), "domain": domain}, indent=1))

@@ -142,7 +142,7 @@ def _reference_dataset(settings: Settings, params, cache_root: Path, target: str
     _on_main(info, lambda: D.build_cache(cases, params, root, workers=settings.common.num_workers))
     dist.barrier()
     entries = D.cached_entries(cases, params, root)
-    return SliceDataset([entries[c.case_id] for c in cases], settings.data.pad_multiple, target)
+    return SliceDataset([entries[c.case_id] for c in cases], settings.data.pad_multiple, target, context=params.context)
 
 
 def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) -> dict:
@@ -266,7 +266,7 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
             cases = D.discover_cases(data_dir)
             pool, test = D.split_test(cases, settings.data.test_fraction, settings.common.seed)
             spacing = D.resolve_pixel_spacing(settings.data.pixel_spacing_mm, pool)
-        params = D.PreprocessParams.from_settings(settings.data, spacing)
+        params = D.PreprocessParams.from_settings(settings.data, spacing, cfg.num_channels)
         cache_root = _cache_root(settings, run_dir)
 
         def build():
@@ -306,8 +306,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     train_entries = [entries[i] for i in train_ids]
     augment = training_view(settings.training)
     train_ds = SliceDataset(train_entries, D.training_pad_multiple(train_entries, settings.data.pad_multiple), target,
-                            augment=augment)
-    val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target)
+                            augment=augment, context=params.context)
+    val_ds = SliceDataset([entries[i] for i in val_ids], settings.data.pad_multiple, target, context=params.context)
     if info.is_main and console is not None:
         console.print(f"cases: {len(train_ids)} train ({len(train_ds)} slices), {len(val_ids)} validation, "
                       f"{len(filtered)} filtered; world size {info.world_size}, device {device}")
@@ -321,7 +321,7 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     if source is not None:
         ckpt.load_weights(source["folder"], model)
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
-            "preprocessing": {**dataclasses.asdict(params), "pad_multiple": settings.data.pad_multiple,
+            "preprocessing": {**params.record(), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},
             "domain": domain,
             "data": {"train": train_ids, "validation": val_ids, "filtered": filtered}}

@@ -55,6 +55,10 @@ class DataSettings:
     # half-resolution mask: the bilinear upsampling at inference then puts the border where the
     # full-resolution one is, and kidney volumes lose the binary rule's outward bias.
     soft_targets: bool = True
+    # 2.5-D input: the distance in mm along z between the [NETWORK] num_channels planes the network sees per
+    # slice (the slice and its neighbours at -/+ context_mm, -/+ 2 context_mm, ...; interpolated between
+    # slices, so the same whatever the CT's slice thickness). 0: one plane, the 2-D model (num_channels 1).
+    context_mm: float = 0.0
 
 
 # [NETWORK] holds the fields of QuickNATConfig with its defaults, mutable so that .ini files and
@@ -185,7 +189,9 @@ class Settings:
             ("DATA", "val_fraction", 0 < d.val_fraction < 1, "must be in (0, 1)"),
             ("DATA", "pad_multiple", d.pad_multiple >= 1, "must be >= 1"),
             ("DATA", "pixel_spacing_mm", _auto_or_positive(d.pixel_spacing_mm), "must be auto or a number > 0 (mm)"),
-            ("NETWORK", "num_channels", n.num_channels == 1, "must be 1 (CT has one channel)"),
+            ("DATA", "context_mm", d.context_mm >= 0, "must be >= 0 (mm; 0 = a 2-D model)"),
+            ("NETWORK", "num_channels", n.num_channels >= 1 and n.num_channels % 2 == 1,
+             "must be an odd number >= 1 (the slice and as many planes on each side of it)"),
             ("NETWORK", "num_filters", n.num_filters >= 1, "must be >= 1"),
             ("NETWORK", "num_class", n.num_class == 1, "must be 1 (kidney vs background, sigmoid output)"),
             ("NETWORK", "drop_out", 0 <= n.drop_out < 1, "must be in [0, 1)"),
@@ -218,6 +224,11 @@ class Settings:
                 raise QnkitInputError(f"{source}: [{section}] {key} = {value!r} {message}")
         if t.alpha == 0 and t.beta == 0:
             raise QnkitInputError(f"{source}: [TRAINING] alpha and beta are both 0 (no loss)")
+        if (n.num_channels > 1) != (d.context_mm > 0):
+            raise QnkitInputError(
+                f"{source}: [NETWORK] num_channels = {n.num_channels} and [DATA] context_mm = {d.context_mm:g} disagree: "
+                f"a 2.5-D model needs num_channels odd > 1 and context_mm > 0 (mm between its planes), a 2-D model "
+                f"num_channels 1 and context_mm 0")
 
 
 def _auto_or_positive(text) -> bool:

@@ -20,9 +20,11 @@ def tensorboard_dir(run_dir: Path, log_dir: str = "") -> Path:
 
 
 def panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, count: int) -> torch.Tensor:
-    """(n, 1, h, 3w) in [0, 1]: input | label | prediction for the first `count` slices."""
+    """(n, 1, h, 3w) in [0, 1]: input | label | prediction for the first `count` slices (of a 2.5-D model's
+    input planes the centre one, the slice itself)."""
     n = min(count, image.shape[0])
-    parts = [t[:n].detach().float().cpu().clamp(0, 1) for t in (image, label, pred)]
+    centre = image.shape[1] // 2
+    parts = [t[:n].detach().float().cpu().clamp(0, 1) for t in (image[:, centre:centre + 1], label, pred)]
     return torch.cat(parts, dim=3)
 
 
