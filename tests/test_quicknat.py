@@ -204,3 +204,27 @@ def test_onnxruntime_matches_eager(exported, batch):
     (out,) = sess.run(None, {"image": x.numpy()})
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 5])
+def test_inflated_network_computes_what_the_2d_network_computes(channels):
+    """A 2-D network's weights inflated to C input planes (the centre plane the slice) give the 2-D network's
+    output whatever the other planes hold; only the first block's input-sized tensors changed."""
+    from qnkit.nn.quicknat import INPUT_PLANE_TENSORS, inflate_input_planes
+
+    flat = small(num_filters=4).eval()
+    with torch.no_grad():  # trained-looking batch norms, so that copying the centre's statistics matters
+        for bn in (m for m in flat.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            for t, lo, hi in ((bn.running_mean, -0.5, 0.5), (bn.running_var, 0.5, 2.0), (bn.weight, 0.5, 1.5),
+                              (bn.bias, -0.2, 0.2)):
+                t.uniform_(lo, hi)
+    state = inflate_input_planes(flat.state_dict(), channels)
+    deep = QuickNAT(QuickNATConfig(num_filters=4, num_channels=channels)).eval()
+    deep.load_state_dict(state)
+    changed = {k for k, v in state.items() if v.shape != flat.state_dict()[k].shape}
+    assert changed == set(INPUT_PLANE_TENSORS)
+    x = torch.rand(2, channels, 32, 48)
+    with torch.no_grad():
+        assert torch.allclose(deep(x), flat(x[:, channels // 2:channels // 2 + 1]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one-plane"):
+        inflate_input_planes(state, channels)

@@ -115,8 +115,15 @@ def _read_verified(folder: Path, name: str, meta: dict | None = None) -> bytes:
     return data
 
 
-def load_weights(folder: Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_safetensors(_read_verified(folder, "model.safetensors")))
+def load_weights(folder: Path, model: torch.nn.Module, *, inflate: bool = False) -> None:
+    """The checkpoint's weights into `model`; with `inflate`, a one-plane (2-D) checkpoint's weights into a
+    2.5-D QuickNAT of the same network (:func:`qnkit.nn.quicknat.inflate_input_planes`: the same output)."""
+    state = load_safetensors(_read_verified(folder, "model.safetensors"))
+    if inflate:
+        from qnkit.nn.quicknat import inflate_input_planes
+
+        state = inflate_input_planes(state, model.config.num_channels)
+    model.load_state_dict(state)
 
 
 def load_state(folder: Path) -> dict:

@@ -145,19 +145,39 @@ def _reference_dataset(settings: Settings, params, cache_root: Path, target: str
     return SliceDataset([entries[c.case_id] for c in cases], settings.data.pad_multiple, target, context=params.context)
 
 
+#: How a 2-D run's weights start a 2.5-D run (qnkit.nn.quicknat.inflate_input_planes), as its record says it.
+INFLATION_RULE = ("the source's input channel is the centre plane; the other planes get zero convolution weights "
+                  "and the centre's batch-norm statistics and affine: the same output as the 2-D network at start")
+
+
 def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) -> dict:
-    """The record of where a fine-tuning run's weights come from, once its network and HU window match."""
-    if source.get("network") != cfg.to_dict():
-        theirs, ours = source.get("network") or {}, cfg.to_dict()
+    """The record of where a fine-tuning run's weights come from, once its network, HU window and context
+    match; a 2-D source may start a 2.5-D run of the same network (its first block inflated, recorded)."""
+    from qnkit.inference import model_context
+    from qnkit.nn.quicknat import INPUT_PLANE_TENSORS
+
+    theirs, ours = source.get("network") or {}, cfg.to_dict()
+    same_but_planes = {**theirs, "num_channels": 1} == {**ours, "num_channels": 1}
+    inflate = same_but_planes and theirs.get("num_channels", 1) == 1 and ours["num_channels"] > 1
+    if theirs != ours and not inflate:
         diff = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours.get(k))
-        raise QnkitInputError(f"--init-from {source_run}: its network differs ({diff})")
+        raise QnkitInputError(f"--init-from {source_run}: its network differs ({diff}; only num_channels 1 there "
+                              f"may become more here)")
+    context = model_context(source)
+    if not inflate and context != (cfg.num_channels, float(settings.data.context_mm) if cfg.num_channels > 1 else None):
+        raise QnkitInputError(f"--init-from {source_run}: its {context[0]} input planes are {context[1]} mm apart, "
+                              f"this run's {settings.data.context_mm:g} mm")
     pre = source.get("preprocessing") or {}
     window = (float(settings.data.hu_lo), float(settings.data.hu_hi))
     if (pre.get("hu_lo"), pre.get("hu_hi")) != window:
         raise QnkitInputError(f"--init-from {source_run}: its HU window is {pre.get('hu_lo')}..{pre.get('hu_hi')}, "
                               f"this run's {window[0]:g}..{window[1]:g}")
-    return {"run_dir": str(Path(source_run).absolute()), "checkpoint": "best", "epoch": source.get("epoch"),
-            "model_sha256": (source.get("files") or {}).get("model.safetensors")}
+    record = {"run_dir": str(Path(source_run).absolute()), "checkpoint": "best", "epoch": source.get("epoch"),
+              "model_sha256": (source.get("files") or {}).get("model.safetensors")}
+    if inflate:
+        record["inflated"] = {"from_planes": 1, "to_planes": cfg.num_channels, "tensors": list(INPUT_PLANE_TENSORS),
+                              "rule": INFLATION_RULE}
+    return record
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> str:
@@ -319,7 +339,7 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     seed_everything(settings.common.seed)
     model = ckpt.build_model(cfg.to_dict())
     if source is not None:
-        ckpt.load_weights(source["folder"], model)
+        ckpt.load_weights(source["folder"], model, inflate="inflated" in initialised_from)
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
             "preprocessing": {**params.record(), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},
@@ -343,7 +363,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
                           f"{t.micro_batch * solver.accum * info.world_size}; {describe_step(solver)}")
             if initialised_from is not None and not resume:
-                console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})")
+                inflated = initialised_from.get("inflated")
+                console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})"
+                              + (f"; its one input plane inflated to {inflated['to_planes']}" if inflated else ""))
             if restarted:
                 decay = (f"poly to epoch {t.epochs}" if t.schedule == "poly"
                          else f"x{t.gamma:g} every {t.step_size} epoch(s)")

@@ -36,10 +36,17 @@ from .unpool import first_max_masks, is_tracing, unpool_masked
 
 __all__ = [
     "SE_BLOCKS", "UNPOOL_MODES", "QuickNATConfig", "QuickNAT", "WithSigmoid", "DenseBlock",
-    "ChannelSELayer", "SpatialSELayer", "ChannelSpatialSELayer",
+    "ChannelSELayer", "SpatialSELayer", "ChannelSpatialSELayer", "INPUT_PLANE_TENSORS", "inflate_input_planes",
 ]
 
 UNPOOL_MODES = ("indices", "mask")
+
+#: The tensors whose size depends on the input's plane count: the first encoder block's three batch norms and
+#: three convolutions, which read the input concatenated with the block's features (cat(x, o1, ...)), so the
+#: input's planes come first along their channel axis (dim 0 of a batch norm's vectors, dim 1 of a conv weight).
+INPUT_PLANE_TENSORS = tuple(f"encoders.0.batchnorm{i}.{field}" for i in (1, 2, 3)
+                            for field in ("weight", "bias", "running_mean", "running_var")) + \
+    tuple(f"encoders.0.conv{i}.weight" for i in (1, 2, 3))
 
 
 class ChannelSELayer(nn.Module):
@@ -217,3 +224,28 @@ class WithSigmoid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model(x))
+
+
+def inflate_input_planes(state: Mapping[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """The weights of a one-plane (2-D) QuickNAT for the same network taking `channels` input planes (odd;
+    the centre one the slice itself), computing exactly what the 2-D network computes at start.
+
+    In each tensor of :data:`INPUT_PLANE_TENSORS` the source's input channel becomes the centre plane; the
+    other planes get zero convolution weights (they add nothing) and the centre's batch-norm statistics and
+    affine (they are normalised like the slice, so training starts from a sensible scale). The block's own
+    feature channels follow, as they were. Every other tensor is the source's.
+    """
+    if channels < 1 or channels % 2 == 0:
+        raise ValueError(f"input planes must be a positive odd number, got {channels}")
+    if state["encoders.0.conv1.weight"].shape[1] != 1:
+        raise ValueError(f"inflation starts from a one-plane network, got "
+                         f"{state['encoders.0.conv1.weight'].shape[1]} input planes")
+    out = dict(state)
+    for name in INPUT_PLANE_TENSORS:
+        source = state[name]
+        dim = 1 if name.endswith(("conv1.weight", "conv2.weight", "conv3.weight")) else 0
+        slice_plane = source.narrow(dim, 0, 1)
+        other = torch.zeros_like(slice_plane) if dim == 1 else slice_plane
+        planes = [other] * (channels // 2) + [slice_plane] + [other] * (channels // 2)
+        out[name] = torch.cat([*planes, source.narrow(dim, 1, source.shape[dim] - 1)], dim=dim).contiguous()
+    return out
