@@ -119,3 +119,44 @@ def test_model_input_and_prediction_of_context_planes():
     assert shapes == [(1, 3, 16, 16)] * 2 and np.array_equal(probs, planes[:, 1])
     with pytest.raises(ValueError, match="backend returned shape"):
         inference.predict_volume(planes, lambda x: x, pad_multiple=16)
+
+
+def _plane_mean(x):
+    """A '2.5-D model' whose probability is the mean of a slice's planes: what it says depends on the neighbours."""
+    return x.mean(axis=1, keepdims=True)
+
+
+def _network():
+    import torch
+
+    from qnkit.nn.eager import make_predict_batch
+    from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
+
+    torch.manual_seed(0)
+    return make_predict_batch(QuickNAT(QuickNATConfig(num_filters=4, num_channels=3)))
+
+
+@pytest.mark.parametrize("model_spacing,slab,model", [(None, False, "network"), (1.3, False, "network"),
+                                                      (None, True, "plane mean")])
+def test_a_25d_model_is_fed_the_planes_inference_builds(model_spacing, slab, model):
+    """segment's prediction of a 3-plane model (batches prepared one ahead, the kidneys' slab or every slice)
+    equals the plain steps: the context planes of every slice from the whole CT, predicted, brought back;
+    inside the slab, planes reach the slices outside it."""
+    from qnkit import segment as S
+
+    predict = _network() if model == "network" else _plane_mean
+    ct = np.random.default_rng(5).integers(-1000, 1000, size=(16, 40, 36)).astype(np.int16)
+    if model == "plane mean":  # bright only in slices 7..8: the slab is a few slices around them
+        ct[:] = -1000
+        ct[7:9, 10:30, 10:30] = 400
+    grid = dict(hu_window=(-200, 400), spacing_hw=(0.8, 0.8), model_spacing=model_spacing)
+    planes = inference.context_planes(ct, np.arange(len(ct)), 2.0, 3, 3.0,
+                                      prepare=lambda part: inference.to_model_input(part, **grid))
+    probs = inference.predict_volume(planes, predict, batch_size=4, pad_multiple=16)
+    expected = inference.to_input_mask(probs, ct.shape[1:], threshold=0.3, model_spacing=model_spacing)
+    options = S.SegmentOptions(slab=slab, coarse_step_mm=2.0, slab_margin_mm=0.0)
+    mask, record = S.predict_kidney_slab(ct, predict, slice_mm=2.0, options=options, batch_size=2, threshold=0.3,
+                                         pad_multiple=16, context=(3, 3.0), **grid)
+    lo, hi = record["start"], record["stop"]
+    assert np.array_equal(mask, expected) and expected.any()
+    assert (lo, hi) == ((0, 16) if not slab else (5, 11))
