@@ -86,3 +86,31 @@ def test_bad_options(run_qnkit, synth_dataset, tmp_path, args, word):
     out = tmp_path / "run"
     assert word in _one_line_error(run_qnkit("train", "--data", synth_dataset, "--out", out, *args))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("theirs, ours, context_mm, word", [
+    ({"num_filters": 4}, {"num_filters": 4, "num_channels": 3}, 3.0, None),  # 2-D -> 3 planes: inflated
+    ({"num_filters": 8}, {"num_filters": 4, "num_channels": 3}, 3.0, "num_filters"),
+    ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4}, 0.0, "num_channels"),  # planes are not dropped
+    ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4, "num_channels": 5}, 3.0, "num_channels"),
+    ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4, "num_channels": 3}, 2.0, "mm apart"),
+    ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4, "num_channels": 3}, 3.0, None),  # same context
+])
+def test_init_from_inflates_only_a_2d_source(tmp_path, theirs, ours, context_mm, word):
+    from qnkit.errors import QnkitInputError
+    from qnkit.nn.config import QuickNATConfig
+    from qnkit.train.runner import _check_init_source
+    from qnkit.train.settings import Settings
+
+    source_planes = theirs.get("num_channels", 1)
+    source = {"network": QuickNATConfig(**theirs).to_dict(), "preprocessing": {"hu_lo": -200.0, "hu_hi": 400.0},
+              "domain": {"pixel_spacing_mm": 2.0, **({"context_planes": 3, "context_mm": 3.0} if source_planes > 1
+                                                     else {})}, "epoch": 1, "files": {}}
+    settings = Settings()
+    settings.data.context_mm = context_mm
+    if word is not None:
+        with pytest.raises(QnkitInputError, match=word):
+            _check_init_source(source, tmp_path, QuickNATConfig(**ours), settings)
+        return
+    record = _check_init_source(source, tmp_path, QuickNATConfig(**ours), settings)
+    assert ("inflated" in record) is (source_planes == 1)

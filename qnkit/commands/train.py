@@ -54,7 +54,8 @@ def command(
                                    help="Start from the best weights of another run (fine-tuning on new data), "
                                         "with a fresh optimiser and schedule. Its settings.ini is the default "
                                         "for --settings, and its pixel spacing the model's; the network and HU "
-                                        "window must match."),
+                                        "window must match, except that a 2-D run may start a 2.5-D one "
+                                        "([NETWORK] num_channels > 1: its first block inflated)."),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out (removes its checkpoints "
                                                       "and logs; keeps the cache)."),
 ) -> None:
