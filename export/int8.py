@@ -102,9 +102,9 @@ def model_grid_slices(grid: ModelGrid, *, seed: int, cases: int, per_case: int,
     """Network inputs (float32 (n, C, h, w), one array per case) of `cases` anatomy phantoms of `seed`.
 
     Each phantom goes through the runtime's preprocessing (:func:`qnkit.inference.model_input_slices`: HU
-    window, resampling to the model's pixel spacing, a 2.5-D model's context planes; padding to ``pad_multiple``). Three quarters of a
-    case's slices are spread over its kidneys and 10 slices around them (the kidney slab ``qnkit segment``
-    predicts), a quarter over the whole volume (its coarse pass).
+    window, resampling to the model's pixel spacing, a 2.5-D model's context planes; padding to
+    ``pad_multiple``). Three quarters of a case's slices are spread over its kidneys and 10 slices around
+    them (the kidney slab ``qnkit segment`` predicts), a quarter over the whole volume (its coarse pass).
     """
     from qnkit import inference, kernels
     from qnkit.synth.case import make_anatomy_case

@@ -210,8 +210,8 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted; while the
     probabilities reach an end of the slab that is not the volume's end, the slab grows by the
     margin there and only the new slices are predicted (a slice's prediction does not depend on which
-    other slices are predicted). Slices outside the slab are background. Nothing found by the coarse pass, or a
-    volume too short for a coarse pass to save work, runs every slice.
+    other slices are predicted). Slices outside the slab are background. Nothing found by the coarse
+    pass, or a volume too short for a coarse pass to save work, runs every slice.
 
     ``options.z_step_mm`` > 0 predicts one slab slice per that many mm only (and the slab's ends)
     and interpolates the probabilities of the slices between linearly: about half the work on 1 mm
@@ -370,10 +370,11 @@ def segment_ct(ct: np.ndarray, geometry: qio.Geometry, predict_batch, *, hu_wind
     probabilities brought back to the input's exact grid before thresholding; `model_spacing` None
     (a model without a domain record) feeds half the input's resolution, as before the millimetre
     contract. A 2.5-D model (`context` = (C, mm), :func:`qnkit.inference.model_context`) gets each
-    slice's C context planes, ``geometry.spacing[0]`` mm apart being the CT's slices. Only the kidneys' slab is predicted (:func:`predict_kidney_slab`; ``options.slab``
-    False predicts every slice); ``options.mirror`` averages each slice's prediction with its
-    mirror image's (:func:`qnkit.inference.mirrored`). Post-processing is
-    :func:`qnkit.postprocess.kidney_sides`, on the mask in place.
+    slice's C context planes, the CT's slices lying ``geometry.spacing[0]`` mm apart. Only the kidneys'
+    slab is predicted (:func:`predict_kidney_slab`; ``options.slab`` False predicts every slice);
+    ``options.mirror`` averages each slice's prediction with its mirror image's
+    (:func:`qnkit.inference.mirrored`). Post-processing is :func:`qnkit.postprocess.kidney_sides`, on
+    the mask in place.
 
     `network_mask`, when given, is called with the network's mask (uint8 {0, 1}, the input's grid)
     before post-processing changes it: the raw mask `qnkit evaluate` scores beside the output.
