@@ -1,6 +1,6 @@
 """A 2.5-D model end to end, tiny: three classic phantoms, a one-epoch 2-D run, a one-epoch 3-plane run (context_mm
-3.0) fine-tuned from it (its first block inflated), exported to ONNX, verified, and segmented through ONNX Runtime
-and through torch, which agree."""
+3.0) fine-tuned from it (its first block inflated; validated on its dataset's planes), evaluated (segment_ct),
+exported to ONNX, verified, and segmented through ONNX Runtime and through torch, which agree."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,7 @@ def context_run(tmp_path_factory, run_qnkit) -> dict:
                  ("train", "--data", paths["data"], "--out", paths["flat"], *TINY),
                  ("train", "--data", paths["data"], "--out", paths["run"], "--settings", work / "context.ini",
                   "--init-from", paths["flat"], *TINY),
+                 ("evaluate", paths["run"], "--json", work / "evaluation.json"),  # segment_ct on the test case
                  ("export", paths["run"], "--out", paths["bundle"], "--no-progress")):
         proc = run_qnkit(*args)
         assert proc.returncode == 0, proc.stderr
@@ -44,6 +45,7 @@ def test_the_run_and_bundle_record_the_context_and_the_inflation(context_run, ru
     assert bundle["model"]["input"]["shape"] == ["batch", 3, "height", "width"]
     assert (bundle["domain"]["context_planes"], bundle["domain"]["context_mm"]) == (3, 3.0)
     assert "inflated" in bundle["training"]["initialised_from"]
+    assert bundle["domain"]["figures"]["test_dice"] is not None  # qnkit evaluate scored the 3-plane checkpoint
     proc = run_qnkit("verify", context_run["bundle"])
     assert proc.returncode == 0, proc.stderr
 
