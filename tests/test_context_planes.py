@@ -160,3 +160,22 @@ def test_a_25d_model_is_fed_the_planes_inference_builds(model_spacing, slab, mod
     lo, hi = record["start"], record["stop"]
     assert np.array_equal(mask, expected) and expected.any()
     assert (lo, hi) == ((0, 16) if not slab else (5, 11))
+
+
+def test_monte_carlo_samples_of_a_25d_model_see_its_planes():
+    """The quality pass (mirror and dropout samples over the kidneys' box) feeds a 2.5-D model its planes too."""
+    from qnkit.uncertainty import sample_kidneys
+
+    ct = np.full((12, 32, 32), -1000, np.int16)
+    ct[5:7, 8:24, 8:24] = 400
+    sides = np.zeros(ct.shape, np.uint8)
+    sides[5:7, 8:24, 8:24] = 1
+    grid = dict(hu_window=(-200.0, 400.0), model_spacing=None)
+    drawn = sample_kidneys(ct, sides, (2.0, 0.8, 0.8), lambda x, keep: _plane_mean(x), samples=2, seed=0,
+                           dropout={"sites": 8, "filters": 4, "p": 0.2}, threshold=0.3, pad_multiple=16,
+                           context=(3, 3.0), **grid)
+    planes = inference.context_planes(ct, np.arange(12), 2.0, 3, 3.0,
+                                      prepare=lambda part: inference.to_model_input(part, spacing_hw=None, **grid))
+    expected = inference.to_input_mask(planes.mean(axis=1), ct.shape[1:], threshold=0.3, model_spacing=None)
+    assert np.array_equal(drawn.mirror, expected[drawn.box]) and drawn.mirror.any()
+    assert all(np.array_equal(sample, drawn.mirror) for sample in drawn.samples)
