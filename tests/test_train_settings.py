@@ -19,9 +19,12 @@ def test_defaults_are_the_reports():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_parse(name):
     s = load_settings(name)
-    # shipped: the CPU-trained model; shipped-gpu: the wider one a GPU machine trains; shipped-fast: on windows
-    assert s.network.num_filters == {"shipped": 16, "shipped-gpu": 32, "shipped-fast": 16}.get(name, 64)
-    assert s.training.crop_size == (128 if name == "shipped-fast" else 0)
+    # shipped: the CPU-trained model; shipped-gpu: the wider one a GPU machine trains; shipped-fast: on windows;
+    # shipped-context: shipped-fast with five planes per slice, 3 mm apart (2.5-D)
+    assert s.network.num_filters == {"shipped": 16, "shipped-gpu": 32, "shipped-fast": 16,
+                                     "shipped-context": 16}.get(name, 64)
+    assert s.training.crop_size == (128 if name in ("shipped-fast", "shipped-context") else 0)
+    assert (s.network.num_channels, float(s.data.context_mm)) == ((5, 3.0) if name == "shipped-context" else (1, 0.0))
     if name.startswith("shipped"):
         assert s.training.augment and s.training.slices_per_epoch > 0 and float(s.data.pixel_spacing_mm) == 2.5
     if name == "shipped-gpu":

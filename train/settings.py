@@ -20,7 +20,8 @@ from qnkit.nn.config import QuickNATConfig
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {"local": HERE / "local.ini", "cluster": HERE / "cluster.ini", "shipped": HERE / "shipped.ini",
-           "shipped-gpu": HERE / "shipped_gpu.ini", "shipped-fast": HERE / "shipped_fast.ini"}
+           "shipped-gpu": HERE / "shipped_gpu.ini", "shipped-fast": HERE / "shipped_fast.ini",
+           "shipped-context": HERE / "shipped_context.ini"}
 
 
 @dataclass
