@@ -142,7 +142,7 @@ def network_floor(bundle: Bundle, *, progress: Callable[[str], None] | None = No
     measured GEMM peak of FP32 and, when the bundle has an INT8 graph, INT8, on the backends' threads."""
     from qnkit.benchmarks import peak
 
-    channels = int(bundle.network.get("num_channels", 1))
+    channels = bundle.input_planes
     flops = {"fp32": peak.network_flops(bundle.read(FP32_ONNX), bundle.input_size, channels)}
     precisions = ["fp32"]
     if bundle.has(INT8_ONNX):

@@ -129,8 +129,8 @@ def measure_path(job: dict) -> dict:
     geometry = load_geometry(image)
     grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
                                       inference.model_pixel_spacing(bundle))
-    pad_multiple = model_arguments(bundle)["pad_multiple"]
-    channels = model_arguments(bundle)["context"][0]
+    arguments = model_arguments(bundle)
+    channels, pad_multiple = arguments["context"][0], arguments["pad_multiple"]
     warm = np.zeros((job["batch_size"], channels, *(inference.padded_size(n, pad_multiple) for n in grid)), np.float32)
     with backend:
         backend.predict(warm)  # first-call allocations and thread pools, the same for both paths

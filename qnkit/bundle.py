@@ -127,6 +127,11 @@ class Bundle:
         return dict(self.metadata["model"]["network"])
 
     @property
+    def input_planes(self) -> int:
+        """Input planes per slice the network takes (its ``num_channels``: 1, or a 2.5-D model's context planes)."""
+        return int(self.network.get("num_channels", 1))
+
+    @property
     def int8_evidence_passed(self) -> bool:
         """True when ``qnkit.json`` chose INT8 on evidence that passed: the real CTs
         (``verification.int8_real_ct``, ``qnkit export --int8-evidence``) and the held-out phantoms

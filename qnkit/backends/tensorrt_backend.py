@@ -129,7 +129,7 @@ def load_or_build_engine(bundle: Bundle, precision: str, *, batches: tuple[int, 
         return bundle.read(ENGINE), dict(bundle.engine)  # the verified bytes are what is deserialized
     profile = engine_profile(bundle.input_size, bundle.size_divisor, batches, cover=hw,
                              input_name=bundle.metadata["model"].get("input", {}).get("name", "image"),
-                             channels=int(bundle.network.get("num_channels", 1)))
+                             channels=bundle.input_planes)
     source = engine_source(bundle, precision, trt)
     onnx_bytes = bundle.read(source)  # verified as read; the build parses these bytes
     key = (f"{sha256_bytes(onnx_bytes)[:16]}-trt{here['tensorrt']}-sm{here['compute_capability']}-{precision}"

@@ -42,7 +42,7 @@ class TorchBackend(Backend):
         self.device = str(self._dev) if self._dev.type == "cpu" else f"cuda:{self._dev.index or 0}"
         self.batch_size = int(batch_size)
         self.size_divisor = bundle.size_divisor
-        self.channels = int(bundle.network.get("num_channels", 1))
+        self.channels = bundle.input_planes
         if self._dev.type == "cpu":
             torch.set_num_threads(threads or default_threads())
         self.model = bundle_network(bundle).to(self._dev)
