@@ -86,10 +86,11 @@ def test_every_file_the_layout_table_names_is_in_its_folder(readme):
 
 def test_the_readme_names_the_files_its_figures_come_from(readme):
     named = repo_paths(readme)
-    for source in ("qnkit/models/registry.json", "resume/kidney-synth/metrics.jsonl",
-                   "resume/kidney-synth/evaluation.json", "resume/kidney-synth-2/metrics.jsonl",
-                   "resume/kidney-synth-2/evaluation.json", "train/shipped.ini",
-                   "benchmarks/results/demo-amd-epyc-2cpu.json"):
+    for source in ("qnkit/models/registry.json", "resume/kidney-synth-7/validation.json",
+                   "resume/kidney-synth-7/mass-effect.json", "benchmarks/results/e2e-kidney-synth-7-amd-epyc-2cpu.json",
+                   "resume/kidney-synth/metrics.jsonl", "resume/kidney-synth/evaluation.json",
+                   "resume/kidney-synth-2/metrics.jsonl", "resume/kidney-synth-2/evaluation.json",
+                   "train/shipped.ini", "benchmarks/results/demo-amd-epyc-2cpu.json"):
         assert source in named, source
 
 
@@ -132,17 +133,19 @@ def _registry_validation(model: str, data_prefix: str) -> dict:
 def _quoted_figures() -> list[str]:
     """Each string the README must contain, made from the file the README names beside it."""
     ks, ks2 = _metrics("kidney-synth"), _metrics("kidney-synth-2")
-    val = {row["epoch"]: row["val_dice"] for row in ks}
-    best = ks[-1]["best_epoch"]
+    lineage = [_metrics(run)[-1]["cpu_hours"] for run in ("kidney-synth-5", "kidney-synth-6", "kidney-synth-7")]
     real = _registry_validation("kidney-synth", "real CT")
-    real2 = _registry_validation("kidney-synth-2", "real CT")
-    registry = json.loads((ROOT / "qnkit" / "models" / "registry.json").read_text())["models"]
-    int8 = float(re.search(r"INT8 mask Dice ([\d.]+)", registry["kidney-synth"]["cpu_precision"]["why"]).group(1))
+    real7 = _registry_validation("kidney-synth-7", "real CT")
+    held7 = _registry_validation("kidney-synth-7", "held-out phantoms")
+    bundle7 = json.loads((ROOT / "qnkit" / "models" / "kidney-synth-7" / "qnkit.json").read_text())
+    int8 = bundle7["cpu_precision"]
+    mass7 = json.loads((ROOT / "resume" / "kidney-synth-7" / "mass-effect.json").read_text())
+    e2e7 = json.loads((ROOT / "benchmarks" / "results" / "e2e-kidney-synth-7-amd-epyc-2cpu.json").read_text())["e2e"]
     phantoms = json.loads((ROOT / "resume" / "kidney-synth" / "evaluation.json").read_text())
     phantoms2 = json.loads((ROOT / "resume" / "kidney-synth-2" / "evaluation.json").read_text())
     settings = (ROOT / "resume" / "kidney-synth" / "settings.ini").read_text()
     slices = int(re.search(r"^slices_per_epoch\s*=\s*(\d+)", settings, flags=re.M).group(1))
-    weights = (ROOT / "qnkit" / "models" / "kidney-synth" / "weights.safetensors").stat().st_size
+    weights = (ROOT / "qnkit" / "models" / "kidney-synth-7" / "weights.safetensors").stat().st_size
     epoch_min = [row["seconds"] / 60 for row in ks]
     demo = json.loads((ROOT / "benchmarks" / "results" / "demo-amd-epyc-2cpu.json").read_text())["last"]
     dice = [c["dice"] for c in demo["cases"]]
@@ -198,21 +201,32 @@ def _quoted_figures() -> list[str]:
         f"test Dice {' and '.join(f'{d:.4f}' for d in dice)}, mean {demo['mean_dice']:.4f}",
         f"{demo['seconds']:.0f} s in all, {demo['stages_s']['train']:.0f} s of it training",
         f"weights {weights / 1e6:.2f} MB",
-        f"{len(phantoms['cases'])} held-out phantoms (mean Dice {phantoms['mean_dice']:.2f}",
-        f"Dice {real['both']:.2f} for both kidneys, {real['right']:.2f} right, {real['left']:.2f} left",
-        f"the right kidney {real['voxels_right']:,} voxels against the labels' {real['voxels_true_right']:,}",
-        f"({real['voxels_left']:,} voxels against {real['voxels_true_left']:,})",
+        f"kidney-synth-5` (anatomy version 4: large masses against a kidney as negatives, spleen, liver and masses at "
+        f"the kidney's HU; {lineage[0]:.2f} CPU hours)",
+        f"as in TotalSegmentator's masks and kidney dosimetry's volume; {lineage[1]:.2f} CPU hours)",
+        f"eight epochs on 160 new version 5 bodies; {lineage[2]:.2f} CPU hours): {sum(lineage):.2f} CPU hours of "
+        f"training",
+        f"its held-out phantoms (mean Dice {held7['mean_dice']:.3f}",
+        f"Dice {real7['both']:.3f} for both kidneys, {real7['right']:.3f} right ({real7['voxels_right']:,} voxels "
+        f"against the labels' {real7['voxels_true_right']:,}), {real7['left']:.3f} left ({real7['voxels_left']:,} "
+        f"against {real7['voxels_true_left']:,})",
+        f"the default before it, {real['both']:.3f}, {real['right']:.3f} and {real['left']:.3f}",
+        f"moves the volume it reports by at most {100 * mass7['max_abs_relative_change']:.2f} % "
+        f"({len(mass7['cases'])} bodies",
+        f"{int8['kept_float']} nodes kept in FP32, {100 * int8['int8_flops_share']:.0f} % of the FLOPs in INT8) agrees "
+        f"with FP32 at mask Dice {int8['worst_dice']:.4f} on the real CT and {int8['phantoms']['mean_dice']:.4f} on "
+        f"average over {int8['phantoms']['cases_counted']} held-out phantoms (worst {int8['phantoms']['min_dice']:.4f})",
+        f"it takes {e2e7['seconds']:.1f} s against the old default's {e2e7['baseline']['wall_s']:.1f} s, side by side "
+        f"on the same 2 cores ({e2e7['seconds_vs_baseline']:.2f}×",
+        f"takes {e2e7['seconds']:.1f} s against {e2e7['eager_seconds']:.1f} s eager FP32 "
+        f"({e2e7['speedup_vs_eager']:.1f}x, mask Dice {e2e7['mask_dice_vs_eager']:.4f} between them), and "
+        f"kidney-synth's default path {e2e7['baseline']['wall_s']:.1f} s in the same run",
+        f"mean Dice {phantoms['mean_dice']:.2f}, `resume/kidney-synth/evaluation.json`; real CT {real['both']:.3f})",
         f"the recipe's {len(ks)} epochs of {slices:,} slices",
         f"{sum(row['seconds'] for row in ks) / 3600:.1f} hours of training",
-        f"validation Dice {val[5]:.2f} after 5 epochs, {val[10]:.2f} at 10, {val[15]:.3f} at 15, "
-        f"{val[best]:.3f} at {best}, the exported checkpoint",
-        f"({len(ks2)} epochs, {sum(row['seconds'] for row in ks2) / 60:.0f} minutes of training",
-        f"mean Dice {phantoms2['mean_dice']:.2f} on its own {len(phantoms2['cases'])} held-out",
-        f"real CT Dice {real2['both']:.2f} both, {real2['right']:.2f} right, {real2['left']:.2f} left",
-        f"left kidney {real2['voxels_left']:,} voxels against {real2['voxels_true_left']:,}, right "
-        f"{real2['voxels_right']:,} against {real2['voxels_true_right']:,}",
+        f"{len(ks2)} epochs, `resume/kidney-synth-2/metrics.jsonl`; mean Dice {phantoms2['mean_dice']:.2f} on its own "
+        f"{len(phantoms2['cases'])} held-out phantoms",
         f"took {min(epoch_min):.1f} to {max(epoch_min):.0f} minutes",
-        f"INT8 graph agreed with FP32 at mask Dice {int8:.2f} on the real CT",
     ]
 
 
