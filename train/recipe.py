@@ -5,8 +5,9 @@
     python -m qnkit.train.recipe kidney-synth --workdir WORK --install-into qnkit/models   # a developer's checkout
 
 Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export):
-``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> ``qnkit
-evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_CT``: the INT8 graph
+``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> for a recipe with
+``qat``, ``qnkit train --qat`` (quantisation-aware fine-tuning from the best checkpoint into ``WORK/run-qat``,
+whose best checkpoint is the one that ships) -> ``qnkit evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_CT``: the INT8 graph
 becomes the CPU default only if it agrees with FP32 on the real CT) -> ``qnkit segment`` of the real validation CT,
 scored per kidney against its labels -> the registry entry (recipe, figures) written to
 ``WORK/registry_entry.json``. Installing the bundle and its entry as a shipped model is a separate,
@@ -279,7 +280,16 @@ def init_source(recipe: dict, override: Path | None = None, resume_dir: Path | N
     return source
 
 
-STEPS = ("synth", "train", "evaluate", "export")
+STEPS = ("synth", "train", "qat", "evaluate", "export")
+
+
+def qat_phase(recipe: dict, data: Path, run: Path, qat_run: Path) -> None:
+    """The recipe's quantisation-aware fine-tuning (``recipe["qat"]``: epochs and lr): a new run `qat_run` from
+    `run`'s best weights, trained with ``--qat`` (train/qat.py); resumed where it stopped, skipped when done."""
+    spec = recipe["qat"]
+    phase = {"epochs": spec["epochs"], "lr": spec["lr"], "schedule": "poly", "crop_size": 0}
+    train_phases({"phases": [phase], "settings": recipe["settings"], "step": [*recipe.get("step", []), "--qat"]},
+                 data, qat_run, init_from=run)
 
 
 def first_kits_cases(kits_labels: Path, count: int, folder: Path) -> Path:
@@ -347,7 +357,8 @@ def _rounded(value) -> float | None:
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
           install_into: Path | None = None, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
           until: str | None = None, resume_dir: Path | None = None) -> dict:
-    """Synth -> train (phases) -> evaluate -> export -> validate -> install; each step reuses what a previous
+    """Synth -> train (phases) -> quantisation-aware fine-tuning (``recipe["qat"]``, if any) -> evaluate -> export
+    -> validate -> install; each step reuses what a previous
     run of it left in ``workdir`` (data, a finished run, an evaluation and a bundle of the run's best
     checkpoint), so a run trained elsewhere (`benchmarks/gpu_recipe.sh` on a GPU machine) is finished here
     without its phantoms. ``until`` (one of :data:`STEPS`) stops after that step and returns {}. The entry
@@ -359,7 +370,8 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     evaluation_path = workdir / "evaluation.json"
     target = epochs or recipe["phases"][-1]["epochs"]
     trained = (run / "checkpoints").is_dir() and trained_epochs(run) >= target
-    evaluated = _made_from_best(evaluation_path, _evaluated_hashes, run) is not None
+    shipped_run = workdir / "run-qat" if recipe.get("qat") else run  # the run whose best checkpoint ships
+    evaluated = _made_from_best(evaluation_path, _evaluated_hashes, shipped_run) is not None
     if not (trained and evaluated) and not (data / "kits.json").is_file():
         if kits_labels is None:
             raise RecipeInputError(f"recipe: {data} has no phantoms and no --kits-labels was given to make them")
@@ -373,6 +385,11 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
         return {}
     train_phases(recipe, data, run, epochs, source, reference)
     if until == "train":
+        return {}
+    trained_run, run = run, shipped_run
+    if recipe.get("qat"):  # the model that ships is the quantisation-aware one: evaluate and export it
+        qat_phase(recipe, data, trained_run, run)
+    if until == "qat":
         return {}
     if _made_from_best(evaluation_path, _evaluated_hashes, run) is None:
         _qnkit("evaluate", run, "--json", evaluation_path)
@@ -407,7 +424,14 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
                         "summary": f"mean Dice {evaluation.get('mean_dice', float('nan')):.3f}",
                         "figures": {"mean_dice": evaluation.get("mean_dice")}}],
     }
-    entry["training"] = training_record(run, bundle)
+    entry["training"] = training_record(trained_run, bundle)
+    if run != trained_run:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        entry["training"]["quantisation_aware"] = {
+            **recipe["qat"], "cpu_hours": rows[-1].get("cpu_hours"), "wall_hours": rows[-1].get("wall_hours"),
+            "validation_curve": [[row["epoch"], _rounded(row.get("val_dice"))] for row in rows],
+            "note": "fine-tuned from the best checkpoint with fake-quantised INT8 convolutions (train/qat.py); "
+                    "validation Dice through the fake-quantised network"}
     cpu = json.loads((bundle / "qnkit.json").read_text()).get("cpu_precision")
     if cpu:
         entry["cpu_precision"] = {"default": cpu["default"], "why": cpu["why"]}

@@ -118,6 +118,10 @@ class Solver:
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        if t.qat:  # before compiling: the step traces the fake-quantised convolutions
+            from qnkit.train.qat import fake_quantise
+
+            fake_quantise(self.net)
         # the training step's network; checkpoints and validation use self.net, the module itself
         self.step_model = torch.compile(self.model) if t.compile else self.model
 
@@ -396,7 +400,8 @@ def describe_step(solver) -> str:
         precision = f"FP32 (amp asked: {native_bf16()[1]})" if solver.device.type == "cpu" else "FP32"
     else:
         precision = "FP32"
-    return precision + (", torch.compile" if t.compile else "")
+    return (precision + (", torch.compile" if t.compile else "")
+            + (", quantisation-aware (INT8 convolutions)" if getattr(t, "qat", False) else ""))
 
 
 def cpu_seconds() -> float:

@@ -41,6 +41,9 @@ def command(
                              "bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX), FP32 on other CPUs."),
     compile_step: bool = typer.Option(None, "--compile/--no-compile", help="[TRAINING] compile: torch.compile the "
                                       "training step (a minute or two of compiling at each start)."),
+    qat: bool = typer.Option(None, "--qat/--no-qat", help="[TRAINING] qat: quantisation-aware fine-tuning: the "
+                             "convolutions export puts in INT8 train through INT8 arithmetic (with --init-from, a "
+                             "low --lr, an epoch or two)."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
                                                                       "contrast, blur and noise per slice."),
     crop_size: int = typer.Option(None, "--crop-size", help="[TRAINING] crop_size: train on square windows of this many "
@@ -80,7 +83,7 @@ def command(
         ("TRAINING", "min_steps_per_epoch"): min_steps_per_epoch,
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
-        ("TRAINING", "compile"): compile_step,
+        ("TRAINING", "compile"): compile_step, ("TRAINING", "qat"): qat,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
         ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
         ("TRAINING", "crop_size"): crop_size, ("EVAL", "reference_data"): reference_data,
