@@ -225,9 +225,13 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
                              pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)), context=context)
             log(f"quantising {INT8_ONNX} (static QDQ, calibrated on phantoms on the model's grid"
                 + (", per-layer sensitivity search)..." if trained else "; untrained: no search)..."))
+            # a quantisation-aware checkpoint learnt the unequalised inputs' 8-bit grid: quantise that grid
+            quantisation_aware = bool(((cmeta.get("settings") or {}).get("TRAINING") or {}).get("qat"))
             exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, grid, threshold=threshold,
                                             search=trained, calibration_cases=3 if trained else 1,
-                                            slices_per_case=calibration_slices, log=log)
+                                            slices_per_case=calibration_slices, log=log,
+                                            **({"equalise_alpha": 0.0} if quantisation_aware else {}))
+            exports["int8"]["quantisation_aware_checkpoint"] = quantisation_aware
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
             from .int8_evidence import decide, int8_phantom_evidence, int8_real_ct_evidence
 

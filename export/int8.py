@@ -362,8 +362,12 @@ def _share(nodes: list[str], flops: dict[str, int]) -> float:
 
 def quantize_int8(fp32_path: Path, out_path: Path, grid: ModelGrid, *, threshold: float = 0.5, search: bool = True,
                   calibration_cases: int = 3, tuning_cases: int = 4, slices_per_case: int = 24,
-                  target: float = TARGET_DICE, log: Callable[[str], None] = lambda _: None) -> dict:
+                  target: float = TARGET_DICE, equalise_alpha: float = EQUALISE_ALPHA,
+                  log: Callable[[str], None] = lambda _: None) -> dict:
     """Write the INT8 graph of `fp32_path` to `out_path` (see the module's rules); returns its record.
+
+    ``equalise_alpha`` 0 leaves the inputs as they are: a network trained quantisation-aware (train/qat.py) learnt
+    the 8-bit grid of its unequalised convolution inputs, which equalisation would move it off.
 
     ``search`` False (an untrained checkpoint, whose masks are noise: nothing to keep) quantises every
     candidate with the first calibration of :data:`CALIBRATIONS` and no tuning phantoms.
@@ -384,7 +388,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, grid: ModelGrid, *, threshold
     flops = counted["per_node"]
     with tempfile.TemporaryDirectory(prefix="qnkit-int8-") as tmp:
         workdir = Path(tmp)
-        equalised, done = equalise_inputs(model, set(candidates), _batched(calibration, 8), input_name=input_name)
+        equalised, done = equalise_inputs(model, set(candidates), _batched(calibration, 8), alpha=equalise_alpha,
+                                          input_name=input_name)
         source = workdir / "equalised.onnx"
         onnx.save(equalised, str(source))
         quantiser = Quantiser(source, workdir, calibration, input_name)
@@ -395,7 +400,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, grid: ModelGrid, *, threshold
                                        "cases": calibration_cases,
                                        "slices": int(sum(len(c) for c in calibration)),
                                        "grid": "the model's (qnkit.inference.to_model_input)"},
-                  "equalised_inputs": {"alpha": EQUALISE_ALPHA, "convolutions": len(done)}}
+                  "equalised_inputs": {"alpha": equalise_alpha, "convolutions": len(done)}}
         if not search:
             chosen = CALIBRATIONS[0]
             quantised = list(candidates)

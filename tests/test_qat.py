@@ -19,19 +19,22 @@ def _conv_with_range(low: float, high: float, seed: int = 0):
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 3, padding=1))  # the first is never quantised
-    from qnkit.train.qat import fake_quantise
+    from qnkit.train.qat import quantisation_aware
 
-    assert fake_quantise(model) == ["1"]
+    assert quantisation_aware(model) == ["1"]
     conv = model[1]
     assert conv.forward.__func__ is _quantised_forward
     conv.qat_low.fill_(low)
     conv.qat_high.fill_(high)
+    conv.qat_out_low.fill_(-1.5)
+    conv.qat_out_high.fill_(2.5)
     conv.qat_seen.fill_(1)
     return model.eval(), conv
 
 
-def _qdq_conv_graph(conv, scale: float, zero: int):
-    """ONNX: QuantizeLinear/DequantizeLinear of the input (UINT8, per tensor), INT8 per-channel weights, Conv."""
+def _qdq_conv_graph(conv, scale: float, zero: int, out_scale: float, out_zero: int):
+    """ONNX: QuantizeLinear/DequantizeLinear of the input (UINT8, per tensor), INT8 per-channel weights, Conv,
+    QuantizeLinear/DequantizeLinear of the output (UINT8): what onnxruntime.quantization writes for a Conv."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,11 +46,15 @@ def _qdq_conv_graph(conv, scale: float, zero: int):
              numpy_helper.from_array(w_q, "w_q"),
              numpy_helper.from_array(w_scale.astype(np.float32), "w_scale"),
              numpy_helper.from_array(np.zeros(len(w_scale), np.int8), "w_zero"),
-             numpy_helper.from_array(conv.bias.detach().numpy(), "b")]
+             numpy_helper.from_array(conv.bias.detach().numpy(), "b"),
+             numpy_helper.from_array(np.array(out_scale, np.float32), "y_scale"),
+             numpy_helper.from_array(np.array(out_zero, np.uint8), "y_zero")]
     nodes = [helper.make_node("QuantizeLinear", ["image", "x_scale", "x_zero"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd", "b"], ["y"], pads=[1, 1, 1, 1])]
+             helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zero"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "y_scale", "y_zero"], ["y"])]
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("image", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -65,11 +72,12 @@ def test_a_fake_quantised_convolution_computes_what_the_qdq_graph_computes(low, 
 
     _, conv = _conv_with_range(low, high)
     scale, zero = activation_qparams(torch.tensor(low), torch.tensor(high))
+    out_scale, out_zero = activation_qparams(torch.tensor(-1.5), torch.tensor(2.5))
     x = np.random.default_rng(1).uniform(low - 0.5, high + 0.5, shape).astype(np.float32)  # some outside the range
     with torch.no_grad():
         ours = conv(torch.from_numpy(x)).numpy()
-    session = ort.InferenceSession(_qdq_conv_graph(conv, float(scale), int(zero)).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    graph = _qdq_conv_graph(conv, float(scale), int(zero), float(out_scale), int(out_zero))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     theirs = session.run(None, {"image": x})[0]
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     # NumPy's reading of the same 8 bits: the input's codes and the weights' codes, dequantised, convolved in float64
@@ -79,9 +87,33 @@ def test_a_fake_quantised_convolution_computes_what_the_qdq_graph_computes(low, 
     w = conv.weight.detach().double().numpy()
     w_scale = np.abs(w).max(axis=(1, 2, 3), keepdims=True) / 127
     w_deq = np.clip(np.rint(w / w_scale), -127, 127) * w_scale
-    reference = torch.nn.functional.conv2d(torch.from_numpy(x_deq), torch.from_numpy(w_deq),
-                                           conv.bias.detach().double(), padding=1).numpy()
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    conv_out = torch.nn.functional.conv2d(torch.from_numpy(x_deq), torch.from_numpy(w_deq),
+                                          conv.bias.detach().double(), padding=1).numpy()
+    so, zo = float(out_scale), int(out_zero)
+    reference = (np.clip(np.rint(conv_out / so) + zo, 0, 255) - zo) * so
+    assert np.mean(np.isclose(ours, reference, atol=1e-4)) > 0.999  # a rounding tie may fall the other way
+    assert np.abs(ours - reference).max() <= so * 1.001
+
+
+@pytest.mark.parametrize("low, high", [(0, 255), (-127, 127)])
+def test_fake_quantise_rounds_to_the_codes_and_passes_the_gradient_only_inside(low, high):
+    """Against NumPy (round half to even, clip) and PyTorch's own fake quantisation, odd shape, exact ties."""
+    from qnkit.train.qat import fake_quantise
+
+    rng = np.random.default_rng(3)
+    scale, zero = 0.05, (0 if low < 0 else 17)
+    x = rng.uniform((low - zero - 20) * scale, (high - zero + 20) * scale, (3, 5, 7)).astype(np.float32)
+    x[0, 0, :4] = (np.array([0.5, 1.5, 2.5, -0.5]) * scale) if low < 0 else (np.array([0.5, 1.5, 2.5, 3.5]) * scale)
+    t = torch.from_numpy(x).requires_grad_()
+    ours = fake_quantise(t, torch.tensor(scale), torch.tensor(float(zero)), low, high)
+    ours.sum().backward()
+    codes = np.rint(x.astype(np.float32) / np.float32(scale)) + zero
+    np.testing.assert_allclose(ours.detach().numpy(), (np.clip(codes, low, high) - zero) * np.float32(scale),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(t.grad.numpy(), ((codes >= low) & (codes <= high)).astype(np.float32))
+    assert 0 < t.grad.sum() < t.numel()  # some inside, some clipped
+    theirs = torch.fake_quantize_per_tensor_affine(t.detach(), scale, zero, low, high)
+    np.testing.assert_allclose(ours.detach().numpy(), theirs.numpy(), atol=scale * 1.001)  # equal but at ties
 
 
 def test_the_quantised_convolutions_are_the_ones_export_quantises(tmp_path):
@@ -101,15 +133,15 @@ def test_the_quantised_convolutions_are_the_ones_export_quantises(tmp_path):
     assert sorted(by_name[name] for name in candidates) == sorted(quantised_convolutions(model))
 
 
-def test_fake_quantise_keeps_the_checkpoint_freezes_batch_norm_and_tracks_ranges():
+def test_quantisation_aware_keeps_the_checkpoint_freezes_batch_norm_and_tracks_ranges():
     from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
-    from qnkit.train.qat import RANGE_MOMENTUM, fake_quantise
+    from qnkit.train.qat import RANGE_MOMENTUM, quantisation_aware
 
     torch.manual_seed(0)
     model = QuickNAT(QuickNATConfig(num_channels=1, num_filters=4))
     keys = list(model.state_dict())
-    names = fake_quantise(model)
-    assert fake_quantise(model) == names  # twice is once
+    names = quantisation_aware(model)
+    assert quantisation_aware(model) == names  # twice is once
     assert list(model.state_dict()) == keys and "encoders.0.conv1" not in names and len(names) == 17
     bn = model.encoders[1].batchnorm1
     before = bn.running_mean.clone(), bn.running_var.clone()
@@ -208,3 +240,33 @@ def test_a_recipe_with_qat_fine_tunes_its_best_checkpoint_and_ships_that(tmp_pat
     R.build("qat-test", work, None, None, None)  # everything done: nothing runs again
     assert calls == []
 
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_export_quantises_the_grid_a_quantisation_aware_checkpoint_learnt(export_reusing_shared_graph, tmp_path,
+                                                                           monkeypatch, qat):
+    """A checkpoint trained with [TRAINING] qat is quantised without input equalisation (alpha 0), others with
+    export's; the bundle's INT8 record says which."""
+    import shutil
+
+    from qnkit.export import bundle_writer, int8
+
+    run = tmp_path / "run"
+    shutil.copytree(export_reusing_shared_graph[0], run)
+    meta_path = run / "checkpoints" / "best" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("settings", {}).setdefault("TRAINING", {})["qat"] = qat
+    meta_path.write_text(json.dumps(meta))
+    shipped = json.loads((export_reusing_shared_graph[1] / "qnkit.json").read_text())["export"]["int8"]
+    asked = {}
+
+    def quantised_already(fp32_path, out_path, grid, **kwargs):
+        asked.update(kwargs)
+        shutil.copyfile(export_reusing_shared_graph[1] / "model.int8.onnx", out_path)
+        return dict(shipped)
+
+    monkeypatch.setattr(int8, "quantize_int8", quantised_already)
+    bundle_writer.export_bundle(run, tmp_path / "bundle", input_size=(64, 64), int8=True, log=lambda m: None)
+    assert asked.get("equalise_alpha", int8.EQUALISE_ALPHA) == (0.0 if qat else int8.EQUALISE_ALPHA)
+    record = json.loads((tmp_path / "bundle" / "qnkit.json").read_text())["export"]["int8"]
+    assert record["quantisation_aware_checkpoint"] is qat

@@ -4,17 +4,18 @@ Post-training quantisation of the shipped models keeps the mask only with most o
 float (`export/int8.py`): each k x k convolution's 8-bit input costs a little, and the costs add up. Here the
 same convolutions (:func:`quantised_convolutions`, export's candidates: every k x k convolution but the first,
 which reads the raw image) compute during training from fake-quantised operands, as ONNX Runtime's QDQ graph
-will: the input per tensor in asymmetric UINT8 over a range that includes zero, the weights per output channel
-in symmetric INT8 (``torch.fake_quantize_*``: quantise, round, dequantise, with the straight-through gradient
-inside the range). A few hundred steps at a low learning rate from the trained weights let the weights settle
-where rounding costs the mask least; the export's calibration and per-layer search then find more of the
-network that keeps the answer in INT8.
+will: the input and the output per tensor in asymmetric UINT8 over a range that includes zero, the weights
+per output channel in symmetric INT8 (:func:`fake_quantise`: quantise, round, dequantise, with the
+straight-through gradient inside the range). A few hundred steps at a low learning rate from the trained
+weights let the weights settle where rounding costs the mask least; the export's calibration and per-layer
+search then find more of the network that keeps the answer in INT8.
 
 Ranges follow PyTorch's QAT default: the moving average (:data:`RANGE_MOMENTUM`) of each batch's minimum and
-maximum while training, frozen in evaluation. Batch norms run on their running statistics and do not update
-them (the exported graph folds them as they are); dropout stays on. The ranges are not part of the checkpoint:
-they restart from the first batch on a resume, and export calibrates its own. The weights saved are the
-float weights, so a QAT run's checkpoint exports like any other.
+maximum while training, frozen in evaluation. They are not part of the checkpoint (they restart from the first
+batch on a resume); export calibrates its own, MinMax among its choices, and does not equalise the inputs of
+a quantisation-aware checkpoint, so that its graph quantises the grid the network learnt. Batch norms run on
+their running statistics and do not update them (the exported graph folds them as they are); dropout stays
+on. The weights saved are the float weights, so a QAT run's checkpoint exports like any other.
 """
 from __future__ import annotations
 
@@ -36,41 +37,65 @@ def quantised_convolutions(model: nn.Module) -> list[str]:
     return [name for position, (name, m) in enumerate(convs) if position > 0 and m.kernel_size != (1, 1)]
 
 
+def fake_quantise(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """`x` quantised to the integer codes [low, high] (``round(x / scale) + zero``, rounding half to even as ONNX
+    Runtime's QuantizeLinear) and dequantised; the gradient passes straight through where no code was clipped.
+
+    Plain element-wise operations rather than ``torch.fake_quantize_*``, whose ATen kernels the compiled step
+    cannot fuse with their neighbours."""
+    codes = torch.round(x / scale) + zero
+    inside = (codes >= low) & (codes <= high)
+    dequantised = (torch.clamp(codes, low, high) - zero) * scale
+    return dequantised.detach() + (x - x.detach()) * inside
+
+
 def fake_quantise_weight(weight: torch.Tensor) -> torch.Tensor:
     """`weight` (out, in, kh, kw) through symmetric per-output-channel INT8."""
     w = weight.float()
-    scale = (w.detach().abs().amax(dim=(1, 2, 3)) / WEIGHT_RANGE[1]).clamp_min(1e-12)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, *WEIGHT_RANGE).to(weight.dtype)
+    scale = (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / WEIGHT_RANGE[1]).clamp_min(1e-12)
+    return fake_quantise(w, scale, torch.zeros_like(scale), *WEIGHT_RANGE).to(weight.dtype)
 
 
 def activation_qparams(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) of asymmetric UINT8 over [low, high] widened to include 0 (ONNX Runtime's rule)."""
     low, high = low.clamp(max=0.0), high.clamp(min=0.0)
     scale = ((high - low) / ACTIVATION_RANGE[1]).clamp_min(1e-8)
-    zero = torch.clamp(torch.round(-low / scale), *ACTIVATION_RANGE).to(torch.int32)
+    zero = torch.clamp(torch.round(-low / scale), *ACTIVATION_RANGE)
     return scale.reshape(1), zero.reshape(1)
 
 
+def _observe(low: torch.Tensor, high: torch.Tensor, seen: torch.Tensor, x: torch.Tensor) -> None:
+    """Move the range [low, high] towards `x`'s minimum and maximum (the first batch sets it)."""
+    with torch.no_grad():
+        x_low, x_high = x.detach().min().float(), x.detach().max().float()
+        first = seen == 0
+        low.copy_(torch.where(first, x_low, low + RANGE_MOMENTUM * (x_low - low)))
+        high.copy_(torch.where(first, x_high, high + RANGE_MOMENTUM * (x_high - high)))
+
+
+def _uint8(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    scale, zero = activation_qparams(low, high)
+    return fake_quantise(x.float(), scale, zero, *ACTIVATION_RANGE).to(x.dtype)
+
+
 def _quantised_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The QDQ convolution: UINT8 input, INT8 weights, and the output quantised to UINT8 again (ONNX Runtime's
+    QLinearConv writes 8-bit codes; the graph dequantises them for the float operations that follow)."""
     if self.training:
-        with torch.no_grad():
-            low, high = x.detach().min().float(), x.detach().max().float()
-            first = self.qat_seen == 0
-            self.qat_low.copy_(torch.where(first, low, self.qat_low + RANGE_MOMENTUM * (low - self.qat_low)))
-            self.qat_high.copy_(torch.where(first, high, self.qat_high + RANGE_MOMENTUM * (high - self.qat_high)))
-            self.qat_seen.add_(1)
-    scale, zero = activation_qparams(self.qat_low, self.qat_high)
-    xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, *ACTIVATION_RANGE).to(x.dtype)
-    return F.conv2d(xq, fake_quantise_weight(self.weight), self.bias, self.stride, self.padding, self.dilation,
-                    self.groups)
+        _observe(self.qat_low, self.qat_high, self.qat_seen, x)
+    y = F.conv2d(_uint8(x, self.qat_low, self.qat_high), fake_quantise_weight(self.weight), self.bias, self.stride,
+                 self.padding, self.dilation, self.groups)
+    if self.training:
+        _observe(self.qat_out_low, self.qat_out_high, self.qat_seen, y)
+        self.qat_seen.add_(1)
+    return _uint8(y, self.qat_out_low, self.qat_out_high)
 
 
 def _frozen_batchnorm_train(self: nn.BatchNorm2d, mode: bool = True) -> nn.BatchNorm2d:
     return nn.Module.train(self, False)
 
 
-def fake_quantise(model: nn.Module) -> list[str]:
+def quantisation_aware(model: nn.Module) -> list[str]:
     """Make `model` train through INT8 arithmetic in place (see the module docstring); returns the names of the
     fake-quantised convolutions. Its state dict is unchanged (the ranges are non-persistent buffers)."""
     names = quantised_convolutions(model)
@@ -80,8 +105,8 @@ def fake_quantise(model: nn.Module) -> list[str]:
         if getattr(conv, "qat_seen", None) is not None:
             continue
         device = conv.weight.device
-        conv.register_buffer("qat_low", torch.zeros((), device=device), persistent=False)
-        conv.register_buffer("qat_high", torch.zeros((), device=device), persistent=False)
+        for name in ("qat_low", "qat_high", "qat_out_low", "qat_out_high"):
+            conv.register_buffer(name, torch.zeros((), device=device), persistent=False)
         conv.register_buffer("qat_seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         conv.forward = types.MethodType(_quantised_forward, conv)
     for module in model.modules():

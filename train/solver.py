@@ -119,9 +119,9 @@ class Solver:
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
         if t.qat:  # before compiling: the step traces the fake-quantised convolutions
-            from qnkit.train.qat import fake_quantise
+            from qnkit.train.qat import quantisation_aware
 
-            fake_quantise(self.net)
+            quantisation_aware(self.net)
         # the training step's network; checkpoints and validation use self.net, the module itself
         self.step_model = torch.compile(self.model) if t.compile else self.model
 
