@@ -219,7 +219,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             exports["fp16"] = export_fp16(tmp / FP32_ONNX, tmp / FP16_ONNX)
             record["fp16"] = check("fp16", tmp / FP16_ONNX, bar_applies=trained)
         if int8:
-            from .int8 import ModelGrid, quantize_int8
+            from .int8 import EQUALISE_ALPHA, ModelGrid, quantize_int8
 
             grid = ModelGrid(hu_window=hu_window, model_spacing=(cmeta.get("domain") or {}).get("pixel_spacing_mm"),
                              pad_multiple=int(pre.get("pad_multiple", cfg.size_divisor)), context=context)
@@ -230,7 +230,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
             exports["int8"] = quantize_int8(tmp / FP32_ONNX, tmp / INT8_ONNX, grid, threshold=threshold,
                                             search=trained, calibration_cases=3 if trained else 1,
                                             slices_per_case=calibration_slices, log=log,
-                                            **({"equalise_alpha": 0.0} if quantisation_aware else {}))
+                                            equalise_alpha=0.0 if quantisation_aware else EQUALISE_ALPHA)
             exports["int8"]["quantisation_aware_checkpoint"] = quantisation_aware
             record["int8"] = check("int8", tmp / INT8_ONNX, bar_applies=trained and record["eager_foreground_pixels"] > 0)
             from .int8_evidence import decide, int8_phantom_evidence, int8_real_ct_evidence

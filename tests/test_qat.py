@@ -123,14 +123,14 @@ def test_the_quantised_convolutions_are_the_ones_export_quantises(tmp_path):
     from qnkit.export.int8 import _module_name, candidate_convolutions
     from qnkit.export.onnx_export import export_fp32
     from qnkit.nn.quicknat import QuickNAT, QuickNATConfig
-    from qnkit.train.qat import quantised_convolutions
+    from qnkit.train.qat import int8_candidates
 
     model = QuickNAT(QuickNATConfig(num_channels=3, num_filters=4)).eval()
     export_fp32(model, tmp_path / "model.onnx", (32, 32))
     graph = onnx.load(str(tmp_path / "model.onnx"))
     candidates, _ = candidate_convolutions(graph)
     by_name = {node.name: _module_name(node) for node in graph.graph.node if node.op_type == "Conv"}
-    assert sorted(by_name[name] for name in candidates) == sorted(quantised_convolutions(model))
+    assert sorted(by_name[name] for name in candidates) == sorted(int8_candidates(model))
 
 
 def test_quantisation_aware_keeps_the_checkpoint_freezes_batch_norm_and_tracks_ranges():
@@ -149,7 +149,8 @@ def test_quantisation_aware_keeps_the_checkpoint_freezes_batch_norm_and_tracks_r
     assert not bn.training and model.encoders[1].drop_out.training
     conv = model.encoders[1].conv1
     seen = []
-    conv.register_forward_pre_hook(lambda module, args: seen.append((float(args[0].detach().min()), float(args[0].detach().max()))))
+    conv.register_forward_pre_hook(lambda module, args: seen.append((float(args[0].detach().min()),
+                                                                     float(args[0].detach().max()))))
     x1, x2 = torch.rand(2, 1, 32, 32), 3 * torch.rand(2, 1, 32, 32)
     model(x1).mean().backward()
     assert (float(conv.qat_low), float(conv.qat_high)) == pytest.approx(seen[0])  # the first batch sets the range

@@ -2,7 +2,7 @@
 
 Post-training quantisation of the shipped models keeps the mask only with most of the network's FLOPs left in
 float (`export/int8.py`): each k x k convolution's 8-bit input costs a little, and the costs add up. Here the
-same convolutions (:func:`quantised_convolutions`, export's candidates: every k x k convolution but the first,
+same convolutions (:func:`int8_candidates`, export's candidates: every k x k convolution but the first,
 which reads the raw image) compute during training from fake-quantised operands, as ONNX Runtime's QDQ graph
 will: the input and the output per tensor in asymmetric UINT8 over a range that includes zero, the weights
 per output channel in symmetric INT8 (:func:`fake_quantise`: quantise, round, dequantise, with the
@@ -31,7 +31,7 @@ RANGE_MOMENTUM = 0.01
 WEIGHT_RANGE, ACTIVATION_RANGE = (-127, 127), (0, 255)
 
 
-def quantised_convolutions(model: nn.Module) -> list[str]:
+def int8_candidates(model: nn.Module) -> list[str]:
     """Names of the convolutions export quantises: k x k (not 1 x 1), not the network's first."""
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     return [name for position, (name, m) in enumerate(convs) if position > 0 and m.kernel_size != (1, 1)]
@@ -98,15 +98,15 @@ def _frozen_batchnorm_train(self: nn.BatchNorm2d, mode: bool = True) -> nn.Batch
 def quantisation_aware(model: nn.Module) -> list[str]:
     """Make `model` train through INT8 arithmetic in place (see the module docstring); returns the names of the
     fake-quantised convolutions. Its state dict is unchanged (the ranges are non-persistent buffers)."""
-    names = quantised_convolutions(model)
+    names = int8_candidates(model)
     modules = dict(model.named_modules())
     for name in names:
         conv = modules[name]
         if getattr(conv, "qat_seen", None) is not None:
             continue
         device = conv.weight.device
-        for name in ("qat_low", "qat_high", "qat_out_low", "qat_out_high"):
-            conv.register_buffer(name, torch.zeros((), device=device), persistent=False)
+        for buffer in ("qat_low", "qat_high", "qat_out_low", "qat_out_high"):
+            conv.register_buffer(buffer, torch.zeros((), device=device), persistent=False)
         conv.register_buffer("qat_seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         conv.forward = types.MethodType(_quantised_forward, conv)
     for module in model.modules():

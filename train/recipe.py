@@ -4,18 +4,18 @@
         --real-ct example_ct_sm.nii.gz --real-labels example_seg.nii.gz [--resume-dir resume]
     python -m qnkit.train.recipe kidney-synth --workdir WORK --install-into qnkit/models   # a developer's checkout
 
-Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export):
-``qnkit synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> for a recipe with
-``qat``, ``qnkit train --qat`` (quantisation-aware fine-tuning from the best checkpoint into ``WORK/run-qat``,
-whose best checkpoint is the one that ships) -> ``qnkit evaluate`` (held-out phantoms) -> ``qnkit export`` (with ``--int8-evidence REAL_CT``: the INT8 graph
-becomes the CPU default only if it agrees with FP32 on the real CT) -> ``qnkit segment`` of the real validation CT,
-scored per kidney against its labels -> the registry entry (recipe, figures) written to
-``WORK/registry_entry.json``. Installing the bundle and its entry as a shipped model is a separate,
-explicit developer step (``--install-into`` a source checkout's ``qnkit/models``): the recipe never writes
-into an installed qnkit. A step whose output already exists is reused,
-so an interrupted build resumes (``qnkit train --resume``). A recipe with ``init_from`` fine-tunes:
-its first phase starts from the best weights of that model's committed run (``--resume-dir``, the
-checkout's ``resume/`` folder: ``RESUME_DIR/<model>``; ``qnkit train --init-from``) instead of random ones.
+Steps (each a ``qnkit`` command in a subprocess, so the runtime never imports training or export): ``qnkit
+synth`` (anatomy generator) -> ``qnkit train`` (the recipe's settings file) -> for a recipe with ``qat``,
+``qnkit train --qat`` (quantisation-aware fine-tuning from the best checkpoint into ``WORK/run-qat``, whose best
+checkpoint is the one that ships) -> ``qnkit evaluate`` (held-out phantoms) -> ``qnkit export`` (with
+``--int8-evidence REAL_CT``: the INT8 graph becomes the CPU default only if it agrees with FP32 on the real CT)
+-> ``qnkit segment`` of the real validation CT, scored per kidney against its labels -> the registry entry
+(recipe, figures) written to ``WORK/registry_entry.json``. Installing the bundle and its entry as a shipped
+model is a separate, explicit developer step (``--install-into`` a source checkout's ``qnkit/models``): the
+recipe never writes into an installed qnkit. A step whose output already exists is reused, so an interrupted
+build resumes (``qnkit train --resume``). A recipe with ``init_from`` fine-tunes: its first phase starts from
+the best weights of that model's committed run (``--resume-dir``, the checkout's ``resume/`` folder:
+``RESUME_DIR/<model>``; ``qnkit train --init-from``) instead of random ones.
 
 A recipe marked ``"machine": "gpu"`` is trained on a GPU machine by ``benchmarks/gpu_recipe.sh``
 (``--until`` stops after a step there); the run, its evaluation and its bundle come back, and the same
@@ -161,7 +161,7 @@ RECIPES["kidney-synth-7"] = {
               "--anatomy-version", "5"],
     "settings": "shipped-context",
     "init_from": "kidney-synth-6",
-    "default": True,  # the default model since 2026-12-07 (real validation CT 0.822 against kidney-synth's 0.773)
+    "default": True,  # the default model since 2026-12-07 (real validation CT 0.821 against kidney-synth's 0.773)
 }
 
 # kidney-synth-7 trained on: eight more whole-slice epochs on 160 new version 5 bodies (seed 9) at a lower rate. Its
@@ -215,11 +215,17 @@ def validate_real_ct(bundle: Path, ct: Path, labels: Path, work: Path, right: in
     return kidney_dice(sides > 0, lab, right, left, sides=sides)
 
 
-def trained_epochs(run: Path) -> int:
-    """The last epoch a run folder has finished (0 for none)."""
+def run_metrics(run: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict per finished epoch ([] for none)."""
     metrics = run / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return json.loads(lines[-1])["epoch"] if lines else 0
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def trained_epochs(run: Path) -> int:
+    """The last epoch a run folder has finished (0 for none)."""
+    rows = run_metrics(run)
+    return rows[-1]["epoch"] if rows else 0
 
 
 PHASE_KEYS = ("lr", "schedule", "step_size", "crop_size")
@@ -336,7 +342,7 @@ def training_record(run: Path, bundle: Path) -> dict:
     """What the registry says about how a model was trained: its CPU and wall hours (cumulated across resumes),
     how each epoch's step ran, the whole validation curve (and the reference set's, where scored) and the hash
     of the shipped checkpoint's files."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = run_metrics(run)
     last = rows[-1]
     meta = json.loads((bundle / "qnkit.json").read_text()).get("training", {})
     steps = sorted({row.get("step") or "FP32" for row in rows})
@@ -357,12 +363,12 @@ def _rounded(value) -> float | None:
 def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | None, real_labels: Path | None,
           install_into: Path | None = None, epochs: int | None = None, init_from: Path | None = None, workers: int = 2,
           until: str | None = None, resume_dir: Path | None = None) -> dict:
-    """Synth -> train (phases) -> quantisation-aware fine-tuning (``recipe["qat"]``, if any) -> evaluate -> export
-    -> validate -> install; each step reuses what a previous
-    run of it left in ``workdir`` (data, a finished run, an evaluation and a bundle of the run's best
-    checkpoint), so a run trained elsewhere (`benchmarks/gpu_recipe.sh` on a GPU machine) is finished here
-    without its phantoms. ``until`` (one of :data:`STEPS`) stops after that step and returns {}. The entry
-    goes to ``WORK/registry_entry.json``; ``install_into`` (a checkout's qnkit/models) also installs it."""
+    """Synth -> train (phases) -> quantisation-aware fine-tuning (``recipe["qat"]``, if any) -> evaluate -> export ->
+    validate -> install; each step reuses what a previous run of it left in ``workdir`` (data, a finished run,
+    an evaluation and a bundle of the run's best checkpoint), so a run trained elsewhere
+    (`benchmarks/gpu_recipe.sh` on a GPU machine) is finished here without its phantoms. ``until`` (one of
+    :data:`STEPS`) stops after that step and returns {}. The entry goes to ``WORK/registry_entry.json``;
+    ``install_into`` (a checkout's qnkit/models) also installs it."""
     recipe = RECIPES[name]
     source = init_source(recipe, init_from, resume_dir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +432,7 @@ def build(name: str, workdir: Path, kits_labels: Path | None, real_ct: Path | No
     }
     entry["training"] = training_record(trained_run, bundle)
     if run != trained_run:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = run_metrics(run)
         entry["training"]["quantisation_aware"] = {
             **recipe["qat"], "cpu_hours": rows[-1].get("cpu_hours"), "wall_hours": rows[-1].get("wall_hours"),
             "validation_curve": [[row["epoch"], _rounded(row.get("val_dice"))] for row in rows],

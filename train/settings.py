@@ -93,8 +93,8 @@ class TrainingSettings:
     # torch.compile the training step's network (inductor): faster steps after a minute or two of compiling
     # at the start of each (resumed) run; validation stays eager (its whole slices vary in size)
     compile: bool = False
-    # quantisation-aware fine-tuning (train/qat.py): the convolutions export puts in INT8 compute from
-    # fake-quantised inputs and weights, batch norms frozen; for a short run from trained weights (--init-from)
+    # quantisation-aware fine-tuning (train/qat.py): the convolutions export may put in INT8 compute from
+    # fake-quantised inputs, weights and outputs, batch norms frozen; a short run from trained weights (--init-from)
     qat: bool = False
     augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
     slices_per_epoch: int = 0  # 0 = every training slice each epoch; else a fresh random subset of this many

@@ -401,7 +401,7 @@ def describe_step(solver) -> str:
     else:
         precision = "FP32"
     return (precision + (", torch.compile" if t.compile else "")
-            + (", quantisation-aware (INT8 convolutions)" if getattr(t, "qat", False) else ""))
+            + (", quantisation-aware (INT8 convolutions)" if t.qat else ""))
 
 
 def cpu_seconds() -> float:
