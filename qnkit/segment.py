@@ -207,7 +207,8 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
     it finds kidney (at least 1 cm² above threshold), in runs that hold at least
     ``options.slab_min_share`` of the largest run's area (:func:`_kidney_runs`: isolated false
     positives do not stretch the slab), span the slab, widened by the step and
-    ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted; while the
+    ``options.slab_margin_mm`` on each side. Every slice of the slab is then predicted (the coarse
+    pass's own slices are reused, not run again); while the
     probabilities reach an end of the slab that is not the volume's end, the slab grows by the
     margin there and only the new slices are predicted (a slice's prediction does not depend on which
     other slices are predicted). Slices outside the slab are background. Nothing found by the coarse
@@ -275,7 +276,8 @@ def predict_kidney_slab(ct: np.ndarray, predict_batch, *, slice_mm: float, optio
         return every_slice({**record, "found": False})
     lo, hi = max(0, int(found.min()) - margin), min(z, int(found.max()) + margin + 1)
     stride = max(1, int(options.z_step_mm / slice_mm + 1e-6)) if options.z_step_mm > 0 else 1
-    known: dict[int, np.ndarray] = {}  # slice -> its model-grid probabilities
+    # slice -> its model-grid probabilities; the coarse pass's slices are not predicted twice
+    known: dict[int, np.ndarray] = dict(zip(coarse.tolist(), coarse_probs))
     while True:
         # On a fixed lattice of slices, so that a grown slab reuses what was predicted.
         sampled = np.unique(np.r_[np.arange(lo + (-lo) % stride, hi, stride), lo, hi - 1])
