@@ -14,6 +14,7 @@ from qnkit import kernels  # noqa: E402
 from qnkit.backends import AVAILABLE_KINDS, open_backend  # noqa: E402
 from qnkit.backends.base import Backend  # noqa: E402
 from qnkit.bundle import load_bundle  # noqa: E402
+from qnkit.cpus import default_threads  # noqa: E402
 from qnkit.errors import QnkitInputError  # noqa: E402
 
 
@@ -95,7 +96,8 @@ def test_predict_any_batch_and_grid(bundle):
             ort.predict(x[:, 0])
         d = ort.describe()
         assert d["name"] == "onnxruntime" and d["providers"] == ["CPUExecutionProvider"]
-        assert d["batch_size"] == 16 and d["max_run_slices"] == 4  # CPU sessions run small chunks
+        assert d["batch_size"] == 16 and d["max_run_slices"] == 1  # CPU sessions run one slice per call,
+        assert d["intra_op_threads"] == 1 and d["concurrent_runs"] == default_threads()  # calls side by side
 
 
 def test_auto_without_a_gpu_opens_onnxruntime_on_the_cpu(bundle, monkeypatch):
@@ -176,6 +178,36 @@ def test_max_run_slices_splits_large_batches():
     b.max_run_slices = 3
     b.predict(x)
     assert b.seen == [(2, 1, 32, 48)] * 5
+
+
+def test_concurrent_runs_give_each_chunk_its_own_call_and_the_same_answer():
+    """concurrent_runs > 1: the chunks run on several threads at once (a barrier that only releases with
+    two calls inside proves they overlap), and each lands where it belongs, sampled runs too."""
+    import threading
+
+    class _Overlapping(_Echo):
+        def __init__(self):
+            super().__init__(16)
+            self.max_run_slices, self.concurrent_runs = 1, 2
+            self.both_inside = threading.Barrier(2, timeout=10)
+            self.threads = set()
+
+        def _run(self, x):
+            self.both_inside.wait()
+            self.threads.add(threading.get_ident())
+            return super()._run(x)
+
+        def _run_sampled(self, x, keep):
+            return x * keep[:, :1, :1, None]
+
+    x = np.random.default_rng(5).random((6, 1, 32, 48), dtype=np.float32)
+    with _Overlapping() as b:
+        np.testing.assert_array_equal(b.predict(x), x)
+        assert len(b.threads) == 2 and b.seen == [(1, 1, 32, 48)] * 6
+        keep = np.arange(6, dtype=np.float32).reshape(6, 1, 1)
+        np.testing.assert_array_equal(b.predict(x, keep), x * keep[:, :, :, None])
+        assert b.describe()["concurrent_runs"] == 2
+    assert b._pool is None  # closed with the backend
 
 
 def test_backends_package_imports_no_torch_or_onnxruntime():

@@ -18,10 +18,16 @@ def box_ct(tmp_path):
 # --- what was written, and with what ---------------------------------------------------------------------
 
 
+def concurrent_words(threads: int) -> str:
+    return f" x {threads} concurrent calls" if threads > 1 else ""
+
+
 def test_every_output_path_is_printed_and_the_batch_echo_says_what_ran(run_in_process, box_ct, tmp_path):
     """Mask, preview, the case's record (--resume) and the stats JSON each appear on stdout; --batch-size
-    100000 on ONNX Runtime's CPU session (4 slices per call) is echoed as what ran, not as asked (FP32 named: the
-    shipped model's CPU default is INT8 only on a VNNI CPU)."""
+    100000 on ONNX Runtime's CPU session (1 slice per call, one call per CPU at once) is echoed as what ran, not
+    as asked (FP32 named: the shipped model's CPU default is INT8 only on a VNNI CPU)."""
+    from qnkit.cpus import default_threads as backend_threads
+
     mask, preview, stats = tmp_path / "m.nii.gz", tmp_path / "p.png", tmp_path / "s.json"
     code, out, err = run_in_process("segment", box_ct, "--out", mask, "--preview", preview, "--stats", stats,
                                     "--resume", "--backend", "onnxruntime", "--device", "cpu", "--precision", "fp32",
@@ -31,13 +37,16 @@ def test_every_output_path_is_printed_and_the_batch_echo_says_what_ran(run_in_pr
     for path in (mask, preview, record, stats):
         assert path.is_file() and str(path) in out, (path, out)
     summary = out.splitlines()[-1]
-    assert summary.startswith("backend onnxruntime (fp32, cpu, batch 4, not 100000:") and summary.endswith(
+    threads = backend_threads()
+    assert summary.startswith(f"backend onnxruntime (fp32, cpu, batch 1{concurrent_words(threads)}, not 100000:") \
+        and summary.endswith(
         f"stats -> {stats}"), summary
     assert "batch 100000" not in out + err
     (opened,) = [line for line in err.splitlines() if line.startswith("backend: ")]
-    assert "batch 4, not 100000" in opened
+    assert f"batch 1{concurrent_words(threads)}, not 100000" in opened
     backend = json.loads(stats.read_text())["backend"]
-    assert backend["batch_size"] == 100000 and backend["slices_per_call"] == 4
+    assert backend["batch_size"] == 100000 and backend["slices_per_call"] == 1
+    assert backend["concurrent_runs"] == threads and backend["intra_op_threads"] == 1
 
 
 def test_a_preview_that_fails_leaves_the_finished_mask(run_in_process, box_ct, tmp_path, monkeypatch):

@@ -108,7 +108,8 @@ def _open(bundle: Bundle, kind: str, precision: str, device: str, batch_size: in
 def _opened(backend) -> str:
     """``onnxruntime (fp32, cpu, batch 4, not 16: ...)``: an opened backend as the log says it, its batch as it
     runs (:attr:`Backend.slices_per_call`; an object without it runs its ``batch_size``)."""
-    batch = batch_words(backend.batch_size, getattr(backend, "slices_per_call", backend.batch_size), backend.name)
+    batch = batch_words(backend.batch_size, getattr(backend, "slices_per_call", backend.batch_size), backend.name,
+                        getattr(backend, "concurrent_runs", 1))
     return f"{backend.name} ({backend.precision}, {backend.device}, {batch})"
 
 

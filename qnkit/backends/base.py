@@ -6,11 +6,15 @@ A backend maps preprocessed slices, float32 ``(N, C, h, w)`` in [0, 1] (C = ``ch
 that are multiples of the bundle's size divisor: it checks the input, zero-pads ``h, w`` up to
 a fixed-size model's grid (bottom/right, as :mod:`qnkit.inference` pads), splits ``N`` into
 chunks of ``batch_size`` (padding the last chunk when the backend needs a fixed batch, e.g.
-CUDA graphs), calls :meth:`Backend._run` per chunk and crops the result back.
+CUDA graphs), calls :meth:`Backend._run` per chunk and crops the result back. A backend whose
+``concurrent_runs`` exceeds 1 has that many chunks in :meth:`Backend._run` at once, each on its own
+thread (ONNX Runtime on the CPU: single-threaded calls side by side beat one call's threads
+working together on a small network's many small operators).
 """
 from __future__ import annotations
 
 import abc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -31,6 +35,8 @@ class Backend(abc.ABC):
     fixed_hw: tuple[int, int] | None = None  # a model that only runs on this grid (inputs are padded to it)
     fixed_batch: bool = False  # pad the last chunk to batch_size (static shapes, CUDA graphs)
     max_run_slices: int | None = None  # most slices per _run call, whatever the batch size
+    concurrent_runs: int = 1  # _run calls in flight at once, each on its own thread (_run must be thread-safe)
+    _pool: ThreadPoolExecutor | None = None
 
     @abc.abstractmethod
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -46,13 +52,20 @@ class Backend(abc.ABC):
 
     def describe(self) -> dict:
         return {"name": self.name, "precision": self.precision, "device": self.device,
-                "batch_size": self.batch_size, "slices_per_call": self.slices_per_call, **self._details()}
+                "batch_size": self.batch_size, "slices_per_call": self.slices_per_call,
+                "concurrent_runs": self.concurrent_runs, **self._details()}
 
     def _details(self) -> dict:
         return {}
 
     def close(self) -> None:
         """Release device memory and sessions (the backend is unusable afterwards)."""
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self):
         return self
@@ -94,7 +107,8 @@ class Backend(abc.ABC):
                     f"(use the onnxruntime or torch backend, or re-export with a larger --input-size)")
         out = np.empty((n, 1, h, w), dtype=np.float32)
         bs = self.slices_per_call
-        for start in range(0, n, bs):
+
+        def run_chunk(start: int) -> None:
             chunk = x[start:start + bs]
             m = len(chunk)
             rows = bs if self.fixed_batch else m
@@ -110,14 +124,26 @@ class Backend(abc.ABC):
                     part = np.concatenate([part, np.ones((rows - m, *part.shape[1:]), np.float32)])
                 y = self._run_sampled(chunk, part)
             out[start:start + m] = y[:m, :, :h, :w]
+
+        starts = range(0, n, bs)
+        if self.concurrent_runs > 1 and len(starts) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrent_runs, thread_name_prefix=f"qnkit-{self.name}")
+            for future in [self._pool.submit(run_chunk, start) for start in starts]:
+                future.result()
+        else:
+            for start in starts:
+                run_chunk(start)
         return out
 
 
-def batch_words(asked: int, runs: int, name: str) -> str:
-    """How a backend's batch is echoed: what runs per call, and what was asked when that differs."""
+def batch_words(asked: int, runs: int, name: str, concurrent: int = 1) -> str:
+    """How a backend's batch is echoed: what runs per call (and how many calls at once), and what was
+    asked when that differs."""
+    words = f"batch {runs}" + (f" x {concurrent} concurrent calls" if concurrent > 1 else "")
     if runs == asked:
-        return f"batch {runs}"
-    return f"batch {runs}, not {asked}: {name} runs at most {runs} slices per call here"
+        return words
+    return f"{words}, not {asked}: {name} runs at most {runs} slice{'s' if runs > 1 else ''} per call here"
 
 
 def check_precision(precision: str, allowed: tuple[str, ...], kind: str) -> str:

@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the bundle's ONNX graph on the CPU, CUDA or TensorRT execution provider.
 
 Precision picks the graph: fp32 -> ``model.onnx``, fp16 -> ``model.fp16.onnx`` (FP32 in/out),
-int8 -> ``model.int8.onnx`` (QDQ). Sessions use graph optimisation level ALL and a fixed number
-of intra-op threads. On a GPU (onnxruntime-gpu) the providers are TensorRT EP (engine and timing
+int8 -> ``model.int8.onnx`` (QDQ). Sessions use graph optimisation level ALL. On the CPU each call
+runs one slice on one thread, as many calls side by side as qnkit may use CPUs (see CPU_RUN_SLICES
+for why); on a GPU (onnxruntime-gpu) the providers are TensorRT EP (engine and timing
 caches under the qnkit cache folder) -> CUDA EP -> CPU, and inputs/outputs go through IO binding
 so that the input is copied to the device once and the output straight back.
 """
@@ -55,11 +56,14 @@ def graph_channels(input_shape) -> int:
     return int(c) if isinstance(c, int) and c > 0 else 1
 
 
-# On the CPU a session runs at most this many slices per call. Activations of more slices spill
-# out of the caches and the memory-bound element-wise ops take over, and the memory arena keeps
-# the peak of the largest call (full-size QuickNAT, INT8, 2 cores: 5.3 slices/s and 0.6 GB at 1
-# slice per call; 1.6 slices/s and 19 GB at 32). Up to 4 slices per call cost little speed.
-CPU_RUN_SLICES = 4
+# On the CPU a session runs this many slices per call, in single-threaded calls side by side (one per
+# CPU qnkit may use) rather than one call at a time on all threads: QuickNAT is hundreds of small,
+# memory-bound operators, and threads that meet at the end of each one wait more than they work.
+# kidney-synth-7 on 2 cores (AMD EPYC Zen 4), 144x144, ms per slice: INT8 14.7 as 2 concurrent calls
+# of 1 slice (2 of 2 slices 15.1, of 4 16.9) against 23.4 as one 2-thread call of 4; FP32 18.4
+# against 27.0. More slices per call also spill out of the caches, and the memory arena keeps the
+# peak of the largest call (full-size QuickNAT, INT8: 19 GB at 32 slices per call).
+CPU_RUN_SLICES = 1
 
 
 class OnnxRuntimeBackend(Backend):
@@ -99,13 +103,16 @@ class OnnxRuntimeBackend(Backend):
                     "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
                     "trt_timing_cache_path": str(cache)}))
             providers += [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(model, sess_options=session_options(threads),
+        threads = threads or default_threads()
+        self.session = ort.InferenceSession(model, sess_options=session_options(1 if device == "cpu" else threads),
                                             providers=providers)
         self.providers = self.session.get_providers()
         on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
         self.device = f"cuda:{self._device_id}" if on_gpu else "cpu"
         if not on_gpu:
             self.max_run_slices = CPU_RUN_SLICES
+            # Session.run is thread-safe; with one intra-op thread each call runs on its caller's thread
+            self.concurrent_runs = int(threads) if device == "cpu" else 1
         self._input = self.session.get_inputs()[0].name
         self.channels = graph_channels(self.session.get_inputs()[0].shape)
         self._keep = next((i.name for i in self.session.get_inputs()[1:] if i.name == KEEP_INPUT), None)
@@ -141,4 +148,5 @@ class OnnxRuntimeBackend(Backend):
                 "intra_op_threads": self._threads, "max_run_slices": self.max_run_slices}
 
     def close(self) -> None:
+        super().close()
         self.session = None

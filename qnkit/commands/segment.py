@@ -414,4 +414,4 @@ def _batch_words(desc: dict) -> str:
     from qnkit.backends.base import batch_words
 
     asked = desc.get("batch_size")
-    return batch_words(asked, desc.get("slices_per_call") or asked, desc.get("name"))
+    return batch_words(asked, desc.get("slices_per_call") or asked, desc.get("name"), desc.get("concurrent_runs") or 1)
