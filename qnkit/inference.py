@@ -208,11 +208,13 @@ def model_input_slices(ct: np.ndarray, index, *, hu_window, spacing_hw, model_sp
     return prepare(ct[index[0]:index[-1] + 1] if run else ct[index])
 
 
-def to_input_mask(probs: np.ndarray, shape_hw, *, threshold: float, model_spacing: float | None) -> np.ndarray:
-    """Model-grid probabilities (Z, h, w) -> uint8 mask (Z, H, W) on the input's grid, interpolated then thresholded."""
+def to_input_mask(probs: np.ndarray, shape_hw, *, threshold: float, model_spacing: float | None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Model-grid probabilities (Z, h, w) -> uint8 mask (Z, H, W) on the input's grid, interpolated then
+    thresholded (into `out`, C-contiguous uint8 (Z, H, W), when given)."""
     if model_spacing is None:
-        return kernels.upsample_threshold(probs, shape_hw, threshold=threshold)
-    return resample.from_model_grid(probs, shape_hw, threshold=threshold)
+        return kernels.upsample_threshold(probs, shape_hw, threshold=threshold, out=out)
+    return resample.from_model_grid(probs, shape_hw, threshold=threshold, out=out)
 
 
 def network_batch(image: np.ndarray, pad_multiple: int) -> np.ndarray:

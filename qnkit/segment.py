@@ -194,8 +194,8 @@ def mask_to_input_grid(probs: np.ndarray, shape_hw, *, threshold: float, model_s
     hot = probs.reshape(z, -1).max(axis=1) > np.float32(threshold) * np.float32(1 - 1e-6)
     edges = np.flatnonzero(np.diff(np.r_[0, hot.view(np.int8), 0]))
     for start, stop in zip(edges[::2], edges[1::2]):
-        out[start:stop] = inference.to_input_mask(probs[start:stop], (H, W), threshold=threshold,
-                                                  model_spacing=model_spacing)
+        inference.to_input_mask(probs[start:stop], (H, W), threshold=threshold, model_spacing=model_spacing,
+                                out=out[start:stop])
     return out
 
 

@@ -161,3 +161,32 @@ def test_bad_inputs_are_refused_clearly():
         R.from_model_grid(np.zeros((2, 4, 4), np.float32), (8,))
     with pytest.raises(TypeError, match="mask"):
         R.coverage_to_model_grid(np.zeros((1, 4, 4), np.float32), (1, 1), 2)
+
+
+@pytest.mark.parametrize("small, shape", [((20, 17), (55, 61)), ((30, 30), (17, 23)), ((12, 40), (12, 90)),
+                                          ((25, 9), (60, 9)), ((8, 8), (8, 8)), ((19, 21), (40, 13))])
+@pytest.mark.parametrize("where", ["blob", "corner", "edge", "none", "all", "tied"])
+def test_from_model_grid_on_the_foreground_box_equals_the_whole_slice(small, shape, where):
+    """from_model_grid resamples only the box that can exceed the threshold: the same mask, bit for bit,
+    as thresholding the whole slices' probabilities, foreground at the edges and corners, none, everywhere,
+    or exactly at the threshold; up- and down-sampling and kept axes alike."""
+    rng = np.random.default_rng(sum(small) * 1000 + sum(shape) * 10 + len(where))
+    prob = (rng.random((3, *small)) * 0.45).astype(np.float32)
+    h, w = small
+    if where == "blob":
+        prob[1, h // 3:h // 2 + 1, w // 4:w // 2] = rng.random((h // 2 + 1 - h // 3, w // 2 - w // 4)) + 0.3
+    elif where == "corner":
+        prob[2, -1, -1], prob[0, 0, 0] = 0.9, 0.7
+    elif where == "edge":
+        prob[:, :, 0] = 0.8
+    elif where == "all":
+        prob += 0.5
+    elif where == "tied":
+        prob[1, 2:5, 3:6] = 0.5  # exactly the threshold: interpolation must not lift it above
+        prob[1, 4, 4] = np.nextafter(np.float32(0.5), np.float32(1))
+    for threshold in (0.5, -0.1, 1.0):
+        got = R.from_model_grid(prob, shape, threshold=threshold, out=np.full((3, *shape), 9, np.uint8))
+        expected = R.probabilities_to_grid(prob, shape) > np.float32(threshold)
+        np.testing.assert_array_equal(got, expected.view(np.uint8))
+    if where in ("blob", "edge", "all"):
+        assert R.from_model_grid(prob, shape, threshold=0.5).any()
