@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 
-__all__ = ["copy_in_order"]
+__all__ = ["copy_in_order", "copy_into"]
 
 #: Tile edge along the fastest-varying axis of the source and of the destination (one or more
 #: cache lines), and along the other axes (keeps a tile inside L2).
@@ -24,12 +24,19 @@ def copy_in_order(array: np.ndarray, order: str = "C", dtype=None) -> np.ndarray
     NumPy directly (no transposition, so nothing to tile).
     """
     array = np.asanyarray(array)
-    out = np.empty(array.shape, dtype=dtype or array.dtype, order=order)
+    return copy_into(np.empty(array.shape, dtype=dtype or array.dtype, order=order), array)
+
+
+def copy_into(out: np.ndarray, array: np.ndarray) -> np.ndarray:
+    """``out[...] = array`` (same shape, any strides: e.g. a reoriented view of a volume being filled
+    block by block), tiled as :func:`copy_in_order` where the two walk different fastest axes; returns `out`."""
+    array = np.asanyarray(array)
+    if out.shape != array.shape:
+        raise ValueError(f"cannot copy an array of shape {array.shape} into one of shape {out.shape}")
     if array.ndim != 3 or array.size == 0:
         out[...] = array
         return out
-    source_fast = _fastest_axis(array)
-    target_fast = 2 if order == "C" else 0
+    source_fast, target_fast = _fastest_axis(array), _fastest_axis(out)
     if source_fast == target_fast:
         out[...] = array
         return out

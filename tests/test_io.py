@@ -343,3 +343,36 @@ def test_unsupported_data_type(tmp_path):
     src = _write(tmp_path / "c.nii", np.zeros((3, 4, 5), np.complex64))
     _error(io.load_image, src, match="unsupported image data type")
     _error(io.load_labels, src, match="unsupported label data type")
+
+
+@pytest.mark.parametrize("name", ORIENTATIONS)
+@pytest.mark.parametrize("disk", [np.int16, ">i2", np.uint8, np.int8, np.int32, np.uint16])
+@pytest.mark.parametrize("planes_per_block", [1, 2, 100])
+def test_images_are_read_block_by_block_into_the_internal_layout(name, disk, planes_per_block, tmp_path,
+                                                                 monkeypatch):
+    """Integer images are read in blocks of file planes straight into the internal layout: the same
+    array as nibabel's whole-volume read reoriented, for every orientation, dtype (byte order included)
+    and block size (one plane; two, leaving a short last block; all), gzipped or not."""
+    axcodes, tilt = ORIENTATIONS[name]
+    internal = _internal_array()
+    internal = (internal % 100 if np.dtype(disk).kind == "u" else internal % 120 - 60).astype(disk)
+    for suffix in (".nii.gz", ".nii"):
+        src = tmp_path / f"{name}{suffix}"
+        file_data, _ = _write_oriented(src, internal, tilt @ INTERNAL_AFFINE, axcodes)
+        plane = file_data.shape[0] * file_data.shape[1] * np.dtype(disk).itemsize
+        monkeypatch.setattr(io, "STREAM_BLOCK_BYTES", plane * planes_per_block)
+        image, geom = io.load_image(src)
+        reference = np.asanyarray(nib.load(src).dataobj)
+        assert image.dtype == np.dtype(np.int16 if np.dtype(disk).itemsize == 1 else disk).newbyteorder("=")
+        assert image.flags.c_contiguous and image.dtype.isnative
+        np.testing.assert_array_equal(image, io.to_internal(reference, geom))
+        np.testing.assert_array_equal(image, internal)
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_in_a_later_block(name, tmp_path, monkeypatch):
+    values = np.random.default_rng(1).integers(-1000, 1000, (20, 30, 40)).astype(np.int16)
+    data = _write(tmp_path / ("full" + name[3:]), values).read_bytes()
+    monkeypatch.setattr(io, "STREAM_BLOCK_BYTES", 20 * 30 * 2 * 3)  # 3 planes per block
+    (tmp_path / name).write_bytes(data[: len(data) * 9 // 10])
+    _error(io.load_image, tmp_path / name, match="truncated or corrupt")
