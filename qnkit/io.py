@@ -337,10 +337,13 @@ def save_volume(array_internal: np.ndarray, geometry: Geometry, path: str | os.P
         raise NiftiError(f"{target}: refusing to write over the input file")
     if target.exists() and not overwrite:
         raise NiftiError(f"{target} exists; pass overwrite=True to replace it")
-    data = to_file_layout(array_internal, geometry)
-    data = _cast(data, np.dtype(dtype) if dtype else None)
-    if data.ndim != 3:
-        raise NiftiError(f"can only write 3-D volumes, got shape {data.shape}")
+    array = np.asanyarray(array_internal)
+    _check_shape(array, geometry.internal_shape, "internal layout")
+    if array.ndim != 3:
+        raise NiftiError(f"can only write 3-D volumes, got shape {array.shape}")
+    dtype = _checked_dtype(array, np.dtype(dtype) if dtype else None)
+    # One tiled copy into the file's (Fortran) order, cast on the way: what the writer streams out.
+    data = copy_in_order(apply_orientation(array, geometry._to_file_ornt), "F", dtype=dtype)
     return write_nifti(_image_on_grid(data, geometry), target, overwrite=overwrite)
 
 
@@ -516,12 +519,13 @@ def _image_int(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def _cast(data: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
-    """Cast to ``dtype`` refusing values that would wrap, round or overflow."""
+def _checked_dtype(data: np.ndarray, dtype: np.dtype | None) -> np.dtype:
+    """The type ``data`` is written as (``dtype``, default its own in native order), refusing values
+    that would wrap, round or overflow in it."""
     if dtype is None:
         dtype = data.dtype.newbyteorder("=")
     if data.dtype.kind == "b" or dtype == data.dtype:
-        return data.astype(dtype, copy=False)
+        return dtype
     if dtype.kind in "iu":
         if data.dtype.kind == "f" and not (np.isfinite(data).all()
                                            and np.array_equal(data, np.round(data))):
@@ -533,7 +537,7 @@ def _cast(data: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
                 raise NiftiError(f"values {lo}..{hi} do not fit in {dtype}")
     elif dtype.kind != "f":
         raise NiftiError(f"unsupported output data type {dtype}")
-    return data.astype(dtype)
+    return dtype
 
 
 def _check_output_path(target: Path) -> None:
