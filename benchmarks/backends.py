@@ -74,6 +74,9 @@ def configs_for(bundle: Bundle, gpu: bool, tensorrt: bool) -> list[BackendConfig
         rows.append(BackendConfig("onnxruntime", "fp16", "cpu"))
     if bundle.has(INT8_ONNX):
         rows.append(BackendConfig("onnxruntime", "int8", "cpu"))
+    # ONNX Runtime's CPU sessions as they ran before calls side by side, beside them
+    rows += [BackendConfig("onnxruntime", row.precision, "cpu", (("one_call_all_threads", True),))
+             for row in rows if row.kind == "onnxruntime" and row.precision in ("fp32", "int8")]
     if gpu:
         rows += [BackendConfig("torch", "fp32", "cuda:0"), BackendConfig("torch", "fp16", "cuda:0"),
                  BackendConfig("torch", "bf16", "cuda:0"),

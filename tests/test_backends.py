@@ -98,6 +98,10 @@ def test_predict_any_batch_and_grid(bundle):
         assert d["name"] == "onnxruntime" and d["providers"] == ["CPUExecutionProvider"]
         assert d["batch_size"] == 16 and d["max_run_slices"] == 1  # CPU sessions run one slice per call,
         assert d["intra_op_threads"] == 1 and d["concurrent_runs"] == default_threads()  # calls side by side
+    with open_backend(bundle, "onnxruntime", device="cpu", batch_size=16, log=_quiet, one_call_all_threads=True) as ort:
+        d = ort.describe()  # the way before, which the bench measures beside it: the same answer
+        assert (d["intra_op_threads"], d["concurrent_runs"], d["max_run_slices"]) == (default_threads(), 1, 4)
+        np.testing.assert_allclose(ort.predict(x), y, atol=1e-5)
 
 
 def test_auto_without_a_gpu_opens_onnxruntime_on_the_cpu(bundle, monkeypatch):

@@ -92,7 +92,8 @@ def _open(bundle: Bundle, kind: str, precision: str, device: str, batch_size: in
         from qnkit.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle, precision=precision, device=device, batch_size=batch_size,
-                                  threads=options.get("threads"), tensorrt_ep=options.get("tensorrt_ep", True))
+                                  threads=options.get("threads"), tensorrt_ep=options.get("tensorrt_ep", True),
+                                  one_call_all_threads=options.get("one_call_all_threads", False))
     if kind == "torch":
         if not _installed("torch") or not _installed("safetensors"):
             raise QnkitInputError("the torch backend needs torch and safetensors (pip install torch safetensors)")
@@ -140,7 +141,8 @@ def open_backend(bundle: Bundle, kind: str = "auto", *, precision: str = "auto",
     (auto: fp16 on a GPU; on the CPU the bundle's :attr:`~qnkit.bundle.Bundle.cpu_precision`, i.e. INT8
     with ONNX Runtime when ``qnkit export --int8-evidence`` found it agrees with FP32 on real CT, else
     fp32); ``device``: auto | cpu | cuda | cuda:N. Options:
-    ``threads`` (CPU intra-op threads), ``cuda_graphs`` (torch), ``tensorrt_ep`` (onnxruntime),
+    ``threads`` (CPU threads), ``cuda_graphs`` (torch), ``tensorrt_ep`` (onnxruntime),
+    ``one_call_all_threads`` (onnxruntime on the CPU: one call at a time on all threads, not calls side by side),
     ``rebuild_engine`` (tensorrt: False refuses a foreign engine instead of rebuilding it),
     ``engine_batches`` (tensorrt: (min, opt, max) profile of a rebuilt engine).
     An explicitly asked kind that cannot run raises QnkitInputError naming what is missing.

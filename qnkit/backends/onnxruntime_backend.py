@@ -65,13 +65,18 @@ def graph_channels(input_shape) -> int:
 # peak of the largest call (full-size QuickNAT, INT8: 19 GB at 32 slices per call).
 CPU_RUN_SLICES = 1
 
+# Slices per call of a session whose calls run one at a time on all threads (``one_call_all_threads``:
+# the way before calls side by side, kept for the bench to measure against).
+CPU_SHARED_RUN_SLICES = 4
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle | None = None, *, precision: str = "fp32", device: str = "cpu",
                  batch_size: int = 16, threads: int | None = None, tensorrt_ep: bool = True,
-                 model_path: str | Path | None = None, size_divisor: int = 16, graph: str | None = None):
+                 model_path: str | Path | None = None, size_divisor: int = 16, graph: str | None = None,
+                 one_call_all_threads: bool = False):
         import onnxruntime as ort
 
         self.precision = check_precision(precision, tuple(GRAPHS), "onnxruntime")
@@ -104,15 +109,16 @@ class OnnxRuntimeBackend(Backend):
                     "trt_timing_cache_path": str(cache)}))
             providers += [("CUDAExecutionProvider", {"device_id": self._device_id}), "CPUExecutionProvider"]
         threads = threads or default_threads()
-        self.session = ort.InferenceSession(model, sess_options=session_options(1 if device == "cpu" else threads),
+        side_by_side = device == "cpu" and not one_call_all_threads
+        self.session = ort.InferenceSession(model, sess_options=session_options(1 if side_by_side else threads),
                                             providers=providers)
         self.providers = self.session.get_providers()
         on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
         self.device = f"cuda:{self._device_id}" if on_gpu else "cpu"
         if not on_gpu:
-            self.max_run_slices = CPU_RUN_SLICES
+            self.max_run_slices = CPU_RUN_SLICES if side_by_side else CPU_SHARED_RUN_SLICES
             # Session.run is thread-safe; with one intra-op thread each call runs on its caller's thread
-            self.concurrent_runs = int(threads) if device == "cpu" else 1
+            self.concurrent_runs = int(threads) if side_by_side else 1
         self._input = self.session.get_inputs()[0].name
         self.channels = graph_channels(self.session.get_inputs()[0].shape)
         self._keep = next((i.name for i in self.session.get_inputs()[1:] if i.name == KEEP_INPUT), None)
