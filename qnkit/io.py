@@ -209,8 +209,9 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return to_internal(data.reshape(geometry.shape), geometry), geometry
 
 
-#: Unscaled integer voxels read block by block straight into the internal layout, and the type they
-#: become there (:func:`_image_int`'s rules).
+#: Unscaled integer types whose in-memory type follows from the type alone (kept, or int8/uint8 -> int16,
+#: lossless): such images are read block by block straight into the internal layout. Wider ones
+#: (:func:`_image_int`) depend on their values.
 _STREAMED = {np.dtype(disk): np.dtype(kept) for disk, kept in (
     (np.int16, np.int16), (np.int32, np.int32), (np.uint16, np.uint16), (np.int8, np.int16), (np.uint8, np.int16))}
 
@@ -226,7 +227,7 @@ def _read_into_internal(img: nib.Nifti1Image, geometry: Geometry) -> np.ndarray:
     disk = img.dataobj.dtype
     out = np.empty(geometry.internal_shape, dtype=_STREAMED[disk.newbyteorder("=")])
     in_file_axes = apply_orientation(out, geometry._to_file_ornt)
-    if not np.shares_memory(in_file_axes, out):  # pragma: no cover - nibabel reorients by views
+    if not np.may_share_memory(in_file_axes, out):  # pragma: no cover - nibabel reorients by views
         raise RuntimeError("nibabel's apply_orientation copied instead of returning a view")
     nx, ny, nz = geometry.shape
     plane = nx * ny * disk.itemsize
@@ -509,10 +510,8 @@ def _as_native(data: np.ndarray) -> np.ndarray:
 
 def _image_int(data: np.ndarray) -> np.ndarray:
     """Map an unscaled integer image to int16/int32/uint16 (or float32 when it won't fit)."""
-    if data.dtype in (np.int16, np.int32, np.uint16):
-        return data
-    if data.dtype.itemsize == 1:  # int8 / uint8: lossless in int16
-        return data.astype(np.int16)
+    if data.dtype in _STREAMED:
+        return data.astype(_STREAMED[data.dtype], copy=False)
     i32 = np.iinfo(np.int32)
     if data.size == 0 or (data.min() >= i32.min and data.max() <= i32.max):
         return data.astype(np.int32)

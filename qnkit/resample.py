@@ -250,13 +250,19 @@ def from_model_grid(prob: np.ndarray, shape_hw, threshold: float = 0.5, out: np.
     return out
 
 
+def may_exceed(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Where model-grid `values` may give a probability above `threshold` once resampled: a weighted mean
+    with non-negative weights summing to one stays within its inputs, up to rounding (a relative margin
+    of 1e-6 covers it)."""
+    t = float(threshold)
+    return values > np.float32(t - abs(t) * 1e-6)
+
+
 def _foreground_box(prob: np.ndarray, shape_hw, threshold: float):
     """((r0, r1), (c0, c1)): the input-grid rows and columns that can exceed `threshold` after
-    :func:`probabilities_to_grid`, None where none can. Its weights are non-negative and sum to one,
-    so an output pixel exceeds the threshold only where a model pixel it reads does (a relative
-    margin of 1e-6 covers rounding): on a CT the kidneys' box, a small part of each slice."""
-    t = float(threshold)
-    hot = prob > np.float32(t - abs(t) * 1e-6)
+    :func:`probabilities_to_grid`, None where none can: those that read a model pixel that
+    :func:`may_exceed` it. On a CT the kidneys' box, a small part of each slice."""
+    hot = may_exceed(prob, threshold)
     rows, cols = np.flatnonzero(hot.any(axis=(0, 2))), np.flatnonzero(hot.any(axis=(0, 1)))
     if rows.size == 0:
         return None

@@ -34,6 +34,7 @@ from qnkit import inference
 from qnkit import io as qio
 from qnkit.io import same_file  # noqa: F401  (the one definition; callers use segment.same_file)
 from qnkit import postprocess as post
+from qnkit import resample
 from qnkit.errors import QnkitInputError
 
 __all__ = ["SegmentOptions", "CaseInput", "CaseResult", "predict_probabilities", "predict_kidney_slab",
@@ -177,8 +178,8 @@ def mask_to_input_grid(probs: np.ndarray, shape_hw, *, threshold: float, model_s
 
     Bringing probabilities back to the input's grid is an interpolation whose weights are
     non-negative and sum to one, so no value can exceed a slice's largest probability: a slice
-    whose probabilities all stay below the threshold (by a relative margin of 1e-6, for rounding)
-    is all background without resampling it. On a whole CT that is most slices. Written into `out`
+    whose probabilities all stay below the threshold (:func:`qnkit.resample.may_exceed`) is all
+    background without resampling it. On a whole CT that is most slices. Written into `out`
     (uint8 (Z, H, W)) when given; the result equals to_input_mask's.
     """
     z = probs.shape[0]
@@ -191,7 +192,7 @@ def mask_to_input_grid(probs: np.ndarray, shape_hw, *, threshold: float, model_s
         out[...] = 0
     if z == 0:
         return out
-    hot = probs.reshape(z, -1).max(axis=1) > np.float32(threshold) * np.float32(1 - 1e-6)
+    hot = resample.may_exceed(probs.reshape(z, -1).max(axis=1), threshold)
     edges = np.flatnonzero(np.diff(np.r_[0, hot.view(np.int8), 0]))
     for start, stop in zip(edges[::2], edges[1::2]):
         inference.to_input_mask(probs[start:stop], (H, W), threshold=threshold, model_spacing=model_spacing,

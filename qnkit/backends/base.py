@@ -60,9 +60,6 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release device memory and sessions (the backend is unusable afterwards)."""
-        self._close_pool()
-
-    def _close_pool(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
