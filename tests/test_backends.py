@@ -193,7 +193,7 @@ def test_concurrent_runs_give_each_chunk_its_own_call_and_the_same_answer():
         def __init__(self):
             super().__init__(16)
             self.max_run_slices, self.concurrent_runs = 1, 2
-            self.both_inside = threading.Barrier(2, timeout=10)
+            self.both_inside = threading.Barrier(2, timeout=120)  # a deadlock guard, not a speed limit
             self.threads = set()
 
         def _run(self, x):
