@@ -206,6 +206,41 @@ def test_onnxruntime_matches_eager(exported, batch):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
+def _trained_looking(model):
+    with torch.no_grad():  # batch norms away from identity, so that copying their vectors matters
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            for t, lo, hi in ((bn.running_mean, -0.5, 0.5), (bn.running_var, 0.5, 2.0), (bn.weight, 0.5, 1.5),
+                              (bn.bias, -0.2, 0.2)):
+                t.uniform_(lo, hi)
+    return model
+
+
+@pytest.mark.parametrize("se_block", ["CSSE", "CSE", "SSE", "NONE"])
+@pytest.mark.parametrize("filters, wider, channels", [(4, 8, 1), (4, 7, 3), (6, 6, 1)])
+def test_widened_network_computes_what_the_narrow_network_computes(se_block, filters, wider, channels):
+    """Net2WiderNet: F filters widened to more give the same output (unequal shares of each copied channel's
+    weights sum to the old weight), every tensor has the wider network's shape, and the copies differ
+    (their shares do), so that training can pull them apart."""
+    from qnkit.nn.quicknat import widen_filters
+
+    narrow = _trained_looking(small(num_filters=filters, num_channels=channels, se_block=se_block)).eval()
+    state = widen_filters(narrow.state_dict(), narrow.config, wider, noise=0.05)
+    wide = QuickNAT(QuickNATConfig(**{**SMALL, "num_filters": wider, "num_channels": channels,
+                                      "se_block": se_block})).eval()
+    wide.load_state_dict(state)  # strict: every key, every shape
+    x = torch.rand(2, channels, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), narrow(x), rtol=0, atol=2e-5)
+    if wider > filters:
+        w = state["decoders.0.conv1.weight"]
+        assert not torch.equal(w[:, 0], w[:, filters])  # channel 0 and its copy are read with different shares
+    exact = widen_filters(narrow.state_dict(), narrow.config, wider, noise=0.0)
+    copies = len(range(0, wider, filters))  # of channel 0: 2 or 1 here, so the share is exact in float
+    assert torch.equal(exact["classifier.weight"][:, 0] * copies, narrow.state_dict()["classifier.weight"][:, 0])
+    with pytest.raises(ValueError, match="more"):
+        widen_filters(narrow.state_dict(), narrow.config, filters - 1)
+
+
 @pytest.mark.parametrize("channels", [3, 5])
 def test_inflated_network_computes_what_the_2d_network_computes(channels):
     """A 2-D network's weights inflated to C input planes (the centre plane the slice) give the 2-D network's
@@ -228,3 +263,17 @@ def test_inflated_network_computes_what_the_2d_network_computes(channels):
         assert torch.allclose(deep(x), flat(x[:, channels // 2:channels // 2 + 1]), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="one-plane"):
         inflate_input_planes(state, channels)
+
+
+def test_a_checkpoint_loads_inflated_and_widened(tmp_path):
+    """What `qnkit train --init-from` does with a narrower 2-D run's best checkpoint for a wider 2.5-D network:
+    the checkpoint read and verified, its input plane inflated, its filters widened; the same output."""
+    from qnkit.train import checkpoint as ckpt
+
+    flat = _trained_looking(small(num_filters=4)).eval()
+    folder = ckpt.save(tmp_path / "run", "best", flat, {"network": flat.config.to_dict(), "epoch": 1})
+    deep = QuickNAT(QuickNATConfig(**{**SMALL, "num_filters": 8, "num_channels": 3})).eval()
+    ckpt.load_weights(folder, deep, inflate=True, widen_from=4)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), flat(x[:, 1:2]), rtol=0, atol=2e-5)

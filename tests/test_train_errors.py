@@ -90,7 +90,10 @@ def test_bad_options(run_qnkit, synth_dataset, tmp_path, args, word):
 
 @pytest.mark.parametrize("theirs, ours, context_mm, word", [
     ({"num_filters": 4}, {"num_filters": 4, "num_channels": 3}, 3.0, None),  # 2-D -> 3 planes: inflated
-    ({"num_filters": 8}, {"num_filters": 4, "num_channels": 3}, 3.0, "num_filters"),
+    ({"num_filters": 8}, {"num_filters": 4, "num_channels": 3}, 3.0, "num_filters"),  # filters are not dropped
+    ({"num_filters": 4, "num_channels": 3}, {"num_filters": 8, "num_channels": 3}, 3.0, None),  # widened
+    ({"num_filters": 4}, {"num_filters": 6, "num_channels": 3}, 3.0, None),  # inflated and widened
+    ({"num_filters": 4, "kernel_h": 3}, {"num_filters": 8}, 0.0, "kernel_h"),  # nothing else may differ
     ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4}, 0.0, "num_channels"),  # planes are not dropped
     ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4, "num_channels": 5}, 3.0, "num_channels"),
     ({"num_filters": 4, "num_channels": 3}, {"num_filters": 4, "num_channels": 3}, 2.0, "mm apart"),
@@ -113,4 +116,8 @@ def test_init_from_inflates_only_a_2d_source(tmp_path, theirs, ours, context_mm,
             _check_init_source(source, tmp_path, QuickNATConfig(**ours), settings)
         return
     record = _check_init_source(source, tmp_path, QuickNATConfig(**ours), settings)
-    assert ("inflated" in record) is (source_planes == 1)
+    assert ("inflated" in record) is (source_planes == 1 and ours.get("num_channels", 1) > 1)
+    widened = record.get("widened")
+    assert (widened is not None) is (ours["num_filters"] > theirs["num_filters"])
+    if widened is not None:
+        assert (widened["from_filters"], widened["to_filters"]) == (theirs["num_filters"], ours["num_filters"])

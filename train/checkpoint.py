@@ -115,14 +115,22 @@ def _read_verified(folder: Path, name: str, meta: dict | None = None) -> bytes:
     return data
 
 
-def load_weights(folder: Path, model: torch.nn.Module, *, inflate: bool = False) -> None:
+def load_weights(folder: Path, model: torch.nn.Module, *, inflate: bool = False,
+                 widen_from: int | None = None) -> None:
     """The checkpoint's weights into `model`; with `inflate`, a one-plane (2-D) checkpoint's weights into a
-    2.5-D QuickNAT of the same network (:func:`qnkit.nn.quicknat.inflate_input_planes`: the same output)."""
+    2.5-D QuickNAT of the same network (:func:`qnkit.nn.quicknat.inflate_input_planes`: the same output); with
+    `widen_from`, a checkpoint of that many filters into a wider QuickNAT (:func:`~qnkit.nn.quicknat.widen_filters`:
+    the same output)."""
     state = load_safetensors(_read_verified(folder, "model.safetensors"))
     if inflate:
         from qnkit.nn.quicknat import inflate_input_planes
 
         state = inflate_input_planes(state, model.config.num_channels)
+    if widen_from is not None:
+        from qnkit.nn.quicknat import QuickNATConfig, widen_filters
+
+        narrow = QuickNATConfig.from_dict({**model.config.to_dict(), "num_filters": widen_from})
+        state = widen_filters(state, narrow, model.config.num_filters)
     model.load_state_dict(state)
 
 

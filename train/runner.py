@@ -150,6 +150,11 @@ INFLATION_RULE = ("the source's input channel is the centre plane; the other pla
                   "and the centre's batch-norm statistics and affine: the same output as the 2-D network at start")
 
 
+#: How a narrower run's weights start a wider one (qnkit.nn.quicknat.widen_filters), as its record says it.
+WIDENING_RULE = ("Net2WiderNet: filter j copies filter j mod F; the weights reading a copied channel are shared among "
+                 "its copies (unequal shares summing to the old weight): the same output as the narrower network")
+
+
 def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) -> dict:
     """The record of where a fine-tuning run's weights come from, once its network, HU window and context
     match; a 2-D source may start a 2.5-D run of the same network (its first block inflated, recorded)."""
@@ -157,12 +162,16 @@ def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) 
     from qnkit.nn.quicknat import INPUT_PLANE_TENSORS
 
     theirs, ours = source.get("network") or {}, cfg.to_dict()
-    same_but_planes = {**theirs, "num_channels": 1} == {**ours, "num_channels": 1}
-    inflate = same_but_planes and theirs.get("num_channels", 1) == 1 and ours["num_channels"] > 1
-    if theirs != ours and not inflate:
+    loose = {"num_channels": 1, "num_filters": 0}
+    same_but_these = {**theirs, **loose} == {**ours, **loose}
+    inflate = same_but_these and theirs.get("num_channels", 1) == 1 and ours["num_channels"] > 1
+    widen = same_but_these and theirs.get("num_filters", ours["num_filters"]) < ours["num_filters"]
+    planes_ok = inflate or theirs.get("num_channels") == ours["num_channels"]
+    filters_ok = widen or theirs.get("num_filters") == ours["num_filters"]
+    if theirs != ours and not (same_but_these and planes_ok and filters_ok):
         diff = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours.get(k))
         raise QnkitInputError(f"--init-from {source_run}: its network differs ({diff}; only num_channels 1 there "
-                              f"may become more here)")
+                              f"may become more here, and num_filters more)")
     context = model_context(source)
     if not inflate and context != (cfg.num_channels, float(settings.data.context_mm) if cfg.num_channels > 1 else None):
         raise QnkitInputError(f"--init-from {source_run}: its {context[0]} input planes are {context[1]} mm apart, "
@@ -177,6 +186,9 @@ def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) 
     if inflate:
         record["inflated"] = {"from_planes": 1, "to_planes": cfg.num_channels, "tensors": list(INPUT_PLANE_TENSORS),
                               "rule": INFLATION_RULE}
+    if widen:
+        record["widened"] = {"from_filters": theirs["num_filters"], "to_filters": cfg.num_filters,
+                             "rule": WIDENING_RULE}
     return record
 
 
@@ -339,7 +351,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
     seed_everything(settings.common.seed)
     model = ckpt.build_model(cfg.to_dict())
     if source is not None:
-        ckpt.load_weights(source["folder"], model, inflate="inflated" in initialised_from)
+        ckpt.load_weights(source["folder"], model, inflate="inflated" in initialised_from,
+                          widen_from=(initialised_from.get("widened") or {}).get("from_filters"))
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
             "preprocessing": {**params.record(), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},
@@ -363,9 +376,11 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
                           f"{solver.accum} accumulation x {info.world_size} ranks = effective batch "
                           f"{t.micro_batch * solver.accum * info.world_size}; {describe_step(solver)}")
             if initialised_from is not None and not resume:
-                inflated = initialised_from.get("inflated")
+                inflated, widened = initialised_from.get("inflated"), initialised_from.get("widened")
                 console.print(f"weights from {initialised_from['run_dir']} (best, epoch {initialised_from['epoch']})"
-                              + (f"; its one input plane inflated to {inflated['to_planes']}" if inflated else ""))
+                              + (f"; its one input plane inflated to {inflated['to_planes']}" if inflated else "")
+                              + (f"; its {widened['from_filters']} filters widened to {widened['to_filters']}"
+                                 if widened else ""))
             if restarted:
                 decay = (f"poly to epoch {t.epochs}" if t.schedule == "poly"
                          else f"x{t.gamma:g} every {t.step_size} epoch(s)")

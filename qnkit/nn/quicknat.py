@@ -37,6 +37,7 @@ from .unpool import first_max_masks, is_tracing, unpool_masked
 __all__ = [
     "SE_BLOCKS", "UNPOOL_MODES", "QuickNATConfig", "QuickNAT", "WithSigmoid", "DenseBlock",
     "ChannelSELayer", "SpatialSELayer", "ChannelSpatialSELayer", "INPUT_PLANE_TENSORS", "inflate_input_planes",
+    "widen_filters",
 ]
 
 UNPOOL_MODES = ("indices", "mask")
@@ -248,4 +249,87 @@ def inflate_input_planes(state: Mapping[str, torch.Tensor], channels: int) -> di
         other = torch.zeros_like(slice_plane) if dim == 1 else slice_plane
         planes = [other] * (channels // 2) + [slice_plane] + [other] * (channels // 2)
         out[name] = torch.cat([*planes, source.narrow(dim, 1, source.shape[dim] - 1)], dim=dim).contiguous()
+    return out
+
+
+def widen_filters(state: Mapping[str, torch.Tensor], config: QuickNATConfig, num_filters: int,
+                  noise: float = 0.02, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of `config`'s QuickNAT widened to `num_filters` filters per convolution, computing exactly
+    what the narrower network computes (Net2WiderNet, Chen et al. 2016): a fine-tuning run gets more capacity
+    without losing what the narrower model learnt.
+
+    New filter j copies old filter ``j mod F`` (every conv, batch-norm and SE vector that belongs to it); the
+    weights that read a copied channel share the old weight among its copies, so the sum, and with it every
+    output, is unchanged. The shares are not equal: each copy gets ``w / copies + e`` with the ``e`` of one
+    channel's copies summing to zero (``noise`` x the tensor's standard deviation), which keeps the output
+    exact and lets the copies learn apart (with equal shares they would get equal gradients for ever).
+    The channel SE's hidden layer (F / 2 units) is widened the same way.
+    """
+    old = config.num_filters
+    if num_filters < old:
+        raise ValueError(f"widening goes from {old} filters to more, got {num_filters}")
+    gen = torch.Generator().manual_seed(seed)
+    copy_of = torch.arange(num_filters) % old
+    hidden_old = old // 2
+    hidden_copy_of = torch.arange(num_filters // 2) % hidden_old if hidden_old else None
+
+    def produce(t: torch.Tensor, mapping=copy_of) -> torch.Tensor:
+        return t.index_select(0, mapping).contiguous()
+
+    def consume(w: torch.Tensor, segments: list, dim: int = 1) -> torch.Tensor:
+        """`w` read along `dim` a concatenation of segments: ('fixed', n) stays, ('wide', mapping) widens."""
+        parts, start = [], 0
+        for kind, arg in segments:
+            if kind == "fixed":
+                parts.append(w.narrow(dim, start, arg))
+                start += arg
+                continue
+            mapping = arg
+            n_old = int(mapping.max()) + 1
+            seg = w.narrow(dim, start, n_old)
+            copies = torch.bincount(mapping, minlength=n_old).to(w.dtype)
+            shape = [1] * w.dim()
+            shape[dim] = -1
+            new = seg.index_select(dim, mapping) / copies.index_select(0, mapping).view(shape)
+            if noise > 0 and w.numel() > 1:
+                e = torch.randn(new.shape, generator=gen, dtype=w.dtype) * (noise * float(w.std()))
+                # zero-sum over each old channel's copies: subtract their mean
+                sums = torch.zeros_like(seg).index_add_(dim, mapping, e)
+                e = e - (sums / copies.view(shape)).index_select(dim, mapping)
+                new = new + e
+            parts.append(new)
+            start += n_old
+        return torch.cat(parts, dim=dim).contiguous()
+
+    def spread(v: torch.Tensor, segments: list) -> torch.Tensor:
+        """A per-input-channel vector (batch norm) over widened segments: copies, no sharing."""
+        parts, start = [], 0
+        for kind, arg in segments:
+            n = arg if kind == "fixed" else int(arg.max()) + 1
+            seg = v.narrow(0, start, n)
+            parts.append(seg if kind == "fixed" else seg.index_select(0, arg))
+            start += n
+        return torch.cat(parts).contiguous()
+
+    wide = ("wide", copy_of)
+    blocks = [(f"encoders.{i}", [("fixed", config.num_channels)] if i == 0 else [wide]) for i in range(4)]
+    blocks += [("bottleneck", [wide])] + [(f"decoders.{i}", [wide, wide]) for i in range(4)]
+    out = dict(state)
+    for name, inputs in blocks:
+        for i, segs in ((1, inputs), (2, inputs + [wide]), (3, inputs + [wide, wide])):
+            for field in ("weight", "bias", "running_mean", "running_var"):
+                key = f"{name}.batchnorm{i}.{field}"
+                out[key] = spread(state[key], segs)
+            out[f"{name}.conv{i}.weight"] = produce(consume(state[f"{name}.conv{i}.weight"], segs))
+            out[f"{name}.conv{i}.bias"] = produce(state[f"{name}.conv{i}.bias"])
+        for pre in (f"{name}.se", f"{name}.se.cSE"):  # channel SE (CSE, or within CSSE)
+            if f"{pre}.fc1.weight" in state:
+                out[f"{pre}.fc1.weight"] = produce(consume(state[f"{pre}.fc1.weight"], [wide]), hidden_copy_of)
+                out[f"{pre}.fc1.bias"] = produce(state[f"{pre}.fc1.bias"], hidden_copy_of)
+                out[f"{pre}.fc2.weight"] = produce(consume(state[f"{pre}.fc2.weight"], [("wide", hidden_copy_of)]))
+                out[f"{pre}.fc2.bias"] = produce(state[f"{pre}.fc2.bias"])
+        for pre in (f"{name}.se", f"{name}.se.sSE"):  # spatial SE (SSE, or within CSSE)
+            if f"{pre}.conv.weight" in state:
+                out[f"{pre}.conv.weight"] = consume(state[f"{pre}.conv.weight"], [wide])
+    out["classifier.weight"] = consume(state["classifier.weight"], [wide])
     return out
