@@ -125,6 +125,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     from qnkit.inference import model_context
     from qnkit.nn.eager import make_predict_batch
     from qnkit.train import checkpoint as ckpt
+    from qnkit.train.evaluation import run_threshold
 
     from .onnx_export import export_fp32
 
@@ -158,7 +159,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
     context = model_context(cmeta)  # (planes per slice, their spacing in mm): (1, None) for a 2-D model
     pre = cmeta.get("preprocessing", {})
     hu_window = (float(pre.get("hu_lo", -200.0)), float(pre.get("hu_hi", 400.0)))
-    threshold = float(pre.get("threshold", 0.5))
+    threshold, calibrated = run_threshold(run_dir, cmeta)  # calibrated on the run's validation phantoms, if it was
     hw = tuple(input_size) if input_size else _input_size(run_dir, cmeta, cfg.size_divisor, log)
     if hw[0] % cfg.size_divisor or hw[1] % cfg.size_divisor or min(hw) < cfg.size_divisor:
         raise QnkitInputError(f"input size {hw[0]}x{hw[1]} must be positive multiples of {cfg.size_divisor}")
@@ -271,6 +272,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, checkpoint: str = "be
                               "pad_multiple": int(pre.get("pad_multiple", cfg.size_divisor)), "pad_value": 0.0,
                               "pad_where": "bottom/right", "layout": "KiTS19 (slices, rows, cols)"},
             "threshold": threshold,
+            **({"threshold_calibration": {k: calibrated[k] for k in ("split", "rule", "default_threshold", "table")}}
+               if calibrated is not None else {}),
             "domain": _domain(run_dir, cmeta, checkpoint),
             "training": {"run_dir": str(run_dir.absolute()), "checkpoint": checkpoint, "epoch": cmeta.get("epoch"),
                          "metrics": cmeta.get("metrics"), "parameters": cmeta.get("parameters"),

@@ -219,3 +219,37 @@ def test_the_registry_records_hours_curve_and_checkpoint_hash(tmp_path):
     assert record["validation_curve"] == [[1, 0.5123, None], [2, 0.6, 0.5556]]
     assert record["steps"] == ["FP32", "bfloat16 autocast (AVX512-BF16), torch.compile"]
     assert record["checkpoint_sha256"] == {"model.safetensors": "ab"}
+
+
+def test_a_widening_recipe_sets_its_width_at_the_start_and_calibrates_before_evaluating(tmp_path, monkeypatch):
+    """kidney-synth-9: `--num-filters 32` with `--init-from` on the first start only (a resume keeps the run's
+    network), and its evaluation fits the threshold first (`qnkit evaluate --calibrate-threshold`)."""
+    import json
+
+    from qnkit.train import recipe as R
+
+    calls = []
+
+    def fake_qnkit(*args, **kw):
+        args = [str(a) for a in args]
+        calls.append(args)
+        if args[0] == "train":
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run / "metrics.jsonl").write_text(json.dumps({"epoch": int(args[args.index("--epochs") + 1])}) + "\n")
+
+    monkeypatch.setattr(R, "_qnkit", fake_qnkit)
+    recipe = {**R.RECIPES["kidney-synth-9"], "phases": [{"epochs": 1, "lr": 5e-4}, {"epochs": 2, "lr": 1e-4}]}
+    run = tmp_path / "run"
+    R.train_phases(recipe, tmp_path / "data", run, init_from=tmp_path / "source")
+    assert calls[0][calls[0].index("--num-filters") + 1] == "32" and "--init-from" in calls[0]
+    assert "--num-filters" not in calls[1] and "--resume" in calls[1]
+
+    calls.clear()
+    work = tmp_path / "work"
+    _finished_run(work, {"model.safetensors": "aa"}, 2)
+    (work / "evaluation.json").unlink()
+    (work / "data").mkdir()
+    (work / "data" / "kits.json").write_text("[]")
+    R.build("kidney-synth-9", work, None, None, None, epochs=2, resume_dir=Path(__file__).resolve().parents[1] /
+            "resume", until="evaluate")
+    assert calls == [["evaluate", str(work / "run"), "--json", str(work / "evaluation.json"), "--calibrate-threshold"]]

@@ -26,6 +26,10 @@ from qnkit.errors import QnkitInputError
 
 #: RUN_DIR file with the last test evaluation's summary (checkpoint, epoch, mean and std Dice, cases).
 TEST_DICE_NAME = "test_dice.json"
+#: RUN_DIR file with the threshold calibrated on the validation split (:func:`calibrate_threshold`).
+THRESHOLD_NAME = "threshold.json"
+#: Thresholds tried by the calibration.
+THRESHOLD_CANDIDATES = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.30 ... 0.70
 
 
 def test_cases(run_dir: Path, data_dir: Path | None) -> tuple[Path, list[str]]:
@@ -38,6 +42,118 @@ def test_cases(run_dir: Path, data_dir: Path | None) -> tuple[Path, list[str]]:
     if not ids:
         raise QnkitInputError(f"{path}: the test split is empty ([DATA] test_fraction = 0?)")
     return Path(data_dir or record["data_dir"]), ids
+
+
+def split_cases(run_dir: Path, data_dir: Path | None, split: str) -> tuple[Path, list[str]]:
+    """(data folder, case ids) of a run's `split`: "test" (evaluation_data.json) or "validation" (splits.json)."""
+    if split == "test":
+        return test_cases(run_dir, data_dir)
+    path = Path(run_dir) / "splits.json"
+    try:
+        record = json.loads(path.read_text())
+        ids = list(record[split])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QnkitInputError(f"{path}: missing or unreadable {split} split ({exc.__class__.__name__})") from None
+    if not ids:
+        raise QnkitInputError(f"{path}: the {split} split is empty")
+    return Path(data_dir or record["data_dir"]), ids
+
+
+def calibrated_threshold(run_dir: Path, meta: dict) -> dict | None:
+    """RUN_DIR/threshold.json when it was calibrated on this checkpoint (the SHA-256 of its files), else None."""
+    path = Path(run_dir) / THRESHOLD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("checkpoint_sha256") != meta.get("files"):
+        return None
+    return record
+
+
+def run_threshold(run_dir: Path, meta: dict) -> tuple[float, dict | None]:
+    """The threshold a run's checkpoint ships with: the calibrated one (and its record) where
+    :func:`calibrate_threshold` fitted it to this checkpoint, else [EVAL] threshold (and None)."""
+    from qnkit.segment import model_arguments
+
+    record = calibrated_threshold(run_dir, meta)
+    if record is not None:
+        return float(record["threshold"]), record
+    return float(model_arguments(meta)["threshold"]), None
+
+
+def _memoised(predict_batch):
+    """`predict_batch` that runs each distinct input slice through the network once (keyed by its bytes):
+    segmenting a case at several thresholds then costs one pass of the network."""
+    import hashlib
+
+    seen: dict[bytes, np.ndarray] = {}
+
+    def predict(x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        if keep is not None:
+            return predict_batch(x, keep)
+        keys = [hashlib.blake2b(np.ascontiguousarray(s).tobytes(), digest_size=16).digest() for s in x]
+        todo = [i for i, k in enumerate(keys) if k not in seen]
+        if todo:
+            for i, y in zip(todo, predict_batch(np.ascontiguousarray(x[todo]))):
+                seen[keys[i]] = y
+        return np.stack([seen[k] for k in keys])
+
+    predict.forget = seen.clear
+    return predict
+
+
+def calibrate_threshold(run_dir: Path, *, data_dir: Path | None = None, which: str = "best", device: str = "cpu",
+                        batch_size: int | None = None, candidates=THRESHOLD_CANDIDATES, progress=None) -> dict:
+    """The probability threshold at which the run's masks have the true kidney volume on its validation
+    phantoms (never the test split, never a real CT), written to RUN_DIR/threshold.json for this checkpoint.
+
+    A model's volume bias is what dosimetry inherits (absorbed dose = energy / mass): a checkpoint that
+    draws its masks a few per cent outward on its own phantoms does so on patients. Each validation case
+    goes through `qnkit segment`'s path (:func:`qnkit.segment.segment_ct`, post-processing included) at
+    every candidate threshold, the network run once per slice; the threshold kept is the one whose median
+    predicted / true volume over the cases is closest to 1 (the mean Dice at each is recorded beside it).
+    `qnkit evaluate` and `qnkit export` then use it for this checkpoint.
+    """
+    from qnkit import io as qio
+    from qnkit.nn.eager import make_predict_batch
+    from qnkit.segment import SegmentOptions, model_arguments, segment_ct
+    from qnkit.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    data_dir, ids = split_cases(run_dir, data_dir, "validation")
+    model, meta = ckpt.load_model(run_dir, which)
+    arguments = model_arguments(meta)
+    ev = meta.get("settings", {}).get("EVAL", {})
+    options = SegmentOptions(batch_size=batch_size or int(ev.get("batch_size", 16)))
+    predict = _memoised(make_predict_batch(model, device))
+    candidates = sorted(float(t) for t in candidates)
+    ratios = np.zeros((len(ids), len(candidates)))
+    dices = np.zeros_like(ratios)
+    for row, case_id in enumerate(ids):
+        image_path, labels_path = _case_files(data_dir, case_id)
+        ct, geometry = qio.load_image(image_path)
+        labels, _ = qio.load_labels(labels_path)
+        target = (labels > 0).astype(np.uint8)
+        true = max(int(target.sum()), 1)
+        for col, t in enumerate(candidates):
+            mask, _, _ = segment_ct(ct, geometry, predict, **{**arguments, "threshold": t}, options=options)
+            ratios[row, col] = np.count_nonzero(mask) / true
+            dices[row, col] = kernels.dice(mask, target)
+        predict.forget()
+        if progress is not None:
+            progress(case_id, dict(zip(candidates, ratios[row])))
+    median = np.median(ratios, axis=0)
+    best = int(np.argmin(np.abs(median - 1.0)))
+    record = {"threshold": candidates[best], "split": "validation", "cases": ids, "checkpoint": which,
+              "epoch": meta.get("epoch"), "checkpoint_sha256": meta.get("files", {}),
+              "rule": "median predicted / true kidney volume over the validation cases closest to 1",
+              "default_threshold": float(arguments["threshold"]),
+              "table": [{"threshold": t, "median_volume_ratio": round(float(m), 4),
+                         "mean_dice": round(float(d), 4)}
+                        for t, m, d in zip(candidates, median, dices.mean(axis=0))]}
+    write_text_atomic(run_dir / THRESHOLD_NAME, json.dumps(record, indent=1))
+    return record
 
 
 def _case_files(data_dir: Path, case_id: str) -> tuple[Path, Path]:
@@ -82,8 +198,7 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
     model, meta = ckpt.load_model(run_dir, which)
     ev = meta.get("settings", {}).get("EVAL", {})
     arguments = model_arguments(meta)
-    if threshold is not None:
-        arguments["threshold"] = float(threshold)
+    arguments["threshold"] = float(threshold) if threshold is not None else run_threshold(run_dir, meta)[0]
     quality = quality or uncertainty > 0
     options = SegmentOptions(batch_size=batch_size or int(ev.get("batch_size", 16)), postprocess=postprocess,
                              mirror=mirror, quality=quality, uncertainty=uncertainty, seed=seed)
@@ -137,6 +252,6 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         result["tensorboard"] = str(tensorboard_dir(run_dir, log_dir) / "evaluation")
         write_text_atomic(run_dir / TEST_DICE_NAME, json.dumps(
             {"checkpoint": which, "epoch": meta["epoch"], "postprocess": postprocess, "mirror": mirror,
-             "mean_dice": result["mean_dice"], "std_dice": result["std_dice"],
+             "threshold": arguments["threshold"], "mean_dice": result["mean_dice"], "std_dice": result["std_dice"],
              "mean_dice_network": result["mean_dice_network"], "cases": len(rows)}, indent=1))
     return result

@@ -19,7 +19,13 @@ def command(
     device: choices.TorchDevice = typer.Option("cpu", "--device", callback=choices.plain, help="Where torch runs."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Slices per forward pass ([EVAL] batch_size)."),
     threshold: float = typer.Option(None, "--threshold", min=0.01, max=0.99,
-                                    help="Probability threshold after upsampling ([EVAL] threshold, 0.5)."),
+                                    help="Probability threshold after upsampling (default: the one calibrated for this "
+                                         "checkpoint, RUN_DIR/threshold.json, else [EVAL] threshold, 0.5)."),
+    calibrate_threshold: bool = typer.Option(
+        False, "--calibrate-threshold",
+        help="First fit the threshold to the run's validation phantoms (the one whose masks have the true kidney "
+             "volume, median over the cases; 0.30-0.70) and write it to RUN_DIR/threshold.json: evaluate and "
+             "`qnkit export` then use it for this checkpoint. Excludes --threshold."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess",
                                      help="Score the mask `qnkit segment` writes (one kidney per side, stray pieces "
                                           "dropped); --no-postprocess scores the network's raw mask. Both are "
@@ -52,7 +58,7 @@ def command(
     from qnkit._atomic import write_bytes_atomic, write_text_atomic
     from qnkit.errors import QnkitInputError, require
     from qnkit import quality_eval as QE
-    from qnkit.train.evaluation import evaluate
+    from qnkit.train.evaluation import calibrate_threshold as calibrate, evaluate
 
     if checkpoint not in (None, "best", "last"):
         raise QnkitInputError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -72,7 +78,17 @@ def command(
         if not quality_plot.absolute().parent.is_dir():
             raise QnkitInputError(f"--quality-plot {quality_plot}: folder does not exist")
     quality = quality or uncertainty > 0 or quality_plot is not None
+    if calibrate_threshold and threshold is not None:
+        raise QnkitInputError("--calibrate-threshold fits the threshold; --threshold sets it: give one")
     console = Console(stderr=True)
+    if calibrate_threshold:
+        fitted = calibrate(run_dir, data_dir=data, which=checkpoint or "best", device=device, batch_size=batch_size,
+                           progress=lambda case, ratios: console.log(
+                               f"{case}: predicted / true volume " + " ".join(f"{t:.2f}:{r:.3f}" for t, r in
+                                                                              ratios.items())))
+        ratio = {row["threshold"]: row["median_volume_ratio"] for row in fitted["table"]}[fitted["threshold"]]
+        console.print(f"threshold {fitted['threshold']:.2f} (median predicted / true volume {ratio:.3f} over "
+                      f"{len(fitted['cases'])} validation cases) -> {Path(run_dir) / 'threshold.json'}")
     result = evaluate(run_dir, data_dir=data, which=checkpoint, device=device, batch_size=batch_size,
                       threshold=threshold, postprocess=postprocess, mirror=mirror, quality=quality,
                       uncertainty=uncertainty, seed=seed, progress=lambda row: console.log(_case_line(row)))
