@@ -151,9 +151,24 @@ def test_init_from_fine_tunes_another_runs_best_weights(source_run, synth_datase
     assert again["epoch"] == 2 and again["initialised_from"] == meta["initialised_from"]
 
 
+def test_init_from_a_narrower_run_widens_it(source_run, synth_dataset_factory, tmp_path, run_qnkit):
+    """--init-from with more --num-filters: the new run starts from the source's weights widened (Net2WiderNet),
+    trains, and records it."""
+    wide = tmp_path / "wide"
+    proc = run_qnkit("train", "--data", synth_dataset_factory(4, 64, 0), "--out", wide, "--init-from", source_run,
+                     "--num-filters", "6", "--epochs", "1", "--lr", "1e-12", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "its 4 filters widened to 6" in " ".join(proc.stderr.split())
+    meta = json.loads((wide / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["network"]["num_filters"] == 6
+    assert (meta["initialised_from"]["widened"]["from_filters"], meta["initialised_from"]["widened"]["to_filters"]) \
+        == (4, 6)
+
+
 @pytest.mark.parametrize("args, words", [
-    (("--num-filters", "8"), ("network differs", "num_filters")),
-    (("--settings", "shipped"), ("network differs",)),
+    (("--num-filters", "2"), ("network differs", "num_filters")),  # fewer filters: widening only goes up
+    (("--settings", "KERNEL3"), ("network differs", "kernel_h")),
+    (("--settings", "KERNEL3", "--num-filters", "8"), ("network differs", "kernel_h")),  # wider, but not only
     (("--resume",), ("--init-from", "--resume")),
 ])
 def test_init_from_refuses_what_cannot_start_from_those_weights(source_run, synth_dataset_factory, tmp_path,
@@ -161,6 +176,9 @@ def test_init_from_refuses_what_cannot_start_from_those_weights(source_run, synt
     from qnkit.cli import main
 
     out = tmp_path / "new"
+    kernel3 = tmp_path / "kernel3.ini"  # the source's network with 3x3 kernels
+    kernel3.write_text("[NETWORK]\nnum_filters = 4\nkernel_h = 3\nkernel_w = 3\n")
+    args = [str(kernel3) if a == "KERNEL3" else a for a in args]
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(synth_dataset_factory(4, 64, 0)), "--out", str(out), "--init-from",
               str(source_run), *args, "--no-progress"])
