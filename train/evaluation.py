@@ -59,25 +59,17 @@ def split_cases(run_dir: Path, data_dir: Path | None, split: str) -> tuple[Path,
     return Path(data_dir or record["data_dir"]), ids
 
 
-def calibrated_threshold(run_dir: Path, meta: dict) -> dict | None:
-    """RUN_DIR/threshold.json when it was calibrated on this checkpoint (the SHA-256 of its files), else None."""
-    path = Path(run_dir) / THRESHOLD_NAME
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("checkpoint_sha256") != meta.get("files"):
-        return None
-    return record
-
-
 def run_threshold(run_dir: Path, meta: dict) -> tuple[float, dict | None]:
-    """The threshold a run's checkpoint ships with: the calibrated one (and its record) where
-    :func:`calibrate_threshold` fitted it to this checkpoint, else [EVAL] threshold (and None)."""
+    """The threshold a run's checkpoint ships with: the calibrated one and its record where
+    :func:`calibrate_threshold` fitted RUN_DIR/threshold.json to this checkpoint (the SHA-256 of its files),
+    else [EVAL] threshold and None."""
     from qnkit.segment import model_arguments
 
-    record = calibrated_threshold(run_dir, meta)
-    if record is not None:
+    try:
+        record = json.loads((Path(run_dir) / THRESHOLD_NAME).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and record.get("checkpoint_sha256") == meta.get("files"):
         return float(record["threshold"]), record
     return float(model_arguments(meta)["threshold"]), None
 

@@ -58,7 +58,7 @@ def command(
     from qnkit._atomic import write_bytes_atomic, write_text_atomic
     from qnkit.errors import QnkitInputError, require
     from qnkit import quality_eval as QE
-    from qnkit.train.evaluation import calibrate_threshold as calibrate, evaluate
+    from qnkit.train.evaluation import THRESHOLD_NAME, calibrate_threshold as calibrate, evaluate
 
     if checkpoint not in (None, "best", "last"):
         raise QnkitInputError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -88,7 +88,7 @@ def command(
                                                                               ratios.items())))
         ratio = {row["threshold"]: row["median_volume_ratio"] for row in fitted["table"]}[fitted["threshold"]]
         console.print(f"threshold {fitted['threshold']:.2f} (median predicted / true volume {ratio:.3f} over "
-                      f"{len(fitted['cases'])} validation cases) -> {Path(run_dir) / 'threshold.json'}")
+                      f"{len(fitted['cases'])} validation cases) -> {Path(run_dir) / THRESHOLD_NAME}")
     result = evaluate(run_dir, data_dir=data, which=checkpoint, device=device, batch_size=batch_size,
                       threshold=threshold, postprocess=postprocess, mirror=mirror, quality=quality,
                       uncertainty=uncertainty, seed=seed, progress=lambda row: console.log(_case_line(row)))

@@ -276,40 +276,32 @@ def widen_filters(state: Mapping[str, torch.Tensor], config: QuickNATConfig, num
     def produce(t: torch.Tensor, mapping=copy_of) -> torch.Tensor:
         return t.index_select(0, mapping).contiguous()
 
-    def consume(w: torch.Tensor, segments: list, dim: int = 1) -> torch.Tensor:
-        """`w` read along `dim` a concatenation of segments: ('fixed', n) stays, ('wide', mapping) widens."""
-        parts, start = [], 0
+    def old_positions(segments: list) -> torch.Tensor:
+        """For each position of a widened input axis, the old position it copies: the axis is a concatenation
+        of segments, ('fixed', n) kept as it is, ('wide', mapping) widened by `mapping`."""
+        index, start = [], 0
         for kind, arg in segments:
-            if kind == "fixed":
-                parts.append(w.narrow(dim, start, arg))
-                start += arg
-                continue
-            mapping = arg
-            n_old = int(mapping.max()) + 1
-            seg = w.narrow(dim, start, n_old)
-            copies = torch.bincount(mapping, minlength=n_old).to(w.dtype)
-            shape = [1] * w.dim()
-            shape[dim] = -1
-            new = seg.index_select(dim, mapping) / copies.index_select(0, mapping).view(shape)
-            if noise > 0 and w.numel() > 1:
-                e = torch.randn(new.shape, generator=gen, dtype=w.dtype) * (noise * float(w.std()))
-                # zero-sum over each old channel's copies: subtract their mean
-                sums = torch.zeros_like(seg).index_add_(dim, mapping, e)
-                e = e - (sums / copies.view(shape)).index_select(dim, mapping)
-                new = new + e
-            parts.append(new)
-            start += n_old
-        return torch.cat(parts, dim=dim).contiguous()
+            index.append(start + (torch.arange(arg) if kind == "fixed" else arg))
+            start += arg if kind == "fixed" else int(arg.max()) + 1
+        return torch.cat(index)
 
     def spread(v: torch.Tensor, segments: list) -> torch.Tensor:
-        """A per-input-channel vector (batch norm) over widened segments: copies, no sharing."""
-        parts, start = [], 0
-        for kind, arg in segments:
-            n = arg if kind == "fixed" else int(arg.max()) + 1
-            seg = v.narrow(0, start, n)
-            parts.append(seg if kind == "fixed" else seg.index_select(0, arg))
-            start += n
-        return torch.cat(parts).contiguous()
+        """A per-input-channel vector (batch norm): each copy gets its channel's value."""
+        return v.index_select(0, old_positions(segments)).contiguous()
+
+    def consume(w: torch.Tensor, segments: list, dim: int = 1) -> torch.Tensor:
+        """Weights reading a widened axis along `dim`: each copy gets its share of the old weight (a channel
+        not copied keeps it whole, and no noise: its zero-sum is zero)."""
+        index = old_positions(segments)
+        shape = [1] * w.dim()
+        shape[dim] = -1
+        copies = torch.bincount(index, minlength=w.shape[dim]).to(w.dtype).view(shape)
+        new = w.index_select(dim, index) / copies.index_select(dim, index)
+        if noise > 0 and w.numel() > 1:
+            e = torch.randn(new.shape, generator=gen, dtype=w.dtype) * (noise * float(w.std()))
+            sums = torch.zeros_like(w).index_add_(dim, index, e)  # zero-sum over each channel's copies
+            new = new + e - (sums / copies).index_select(dim, index)
+        return new.contiguous()
 
     wide = ("wide", copy_of)
     blocks = [(f"encoders.{i}", [("fixed", config.num_channels)] if i == 0 else [wide]) for i in range(4)]
