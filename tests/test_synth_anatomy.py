@@ -172,7 +172,7 @@ def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
     assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
     assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
     with pytest.raises(Exception, match="anatomy version"):
-        make_anatomy_case(1, seed=4, version=6, **COARSE)
+        make_anatomy_case(1, seed=4, version=7, **COARSE)
 
 
 def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
@@ -198,7 +198,7 @@ def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
 def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
-    for args, word in ((["--generator", "anatomy", "--anatomy-version", "6"], "anatomy version"),
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "7"], "anatomy version"),
                        (["--anatomy-version", "1"], "anatomy generator"),
                        (["--phases", "1,1,1,1"], "anatomy generator"),
                        (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
@@ -364,6 +364,94 @@ def test_version_5_labels_the_sinus_background_and_keeps_version_4_elsewhere():
             parenchyma = v5.segmentation == 1
             assert np.median(v5.imaging[gone]) < np.median(v5.imaging[parenchyma]) - 20
     assert carved
+
+
+def _hilum_body(side: str, spacing=(2.0, 2.0, 2.0)):
+    """An ellipsoid kidney in fat, with a vena cava and an aorta running head to foot on its medial side."""
+    kidney = _ellipsoid_kidney(shape=(90, 60, 100), centre=(35, 30, 30 if side == "right" else 70), spacing=spacing)
+    tissue = np.where(kidney, LABEL[f"kidney_{side}"], LABEL["body"]).astype(np.uint8)
+    tissue[:, 25:31, 48:54] = LABEL["vein"]  # the vena cava (patient right of the aorta)
+    tissue[:, 30:35, 58:63] = LABEL["artery"]
+    tissue[:, 50:, :] = LABEL["muscle"]  # the back: never painted over
+    return tissue, kidney.astype(np.uint8)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hilar_structures_leave_the_kidney_medially_and_stay_background(side):
+    """Vein, artery and ureter are drawn in the fat only, keep every KiTS label, start at the kidney's medial
+    side, reach the great vessels (the vein the vena cava, across the aorta's front on the left), and the
+    ureter runs down to (about) the bottom of the volume."""
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.hilum import add_hilar_structures
+    from qnkit.synth.sinus import carve_sinus
+
+    spacing = (2.0, 2.0, 2.0)
+    drawn = 0
+    for seed in range(6):
+        tissue, labels = _hilum_body(side, spacing)
+        carve_sinus(np.random.default_rng(seed), tissue, labels, spacing)
+        before_t, before_l = tissue.copy(), labels.copy()
+        record = add_hilar_structures(np.random.default_rng(seed), tissue, labels, spacing)
+        assert np.array_equal(labels, before_l)
+        changed = tissue != before_t
+        assert (before_t[changed] == LABEL["body"]).all()
+        assert set(np.unique(tissue[changed]).tolist()) <= {LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]}
+        other = "left" if side == "right" else "right"
+        assert record[other] == {}
+        kidney = ndi.binary_dilation((before_t == LABEL[f"kidney_{side}"]) | (before_t == LABEL["renal_sinus"]),
+                                     iterations=2)
+        centre_col = np.argwhere(labels > 0)[:, 2].mean()
+        for name, target in (("vein", "vein"), ("artery", "artery")):
+            new = changed & (tissue == LABEL[name])
+            if f"{name}_ml" not in record[side]:
+                assert not new.any()
+                continue
+            drawn += 1
+            assert record[side][f"{name}_ml"] == pytest.approx(new.sum() * 8 / 1000, abs=0.01)
+            assert (new & kidney).any(), f"the {name} starts at the kidney"
+            assert (ndi.binary_dilation(new, iterations=2) & (before_t == LABEL[target])).any(), f"{name} reaches"
+            cols = np.argwhere(new)[:, 2]
+            assert ((cols > centre_col).mean() if side == "right" else (cols < centre_col).mean()) > 0.9
+        if side == "left" and "vein_ml" in record[side]:  # it crosses in front of the aorta
+            vein = changed & (tissue == LABEL["vein"])
+            across = vein[:, :, 58:63]
+            assert across.any() and np.argwhere(across)[:, 1].max() < 30
+        ureter = changed & (tissue == LABEL["collecting_system"])
+        assert ureter.any() == ("ureter_ml" in record[side])
+        if ureter.any():
+            assert np.argwhere(ureter)[:, 0].max() >= tissue.shape[0] - 4  # where it passes in front of the vessels
+            assert np.argwhere(ureter)[:, 0].min() < np.argwhere(labels > 0)[:, 0].max()
+    assert drawn >= 6
+
+
+def test_hilar_structures_skip_small_or_absent_kidneys():
+    from qnkit.synth.hilum import add_hilar_structures
+
+    small = _ellipsoid_kidney(radii_mm=(20, 14, 12))  # ~14 mL
+    tissue = np.where(small, LABEL["kidney_left"], LABEL["body"]).astype(np.uint8)
+    before = tissue.copy()
+    assert add_hilar_structures(np.random.default_rng(0), tissue, small.astype(np.uint8), (2.0, 2.0, 2.0)) == \
+        {"right": {}, "left": {}}
+    assert np.array_equal(tissue, before)
+
+
+def test_version_6_draws_the_hilum_and_keeps_version_5_elsewhere():
+    """Version 6 is version 5's bodies and labels to the voxel, with hilar structures added (recorded per side):
+    the image changes only from the kidneys' top downwards, and not at all above them."""
+    drawn = 0
+    for index in range(3):
+        v6 = make_anatomy_case(index, seed=3, version=6, pixel_range=(2.5, 2.5), max_size=160)
+        v5 = make_anatomy_case(index, seed=3, version=5, pixel_range=(2.5, 2.5), max_size=160)
+        record = v6.kits_entry()["qnkit_synth"]
+        assert record["recipe_version"] == 6 and set(record["hilum"]) == {"right", "left"}
+        assert np.array_equal(v6.segmentation, v5.segmentation)
+        top = int(np.argwhere(v5.segmentation > 0)[:, 0].min())
+        assert np.array_equal(v6.imaging[: max(0, top - 8)], v5.imaging[: max(0, top - 8)])
+        drawn += sum(len(r) for r in record["hilum"].values())
+        if any(record["hilum"].values()):
+            assert not np.array_equal(v6.imaging, v5.imaging)
+    assert drawn
 
 
 # --------------------------------------------------------------------------- contrast phase mix

@@ -11,6 +11,7 @@ from .anatomy import draw_grid, make_anatomy
 from .appearance import PHASE_P, PHASES, draw_look, draw_lookalikes, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
+from .hilum import add_hilar_structures
 from .sinus import carve_sinus
 
 #: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
@@ -21,9 +22,11 @@ from .sinus import carve_sinus
 #: bodies with look-alikes (:data:`.appearance.LOOKALIKE_P`): the spleen, the liver or the mass drawn at the
 #: kidney's own HU in some cases, so that only shape and place tell them from it; 5: version 4's bodies with
 #: the renal sinus opened at the hilum and labelled background (:mod:`.sinus`): the kidney label is the
-#: parenchyma, as in TotalSegmentator's masks and kidney dosimetry, not KiTS19's sinus-filled outline.
-RECIPE_VERSIONS = (1, 2, 3, 4, 5)
-RECIPE_VERSION = 5
+#: parenchyma, as in TotalSegmentator's masks and kidney dosimetry, not KiTS19's sinus-filled outline; 6: version
+#: 5's bodies with what leaves each kidney at its hilum (:mod:`.hilum`: renal vein, renal artery, pelvis and
+#: ureter, labelled background), so that the network learns where the kidney ends on its medial side.
+RECIPE_VERSIONS = (1, 2, 3, 4, 5, 6)
+RECIPE_VERSION = 6
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
@@ -57,6 +60,9 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
     if version >= 5:
         body.meta["sinus"] = carve_sinus(np.random.default_rng(np.random.SeedSequence([seed, index, 5])),
                                          body.tissue, body.labels, body.spacing)
+    if version >= 6:
+        body.meta["hilum"] = add_hilar_structures(np.random.default_rng(np.random.SeedSequence([seed, index, 6])),
+                                                  body.tissue, body.labels, body.spacing)
     look = draw_look(rng, phase_p=phase_p)
     if version >= 4:
         look = draw_lookalikes(np.random.default_rng(np.random.SeedSequence([seed, index, 4])), look)

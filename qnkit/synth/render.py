@@ -19,6 +19,7 @@ _PLAIN = {  # atlas tissue -> appearance tissue, painted as is
     "adrenal": "adrenal", "artery": "artery", "vein": "vein", "portal_vein": "portal_vein", "heart": "heart",
     "lung": "lung", "cartilage": "cartilage", "spinal_cord": "spinal_cord", "muscle": "muscle",
     "bladder": "bladder", "prostate": "prostate", "esophagus": "esophagus", "kidney_cyst": "cyst",
+    "collecting_system": "urine",
 }
 _BOWEL = ("stomach", "duodenum", "small_bowel", "colon")
 

@@ -1,0 +1,152 @@
+"""What leaves the kidney at its hilum: renal vein, renal artery, pelvis and ureter (anatomy version 6).
+
+Real CTs show, at every kidney's medial side, tubes of soft tissue or water that start where the parenchyma
+opens: the renal vein running to the inferior vena cava (the left one in front of the aorta), the renal
+artery behind it from the aorta, and the renal pelvis, often bulging outside the kidney, narrowing into the
+ureter that runs down along the psoas. None of it is kidney in the masks qnkit is measured against, and
+unenhanced the vein and pelvis lie within a few tens of HU of the parenchyma. The atlas has none of them
+(TotalSegmentator's masks stop at the aorta and the vena cava), so a network trained on earlier versions
+never saw such a tube beside a kidney and takes it in: the hilum's structures are drawn here as tissue of
+their own, labelled background.
+
+Layout as :mod:`.anatomy`'s: slices superior->inferior, rows anterior->posterior, columns patient right->left.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .atlas import LABEL
+
+#: How often each structure is drawn for a kidney (a ureter is hidden by bowel or collapsed in some scans).
+VEIN_P, ARTERY_P, URETER_P, EXTRARENAL_PELVIS_P = 0.95, 0.85, 0.85, 0.45
+#: Tissues a hilar tube may be painted over: the fat it runs through (inside the sinus the renderer draws its own
+#: vessels and pelvis).
+_PAINTED_OVER = ("body",)
+
+
+def add_hilar_structures(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spacing: tuple) -> dict:
+    """Draw each kidney's renal vein, renal artery, pelvis and ureter into `tissue`, in place.
+
+    `labels` is read only: every voxel painted has KiTS label 0 and stays 0. Returns, per side, the
+    volume (mL) of each structure drawn.
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    out = {}
+    for side, medial in (("right", 1.0), ("left", -1.0)):
+        draw = rng.random(8)  # drawn for every side, so one side's anatomy never shifts the other's draws
+        kidney = (tissue == LABEL[f"kidney_{side}"]) & (labels > 0)
+        if kidney.sum() * float(np.prod(sp)) < 20_000.0:
+            out[side] = {}
+            continue
+        hilum = _hilum_point(tissue, _largest_part(kidney), sp, medial)
+        record = {}
+        level = (hilum[0] - 12.0 / sp[0], hilum[0] + 12.0 / sp[0])
+        ivc = _nearest_in_slab(tissue == LABEL["vein"], hilum, sp, level)
+        aorta = _nearest_in_slab(tissue == LABEL["artery"], hilum, sp, level)
+        if ivc is not None and draw[0] < VEIN_P:
+            radius = (3.5 if side == "right" else 4.0) + 2.5 * draw[1]
+            via = None
+            if side == "left" and aorta is not None:  # in front of the aorta, between it and the gut
+                via = aorta + np.array([0.0, -(12.0 + radius) / sp[1], 0.0])
+            path = _curve(hilum, ivc, via, sp)
+            record["vein_ml"] = _paint_tube(tissue, labels, path, radius, sp, LABEL["vein"])
+        if aorta is not None and draw[2] < ARTERY_P:
+            start = hilum + np.array([0.0, 6.0 / sp[1], 0.0])  # behind the vein
+            record["artery_ml"] = _paint_tube(tissue, labels, _curve(start, aorta, None, sp), 2.0 + 1.5 * draw[3], sp,
+                                              LABEL["artery"])
+        if draw[4] < URETER_P:
+            record["ureter_ml"] = _draw_ureter(tissue, labels, hilum, sp, medial, draw[5], draw[6] < EXTRARENAL_PELVIS_P,
+                                               draw[7])
+        out[side] = {k: v for k, v in record.items() if v > 0}
+    return out
+
+
+def _hilum_point(tissue: np.ndarray, kidney: np.ndarray, sp: np.ndarray, medial: float) -> np.ndarray:
+    """Where the vessels and pelvis leave the kidney (voxel coordinates, float): the middle of the carved sinus's
+    mouth, or without a sinus the kidney's most medial voxel near its mid-height, a little in front."""
+    idx = np.argwhere(kidney)
+    lo, hi = np.maximum(idx.min(axis=0) - 3, 0), idx.max(axis=0) + 4
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    own = ndi.binary_dilation(kidney[box], iterations=2)  # not the other kidney's sinus, should boxes overlap
+    mouth = (tissue[box] == LABEL["renal_sinus"]) & own & ndi.binary_dilation(tissue[box] == LABEL["body"])
+    if mouth.sum() >= 3:
+        return np.argwhere(mouth).mean(axis=0) + lo
+    centre = idx.mean(axis=0)
+    mid = idx[np.abs(idx[:, 0] - centre[0]) * sp[0] <= 10.0]
+    score = medial * mid[:, 2] * sp[2] - 0.3 * mid[:, 1] * sp[1]
+    return mid[int(np.argmax(score))].astype(np.float64)
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest connected part of `mask` (a kidney's label can touch the other's where two placed kidneys meet)."""
+    parts, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    return parts == int(np.argmax(np.bincount(parts.ravel())[1:])) + 1
+
+
+def _nearest_in_slab(mask: np.ndarray, point: np.ndarray, sp: np.ndarray, level: tuple) -> np.ndarray | None:
+    """The voxel of `mask` nearest `point` among the slices within `level`, or None."""
+    z0, z1 = max(0, int(np.floor(level[0]))), min(mask.shape[0], int(np.ceil(level[1])) + 1)
+    idx = np.argwhere(mask[z0:z1])
+    if len(idx) == 0:
+        return None
+    idx[:, 0] += z0
+    d = (((idx - point) * sp) ** 2).sum(axis=1)
+    return idx[int(np.argmin(d))].astype(np.float64)
+
+
+def _curve(start: np.ndarray, end: np.ndarray, via: np.ndarray | None, sp: np.ndarray) -> np.ndarray:
+    """Points (voxel coordinates) about every half voxel along a quadratic Bezier from `start` to `end` that
+    passes through `via` halfway (a straight line without it)."""
+    control = (start + end) / 2 if via is None else 2 * via - (start + end) / 2
+    length = (np.linalg.norm((control - start) * sp) + np.linalg.norm((end - control) * sp))
+    t = np.linspace(0.0, 1.0, max(2, int(np.ceil(2 * length / sp.min()))))[:, None]
+    return (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t ** 2 * end
+
+
+def _paint_tube(tissue: np.ndarray, labels: np.ndarray, path: np.ndarray, radius: float, sp: np.ndarray,
+                value: int) -> float:
+    """Paint voxels within `radius` mm of `path` with `value` where the tissue is fat or sinus and the KiTS label
+    is 0; return the volume painted (mL)."""
+    reach = np.ceil(radius / sp).astype(int) + 1
+    lo = np.maximum(np.floor(path.min(axis=0)).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(path.max(axis=0)).astype(int) + reach + 1, tissue.shape)
+    if np.any(hi <= lo):
+        return 0.0
+    centre = np.zeros(tuple(hi - lo), dtype=bool)
+    pts = np.rint(path).astype(int) - lo
+    pts = pts[np.all((pts >= 0) & (pts < centre.shape), axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    centre[tuple(pts.T)] = True
+    near = ndi.distance_transform_edt(~centre, sampling=sp) <= radius
+    region = tissue[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    free = np.isin(region, [LABEL[t] for t in _PAINTED_OVER]) & (labels[tuple(slice(a, b) for a, b in zip(lo, hi))] == 0)
+    painted = near & free
+    region[painted] = value
+    return round(float(painted.sum()) * float(np.prod(sp)) / 1000.0, 2)
+
+
+def _draw_ureter(tissue: np.ndarray, labels: np.ndarray, hilum: np.ndarray, sp: np.ndarray, medial: float, u: float,
+                 pelvis: bool, v: float) -> float:
+    """The pelvis (outside the kidney when `pelvis`) and the ureter running down and in towards the psoas, to the
+    bottom of the volume; return the volume painted (mL)."""
+    value = LABEL["collecting_system"]
+    total = 0.0
+    down = np.array([1.0 / sp[0], 0.0, 0.0])
+    start = hilum + np.array([4.0 / sp[0], 0.0, 0.0])  # the pelvis leaves the hilum's lower half
+    if pelvis:
+        bulge = start + np.array([0.0, -2.0 / sp[1], medial * (5.0 + 6.0 * v) / sp[2]])
+        total += _paint_tube(tissue, labels, bulge[None], 6.0 + 6.0 * u, sp, value)
+        start = bulge
+    bend = start + 40.0 * down + np.array([0.0, (4.0 + 8.0 * v) / sp[1], medial * (8.0 + 10.0 * u) / sp[2]])
+    end = bend.copy()
+    end[0] = tissue.shape[0] - 1
+    end[2] += medial * 0.15 * (end[0] - bend[0]) * sp[0] / sp[2]
+    radius = 1.8 + 1.7 * u
+    total += _paint_tube(tissue, labels, _curve(start, bend, None, sp), radius, sp, value)
+    if end[0] > bend[0]:
+        total += _paint_tube(tissue, labels, _curve(bend, end, None, sp), radius, sp, value)
+    return round(total, 2)
