@@ -172,7 +172,7 @@ def test_version_1_is_the_first_recipe_and_version_2_moves_organs(monkeypatch):
     assert v1.kits_entry()["qnkit_synth"]["recipe_version"] == 1 and "organ_moves" not in v1.kits_entry()["qnkit_synth"]
     assert v1.imaging.shape == v2.imaging.shape  # same grid draws; the bodies differ
     with pytest.raises(Exception, match="anatomy version"):
-        make_anatomy_case(1, seed=4, version=7, **COARSE)
+        make_anatomy_case(1, seed=4, version=8, **COARSE)
 
 
 def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
@@ -198,7 +198,7 @@ def test_version_2_puts_the_spleen_against_the_left_kidney_more_often():
 def test_cli_anatomy_version_is_checked(tmp_path, capsys):
     from qnkit.cli import main
 
-    for args, word in ((["--generator", "anatomy", "--anatomy-version", "7"], "anatomy version"),
+    for args, word in ((["--generator", "anatomy", "--anatomy-version", "8"], "anatomy version"),
                        (["--anatomy-version", "1"], "anatomy generator"),
                        (["--phases", "1,1,1,1"], "anatomy generator"),
                        (["--generator", "anatomy", "--phases", "1,1,1"], "phase weights"),
@@ -436,7 +436,41 @@ def test_hilar_structures_skip_small_or_absent_kidneys():
     assert np.array_equal(tissue, before)
 
 
-def test_version_6_draws_the_hilum_and_keeps_version_5_elsewhere():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pelvis_fills_the_sinus_nearest_the_hilum(side):
+    """Version 7's pelvis is sinus turned into renal pelvis, the share recorded, nearest the hilum first;
+    labels and everything outside the sinus stay as they were."""
+    from qnkit.synth.hilum import PELVIS_SHARE, _hilum_point, fill_pelvis
+    from qnkit.synth.sinus import carve_sinus
+
+    spacing = (2.0, 2.0, 2.0)
+    filled = 0
+    for seed in range(6):
+        tissue, labels = _hilum_body(side, spacing)
+        carve_sinus(np.random.default_rng(seed), tissue, labels, spacing)
+        if not (tissue == LABEL["renal_sinus"]).any():
+            continue
+        before_t, before_l = tissue.copy(), labels.copy()
+        kidney = (tissue == LABEL[f"kidney_{side}"]) & (labels > 0)
+        hilum = _hilum_point(tissue, kidney, np.asarray(spacing), 1.0 if side == "right" else -1.0)
+        record = fill_pelvis(np.random.default_rng(seed), tissue, labels, spacing)
+        assert np.array_equal(labels, before_l)
+        changed = tissue != before_t
+        assert (before_t[changed] == LABEL["renal_sinus"]).all()
+        assert (tissue[changed] == LABEL["renal_pelvis"]).all()
+        sinus = before_t == LABEL["renal_sinus"]
+        assert record[side] == pytest.approx(changed.sum() / sinus.sum(), abs=1e-3)
+        if record[side] == 0.0:
+            continue
+        filled += 1
+        assert PELVIS_SHARE[0] - 0.05 <= record[side] <= PELVIS_SHARE[1] + 0.05
+        distance = lambda m: np.sqrt((((np.argwhere(m) - hilum) * spacing) ** 2).sum(axis=1))  # noqa: E731
+        if (sinus & ~changed).any():
+            assert distance(changed).max() <= distance(sinus & ~changed).min() + 1e-6
+    assert filled >= 3
+
+
+def test_versions_6_and_7_draw_the_hilum_and_keep_version_5_elsewhere():
     """Version 6 is version 5's bodies and labels to the voxel, with hilar structures added (recorded per side):
     the image changes only from the kidneys' top downwards, and not at all above them."""
     drawn = 0
@@ -451,6 +485,11 @@ def test_version_6_draws_the_hilum_and_keeps_version_5_elsewhere():
         drawn += sum(len(r) for r in record["hilum"].values())
         if any(record["hilum"].values()):
             assert not np.array_equal(v6.imaging, v5.imaging)
+        v7 = make_anatomy_case(index, seed=3, version=7, pixel_range=(2.5, 2.5), max_size=160)
+        pelvis = v7.kits_entry()["qnkit_synth"]["pelvis"]
+        assert np.array_equal(v7.segmentation, v5.segmentation) and set(pelvis) == {"right", "left"}
+        assert v7.kits_entry()["qnkit_synth"]["hilum"] == record["hilum"]
+        assert np.array_equal(v7.imaging[: max(0, top - 8)], v5.imaging[: max(0, top - 8)])
     assert drawn
 
 

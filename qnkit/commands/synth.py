@@ -41,7 +41,8 @@ def command(
                                              "4: also the spleen, liver or mass at the kidney's HU in some "
                                              "bodies; 5: also the renal sinus opened at the hilum and "
                                              "labelled background (the kidney is its parenchyma); 6: also the renal "
-                                             "vein, artery, pelvis and ureter leaving each hilum (background)."),
+                                             "vein, artery, pelvis and ureter leaving each hilum (background); 7: "
+                                             "also the renal pelvis filling the sinus nearest the hilum."),
     phases: str = typer.Option(None, "--phases", metavar="U,C,N,E", show_default="0.15,0.35,0.35,0.15",
                                help="anatomy: how often each contrast phase is drawn (unenhanced, corticomedullary, "
                                     "nephrographic, excretory; scaled to sum to 1), e.g. mostly unenhanced for the "

@@ -25,6 +25,7 @@ TISSUES = (
     "mass",  # a large retroperitoneal mass against a kidney (anatomy version 3); never in the atlas
     "renal_sinus",  # fat, pelvis and vessels in the kidney's hilum (anatomy version 5, .sinus); never in the atlas
     "collecting_system",  # renal pelvis outside the kidney and ureter (anatomy version 6, .hilum); never in the atlas
+    "renal_pelvis",  # the pelvis inside the sinus (anatomy version 7, .hilum.fill_pelvis); never in the atlas
 )
 LABEL = {name: i for i, name in enumerate(TISSUES)}
 

@@ -11,7 +11,7 @@ from .anatomy import draw_grid, make_anatomy
 from .appearance import PHASE_P, PHASES, draw_look, draw_lookalikes, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
-from .hilum import add_hilar_structures
+from .hilum import add_hilar_structures, fill_pelvis
 from .sinus import carve_sinus
 
 #: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
@@ -24,9 +24,11 @@ from .sinus import carve_sinus
 #: the renal sinus opened at the hilum and labelled background (:mod:`.sinus`): the kidney label is the
 #: parenchyma, as in TotalSegmentator's masks and kidney dosimetry, not KiTS19's sinus-filled outline; 6: version
 #: 5's bodies with what leaves each kidney at its hilum (:mod:`.hilum`: renal vein, renal artery, pelvis and
-#: ureter, labelled background), so that the network learns where the kidney ends on its medial side.
-RECIPE_VERSIONS = (1, 2, 3, 4, 5, 6)
-RECIPE_VERSION = 6
+#: ureter, labelled background), so that the network learns where the kidney ends on its medial side; 7: version
+#: 6's bodies with the renal pelvis filling the part of the sinus nearest the hilum in most kidneys (urine:
+#: water-dense unenhanced, bright excretory; :func:`.hilum.fill_pelvis`) instead of fat with patches of urine.
+RECIPE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+RECIPE_VERSION = 7
 DEFAULT_PIXEL_RANGE = (1.3, 2.6)
 
 
@@ -63,6 +65,9 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
     if version >= 6:
         body.meta["hilum"] = add_hilar_structures(np.random.default_rng(np.random.SeedSequence([seed, index, 6])),
                                                   body.tissue, body.labels, body.spacing)
+    if version >= 7:
+        body.meta["pelvis"] = fill_pelvis(np.random.default_rng(np.random.SeedSequence([seed, index, 7])),
+                                          body.tissue, body.labels, body.spacing)
     look = draw_look(rng, phase_p=phase_p)
     if version >= 4:
         look = draw_lookalikes(np.random.default_rng(np.random.SeedSequence([seed, index, 4])), look)

@@ -19,7 +19,7 @@ _PLAIN = {  # atlas tissue -> appearance tissue, painted as is
     "adrenal": "adrenal", "artery": "artery", "vein": "vein", "portal_vein": "portal_vein", "heart": "heart",
     "lung": "lung", "cartilage": "cartilage", "spinal_cord": "spinal_cord", "muscle": "muscle",
     "bladder": "bladder", "prostate": "prostate", "esophagus": "esophagus", "kidney_cyst": "cyst",
-    "collecting_system": "urine",
+    "collecting_system": "urine", "renal_pelvis": "urine",
 }
 _BOWEL = ("stomach", "duodenum", "small_bowel", "colon")
 
@@ -201,8 +201,8 @@ def _white_noise(rng: np.random.Generator, shape: tuple) -> np.ndarray:
 def _paint_kidneys(rng, img, tissue, labels, spacing, look: Look, f1, f2) -> None:
     """Cortex, medulla (pyramids between columns of Bertin), sinus fat and pelvis; tumor with necrosis."""
     hu = look.hu
-    carved = tissue == LABEL["renal_sinus"]
-    _paint_hilar_sinus(img, carved, hu, f1, f2)
+    _paint_hilar_sinus(img, tissue == LABEL["renal_sinus"], hu, f1, f2)
+    carved = np.isin(tissue, [LABEL["renal_sinus"], LABEL["renal_pelvis"]])  # the whole sinus, pelvis and all
     kidney = (labels == 1) & (tissue != LABEL["kidney_cyst"])
     if kidney.any():
         depth = _depth_mm(labels > 0, spacing)
