@@ -60,8 +60,13 @@ def kidney_errors(predicted: np.ndarray, truth: np.ndarray, ct: np.ndarray, othe
             "fp_regions": sorted(regions, key=lambda r: -r["voxels"])}
 
 
-def error_map(model: str, ct_path: Path, labels_path: Path, right_label: int, left_label: int) -> dict:
-    """Segment `ct_path` with `model` as ``qnkit segment`` does and map each kidney's errors against the labels."""
+def error_map(model: str, ct_path: Path, labels_path: Path, right_label: int, left_label: int,
+              probe_hu: tuple = ()) -> dict:
+    """Segment `ct_path` with `model` as ``qnkit segment`` does and map each kidney's errors against the labels.
+
+    `probe_hu`: for each value, the false-positive regions' voxels (beyond :data:`REGION_MM`, no organ label)
+    are set to it and the CT segmented again: the share of them still taken says whether the network takes such
+    a region for its content (it lets go when the content changes) or for its shape and place (it does not)."""
     from qnkit import io as qio
     from qnkit.backends import open_backend
     from qnkit.bundle import load_bundle
@@ -82,6 +87,15 @@ def error_map(model: str, ct_path: Path, labels_path: Path, right_label: int, le
         truth = labels == value
         code = max((1, 2), key=lambda c: int(((sides == c) & truth).sum()))  # the predicted side over this kidney
         out[side] = kidney_errors(sides == code, truth, ct, (labels > 0) & ~kidneys, spacing)
+    if probe_hu:
+        region = (sides > 0) & (labels == 0)
+        region &= ndi.distance_transform_edt(~kidneys, sampling=spacing) > REGION_MM
+        out["probe"] = {"voxels": int(region.sum()), "still_taken": {}}
+        for value in probe_hu:
+            changed = ct.copy()
+            changed[region] = value
+            _, again, _ = segment_ct(changed, geometry, backend.predict, **arguments, options=SegmentOptions())
+            out["probe"]["still_taken"][f"{value:g}"] = round(float((again[region] > 0).mean()), 3) if region.any() else 0.0
     return out
 
 
@@ -92,10 +106,13 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--right-label", type=int, default=2)
     parser.add_argument("--left-label", type=int, default=3)
+    parser.add_argument("--probe-hu", default="", metavar="V1,V2,...",
+                        help="also set the false-positive regions to each of these HU and segment again")
     parser.add_argument("--name", help="the key of this result in --json (default: --model)")
     parser.add_argument("--json", type=Path, help="add the result to this file (other keys kept)")
     args = parser.parse_args(argv)
-    result = error_map(args.model, args.ct, args.labels, args.right_label, args.left_label)
+    probe = tuple(float(v) for v in args.probe_hu.split(",") if v.strip())
+    result = error_map(args.model, args.ct, args.labels, args.right_label, args.left_label, probe)
     print(json.dumps(result, indent=1))
     if args.json:
         doc = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -238,7 +238,7 @@ RECIPES["kidney-synth-10"] = {
 # of 0.15: the CT of a SPECT/CT for dosimetry is usually unenhanced; the phase costs one draw whatever the mix, so the
 # bodies and splits stay kidney-synth-8's). kidney-synth-10 (version 6) did not shrink the region kidney-synth-7 to
 # -10 take at each lower hilum of the real validation CT: it is the sinus, filled, and a probe says why: with that
-# region's voxels set to fat (-90 HU) the network leaves 93 % of them out, at -40 HU it takes 78 % (version 5's sinus
+# region's voxels set to fat (-90 HU) the network leaves 94 % of them out, at -40 HU it takes 76 % (version 5's sinus
 # is fat of -100..-40 HU with patches of urine). On its own validation phantoms kidney-synth-10 takes 15-85 % of the
 # carved sinus too, more where the sinus is near the parenchyma's HU.
 RECIPES["kidney-synth-11"] = {
