@@ -47,11 +47,13 @@ def check_anatomy_options(version, phase_weights) -> tuple[int, tuple]:
 
 def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = None,
                       pixel_range: tuple[float, float] = DEFAULT_PIXEL_RANGE, max_size: int = 512,
-                      version: int = RECIPE_VERSION, phase_weights=None) -> SynthCase:
+                      version: int = RECIPE_VERSION, phase_weights=None, keep_tissue: bool = False) -> SynthCase:
     """Case number `index` (``case_{index:05d}``) of anatomy recipe `version`, seeded by ``(seed, index)`` only.
 
     `phase_weights` (one per contrast phase, default :data:`.appearance.PHASE_P`) say how often each
-    phase is drawn: a protocol's mix (e.g. mostly unenhanced for SPECT/CT) without changing the bodies."""
+    phase is drawn: a protocol's mix (e.g. mostly unenhanced for SPECT/CT) without changing the bodies.
+    `keep_tissue` keeps the tissue labels (:data:`.atlas.TISSUES`) on the case: what each voxel was drawn as,
+    to score a model on parts of the anatomy (the sinus, the hilum) that the KiTS labels call background."""
     index = _check_int("index", index, 0)
     seed = _check_int("seed", seed, 0)
     version, phase_p = check_anatomy_options(version, phase_weights)
@@ -89,4 +91,4 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
         "num_slices": int(body.labels.shape[0]),
     }
     return SynthCase(case_id=f"case_{index:05d}", imaging=imaging, segmentation=body.labels, affine=body.affine,
-                     radiographic_size=float(size_cm), meta=meta)
+                     radiographic_size=float(size_cm), meta=meta, tissue=body.tissue if keep_tissue else None)

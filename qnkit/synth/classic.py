@@ -83,6 +83,7 @@ class SynthCase:
     affine: np.ndarray  # 4x4 float64, KiTS19 convention
     radiographic_size: float  # cm, largest tumor diameter (0.0 without tumor)
     meta: dict = field(default_factory=dict)  # extra kits.json fields
+    tissue: np.ndarray | None = None  # anatomy cases, when asked: the tissue labels it was rendered from
 
     def kits_entry(self) -> dict:
         entry = {"case_id": self.case_id, "radiographic_size": self.radiographic_size}

@@ -1,0 +1,116 @@
+"""How much of the renal sinus and of the hilum's vessels and ureter a model takes into the kidney, on phantoms.
+
+The KiTS labels call them background, and a Dice says little about them: the sinus is a tenth of a kidney, the
+hilum's tubes less. Anatomy phantoms know what each voxel was drawn as, so this regenerates each case's tissue
+labels (the same seed, index and version as its ``kits.json`` record; checked against the stored labels), segments
+the stored image as ``qnkit segment`` does, and reports per case and by contrast phase the share of the carved sinus
+(version 5 on; with the pelvis of version 7) and of the hilar structures beside the kidney (version 6 on) that the
+mask takes. A model that has learnt where the kidney ends at its hilum takes little of either.
+
+    python -m qnkit.benchmarks.sinus_taken --model BUNDLE --data DIR --kits-labels KITS19/data \\
+        [--run RUN --split validation] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: Hilar structures count where they lie within this many voxels of the kidney or its sinus (the ureter runs on).
+NEAR_VOXELS = 4
+
+
+def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> dict:
+    """Shares of the sinus and of the nearby hilar structures that `mask` (bool) takes; None where a case has none."""
+    from qnkit.synth.atlas import LABEL
+
+    sinus = np.isin(tissue, [LABEL["renal_sinus"], LABEL["renal_pelvis"]])
+    hilar = np.isin(tissue, [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]])
+    hilar &= ndi.binary_dilation((labels > 0) | sinus, iterations=NEAR_VOXELS)
+    kidney = labels > 0
+    share = lambda part: round(float(mask[part].mean()), 4) if part.any() else None  # noqa: E731
+    return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
+            "hilum_voxels": int(hilar.sum()), "hilum_taken": share(hilar),
+            "dice": round(2.0 * float((mask & kidney).sum()) / max(int(mask.sum() + kidney.sum()), 1), 4)}
+
+
+def _regenerate(record: dict, kits_labels: Path | None, size: int):
+    from qnkit.synth.case import make_anatomy_case
+
+    synth = record["qnkit_synth"]
+    if synth.get("generator") != "anatomy":
+        raise ValueError(f"{record['case_id']}: not an anatomy phantom")
+    labels_from = kits_labels if synth.get("labels_from") else None
+    if synth.get("labels_from") and kits_labels is None:
+        raise ValueError(f"{record['case_id']}: its kidneys came from KiTS19 labels; give --kits-labels")
+    phases = synth.get("phase_probabilities")
+    return make_anatomy_case(synth["index"], seed=synth["seed"], labels_from=labels_from,
+                             pixel_range=tuple(synth["pixel_range_mm"]), max_size=size,
+                             version=synth["recipe_version"], phase_weights=list(phases.values()) if phases else None,
+                             keep_tissue=True)
+
+
+def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels: Path | None,
+                size: int = 512) -> dict:
+    """Per case and per contrast phase (medians) for the cases `case_ids` of `data` (default: all)."""
+    from qnkit import io as qio
+    from qnkit.backends import open_backend
+    from qnkit.bundle import load_bundle
+    from qnkit.models import resolve_model
+    from qnkit.segment import SegmentOptions, model_arguments, segment_ct
+
+    records = {r["case_id"]: r for r in json.loads((data / "kits.json").read_text())}
+    case_ids = case_ids or sorted(records)
+    bundle = load_bundle(resolve_model(model))
+    backend = open_backend(bundle, log=lambda *a: None)
+    arguments = model_arguments(bundle)
+    rows = []
+    for case_id in case_ids:
+        case = _regenerate(records[case_id], kits_labels, size)
+        ct, geometry = qio.load_image(str(data / case_id / "imaging.nii.gz"))
+        stored, _ = qio.load_labels(str(data / case_id / "segmentation.nii.gz"))
+        if case.meta["qnkit_synth"]["phase"] != records[case_id]["qnkit_synth"]["phase"] or \
+                stored.shape != case.segmentation.shape or not np.array_equal(stored, case.segmentation):
+            raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
+                             f"--kits-labels than the data was made with?)")
+        _, sides, _ = segment_ct(ct, geometry, backend.predict, **arguments, options=SegmentOptions())
+        rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"],
+                     **taken_shares(sides > 0, case.tissue, case.segmentation)})
+    by_phase = {}
+    for phase in sorted({r["phase"] for r in rows}):
+        part = [r for r in rows if r["phase"] == phase]
+        by_phase[phase] = {key: _median([r[key] for r in part]) for key in ("sinus_taken", "hilum_taken", "dice")}
+        by_phase[phase]["cases"] = len(part)
+    overall = {key: _median([r[key] for r in rows]) for key in ("sinus_taken", "hilum_taken", "dice")}
+    return {"threshold": arguments.get("threshold"), "median": overall, "by_phase": by_phase, "cases": rows}
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.median(values)), 4) if values else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a bundle folder or a shipped model's name")
+    parser.add_argument("--data", type=Path, required=True, help="anatomy phantoms (qnkit synth --generator anatomy)")
+    parser.add_argument("--kits-labels", type=Path, help="the KiTS19 labels the phantoms' kidneys came from")
+    parser.add_argument("--run", type=Path, help="a training run whose split of --data to score")
+    parser.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    parser.add_argument("--size", type=int, default=512, help="the --size the phantoms were made with")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    case_ids = json.loads((args.run / "splits.json").read_text())[args.split] if args.run else None
+    result = sinus_taken(args.model, args.data, case_ids, args.kits_labels, args.size)
+    text = json.dumps(result, indent=1)
+    print(json.dumps({k: result[k] for k in ("median", "by_phase")}, indent=1))
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""benchmarks.sinus_taken: the share of the sinus and of the hilum's tubes a mask takes, on regenerated phantoms."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qnkit.benchmarks.sinus_taken import main, taken_shares
+from qnkit.synth.atlas import LABEL
+
+
+def test_shares_count_the_sinus_and_the_hilum_beside_the_kidney():
+    labels = np.zeros((20, 30, 30), dtype=np.uint8)
+    labels[5:15, 5:15, 5:15] = 1
+    tissue = np.where(labels > 0, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
+    tissue[8:12, 8:12, 12:15] = LABEL["renal_sinus"]
+    labels[8:12, 8:12, 12:15] = 0
+    tissue[8:12, 8:12, 10:12] = LABEL["renal_pelvis"]
+    labels[8:12, 8:12, 10:12] = 0
+    tissue[9:11, 9:11, 15:29] = LABEL["vein"]  # runs on past the counted reach
+    sinus = np.isin(tissue, [LABEL["renal_sinus"], LABEL["renal_pelvis"]])
+    kidney = labels > 0
+    filled = taken_shares(kidney | sinus, tissue, labels)
+    assert filled["sinus_taken"] == 1.0 and filled["sinus_voxels"] == sinus.sum()
+    assert filled["hilum_voxels"] == 2 * 2 * 4 and filled["hilum_taken"] == 0.0  # 4 voxels of vein beside it
+    assert filled["dice"] == pytest.approx(2 * kidney.sum() / (kidney.sum() + sinus.sum() + kidney.sum()), abs=1e-4)
+    half = kidney.copy()
+    half[:, :, 12:14] |= sinus[:, :, 12:14]
+    assert taken_shares(half, tissue, labels)["sinus_taken"] == pytest.approx(
+        (sinus[:, :, 12:14]).sum() / sinus.sum(), abs=1e-4)
+    plain = np.where(labels > 0, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
+    none = taken_shares(kidney, plain, labels)
+    assert none["sinus_taken"] is None and none["hilum_taken"] is None and none["dice"] == 1.0
+
+
+def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, tmp_path):
+    from qnkit.synth import write_dataset
+
+    _, bundle = shared_bundle
+    data = tmp_path / "data"
+    write_dataset(data, cases=2, size=96, seed=3, generator="anatomy", pixel_range=(4.0, 4.0), anatomy_version=7,
+                  progress=False)
+    out = tmp_path / "sinus.json"
+    assert main(["--model", str(bundle), "--data", str(data), "--size", "96", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["case"] for r in result["cases"]] == ["case_00000", "case_00001"]
+    for row in result["cases"]:
+        assert row["sinus_taken"] is None or 0.0 <= row["sinus_taken"] <= 1.0
+        assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
+    assert sum(p["cases"] for p in result["by_phase"].values()) == 2
+    with pytest.raises(ValueError, match="differs from the stored one"):
+        main(["--model", str(bundle), "--data", str(data), "--size", "64"])
