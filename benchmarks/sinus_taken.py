@@ -5,7 +5,8 @@ hilum's tubes less. Anatomy phantoms know what each voxel was drawn as, so this 
 labels (the same seed, index and version as its ``kits.json`` record; checked against the stored labels), segments
 the stored image as ``qnkit segment`` does, and reports per case and by contrast phase the share of the carved sinus
 (version 5 on; with the pelvis of version 7) and of the hilar structures beside the kidney (version 6 on) that the
-mask takes. A model that has learnt where the kidney ends at its hilum takes little of either.
+mask takes. A model that has learnt where the kidney ends at its hilum takes little of either; beside it, the share
+the labels themselves take after a round trip through the model's grid (what a perfect model there would draw).
 
     python -m qnkit.benchmarks.sinus_taken --model BUNDLE --data DIR --kits-labels KITS19/data \\
         [--run RUN --split validation] [--json OUT.json]
@@ -35,6 +36,20 @@ def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> di
     return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
             "hilum_voxels": int(hilar.sum()), "hilum_taken": share(hilar),
             "dice": round(2.0 * float((mask & kidney).sum()) / max(int(mask.sum() + kidney.sum()), 1), 4)}
+
+
+def labels_through_grid(labels: np.ndarray, pixel_mm: float, model_mm: float) -> np.ndarray:
+    """The kidney labels (bool) after a round trip through a model's in-plane grid of `model_mm` pixels: area
+    fractions there, >= 0.5, back to the case's pixels. What a perfect model at that grid would draw."""
+    kidney = (labels > 0).astype(np.float32)
+    factor = pixel_mm / model_mm
+    coarse = ndi.zoom(kidney, (1, factor, factor), order=1, grid_mode=True, mode="nearest") >= 0.5
+    back = ndi.zoom(coarse.astype(np.float32), (1, kidney.shape[1] / coarse.shape[1], kidney.shape[2] / coarse.shape[2]),
+                    order=1, grid_mode=True, mode="nearest") >= 0.5
+    out = np.zeros(kidney.shape, dtype=bool)
+    h, w = min(back.shape[1], out.shape[1]), min(back.shape[2], out.shape[2])
+    out[:, :h, :w] = back[:, :h, :w]
+    return out
 
 
 def _regenerate(record: dict, kits_labels: Path | None, size: int):
@@ -77,14 +92,17 @@ def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels:
             raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
                              f"--kits-labels than the data was made with?)")
         _, sides, _ = segment_ct(ct, geometry, backend.predict, **arguments, options=SegmentOptions())
+        at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
         rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"],
-                     **taken_shares(sides > 0, case.tissue, case.segmentation)})
+                     **taken_shares(sides > 0, case.tissue, case.segmentation),
+                     "sinus_taken_by_labels_at_grid": taken_shares(at_grid, case.tissue, case.segmentation)["sinus_taken"]})
     by_phase = {}
     for phase in sorted({r["phase"] for r in rows}):
         part = [r for r in rows if r["phase"] == phase]
         by_phase[phase] = {key: _median([r[key] for r in part]) for key in ("sinus_taken", "hilum_taken", "dice")}
         by_phase[phase]["cases"] = len(part)
-    overall = {key: _median([r[key] for r in rows]) for key in ("sinus_taken", "hilum_taken", "dice")}
+    overall = {key: _median([r[key] for r in rows])
+               for key in ("sinus_taken", "hilum_taken", "dice", "sinus_taken_by_labels_at_grid")}
     return {"threshold": arguments.get("threshold"), "median": overall, "by_phase": by_phase, "cases": rows}
 
 

@@ -29,6 +29,12 @@ def test_shares_count_the_sinus_and_the_hilum_beside_the_kidney():
     half[:, :, 12:14] |= sinus[:, :, 12:14]
     assert taken_shares(half, tissue, labels)["sinus_taken"] == pytest.approx(
         (sinus[:, :, 12:14]).sum() / sinus.sum(), abs=1e-4)
+    from qnkit.benchmarks.sinus_taken import labels_through_grid
+
+    same = labels_through_grid(labels, 2.5, 2.5)
+    assert same.shape == labels.shape and np.array_equal(same, labels > 0)
+    coarse = labels_through_grid(labels, 1.0, 5.0)  # a 5-voxel grid: the 3-voxel-wide sinus closes over
+    assert coarse.shape == labels.shape and coarse[sinus].mean() > 0.5 and coarse[kidney].mean() > 0.8
     plain = np.where(labels > 0, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
     none = taken_shares(kidney, plain, labels)
     assert none["sinus_taken"] is None and none["hilum_taken"] is None and none["dice"] == 1.0
@@ -48,6 +54,7 @@ def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, t
     for row in result["cases"]:
         assert row["sinus_taken"] is None or 0.0 <= row["sinus_taken"] <= 1.0
         assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
+        assert row["sinus_taken_by_labels_at_grid"] is None or 0.0 <= row["sinus_taken_by_labels_at_grid"] <= 1.0
     assert sum(p["cases"] for p in result["by_phase"].values()) == 2
     with pytest.raises(ValueError, match="differs from the stored one"):
         main(["--model", str(bundle), "--data", str(data), "--size", "64"])
