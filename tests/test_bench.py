@@ -272,3 +272,62 @@ def test_e2e_gpu_rows_compare_each_with_the_gpus_eager_fp32(tmp_path, monkeypatc
     assert not any(tmp_path.glob("mask_*.nii.gz"))  # masks removed once compared
     for name, path in e2e.GPU_PATHS.items():  # every row names a backend open_backend knows, on the GPU
         assert path["device"].startswith("cuda") and path["backend"] in ("torch", "tensorrt")
+
+
+# The diagnosis tools (benchmarks.error_map, benchmarks.sinus_taken) through their command lines, on the shared tiny
+# bundle: here, beside the other tests that wait for it to be built.
+
+
+def test_cli_maps_a_real_bundles_errors_and_probes_their_content(shared_bundle, tmp_path):
+    """Through the command line, on a tiny exported bundle and a phantom whose kidneys are labelled 2 and 3 (one
+    per half of the image): each side's map, the probe's share for every value asked, the JSON file's other keys kept."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from qnkit.benchmarks.error_map import main as error_map_main
+    from qnkit.synth import make_case
+
+    _, bundle = shared_bundle
+    case = make_case(1, size=128, seed=5)
+    affine = case.affine
+    labels = (case.segmentation > 0).astype(np.uint8)
+    columns = np.arange(labels.shape[2])[None, None, :]
+    sides = np.where(columns < labels.shape[2] // 2, 2, 3).astype(np.uint8)  # one kidney per half
+    labels = labels * sides
+    nib.save(nib.Nifti1Image(case.imaging.astype(np.int16), affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "seg.nii.gz")
+    out = tmp_path / "errors.json"
+    out.write_text(json.dumps({"earlier": {"kept": True}}))
+    assert error_map_main(["--model", str(bundle), "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "seg.nii.gz"),
+                 "--probe-hu=-90,40", "--name", "tiny", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["earlier"] == {"kept": True}
+    result = doc["tiny"]
+    for side in ("right", "left"):
+        assert 0.0 <= result[side]["dice"] <= 1.0 and result[side]["voxels_true"] > 0
+        assert set(result[side]["fp_by_mm_outside"]) == {"0-3.1", "3.1-6.1", "6.1-9.1", ">9.1"}
+    assert set(result["probe"]["still_taken"]) == {"-90", "40"}
+    assert all(0.0 <= v <= 1.0 for v in result["probe"]["still_taken"].values())
+
+
+def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, tmp_path):
+    from qnkit.benchmarks.sinus_taken import main as sinus_main
+    from qnkit.synth import write_dataset
+
+    _, bundle = shared_bundle
+    data = tmp_path / "data"
+    write_dataset(data, cases=2, size=96, seed=3, generator="anatomy", pixel_range=(4.0, 4.0), anatomy_version=7,
+                  progress=False)
+    out = tmp_path / "sinus.json"
+    assert sinus_main(["--model", str(bundle), "--data", str(data), "--size", "96", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["case"] for r in result["cases"]] == ["case_00000", "case_00001"]
+    for row in result["cases"]:
+        assert row["sinus_taken"] is None or 0.0 <= row["sinus_taken"] <= 1.0
+        assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
+        assert row["sinus_taken_by_labels_at_grid"] is None or 0.0 <= row["sinus_taken_by_labels_at_grid"] <= 1.0
+    assert sum(p["cases"] for p in result["by_phase"].values()) == 2
+    with pytest.raises(ValueError, match="differs from the stored one"):
+        sinus_main(["--model", str(bundle), "--data", str(data), "--size", "64"])

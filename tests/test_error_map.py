@@ -56,36 +56,3 @@ def test_shapes_must_match():
     truth, ct, _ = _scene()
     with pytest.raises(ValueError, match="shapes differ"):
         kidney_errors(truth[:-1], truth, ct, truth, SPACING)
-
-
-def test_cli_maps_a_real_bundles_errors_and_probes_their_content(shared_bundle, tmp_path):
-    """Through the command line, on a tiny exported bundle and a phantom whose kidneys are labelled 2 and 3 (one
-    per half of the image): each side's map, the probe's share for every value asked, the JSON file's other keys kept."""
-    import json
-
-    import nibabel as nib
-
-    from qnkit.benchmarks.error_map import main
-    from qnkit.synth import make_case
-
-    _, bundle = shared_bundle
-    case = make_case(1, size=128, seed=5)
-    affine = case.affine
-    labels = (case.segmentation > 0).astype(np.uint8)
-    columns = np.arange(labels.shape[2])[None, None, :]
-    sides = np.where(columns < labels.shape[2] // 2, 2, 3).astype(np.uint8)  # one kidney per half
-    labels = labels * sides
-    nib.save(nib.Nifti1Image(case.imaging.astype(np.int16), affine), tmp_path / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "seg.nii.gz")
-    out = tmp_path / "errors.json"
-    out.write_text(json.dumps({"earlier": {"kept": True}}))
-    assert main(["--model", str(bundle), "--ct", str(tmp_path / "ct.nii.gz"), "--labels", str(tmp_path / "seg.nii.gz"),
-                 "--probe-hu=-90,40", "--name", "tiny", "--json", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    assert doc["earlier"] == {"kept": True}
-    result = doc["tiny"]
-    for side in ("right", "left"):
-        assert 0.0 <= result[side]["dice"] <= 1.0 and result[side]["voxels_true"] > 0
-        assert set(result[side]["fp_by_mm_outside"]) == {"0-3.1", "3.1-6.1", "6.1-9.1", ">9.1"}
-    assert set(result["probe"]["still_taken"]) == {"-90", "40"}
-    assert all(0.0 <= v <= 1.0 for v in result["probe"]["still_taken"].values())

@@ -1,12 +1,10 @@
 """benchmarks.sinus_taken: the share of the sinus and of the hilum's tubes a mask takes, on regenerated phantoms."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from qnkit.benchmarks.sinus_taken import main, taken_shares
+from qnkit.benchmarks.sinus_taken import taken_shares
 from qnkit.synth.atlas import LABEL
 
 
@@ -38,23 +36,3 @@ def test_shares_count_the_sinus_and_the_hilum_beside_the_kidney():
     plain = np.where(labels > 0, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
     none = taken_shares(kidney, plain, labels)
     assert none["sinus_taken"] is None and none["hilum_taken"] is None and none["dice"] == 1.0
-
-
-def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, tmp_path):
-    from qnkit.synth import write_dataset
-
-    _, bundle = shared_bundle
-    data = tmp_path / "data"
-    write_dataset(data, cases=2, size=96, seed=3, generator="anatomy", pixel_range=(4.0, 4.0), anatomy_version=7,
-                  progress=False)
-    out = tmp_path / "sinus.json"
-    assert main(["--model", str(bundle), "--data", str(data), "--size", "96", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert [r["case"] for r in result["cases"]] == ["case_00000", "case_00001"]
-    for row in result["cases"]:
-        assert row["sinus_taken"] is None or 0.0 <= row["sinus_taken"] <= 1.0
-        assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
-        assert row["sinus_taken_by_labels_at_grid"] is None or 0.0 <= row["sinus_taken_by_labels_at_grid"] <= 1.0
-    assert sum(p["cases"] for p in result["by_phase"].values()) == 2
-    with pytest.raises(ValueError, match="differs from the stored one"):
-        main(["--model", str(bundle), "--data", str(data), "--size", "64"])
