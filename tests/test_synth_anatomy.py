@@ -475,8 +475,8 @@ def test_versions_6_and_7_draw_the_hilum_and_keep_version_5_elsewhere():
     the image changes only from the kidneys' top downwards, and not at all above them."""
     drawn = 0
     for index in range(2):
-        v6 = make_anatomy_case(index, seed=3, version=6, pixel_range=(2.5, 2.5), max_size=160)
-        v5 = make_anatomy_case(index, seed=3, version=5, pixel_range=(2.5, 2.5), max_size=160)
+        v6 = make_anatomy_case(index, seed=3, version=6, **COARSE)
+        v5 = make_anatomy_case(index, seed=3, version=5, **COARSE)
         record = v6.kits_entry()["qnkit_synth"]
         assert record["recipe_version"] == 6 and set(record["hilum"]) == {"right", "left"}
         assert np.array_equal(v6.segmentation, v5.segmentation)
@@ -485,7 +485,7 @@ def test_versions_6_and_7_draw_the_hilum_and_keep_version_5_elsewhere():
         drawn += sum(len(r) for r in record["hilum"].values())
         if any(record["hilum"].values()):
             assert not np.array_equal(v6.imaging, v5.imaging)
-        v7 = make_anatomy_case(index, seed=3, version=7, pixel_range=(2.5, 2.5), max_size=160)
+        v7 = make_anatomy_case(index, seed=3, version=7, **COARSE)
         pelvis = v7.kits_entry()["qnkit_synth"]["pelvis"]
         assert np.array_equal(v7.segmentation, v5.segmentation) and set(pelvis) == {"right", "left"}
         assert v7.kits_entry()["qnkit_synth"]["hilum"] == record["hilum"]
