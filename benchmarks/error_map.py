@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from qnkit.kernels import mask_dice
 
 #: Distance bins (mm) of the rim report; a region is reported when it lies beyond :data:`REGION_MM`.
 BINS_MM = (0.0, 3.1, 6.1, 9.1, np.inf)
@@ -55,9 +59,25 @@ def kidney_errors(predicted: np.ndarray, truth: np.ndarray, ct: np.ndarray, othe
                         "median_hu": float(np.median(ct[box][part])),
                         "other_organ_share": round(float(other_organs[box][part].mean()), 3)})
     return {"voxels": int(predicted.sum()), "voxels_true": int(truth.sum()),
-            "dice": round(2.0 * float((predicted & truth).sum()) / max(int(predicted.sum() + truth.sum()), 1), 4),
+            "dice": round(mask_dice(predicted, truth, empty=0.0), 4),
             "fp_by_mm_outside": _binned(false_pos, outside), "fn_by_mm_inside": _binned(false_neg, inside),
             "fp_regions": sorted(regions, key=lambda r: -r["voxels"])}
+
+
+@contextmanager
+def segmenter(model: str):
+    """``qnkit segment``'s prediction for CTs in memory, with `model` (a bundle folder or a shipped model's name)
+    on its default backend: yields (segment(ct, geometry) -> sides uint8 (1 right, 2 left), the model arguments)."""
+    from qnkit.backends import open_backend
+    from qnkit.bundle import load_bundle
+    from qnkit.models import resolve_model
+    from qnkit.segment import SegmentOptions, model_arguments, segment_ct
+
+    bundle = load_bundle(resolve_model(model))
+    arguments = model_arguments(bundle)
+    with open_backend(bundle, log=lambda *a: None) as backend:
+        yield (lambda ct, geometry: segment_ct(ct, geometry, backend.predict, **arguments,
+                                               options=SegmentOptions())[1]), arguments
 
 
 def error_map(model: str, ct_path: Path, labels_path: Path, right_label: int, left_label: int,
@@ -68,34 +88,25 @@ def error_map(model: str, ct_path: Path, labels_path: Path, right_label: int, le
     are set to it and the CT segmented again: the share of them still taken says whether the network takes such
     a region for its content (it lets go when the content changes) or for its shape and place (it does not)."""
     from qnkit import io as qio
-    from qnkit.backends import open_backend
-    from qnkit.bundle import load_bundle
-    from qnkit.models import resolve_model
-    from qnkit.segment import SegmentOptions, model_arguments, segment_ct
 
-    bundle = load_bundle(resolve_model(model))
-    backend = open_backend(bundle, log=lambda *a: None)
     ct, geometry = qio.load_image(str(ct_path))
     labels, _ = qio.load_labels(str(labels_path))
-    arguments = model_arguments(bundle)
-    _, sides, _ = segment_ct(ct, geometry, backend.predict, **arguments, options=SegmentOptions())
     spacing = geometry.spacing
-    out = {"threshold": arguments.get("threshold"), "spacing_mm": list(spacing)}
-    kidneys = labels == right_label
-    kidneys |= labels == left_label
-    for side, value in (("right", right_label), ("left", left_label)):
-        truth = labels == value
-        code = max((1, 2), key=lambda c: int(((sides == c) & truth).sum()))  # the predicted side over this kidney
-        out[side] = kidney_errors(sides == code, truth, ct, (labels > 0) & ~kidneys, spacing)
-    if probe_hu:
-        region = (sides > 0) & (labels == 0)
-        region &= ndi.distance_transform_edt(~kidneys, sampling=spacing) > REGION_MM
-        out["probe"] = {"voxels": int(region.sum()), "still_taken": {}}
-        for value in probe_hu:
-            changed = ct.copy()
-            changed[region] = value
-            _, again, _ = segment_ct(changed, geometry, backend.predict, **arguments, options=SegmentOptions())
-            out["probe"]["still_taken"][f"{value:g}"] = round(float((again[region] > 0).mean()), 3) if region.any() else 0.0
+    kidneys = np.isin(labels, (right_label, left_label))
+    with segmenter(model) as (segment, arguments):
+        sides = segment(ct, geometry)
+        out = {"threshold": arguments.get("threshold"), "spacing_mm": list(spacing)}
+        for side, value, code in (("right", right_label, 1), ("left", left_label, 2)):
+            out[side] = kidney_errors(sides == code, labels == value, ct, (labels > 0) & ~kidneys, spacing)
+        if probe_hu:
+            region = (sides > 0) & (labels == 0)
+            region &= ndi.distance_transform_edt(~kidneys, sampling=spacing) > REGION_MM
+            out["probe"] = {"voxels": int(region.sum()), "still_taken": {}}
+            for value in probe_hu:
+                changed = ct.copy()
+                changed[region] = value
+                taken = float((segment(changed, geometry)[region] > 0).mean()) if region.any() else 0.0
+                out["probe"]["still_taken"][f"{value:g}"] = round(taken, 3)
     return out
 
 
@@ -111,8 +122,12 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="the key of this result in --json (default: --model)")
     parser.add_argument("--json", type=Path, help="add the result to this file (other keys kept)")
     args = parser.parse_args(argv)
-    probe = tuple(float(v) for v in args.probe_hu.split(",") if v.strip())
-    result = error_map(args.model, args.ct, args.labels, args.right_label, args.left_label, probe)
+    try:
+        probe = tuple(float(v) for v in args.probe_hu.split(",") if v.strip())
+        result = error_map(args.model, args.ct, args.labels, args.right_label, args.left_label, probe)
+    except (ValueError, OSError) as exc:  # QnkitInputError and NiftiError among them: one line, exit 2
+        print(f"error_map: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=1))
     if args.json:
         doc = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -15,27 +15,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from qnkit.kernels import mask_dice
+from qnkit.synth.atlas import LABEL
+
 #: Hilar structures count where they lie within this many voxels of the kidney or its sinus (the ureter runs on).
 NEAR_VOXELS = 4
 
 
+_SINUS = [LABEL["renal_sinus"], LABEL["renal_pelvis"]]
+_HILAR = [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]]
+
+
+@contextmanager
+def _progress(show: bool, total: int):
+    """A rich progress bar over the cases on stderr when `show`; yields the function that advances it."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("sinus_taken"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("cases", total=total)
+        yield lambda: bar.advance(task)
+
+
 def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> dict:
     """Shares of the sinus and of the nearby hilar structures that `mask` (bool) takes; None where a case has none."""
-    from qnkit.synth.atlas import LABEL
-
-    sinus = np.isin(tissue, [LABEL["renal_sinus"], LABEL["renal_pelvis"]])
-    hilar = np.isin(tissue, [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]])
+    sinus = np.isin(tissue, _SINUS)
+    hilar = np.isin(tissue, _HILAR)
     hilar &= ndi.binary_dilation((labels > 0) | sinus, iterations=NEAR_VOXELS)
     kidney = labels > 0
     share = lambda part: round(float(mask[part].mean()), 4) if part.any() else None  # noqa: E731
     return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
             "hilum_voxels": int(hilar.sum()), "hilum_taken": share(hilar),
-            "dice": round(2.0 * float((mask & kidney).sum()) / max(int(mask.sum() + kidney.sum()), 1), 4)}
+            "dice": round(mask_dice(mask, kidney, empty=0.0), 4)}
 
 
 def labels_through_grid(labels: np.ndarray, pixel_mm: float, model_mm: float) -> np.ndarray:
@@ -69,33 +91,30 @@ def _regenerate(record: dict, kits_labels: Path | None, size: int):
 
 
 def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels: Path | None,
-                size: int = 512) -> dict:
+                size: int = 512, progress: bool = False) -> dict:
     """Per case and per contrast phase (medians) for the cases `case_ids` of `data` (default: all)."""
     from qnkit import io as qio
-    from qnkit.backends import open_backend
-    from qnkit.bundle import load_bundle
-    from qnkit.models import resolve_model
-    from qnkit.segment import SegmentOptions, model_arguments, segment_ct
+
+    from .error_map import segmenter
 
     records = {r["case_id"]: r for r in json.loads((data / "kits.json").read_text())}
     case_ids = case_ids or sorted(records)
-    bundle = load_bundle(resolve_model(model))
-    backend = open_backend(bundle, log=lambda *a: None)
-    arguments = model_arguments(bundle)
     rows = []
-    for case_id in case_ids:
-        case = _regenerate(records[case_id], kits_labels, size)
-        ct, geometry = qio.load_image(str(data / case_id / "imaging.nii.gz"))
-        stored, _ = qio.load_labels(str(data / case_id / "segmentation.nii.gz"))
-        if case.meta["qnkit_synth"]["phase"] != records[case_id]["qnkit_synth"]["phase"] or \
-                stored.shape != case.segmentation.shape or not np.array_equal(stored, case.segmentation):
-            raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
-                             f"--kits-labels than the data was made with?)")
-        _, sides, _ = segment_ct(ct, geometry, backend.predict, **arguments, options=SegmentOptions())
-        at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
-        rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"],
-                     **taken_shares(sides > 0, case.tissue, case.segmentation),
-                     "sinus_taken_by_labels_at_grid": taken_shares(at_grid, case.tissue, case.segmentation)["sinus_taken"]})
+    with segmenter(model) as (segment, arguments), _progress(progress, len(case_ids)) as advance:
+        for case_id in case_ids:
+            case = _regenerate(records[case_id], kits_labels, size)
+            ct, geometry = qio.load_image(str(data / case_id / "imaging.nii.gz"))
+            stored, _ = qio.load_labels(str(data / case_id / "segmentation.nii.gz"))
+            if case.meta["qnkit_synth"]["phase"] != records[case_id]["qnkit_synth"]["phase"] or \
+                    stored.shape != case.segmentation.shape or not np.array_equal(stored, case.segmentation):
+                raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
+                                 f"--kits-labels than the data was made with?)")
+            shares = taken_shares(segment(ct, geometry) > 0, case.tissue, case.segmentation)
+            at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
+            sinus = np.isin(case.tissue, _SINUS)
+            rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"], **shares,
+                         "sinus_taken_by_labels_at_grid": round(float(at_grid[sinus].mean()), 4) if sinus.any() else None})
+            advance()
     by_phase = {}
     for phase in sorted({r["phase"] for r in rows}):
         part = [r for r in rows if r["phase"] == phase]
@@ -120,9 +139,15 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     parser.add_argument("--size", type=int, default=512, help="the --size the phantoms were made with")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar over the cases on stderr")
     args = parser.parse_args(argv)
-    case_ids = json.loads((args.run / "splits.json").read_text())[args.split] if args.run else None
-    result = sinus_taken(args.model, args.data, case_ids, args.kits_labels, args.size)
+    try:
+        case_ids = json.loads((args.run / "splits.json").read_text())[args.split] if args.run else None
+        result = sinus_taken(args.model, args.data, case_ids, args.kits_labels, args.size, args.progress)
+    except (ValueError, OSError, KeyError) as exc:  # QnkitInputError among them: one line, exit 2
+        print(f"sinus_taken: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=1)
     print(json.dumps({k: result[k] for k in ("median", "by_phase")}, indent=1))
     if args.json:

@@ -278,7 +278,7 @@ def test_e2e_gpu_rows_compare_each_with_the_gpus_eager_fp32(tmp_path, monkeypatc
 # bundle: here, beside the other tests that wait for it to be built.
 
 
-def test_cli_maps_a_real_bundles_errors_and_probes_their_content(shared_bundle, tmp_path):
+def test_cli_maps_a_real_bundles_errors_and_probes_their_content(shared_bundle, tmp_path, capsys):
     """Through the command line, on a tiny exported bundle and a phantom whose kidneys are labelled 2 and 3 (one
     per half of the image): each side's map, the probe's share for every value asked, the JSON file's other keys kept."""
     import json
@@ -310,9 +310,14 @@ def test_cli_maps_a_real_bundles_errors_and_probes_their_content(shared_bundle, 
         assert set(result[side]["fp_by_mm_outside"]) == {"0-3.1", "3.1-6.1", "6.1-9.1", ">9.1"}
     assert set(result["probe"]["still_taken"]) == {"-90", "40"}
     assert all(0.0 <= v <= 1.0 for v in result["probe"]["still_taken"].values())
+    capsys.readouterr()
+    assert error_map_main(["--model", str(bundle), "--ct", str(tmp_path / "missing.nii.gz"), "--labels",
+                           str(tmp_path / "seg.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error_map:") and "missing.nii.gz" in err[0]
 
 
-def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, tmp_path):
+def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, tmp_path, capsys):
     from qnkit.benchmarks.sinus_taken import main as sinus_main
     from qnkit.synth import write_dataset
 
@@ -329,5 +334,7 @@ def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, t
         assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
         assert row["sinus_taken_by_labels_at_grid"] is None or 0.0 <= row["sinus_taken_by_labels_at_grid"] <= 1.0
     assert sum(p["cases"] for p in result["by_phase"].values()) == 2
-    with pytest.raises(ValueError, match="differs from the stored one"):
-        sinus_main(["--model", str(bundle), "--data", str(data), "--size", "64"])
+    capsys.readouterr()
+    assert sinus_main(["--model", str(bundle), "--data", str(data), "--size", "64", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs from the stored one" in err[0]
