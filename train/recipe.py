@@ -230,7 +230,6 @@ RECIPES["kidney-synth-10"] = {
     "init_from": "kidney-synth-8",
     "calibrate_threshold": True,
     "phases": [{"epochs": 4, "crop_size": 0, "lr": 3e-4, "schedule": "poly"}],
-    "default": False,  # becomes the default model only once its figures say so
 }
 
 # kidney-synth-8 fine-tuned on the same 160 seed-9 bodies drawn with anatomy version 7 (the renal pelvis filling the
@@ -249,6 +248,7 @@ RECIPES["kidney-synth-11"] = {
     "synth": ["--cases", "160", "--seed", "9", "--generator", "anatomy", "--pixel-range", "1.5,2.6",
               "--anatomy-version", "7", "--phases", "0.30,0.25,0.30,0.15"],
 }
+
 
 class RecipeInputError(SystemExit):
     """A recipe cannot start from what it was given; ``main`` prints the one line and exits 2."""

@@ -21,9 +21,6 @@ from .atlas import LABEL
 
 #: How often each structure is drawn for a kidney (a ureter is hidden by bowel or collapsed in some scans).
 VEIN_P, ARTERY_P, URETER_P, EXTRARENAL_PELVIS_P = 0.95, 0.85, 0.85, 0.45
-#: Tissues a hilar tube may be painted over: the fat it runs through (inside the sinus the renderer draws its own
-#: vessels and pelvis).
-_PAINTED_OVER = ("body",)
 
 
 def add_hilar_structures(rng: np.random.Generator, tissue: np.ndarray, labels: np.ndarray, spacing: tuple) -> dict:
@@ -151,8 +148,8 @@ def _curve(start: np.ndarray, end: np.ndarray, via: np.ndarray | None, sp: np.nd
 
 def _paint_tube(tissue: np.ndarray, labels: np.ndarray, path: np.ndarray, radius: float, sp: np.ndarray,
                 value: int) -> float:
-    """Paint voxels within `radius` mm of `path` with `value` where the tissue is fat or sinus and the KiTS label
-    is 0; return the volume painted (mL)."""
+    """Paint voxels within `radius` mm of `path` with `value` where the tissue is unlabelled fat (``body``; inside
+    the sinus the renderer draws its own vessels and pelvis) and the KiTS label is 0; return the volume painted (mL)."""
     reach = np.ceil(radius / sp).astype(int) + 1
     lo = np.maximum(np.floor(path.min(axis=0)).astype(int) - reach, 0)
     hi = np.minimum(np.ceil(path.max(axis=0)).astype(int) + reach + 1, tissue.shape)
@@ -165,9 +162,9 @@ def _paint_tube(tissue: np.ndarray, labels: np.ndarray, path: np.ndarray, radius
         return 0.0
     centre[tuple(pts.T)] = True
     near = ndi.distance_transform_edt(~centre, sampling=sp) <= radius
-    region = tissue[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    free = np.isin(region, [LABEL[t] for t in _PAINTED_OVER]) & (labels[tuple(slice(a, b) for a, b in zip(lo, hi))] == 0)
-    painted = near & free
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    region = tissue[box]
+    painted = near & (region == LABEL["body"]) & (labels[box] == 0)
     region[painted] = value
     return round(float(painted.sum()) * float(np.prod(sp)) / 1000.0, 2)
 
