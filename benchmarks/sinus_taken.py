@@ -23,14 +23,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qnkit.kernels import mask_dice
-from qnkit.synth.atlas import LABEL
+from qnkit.synth.hilum import sinus_and_hilum
 
-#: Hilar structures count where they lie within this many voxels of the kidney or its sinus (the ureter runs on).
-NEAR_VOXELS = 4
-
-
-_SINUS = [LABEL["renal_sinus"], LABEL["renal_pelvis"]]
-_HILAR = [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]]
 
 
 @contextmanager
@@ -50,9 +44,7 @@ def _progress(show: bool, total: int):
 
 def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> dict:
     """Shares of the sinus and of the nearby hilar structures that `mask` (bool) takes; None where a case has none."""
-    sinus = np.isin(tissue, _SINUS)
-    hilar = np.isin(tissue, _HILAR)
-    hilar &= ndi.binary_dilation((labels > 0) | sinus, iterations=NEAR_VOXELS)
+    sinus, hilar = sinus_and_hilum(tissue, labels)
     kidney = labels > 0
     share = lambda part: round(float(mask[part].mean()), 4) if part.any() else None  # noqa: E731
     return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
@@ -111,7 +103,7 @@ def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels:
                                  f"--kits-labels than the data was made with?)")
             shares = taken_shares(segment(ct, geometry) > 0, case.tissue, case.segmentation)
             at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
-            sinus = np.isin(case.tissue, _SINUS)
+            sinus = sinus_and_hilum(case.tissue, case.segmentation)[0]
             rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"], **shares,
                          "sinus_taken_by_labels_at_grid": round(float(at_grid[sinus].mean()), 4) if sinus.any() else None})
             advance()

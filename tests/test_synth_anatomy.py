@@ -490,7 +490,54 @@ def test_versions_6_and_7_draw_the_hilum_and_keep_version_5_elsewhere():
         assert np.array_equal(v7.segmentation, v5.segmentation) and set(pelvis) == {"right", "left"}
         assert v7.kits_entry()["qnkit_synth"]["hilum"] == record["hilum"]
         assert np.array_equal(v7.imaging[: max(0, top - 8)], v5.imaging[: max(0, top - 8)])
+        for case in (v5, v6, v7):  # hard negatives from version 5 on: background inside and beside the kidneys
+            assert case.hard_negatives.dtype == np.uint8 and case.hard_negatives.shape == case.segmentation.shape
+            assert case.hard_negatives.any() and not (case.segmentation[case.hard_negatives > 0]).any()
+        assert (v6.hard_negatives >= v5.hard_negatives).all()  # version 6 adds the hilum's tubes to the sinus
     assert drawn
+
+
+def test_hard_negatives_are_the_sinus_and_the_hilum_beside_the_kidney():
+    """The mask is the carved sinus with its pelvis and the hilar tubes within NEAR_VOXELS of kidney or sinus, all
+    background: the tubes' far reaches, the great vessels and other tissue are not in it."""
+    from scipy import ndimage as ndi
+
+    from qnkit.synth.hilum import NEAR_VOXELS, add_hilar_structures, fill_pelvis, hard_negative_mask, sinus_and_hilum
+    from qnkit.synth.sinus import carve_sinus
+
+    tissue, labels = _hilum_body("left")
+    rng = np.random.default_rng(1)
+    carve_sinus(rng, tissue, labels, (2.0, 2.0, 2.0))
+    add_hilar_structures(rng, tissue, labels, (2.0, 2.0, 2.0))
+    fill_pelvis(rng, tissue, labels, (2.0, 2.0, 2.0))
+    sinus_ref = np.isin(tissue, [LABEL["renal_sinus"], LABEL["renal_pelvis"]])
+    near = ndi.binary_dilation((labels > 0) | sinus_ref, iterations=NEAR_VOXELS)  # over the whole volume
+    hilum_ref = near & np.isin(tissue, [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]])
+    sinus, hilum = sinus_and_hilum(tissue, labels)
+    assert sinus.any() and hilum.any()
+    np.testing.assert_array_equal(sinus, sinus_ref & (labels == 0))
+    np.testing.assert_array_equal(hilum, hilum_ref & (labels == 0))
+    mask = hard_negative_mask(tissue, labels)
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, (sinus | hilum).astype(np.uint8))
+    tubes = np.isin(tissue, [LABEL["vein"], LABEL["artery"], LABEL["collecting_system"]])
+    assert (tubes & ~near).any() and not mask[tubes & ~near].any()  # the great vessels, the ureter further down
+    assert not hard_negative_mask(np.full((4, 5, 6), LABEL["body"], np.uint8), np.zeros((4, 5, 6), np.uint8)).any()
+
+
+def test_writer_writes_hard_negatives_and_drops_a_stale_one(tmp_path):
+    from qnkit.synth.classic import HARD_NEGATIVES_NAME, SynthCase
+    from qnkit.synth.writer import write_case
+
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[1:3, 8:20, 8:20] = 1
+    hard = np.zeros_like(labels)
+    hard[1:3, 12:15, 12:15] = 1
+    case = SynthCase("case_00000", np.zeros(labels.shape, np.int16), labels, np.eye(4), 0.0, hard_negatives=hard)
+    folder = write_case(case, tmp_path)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(folder / HARD_NEGATIVES_NAME)).dataobj), hard)
+    write_case(SynthCase("case_00000", case.imaging, labels, np.eye(4), 0.0), tmp_path)
+    assert not (folder / HARD_NEGATIVES_NAME).exists()
 
 
 # --------------------------------------------------------------------------- contrast phase mix

@@ -168,6 +168,90 @@ def test_preprocess_case_soft_target_is_the_kidney_fraction_of_each_block(tmp_pa
     assert folder.is_dir()
 
 
+def _median_frequency_weights(labels: np.ndarray, omega0: float) -> np.ndarray:
+    """NumPy reference of QuickNAT's weights for a binary volume: median(counts) / count(class) + omega0 at edges."""
+    counts = np.bincount(labels.ravel(), minlength=2).astype(np.float64)
+    present = counts[counts > 0]
+    lut = np.where(counts > 0, np.median(present) / np.maximum(counts, 1), 0.0)
+    gy, gx = np.gradient(labels.astype(np.float64), axis=(1, 2))
+    return (lut[labels] + omega0 * ((gy != 0) | (gx != 0))).astype(np.float32)
+
+
+def test_hard_negatives_weigh_what_a_kidney_pixel_weighs():
+    """Background pixels of the hard-negative mask get factor x the kidney's class weight where that is more than
+    their own; kidney pixels and the rest keep theirs; no kidney or no hard pixel changes nothing."""
+    from qnkit import kernels
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((3, 41, 37), np.uint8)
+    labels[:, 10:30, 8:25] = 1
+    labels[:, 17:22, 14:18] = 0  # a sinus inside the kidney
+    hard = np.zeros(labels.shape, bool)
+    hard[:, 16:23, 13:19] = True  # reaches into the kidney: only its background counts
+    hard[2, 0, 0] = True  # a stray pixel far out
+    weights = kernels.border_weights(labels, 2.0)
+    np.testing.assert_allclose(weights, _median_frequency_weights(labels, 2.0), rtol=1e-6)
+    kidney_weight = float(_median_frequency_weights(labels, 0.0)[labels == 1][0])
+    expected = weights.copy()
+    target = hard & (labels == 0)
+    expected[target] = np.maximum(expected[target], 1.5 * kidney_weight)
+    assert D.weigh_hard_negatives(weights, labels, hard, 1.5) == int(target.sum())
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert (weights[labels == 1] == kernels.border_weights(labels, 2.0)[labels == 1]).all()
+    for labels_, hard_ in ((np.zeros_like(labels), hard), (labels, np.zeros_like(hard)),
+                           (labels, hard & (labels == 1))):
+        w = kernels.border_weights(labels_, 2.0)
+        before = w.copy()
+        assert D.weigh_hard_negatives(w, labels_, hard_, 1.0) == 0
+        np.testing.assert_array_equal(w, before)
+    noisy = rng.integers(0, 2, labels.shape).astype(np.uint8)  # odd sizes, every pixel a border
+    w = kernels.border_weights(noisy, 2.0)
+    D.weigh_hard_negatives(w, noisy, np.ones(labels.shape, bool), 1.0)
+    assert (w[noisy == 0] >= w[noisy == 1].min() - 1e-6).all()
+
+
+def test_hard_negatives_file_is_read_only_when_weighed(tmp_path):
+    """A case's hard_negatives.nii.gz raises the weights of its pixels on the model's grid when [DATA]
+    hard_negative_weight > 0, and is named in the cache manifest; at 0 the arrays, the record and the cache key are
+    those of a run without it. A mask of another shape or with values other than 0/1 is refused."""
+    import nibabel as nib
+
+    from qnkit.synth import make_case, write_case
+
+    folder = write_case(make_case(3, size=64, seed=5), tmp_path)
+    image = nib.load(str(folder / "segmentation.nii.gz"))
+    seg = np.asarray(image.dataobj)
+    kidney = np.argwhere(seg > 0)
+    z = int(np.median(kidney[:, 0]))
+    hard = np.zeros(seg.shape, np.uint8)
+    hard[z, :, :] = (seg[z] == 0)  # one slice's background, all of it
+    nib.save(nib.Nifti1Image(hard, image.affine), str(folder / "hard_negatives.nii.gz"))
+    (case,) = D.discover_cases(tmp_path)
+    assert case.hard_negatives == folder / "hard_negatives.nii.gz"
+    off = D.PreprocessParams(-200.0, 400.0, 2, 2.0)
+    on = D.PreprocessParams(-200.0, 400.0, 2, 2.0, hard_negative_weight=1.0)
+    assert off.record() == D.PreprocessParams(-200.0, 400.0, 2, 2.0).record() and "hard_negative_weight" not in off.record()
+    assert on.key() != off.key() and on.record()["hard_negative_weight"] == 1.0
+    assert "hard_negatives" not in D._manifest_for(case, off)["sources"]
+    assert "hard_negatives" in D._manifest_for(case, on)["sources"]
+    plain, plain_stats = D.preprocess_case(case, off)
+    weighed, stats = D.preprocess_case(case, on)
+    assert "hard_negative_pixels" not in plain_stats and stats["hard_negative_pixels"] > 0
+    for name in ("image", "labels", "coverage"):
+        np.testing.assert_array_equal(weighed[name], plain[name])
+    changed = weighed["weights"] != plain["weights"]
+    row = z - stats["slice_range"][0]
+    assert changed.any() and changed[row].sum() == changed.sum() <= stats["hard_negative_pixels"]
+    assert (weighed["weights"] >= plain["weights"]).all() and (weighed["labels"][changed] == 0).all()
+    nib.save(nib.Nifti1Image(hard[:-1], image.affine), str(folder / "hard_negatives.nii.gz"))
+    with pytest.raises(QnkitInputError, match="shape"):
+        D.preprocess_case(case, on)
+    nib.save(nib.Nifti1Image(hard * 2, image.affine), str(folder / "hard_negatives.nii.gz"))
+    with pytest.raises(QnkitInputError, match="0 and 1"):
+        D.preprocess_case(case, on)
+    D.preprocess_case(case, off)  # not read at 0
+
+
 def test_pixel_spacing_auto_is_twice_the_median_header_spacing(synth_dataset):
     cases = D.discover_cases(synth_dataset)
     spacings = [s[1] for s in D.case_spacings(cases)]

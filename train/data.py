@@ -49,6 +49,9 @@ class Case:
     labels: Path
     radiographic_size_cm: float | None = None
     kits: dict = field(default_factory=dict)  # the case's kits.json record ({} without one)
+    # optional hard_negatives.nii[.gz] beside them (qnkit synth's anatomy phantoms, version 5 on): background voxels
+    # that [DATA] hard_negative_weight weighs up in the loss
+    hard_negatives: Path | None = None
 
 
 @dataclass
@@ -62,6 +65,9 @@ class PreprocessParams:
     # A 2.5-D model's input planes per slice and their distance along z (mm); 1 and 0.0 for a 2-D model.
     context_planes: int = 1
     context_mm: float = 0.0
+    # The loss weight of a case's hard negatives (its hard_negatives file) as a multiple of its kidney's class
+    # weight; 0: none (and the file is not read).
+    hard_negative_weight: float = 0.0
 
     @classmethod
     def from_settings(cls, data, pixel_spacing_mm: float | None = None, context_planes: int = 1) -> "PreprocessParams":
@@ -69,7 +75,7 @@ class PreprocessParams:
         num_channels)."""
         return cls(float(data.hu_lo), float(data.hu_hi), int(data.slice_margin), float(data.omega0),
                    None if pixel_spacing_mm is None else float(pixel_spacing_mm), int(context_planes),
-                   float(data.context_mm) if context_planes > 1 else 0.0)
+                   float(data.context_mm) if context_planes > 1 else 0.0, float(data.hard_negative_weight))
 
     @property
     def context(self) -> tuple[int, float | None]:
@@ -84,10 +90,13 @@ class PreprocessParams:
 
     def record(self) -> dict:
         """The parameters as recorded (cache key, manifests, splits, checkpoints): a 2-D model's without the
-        context fields, so that its records and cache are those of the 2-D models before them."""
+        context fields and a run's without hard negatives without their weight, so that its records and cache
+        are those of the runs before them."""
         record = asdict(self)
         if self.context_planes == 1:
             del record["context_planes"], record["context_mm"]
+        if not self.hard_negative_weight:
+            del record["hard_negative_weight"]
         return record
 
     def key(self) -> str:
@@ -131,7 +140,8 @@ def discover_cases(data_dir: str | Path, check_headers: bool = True) -> list[Cas
             continue
         record = records.get(folder.name, {})
         size = record.get("radiographic_size")
-        cases.append(Case(folder.name, image, labels, None if size is None else float(size), record))
+        cases.append(Case(folder.name, image, labels, None if size is None else float(size), record,
+                          _find(folder, "hard_negatives")))
     if incomplete:
         raise QnkitInputError(f"{data_dir}: case folder(s) without imaging.nii[.gz] and segmentation.nii[.gz]: "
                               f"{', '.join(incomplete[:5])}{' ...' if len(incomplete) > 5 else ''}")
@@ -236,8 +246,10 @@ def _identity(path: Path) -> dict:
 
 
 def _manifest_for(case: Case, params: PreprocessParams) -> dict:
-    return {"version": CACHE_VERSION, "case_id": case.case_id, "params": params.record(),
-            "sources": {"image": _identity(case.image), "labels": _identity(case.labels)}}
+    sources = {"image": _identity(case.image), "labels": _identity(case.labels)}
+    if params.hard_negative_weight and case.hard_negatives is not None:
+        sources["hard_negatives"] = _identity(case.hard_negatives)
+    return {"version": CACHE_VERSION, "case_id": case.case_id, "params": params.record(), "sources": sources}
 
 
 def _load_entry(folder: Path, expected: dict) -> CacheEntry | None:
@@ -294,13 +306,47 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     image_model = resample.to_model_grid(image[image_start:image_stop], spacing_hw, model_mm,
                                          (params.hu_lo, params.hu_hi))
     weights = kernels.border_weights(labels_model, params.omega0)
+    hard = 0
+    if params.hard_negative_weight and case.hard_negatives is not None:
+        hard = weigh_hard_negatives(weights, labels_model, _hard_negatives_at_grid(case, labels.shape, (start, stop),
+                                                                                 spacing_hw, model_mm),
+                                    params.hard_negative_weight)
     arrays = {"image": image_model, "labels": labels_model, "coverage": coverage, "weights": weights}
     stats = {"num_slices": int(stop - start), "kidney_voxels": kidney, "tumor_voxels": tumor,
              "slice_range": [int(start), int(stop)], "shape": list(labels.shape),
              "spacing_mm": [round(float(v), 6) for v in igeom.spacing], "model_shape": list(labels_model.shape)}
     if reach:
         stats["image_slice_range"] = [int(image_start), int(image_stop)]
+    if params.hard_negative_weight and case.hard_negatives is not None:
+        stats["hard_negative_pixels"] = hard
     return arrays, stats
+
+
+def _hard_negatives_at_grid(case: Case, shape: tuple, span: tuple, spacing_hw, model_mm: float) -> np.ndarray:
+    """The case's hard negatives on the model's grid (bool: at least half of a model pixel), its kidney slices."""
+    from qnkit import io as qio
+    from qnkit import resample
+
+    mask, _ = qio.load_labels(case.hard_negatives)
+    if mask.shape != tuple(shape):
+        raise QnkitInputError(f"{case.case_id}: hard negatives {case.hard_negatives} have shape {mask.shape}, "
+                              f"the labels {tuple(shape)}")
+    if mask.max(initial=0) > 1:
+        raise QnkitInputError(f"{case.hard_negatives}: a hard-negative mask holds 0 and 1 only")
+    return resample.coverage_to_model_grid(mask[span[0]:span[1]], spacing_hw, model_mm) >= 0.5
+
+
+def weigh_hard_negatives(weights: np.ndarray, labels: np.ndarray, hard: np.ndarray, factor: float) -> int:
+    """Raise the loss weight of the background pixels of `hard` to `factor` times the kidney's class weight (the
+    median-frequency weight :func:`qnkit.kernels.border_weights` gives label 1 in this volume), in place, where it
+    is lower: a false positive there then costs what a missed kidney pixel costs. Returns the pixels weighed."""
+    hard = hard & (labels == 0)
+    kidney = labels > 0
+    if not hard.any() or not kidney.any():
+        return 0
+    kidney_weight = float(np.min(weights[kidney]))  # border pixels carry omega0 on top
+    np.maximum(weights, np.float32(factor * kidney_weight), out=weights, where=hard)
+    return int(hard.sum())
 
 
 def case_spacings(cases: list[Case]) -> list[tuple[float, float, float]]:

@@ -60,6 +60,11 @@ class DataSettings:
     # slice (the slice and its neighbours at -/+ context_mm, -/+ 2 context_mm, ...; interpolated between
     # slices, so the same whatever the CT's slice thickness). 0: one plane, the 2-D model (num_channels 1).
     context_mm: float = 0.0
+    # The loss weight of a case's hard negatives (hard_negatives.nii.gz beside its labels: qnkit synth writes the
+    # renal sinus and hilum of its anatomy phantoms) as a multiple of its kidney's class weight, where that is more
+    # than their own: median-frequency balancing otherwise weighs a false positive ~30x less than a missed kidney
+    # pixel, and the sinus inside the kidney is taken. 0: off (the file is not read).
+    hard_negative_weight: float = 0.0
 
 
 # [NETWORK] holds the fields of QuickNATConfig with its defaults, mutable so that .ini files and
@@ -194,6 +199,7 @@ class Settings:
             ("DATA", "pad_multiple", d.pad_multiple >= 1, "must be >= 1"),
             ("DATA", "pixel_spacing_mm", _auto_or_positive(d.pixel_spacing_mm), "must be auto or a number > 0 (mm)"),
             ("DATA", "context_mm", d.context_mm >= 0, "must be >= 0 (mm; 0 = a 2-D model)"),
+            ("DATA", "hard_negative_weight", d.hard_negative_weight >= 0, "must be >= 0 (0 = off)"),
             ("NETWORK", "num_channels", n.num_channels >= 1 and n.num_channels % 2 == 1,
              "must be an odd number >= 1 (the slice and as many planes on each side of it)"),
             ("NETWORK", "num_filters", n.num_filters >= 1, "must be >= 1"),

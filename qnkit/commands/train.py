@@ -48,6 +48,10 @@ def command(
                                                                       "contrast, blur and noise per slice."),
     crop_size: int = typer.Option(None, "--crop-size", help="[TRAINING] crop_size: train on square windows of this many "
                                                             "pixels (0: whole slices). With --resume: from now on."),
+    hard_negative_weight: float = typer.Option(None, "--hard-negative-weight", metavar="W",
+                                               help="[DATA] hard_negative_weight: the loss weight of each case's "
+                                                    "hard_negatives.nii.gz voxels (qnkit synth's renal sinus and "
+                                                    "hilum) as a multiple of its kidney's class weight; 0: off."),
     reference_data: str = typer.Option(None, "--reference-data", metavar="DIR",
                                        help="[EVAL] reference_data: held-out cases scored after every epoch beside "
                                             "the validation split (metrics.jsonl reference_dice)."),
@@ -84,7 +88,7 @@ def command(
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
         ("TRAINING", "compile"): compile_step, ("TRAINING", "qat"): qat,
-        ("DATA", "pixel_spacing_mm"): pixel_spacing_mm,
+        ("DATA", "pixel_spacing_mm"): pixel_spacing_mm, ("DATA", "hard_negative_weight"): hard_negative_weight,
         ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
         ("TRAINING", "crop_size"): crop_size, ("EVAL", "reference_data"): reference_data,
     }

@@ -11,7 +11,7 @@ from .anatomy import draw_grid, make_anatomy
 from .appearance import PHASE_P, PHASES, draw_look, draw_lookalikes, phase_probabilities
 from .classic import SynthCase, _check_int, tumor_diameter_cm
 from .render import render
-from .hilum import add_hilar_structures, fill_pelvis
+from .hilum import add_hilar_structures, fill_pelvis, hard_negative_mask
 from .sinus import carve_sinus
 
 #: Versions of the anatomy recipe (:func:`.anatomy.make_anatomy`); the one used is recorded with every
@@ -91,4 +91,5 @@ def make_anatomy_case(index: int, *, seed: int = 0, labels_from: Path | None = N
         "num_slices": int(body.labels.shape[0]),
     }
     return SynthCase(case_id=f"case_{index:05d}", imaging=imaging, segmentation=body.labels, affine=body.affine,
-                     radiographic_size=float(size_cm), meta=meta, tissue=body.tissue if keep_tissue else None)
+                     radiographic_size=float(size_cm), meta=meta, tissue=body.tissue if keep_tissue else None,
+                     hard_negatives=hard_negative_mask(body.tissue, body.labels) if version >= 5 else None)

@@ -56,6 +56,8 @@ __all__ = ["SynthCase", "make_case", "resample_labels"]
 
 IMAGING_NAME = "imaging.nii.gz"
 SEGMENTATION_NAME = "segmentation.nii.gz"
+#: Anatomy phantoms (version 5 on): the background voxels training may weigh as hard negatives (train/data.py).
+HARD_NEGATIVES_NAME = "hard_negatives.nii.gz"
 KITS_JSON = "kits.json"
 
 #: Slice thicknesses (mm) and their probabilities; thicker slices are used when the slice
@@ -84,6 +86,9 @@ class SynthCase:
     radiographic_size: float  # cm, largest tumor diameter (0.0 without tumor)
     meta: dict = field(default_factory=dict)  # extra kits.json fields
     tissue: np.ndarray | None = None  # anatomy cases, when asked: the tissue labels it was rendered from
+    # anatomy version 5 on: uint8, 1 on background voxels a model must learn to leave out of the kidney (the renal
+    # sinus and what leaves the hilum; .hilum.hard_negative_mask); written as hard_negatives.nii.gz
+    hard_negatives: np.ndarray | None = None
 
     def kits_entry(self) -> dict:
         entry = {"case_id": self.case_id, "radiographic_size": self.radiographic_size}

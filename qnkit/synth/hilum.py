@@ -190,3 +190,32 @@ def _draw_ureter(tissue: np.ndarray, labels: np.ndarray, hilum: np.ndarray, sp: 
     if end[0] > bend[0]:
         total += _paint_tube(tissue, labels, _curve(bend, end, None, sp), radius, sp, value)
     return round(total, 2)
+
+
+#: Hilar tubes count as the hilum's where they lie within this many voxels of a kidney or its sinus (further on,
+#: the vein, artery and ureter are the great vessels' and the pelvis's business, not the kidney border's).
+NEAR_VOXELS = 4
+_SINUS = (LABEL["renal_sinus"], LABEL["renal_pelvis"])
+_HILAR = (LABEL["vein"], LABEL["artery"], LABEL["collecting_system"])
+
+
+def sinus_and_hilum(tissue: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sinus, hilum) bool masks of a phantom: the carved renal sinus with its pelvis (version 5 on), and the vein,
+    artery, pelvis and ureter within :data:`NEAR_VOXELS` of a kidney or its sinus (version 6 on). Both are
+    KiTS label 0: what a model must learn to leave out where the kidney ends on its medial side."""
+    sinus = np.isin(tissue, _SINUS)
+    hilum = np.zeros(tissue.shape, dtype=bool)
+    reach = (labels > 0) | sinus
+    if reach.any():
+        found = ndi.find_objects(reach.view(np.uint8))[0]
+        box = tuple(slice(max(0, s.start - NEAR_VOXELS), s.stop + NEAR_VOXELS) for s in found)
+        near = ndi.binary_dilation(reach[box], iterations=NEAR_VOXELS)
+        hilum[box] = near & np.isin(tissue[box], _HILAR)
+    return sinus & (labels == 0), hilum & (labels == 0)
+
+
+def hard_negative_mask(tissue: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 mask (1 = hard negative) of a phantom's sinus and hilum (:func:`sinus_and_hilum`): background voxels
+    enclosed by or touching a kidney, which training may weigh as much as the kidney itself."""
+    sinus, hilum = sinus_and_hilum(tissue, labels)
+    return (sinus | hilum).view(np.uint8)

@@ -11,7 +11,7 @@ import numpy as np
 
 from qnkit.errors import QnkitInputError
 
-from .classic import (DESCRIP, IMAGING_NAME, KITS_JSON, SEGMENTATION_NAME, SynthCase, _check_int, _check_kidneys,
+from .classic import (DESCRIP, HARD_NEGATIVES_NAME, IMAGING_NAME, KITS_JSON, SEGMENTATION_NAME, SynthCase, _check_int, _check_kidneys,
                       _check_size, _source_cases, make_case)
 
 GENERATORS = ("classic", "anatomy")
@@ -31,7 +31,8 @@ def _nifti(data: np.ndarray, affine: np.ndarray):
 
 
 def write_case(case: SynthCase, out_dir: Path) -> Path:
-    """Write ``out_dir/case_id/{imaging,segmentation}.nii.gz`` (each atomically); return the case folder."""
+    """Write ``out_dir/case_id/{imaging,segmentation}.nii.gz`` and, for a case that has them,
+    ``hard_negatives.nii.gz`` (each atomically); return the case folder."""
     import nibabel as nib
 
     from qnkit._atomic import atomic_path
@@ -40,7 +41,12 @@ def write_case(case: SynthCase, out_dir: Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise QnkitInputError(f"{folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    for name, data in ((IMAGING_NAME, case.imaging), (SEGMENTATION_NAME, case.segmentation)):
+    arrays = [(IMAGING_NAME, case.imaging), (SEGMENTATION_NAME, case.segmentation)]
+    if case.hard_negatives is not None:
+        arrays.append((HARD_NEGATIVES_NAME, case.hard_negatives))
+    else:
+        (folder / HARD_NEGATIVES_NAME).unlink(missing_ok=True)  # an earlier version's, not this case's
+    for name, data in arrays:
         with atomic_path(folder / name) as tmp:
             nib.save(_nifti(data, case.affine), str(tmp))
     return folder
@@ -77,7 +83,7 @@ def _check_out_dir(out_dir: Path, labels_from, indices) -> Path:
         folder = out_dir / f"case_{i:05d}"
         if folder.exists() and not folder.is_dir():
             raise QnkitInputError(f"{folder} exists and is not a folder")
-        for name in (IMAGING_NAME, SEGMENTATION_NAME):
+        for name in (IMAGING_NAME, SEGMENTATION_NAME, HARD_NEGATIVES_NAME):
             path = folder / name
             if path.exists() and not _written_by_synth(path):
                 raise QnkitInputError(
