@@ -7,6 +7,8 @@ the stored image as ``qnkit segment`` does, and reports per case and by contrast
 (version 5 on; with the pelvis of version 7) and of the hilar structures beside the kidney (version 6 on) that the
 mask takes. A model that has learnt where the kidney ends at its hilum takes little of either; beside it, the share
 the labels themselves take after a round trip through the model's grid (what a perfect model there would draw).
+Each case also gets its predicted / true kidney volume and the millilitres taken outside the labels by what each
+voxel was drawn as (the spleen against the left kidney, the liver, the sinus ...), averaged over the cases.
 
     python -m qnkit.benchmarks.sinus_taken --model BUNDLE --data DIR --kits-labels KITS19/data \\
         [--run RUN --split validation] [--json OUT.json]
@@ -23,6 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qnkit.kernels import mask_dice
+from qnkit.synth.atlas import TISSUES
 from qnkit.synth.hilum import sinus_and_hilum
 
 
@@ -50,6 +53,16 @@ def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> di
     return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
             "hilum_voxels": int(hilar.sum()), "hilum_taken": share(hilar),
             "dice": round(mask_dice(mask, kidney, empty=0.0), 4)}
+
+
+def false_positives_by_tissue(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray, voxel_ml: float,
+                             smallest_ml: float = 0.5) -> dict:
+    """mL of `mask` (bool) outside the kidney labels by what each voxel was drawn as (spleen, liver, sinus, ...),
+    largest first, tissues under `smallest_ml` left out: which neighbour a model takes, not just how much."""
+    counts = np.bincount(tissue[mask & (labels == 0)], minlength=len(TISSUES))
+    order = np.argsort(counts)[::-1]
+    return {TISSUES[i]: round(float(counts[i]) * voxel_ml, 2) for i in order
+            if counts[i] and counts[i] * voxel_ml >= smallest_ml}
 
 
 def labels_through_grid(labels: np.ndarray, pixel_mm: float, model_mm: float) -> np.ndarray:
@@ -101,7 +114,11 @@ def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels:
                     stored.shape != case.segmentation.shape or not np.array_equal(stored, case.segmentation):
                 raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
                                  f"--kits-labels than the data was made with?)")
-            shares = taken_shares(segment(ct, geometry) > 0, case.tissue, case.segmentation)
+            mask = segment(ct, geometry) > 0
+            shares = taken_shares(mask, case.tissue, case.segmentation)
+            voxel_ml = float(geometry.voxel_volume_ml)
+            shares["volume_ratio"] = round(float(mask.sum() / max(1, np.count_nonzero(case.segmentation))), 4)
+            shares["false_positive_ml"] = false_positives_by_tissue(mask, case.tissue, case.segmentation, voxel_ml)
             at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
             sinus = sinus_and_hilum(case.tissue, case.segmentation)[0]
             rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"], **shares,
@@ -113,8 +130,11 @@ def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels:
         by_phase[phase] = {key: _median([r[key] for r in part]) for key in ("sinus_taken", "hilum_taken", "dice")}
         by_phase[phase]["cases"] = len(part)
     overall = {key: _median([r[key] for r in rows])
-               for key in ("sinus_taken", "hilum_taken", "dice", "sinus_taken_by_labels_at_grid")}
-    return {"threshold": arguments.get("threshold"), "median": overall, "by_phase": by_phase, "cases": rows}
+               for key in ("sinus_taken", "hilum_taken", "dice", "volume_ratio", "sinus_taken_by_labels_at_grid")}
+    tissues = {t for r in rows for t in r["false_positive_ml"]}
+    mean_fp = {t: round(sum(r["false_positive_ml"].get(t, 0.0) for r in rows) / len(rows), 2) for t in tissues}
+    return {"threshold": arguments.get("threshold"), "median": overall, "by_phase": by_phase,
+            "false_positive_ml_per_case": dict(sorted(mean_fp.items(), key=lambda kv: -kv[1])), "cases": rows}
 
 
 def _median(values) -> float | None:
@@ -141,7 +161,7 @@ def main(argv=None) -> int:
         print(f"sinus_taken: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1)
-    print(json.dumps({k: result[k] for k in ("median", "by_phase")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("median", "by_phase", "false_positive_ml_per_case")}, indent=1))
     if args.json:
         args.json.write_text(text + "\n")
     return 0

@@ -333,6 +333,7 @@ def test_cli_scores_regenerated_phantoms_and_refuses_other_ones(shared_bundle, t
         assert row["sinus_taken"] is None or 0.0 <= row["sinus_taken"] <= 1.0
         assert row["hilum_taken"] is None or 0.0 <= row["hilum_taken"] <= 1.0
         assert row["sinus_taken_by_labels_at_grid"] is None or 0.0 <= row["sinus_taken_by_labels_at_grid"] <= 1.0
+        assert row["volume_ratio"] >= 0.0 and all(v >= 0.5 for v in row["false_positive_ml"].values())
     assert sum(p["cases"] for p in result["by_phase"].values()) == 2
     capsys.readouterr()
     assert sinus_main(["--model", str(bundle), "--data", str(data), "--size", "64", "--no-progress"]) == 2

@@ -36,3 +36,18 @@ def test_shares_count_the_sinus_and_the_hilum_beside_the_kidney():
     plain = np.where(labels > 0, LABEL["kidney_right"], LABEL["body"]).astype(np.uint8)
     none = taken_shares(kidney, plain, labels)
     assert none["sinus_taken"] is None and none["hilum_taken"] is None and none["dice"] == 1.0
+
+
+def test_false_positives_are_counted_by_the_tissue_drawn():
+    from qnkit.benchmarks.sinus_taken import false_positives_by_tissue
+
+    labels = np.zeros((6, 10, 10), dtype=np.uint8)
+    labels[1:5, 2:6, 2:6] = 1
+    tissue = np.where(labels > 0, LABEL["kidney_left"], LABEL["body"]).astype(np.uint8)
+    tissue[1:5, 2:6, 6:9] = LABEL["spleen"]
+    mask = labels > 0
+    assert false_positives_by_tissue(mask, tissue, labels, 0.5) == {}
+    mask[1:5, 2:6, 6:8] = True  # 32 spleen voxels
+    mask[0, 0, 0] = True  # one body voxel: under the smallest mL reported
+    assert false_positives_by_tissue(mask, tissue, labels, 0.25) == {"spleen": 8.0}
+    assert false_positives_by_tissue(mask, tissue, labels, 0.25, smallest_ml=0.0) == {"spleen": 8.0, "body": 0.25}

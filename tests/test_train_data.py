@@ -210,6 +210,23 @@ def test_hard_negatives_weigh_what_a_kidney_pixel_weighs():
     assert (w[noisy == 0] >= w[noisy == 1].min() - 1e-6).all()
 
 
+def test_class_weights_none_leaves_one_and_the_border_term():
+    """Without class weights every pixel weighs 1 plus omega0 at label edges (the NumPy reference with equal
+    class weights); the default record and cache key are those of runs before the option."""
+    rng = np.random.default_rng(3)
+    for labels in (rng.integers(0, 2, (2, 17, 23)).astype(np.uint8), np.zeros((3, 9, 11), np.uint8),
+                   np.ones((3, 9, 11), np.uint8)):
+        from qnkit import kernels
+
+        weights = D.without_class_weights(kernels.border_weights(labels, 2.0), labels)
+        edges = _median_frequency_weights(labels, 2.0) - _median_frequency_weights(labels, 0.0)
+        np.testing.assert_allclose(weights, 1.0 + edges, rtol=1e-6, atol=1e-6)
+    default = D.PreprocessParams(-200.0, 400.0, 2, 2.0)
+    assert "class_weights" not in default.record()
+    plain = D.PreprocessParams(-200.0, 400.0, 2, 2.0, class_weights="none")
+    assert plain.record()["class_weights"] == "none" and plain.key() != default.key()
+
+
 def test_hard_negatives_file_is_read_only_when_weighed(tmp_path):
     """A case's hard_negatives.nii.gz raises the weights of its pixels on the model's grid when [DATA]
     hard_negative_weight > 0, and is named in the cache manifest; at 0 the arrays, the record and the cache key are
@@ -250,6 +267,11 @@ def test_hard_negatives_file_is_read_only_when_weighed(tmp_path):
     with pytest.raises(QnkitInputError, match="0 and 1"):
         D.preprocess_case(case, on)
     D.preprocess_case(case, off)  # not read at 0
+    nib.save(nib.Nifti1Image(hard, image.affine), str(folder / "hard_negatives.nii.gz"))
+    flat, _ = D.preprocess_case(case, D.PreprocessParams(-200.0, 400.0, 2, 2.0, hard_negative_weight=3.0,
+                                                         class_weights="none"))
+    hard_model = (flat["weights"] == 3.0) & (flat["labels"] == 0)
+    assert hard_model.sum() > 0 and set(np.unique(flat["weights"]).tolist()) <= {1.0, 3.0}
 
 
 def test_pixel_spacing_auto_is_twice_the_median_header_spacing(synth_dataset):

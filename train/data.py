@@ -68,6 +68,9 @@ class PreprocessParams:
     # The loss weight of a case's hard negatives (its hard_negatives file) as a multiple of its kidney's class
     # weight; 0: none (and the file is not read).
     hard_negative_weight: float = 0.0
+    # "median_frequency": QuickNAT's class weights (median class count / the pixel's class count, per volume);
+    # "none": every pixel 1, as nnU-Net's cross-entropy. The border term omega0 is added either way.
+    class_weights: str = "median_frequency"
 
     @classmethod
     def from_settings(cls, data, pixel_spacing_mm: float | None = None, context_planes: int = 1) -> "PreprocessParams":
@@ -75,7 +78,8 @@ class PreprocessParams:
         num_channels)."""
         return cls(float(data.hu_lo), float(data.hu_hi), int(data.slice_margin), float(data.omega0),
                    None if pixel_spacing_mm is None else float(pixel_spacing_mm), int(context_planes),
-                   float(data.context_mm) if context_planes > 1 else 0.0, float(data.hard_negative_weight))
+                   float(data.context_mm) if context_planes > 1 else 0.0, float(data.hard_negative_weight),
+                   str(data.class_weights))
 
     @property
     def context(self) -> tuple[int, float | None]:
@@ -97,6 +101,8 @@ class PreprocessParams:
             del record["context_planes"], record["context_mm"]
         if not self.hard_negative_weight:
             del record["hard_negative_weight"]
+        if self.class_weights == "median_frequency":
+            del record["class_weights"]
         return record
 
     def key(self) -> str:
@@ -306,6 +312,8 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     image_model = resample.to_model_grid(image[image_start:image_stop], spacing_hw, model_mm,
                                          (params.hu_lo, params.hu_hi))
     weights = kernels.border_weights(labels_model, params.omega0)
+    if params.class_weights == "none":
+        weights = without_class_weights(weights, labels_model)
     hard = 0
     if params.hard_negative_weight and case.hard_negatives is not None:
         hard = weigh_hard_negatives(weights, labels_model, _hard_negatives_at_grid(case, labels.shape, (start, stop),
@@ -320,6 +328,16 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     if params.hard_negative_weight and case.hard_negatives is not None:
         stats["hard_negative_pixels"] = hard
     return arrays, stats
+
+
+def without_class_weights(weights: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """QuickNAT's `weights` of `labels` with the median-frequency class weight of each pixel replaced by 1 (the border
+    term stays), in place: a false positive then costs what a missed kidney pixel costs, as in nnU-Net's loss.
+    Median-frequency weights make a background pixel of an abdominal slice ~30x cheaper than a kidney pixel, which
+    pushes every doubtful pixel next to a kidney (sinus, spleen, liver) into it."""
+    weights -= kernels.class_weights(labels)[labels]
+    weights += np.float32(1.0)
+    return weights
 
 
 def _hard_negatives_at_grid(case: Case, shape: tuple, span: tuple, spacing_hw, model_mm: float) -> np.ndarray:

@@ -65,6 +65,9 @@ class DataSettings:
     # than their own: median-frequency balancing otherwise weighs a false positive ~30x less than a missed kidney
     # pixel, and the sinus inside the kidney is taken. 0: off (the file is not read).
     hard_negative_weight: float = 0.0
+    # The loss weight of each pixel's class: median_frequency (QuickNAT's: median class count / its class's count,
+    # per volume) or none (every pixel 1, as nnU-Net's cross-entropy); the border weight omega0 is added either way.
+    class_weights: str = "median_frequency"
 
 
 # [NETWORK] holds the fields of QuickNATConfig with its defaults, mutable so that .ini files and
@@ -200,6 +203,8 @@ class Settings:
             ("DATA", "pixel_spacing_mm", _auto_or_positive(d.pixel_spacing_mm), "must be auto or a number > 0 (mm)"),
             ("DATA", "context_mm", d.context_mm >= 0, "must be >= 0 (mm; 0 = a 2-D model)"),
             ("DATA", "hard_negative_weight", d.hard_negative_weight >= 0, "must be >= 0 (0 = off)"),
+            ("DATA", "class_weights", d.class_weights in ("median_frequency", "none"),
+             "must be median_frequency or none"),
             ("NETWORK", "num_channels", n.num_channels >= 1 and n.num_channels % 2 == 1,
              "must be an odd number >= 1 (the slice and as many planes on each side of it)"),
             ("NETWORK", "num_filters", n.num_filters >= 1, "must be >= 1"),

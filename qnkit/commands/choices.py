@@ -32,6 +32,7 @@ TrainDevice = choices("TrainDevice", ("auto", "cpu", "cuda"))
 Schedule = choices("Schedule", ("step", "poly"))
 Kidneys = choices("Kidneys", ("both", "left", "right"))
 Generator = choices("Generator", ("classic", "anatomy"))
+ClassWeights = choices("ClassWeights", ("median_frequency", "none"))
 
 
 def plain(value):
