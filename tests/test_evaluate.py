@@ -32,6 +32,26 @@ def test_evaluate_json_and_dice_floor(trained_run):
         predicted, truth = row["predicted_ml"], row["kidney_ml"]
         assert row["dice"] <= 2 * min(predicted, truth) / (predicted + truth) + 1e-3, row
     assert result["mean_dice"] >= DICE_FLOOR and result["mean_dice_network"] >= DICE_FLOOR, result["mean_dice"]
+    # the seed's domain: the run's filter rule (tumor/kidney voxel ratio <= 1) applied to each test case
+    for row in result["cases"]:
+        labels, _ = qio.load_labels(f"{result['data_dir']}/{row['case_id']}/segmentation.nii.gz")
+        ratio = np.count_nonzero(labels == 2) / max(1, np.count_nonzero(labels == 1))
+        assert row["in_domain"] == (ratio <= 1.0) and ("out_of_domain" in row) == (not row["in_domain"])
+    inside = [r for r in result["cases"] if r["in_domain"]]
+    assert result["in_domain"]["cases"] == len(inside)
+    if inside:
+        assert result["in_domain"]["mean_dice"] == pytest.approx(np.mean([r["dice"] for r in inside]))
+
+
+def test_in_domain_summary_names_the_worst_and_the_cases_left_out():
+    from qnkit.train.evaluation import in_domain_summary
+
+    rows = [{"case_id": "a", "dice": 0.9, "in_domain": True}, {"case_id": "b", "dice": 0.2, "in_domain": False},
+            {"case_id": "c", "dice": 0.7, "in_domain": True}]
+    assert in_domain_summary(rows) == {"cases": 2, "out_of_domain": ["b"], "mean_dice": pytest.approx(0.8),
+                                       "min_dice": 0.7, "worst_case": "c"}
+    assert in_domain_summary([{"case_id": "b", "dice": 0.2, "in_domain": False}]) == {"cases": 0,
+                                                                                       "out_of_domain": ["b"]}
 
 
 def _voxels(path) -> bytes:

@@ -223,22 +223,29 @@ def split_train_val(case_ids: list[str], fraction: float, seed: int) -> tuple[li
     return _split(case_ids, fraction, seed, "val")
 
 
+def filter_reasons(radiographic_size_cm: float | None, kidney_voxels: int, tumor_voxels: int, data) -> list[str]:
+    """Why a case lies outside the seed's domain by the [DATA] filter rule (`data`: max_radiographic_size_cm,
+    max_tumor_kidney_ratio): a tumor that distorts the kidney, or no kidney at all; [] for a case within it."""
+    reasons = []
+    limit = data.max_radiographic_size_cm
+    if limit is not None and radiographic_size_cm is not None and radiographic_size_cm > limit:
+        reasons.append(f"radiographic_size {radiographic_size_cm:g} cm > {limit:g} cm")
+    limit = data.max_tumor_kidney_ratio
+    if limit is not None and tumor_voxels > 0:
+        ratio = tumor_voxels / max(kidney_voxels, 1)
+        if ratio > limit:
+            reasons.append(f"tumor/kidney voxel ratio {ratio:.3g} > {limit:g}")
+    if kidney_voxels + tumor_voxels == 0:
+        reasons.append("no kidney label")
+    return reasons
+
+
 def apply_filter(entries: dict[str, CacheEntry], cases: list[Case], data) -> tuple[list[str], list[dict]]:
     """(kept case ids, [{case_id, reason}]) by the DATA filter rule."""
     kept, filtered = [], []
     for case in cases:
         entry = entries[case.case_id]
-        reasons = []
-        limit = data.max_radiographic_size_cm
-        if limit is not None and case.radiographic_size_cm is not None and case.radiographic_size_cm > limit:
-            reasons.append(f"radiographic_size {case.radiographic_size_cm:g} cm > {limit:g} cm")
-        limit = data.max_tumor_kidney_ratio
-        if limit is not None and entry.tumor_voxels > 0:
-            ratio = entry.tumor_voxels / max(entry.kidney_voxels, 1)
-            if ratio > limit:
-                reasons.append(f"tumor/kidney voxel ratio {ratio:.3g} > {limit:g}")
-        if entry.kidney_voxels + entry.tumor_voxels == 0:
-            reasons.append("no kidney label")
+        reasons = filter_reasons(case.radiographic_size_cm, entry.kidney_voxels, entry.tumor_voxels, data)
         if reasons:
             filtered.append({"case_id": case.case_id, "reason": "; ".join(reasons)})
         else:

@@ -158,12 +158,44 @@ def _case_files(data_dir: Path, case_id: str) -> tuple[Path, Path]:
     return image, labels
 
 
+def _filter_rule(meta: dict):
+    """The [DATA] filter rule the checkpoint's run trained under (its settings; the defaults where absent)."""
+    from qnkit.train.settings import Settings
+
+    data = (meta.get("settings") or {}).get("DATA") or {}
+    rule = {k: data[k] for k in ("max_radiographic_size_cm", "max_tumor_kidney_ratio") if k in data}
+    return Settings.from_dict({"DATA": rule}, "the checkpoint's settings").data
+
+
+def _radiographic_sizes(data_dir: Path) -> dict:
+    """case_id -> kits.json radiographic_size (cm) of the cases that have one."""
+    from qnkit.train.data import _read_kits_json
+
+    records = _read_kits_json(Path(data_dir) / "kits.json")
+    return {case: float(r["radiographic_size"]) for case, r in records.items() if r.get("radiographic_size") is not None}
+
+
+def in_domain_summary(rows: list[dict]) -> dict:
+    """The test cases within the seed's domain (the run's own filter rule: a tumor that distorts the kidney is out
+    of it, as the seed's test set left such cases out): how many, their mean and lowest Dice and the worst case;
+    the cases left out, by name."""
+    kept = [r for r in rows if r.get("in_domain", True)]
+    out = {"cases": len(kept), "out_of_domain": [r["case_id"] for r in rows if not r.get("in_domain", True)]}
+    if kept:
+        worst = min(kept, key=lambda r: r["dice"])
+        out.update(mean_dice=float(np.mean([r["dice"] for r in kept])), min_dice=float(worst["dice"]),
+                   worst_case=worst["case_id"])
+    return out
+
+
 def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None = None, device: str = "cpu",
              batch_size: int | None = None, threshold: float | None = None, postprocess: bool = True,
              mirror: bool = False, masks_dir: Path | None = None, progress=None, log: bool = True,
              quality: bool = False, uncertainty: int = 0, seed: int = 0, calibration: dict | None = None) -> dict:
-    """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network',
-    'cases': [{case_id, dice, dice_network, ...}]}; `dice` scores the post-processed mask when `postprocess`.
+    """{'checkpoint', 'epoch', 'postprocess', 'mean_dice', 'std_dice', 'mean_dice_network', 'in_domain',
+    'cases': [{case_id, dice, dice_network, in_domain, ...}]}; `dice` scores the post-processed mask when
+    `postprocess`. `mean_dice` is over every test case; `in_domain` (:func:`in_domain_summary`) over those the run's
+    filter rule keeps, as the seed's test set was.
 
     `quality` (or `uncertainty` > 0): each case also gets "kidneys" ({"right", "left"}:
     :func:`qnkit.quality_eval.judged_kidneys`) and the result a "quality" summary
@@ -200,6 +232,8 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
 
         limits, source = (calibration, "given") if calibration else Q.calibration_of(None)
     predict = make_predict_batch(model, device)
+    domain_rule = _filter_rule(meta)
+    radiographic = _radiographic_sizes(data_dir)
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -216,9 +250,14 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         if masks_dir is not None:
             qio.save_mask(mask, geometry, Path(masks_dir) / f"{case_id}{MASK_SUFFIX}", overwrite=True)
         ml = float(geometry.voxel_volume_ml)
+        from qnkit.train.data import filter_reasons
+
+        outside = filter_reasons(radiographic.get(case_id), int(np.count_nonzero(labels == 1)),
+                                 int(np.count_nonzero(labels == 2)), domain_rule)
         rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": network["dice"],
                      "slices": int(ct.shape[0]), "kidney_ml": float(target.sum()) * ml,
-                     "predicted_ml": float(np.count_nonzero(mask)) * ml})
+                     "predicted_ml": float(np.count_nonzero(mask)) * ml, "in_domain": not outside,
+                     **({"out_of_domain": "; ".join(outside)} if outside else {})})
         if quality:
             verdicts = Q.kidney_quality(sides, ct, geometry.spacing, drawn[0] if drawn else None, limits, source)
             rows[-1]["kidneys"] = QE.judged_kidneys(sides, QE.labelled_sides(labels, ct, geometry), verdicts, ml)
@@ -229,7 +268,8 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
               "checkpoint_sha256": meta.get("files", {}),
               "data_dir": str(data_dir), "threshold": arguments["threshold"], "postprocess": postprocess,
               "mirror": mirror, "mean_dice": float(dices.mean()), "std_dice": float(dices.std()),
-              "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])), "cases": rows}
+              "mean_dice_network": float(np.mean([r["dice_network"] for r in rows])),
+              "in_domain": in_domain_summary(rows), "cases": rows}
     if quality:
         kidneys = [k for r in rows for k in r["kidneys"].values() if k is not None]
         result["quality"] = {"uncertainty": uncertainty, "seed": seed, "calibration": source,
@@ -245,5 +285,6 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         write_text_atomic(run_dir / TEST_DICE_NAME, json.dumps(
             {"checkpoint": which, "epoch": meta["epoch"], "postprocess": postprocess, "mirror": mirror,
              "threshold": arguments["threshold"], "mean_dice": result["mean_dice"], "std_dice": result["std_dice"],
-             "mean_dice_network": result["mean_dice_network"], "cases": len(rows)}, indent=1))
+             "mean_dice_network": result["mean_dice_network"], "cases": len(rows),
+             "in_domain": result["in_domain"]}, indent=1))
     return result

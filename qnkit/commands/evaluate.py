@@ -96,11 +96,16 @@ def command(
     for name in ("case", "Dice", "network Dice", "slices", "kidney ml", "predicted ml"):
         table.add_column(name, justify="left" if name == "case" else "right")
     for r in result["cases"]:
-        table.add_row(r["case_id"], f"{r['dice']:.4f}", f"{r['dice_network']:.4f}", str(r["slices"]),
+        name = r["case_id"] if r.get("in_domain", True) else f"{r['case_id']} (out of domain)"
+        table.add_row(name, f"{r['dice']:.4f}", f"{r['dice_network']:.4f}", str(r["slices"]),
                       f"{r['kidney_ml']:.1f}", f"{r['predicted_ml']:.1f}")
     table.add_section()
     table.add_row("mean ± std", f"{result['mean_dice']:.4f} ± {result['std_dice']:.4f}",
                   f"{result['mean_dice_network']:.4f}", "", "", "")
+    inside = result["in_domain"]
+    if inside["out_of_domain"] and inside["cases"]:
+        table.add_row(f"in domain ({inside['cases']} cases)", f"{inside['mean_dice']:.4f}", "", "", "",
+                      f"worst {inside['worst_case']} {inside['min_dice']:.4f}")
     Console().print(table)
     if quality:
         Console(highlight=False, soft_wrap=True).print(QE.describe_summary(result["quality"]), markup=False)
