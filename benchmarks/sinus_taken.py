@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from qnkit.kernels import mask_dice
 from qnkit.synth.atlas import TISSUES
@@ -66,17 +65,15 @@ def false_positives_by_tissue(mask: np.ndarray, tissue: np.ndarray, labels: np.n
 
 
 def labels_through_grid(labels: np.ndarray, pixel_mm: float, model_mm: float) -> np.ndarray:
-    """The kidney labels (bool) after a round trip through a model's in-plane grid of `model_mm` pixels: area
-    fractions there, >= 0.5, back to the case's pixels. What a perfect model at that grid would draw."""
-    kidney = (labels > 0).astype(np.float32)
-    factor = pixel_mm / model_mm
-    coarse = ndi.zoom(kidney, (1, factor, factor), order=1, grid_mode=True, mode="nearest") >= 0.5
-    back = ndi.zoom(coarse.astype(np.float32), (1, kidney.shape[1] / coarse.shape[1], kidney.shape[2] / coarse.shape[2]),
-                    order=1, grid_mode=True, mode="nearest") >= 0.5
-    out = np.zeros(kidney.shape, dtype=bool)
-    h, w = min(back.shape[1], out.shape[1]), min(back.shape[2], out.shape[2])
-    out[:, :h, :w] = back[:, :h, :w]
-    return out
+    """The kidney labels (bool) after a round trip through a model's in-plane grid of `model_mm` pixels: the
+    training target there (the kidney fraction of each model pixel, :func:`qnkit.resample.coverage_to_model_grid`)
+    taken as the network's output and brought back as ``qnkit segment`` brings its probabilities back
+    (:func:`qnkit.segment.mask_to_input_grid`, threshold 0.5). What a perfect model at that grid would draw."""
+    from qnkit.resample import coverage_to_model_grid
+    from qnkit.segment import mask_to_input_grid
+
+    coverage = coverage_to_model_grid(labels > 0, (pixel_mm, pixel_mm), model_mm)
+    return mask_to_input_grid(coverage, labels.shape[1:], threshold=0.5, model_spacing=model_mm) > 0
 
 
 def _regenerate(record: dict, kits_labels: Path | None, size: int):
