@@ -271,3 +271,67 @@ def test_export_quantises_the_grid_a_quantisation_aware_checkpoint_learnt(export
     assert asked.get("equalise_alpha", int8.EQUALISE_ALPHA) == (0.0 if qat else int8.EQUALISE_ALPHA)
     record = json.loads((tmp_path / "bundle" / "qnkit.json").read_text())["export"]["int8"]
     assert record["quantisation_aware_checkpoint"] is qat
+
+
+def test_qat_teacher_trains_towards_the_fp32_networks_own_output(tmp_path):
+    """With [TRAINING] qat_teacher the loss's target is the sigmoid of the frozen FP32 teacher on the same batch,
+    not the labels; the teacher's weights do not move. Without a teacher the labels are the target."""
+    import copy
+
+    from qnkit.train import distributed as dist
+    from qnkit.train import solver as S
+    from qnkit.train.checkpoint import build_model
+    from qnkit.train.runner import network_config
+    from qnkit.train.settings import load_settings
+
+    settings = load_settings(None)
+    for key, value in (("qat", True), ("qat_teacher", True), ("micro_batch", 4), ("effective_batch", 4)):
+        settings.set("TRAINING", key, value, "test")
+    settings.set("NETWORK", "num_filters", 4, "test")
+    settings.validate("test")
+    torch.manual_seed(0)
+    model = build_model(network_config(settings).to_dict())
+    teacher = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 32, 32, generator=g)
+    labels = (torch.rand(4, 1, 32, 32, generator=g) > 0.8).float()
+    batches = [(x, labels, torch.ones_like(labels), torch.zeros(4, dtype=torch.long))]
+    for with_teacher in (True, False):
+        solver = S.Solver(copy.deepcopy(model), settings, device=torch.device("cpu"), info=dist.DistInfo(),
+                          run_dir=tmp_path, meta={}, teacher=teacher if with_teacher else None)
+        targets = []
+        loss_fn = solver.loss_fn
+        solver.loss_fn = lambda logits, y, w: (targets.append(y.detach().clone()), loss_fn(logits, y, w))[1]
+        solver.train_epoch(batches, 1, 1)
+        if with_teacher:
+            with torch.no_grad():
+                expected = torch.sigmoid(teacher.eval()(x).float())
+            torch.testing.assert_close(targets[0], expected)
+            assert "towards the FP32 network" in S.describe_step(solver)
+        else:
+            assert torch.equal(targets[0], labels)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_qat_teacher_needs_qat_and_a_source(tmp_path):
+    from qnkit.errors import QnkitInputError
+    from qnkit.train.runner import qat_teacher
+    from qnkit.train.settings import load_settings
+
+    with pytest.raises(QnkitInputError, match="qat_teacher"):
+        load_settings(None, {("TRAINING", "qat_teacher"): True})
+    with pytest.raises(QnkitInputError, match="--init-from"):
+        qat_teacher(None, None)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_a_recipes_qat_teacher_reaches_qnkit_train(tmp_path, monkeypatch, teacher):
+    from qnkit.train import recipe as R
+
+    calls = []
+    monkeypatch.setattr(R, "_qnkit", lambda *args, **kw: calls.append([str(a) for a in args]))
+    recipe = {"settings": "shipped-context", "step": ["--amp"], "qat": {"epochs": 1, "lr": 1e-5, "teacher": teacher}}
+    R.qat_phase(recipe, tmp_path / "data", tmp_path / "run", tmp_path / "run-qat")
+    (train,) = calls
+    assert "--qat" in train and ("--qat-teacher" in train) == teacher and "--amp" in train

@@ -406,12 +406,14 @@ STEPS = ("synth", "train", "qat", "evaluate", "export")
 
 
 def qat_phase(recipe: dict, data: Path, run: Path, qat_run: Path) -> None:
-    """The recipe's quantisation-aware fine-tuning (``recipe["qat"]``: epochs and lr): a new run `qat_run` from
+    """The recipe's quantisation-aware fine-tuning (``recipe["qat"]``: epochs, lr and optionally ``teacher``: train
+    towards the FP32 network's own output, ``qnkit train --qat-teacher``): a new run `qat_run` from
     `run`'s best weights, trained with ``--qat`` (train/qat.py); resumed where it stopped, skipped when done."""
     spec = recipe["qat"]
     phase = {"epochs": spec["epochs"], "lr": spec["lr"], "schedule": "poly", "crop_size": 0}
-    train_phases({"phases": [phase], "settings": recipe["settings"], "step": [*recipe.get("step", []), "--qat"]},
-                 data, qat_run, init_from=run)
+    teacher = ["--qat-teacher"] if spec.get("teacher") else []
+    step = [*recipe.get("step", []), "--qat", *teacher]
+    train_phases({"phases": [phase], "settings": recipe["settings"], "step": step}, data, qat_run, init_from=run)
 
 
 def first_kits_cases(kits_labels: Path, count: int, folder: Path) -> Path:

@@ -192,6 +192,21 @@ def _check_init_source(source: dict, source_run: Path, cfg, settings: Settings) 
     return record
 
 
+def qat_teacher(cfg, initialised_from: dict | None):
+    """The FP32 network a [TRAINING] qat_teacher run learns to agree with: its --init-from source's best weights
+    (checked against the hash recorded at the start, so that a resume trains towards the same network)."""
+    if initialised_from is None:
+        raise QnkitInputError("[TRAINING] qat_teacher needs --init-from: the FP32 network whose output is the target")
+    folder = ckpt.locate(Path(initialised_from["run_dir"]), "best")
+    recorded = initialised_from.get("model_sha256")
+    if recorded and (ckpt.read_meta(folder).get("files") or {}).get("model.safetensors") != recorded:
+        raise QnkitInputError(f"[TRAINING] qat_teacher: {folder} is no longer the checkpoint this run started from")
+    teacher = ckpt.build_model(cfg.to_dict())
+    ckpt.load_weights(folder, teacher, inflate="inflated" in initialised_from,
+                      widen_from=(initialised_from.get("widened") or {}).get("from_filters"))
+    return teacher
+
+
 def _prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> str:
     """Check RUN_DIR; return 'new' / 'empty' when this run starts it (a failed start then cleans up)."""
     if resume:
@@ -368,7 +383,9 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
         meta["initialised_from"] = initialised_from
     logger = Logger(run_dir, log_dir=settings.common.log_dir, enabled=info.is_main, purge_after=last_epoch)
     try:
-        solver = Solver(model, settings, device=device, info=info, run_dir=run_dir, meta=meta, logger=logger)
+        teacher = qat_teacher(cfg, initialised_from) if settings.training.qat_teacher else None
+        solver = Solver(model, settings, device=device, info=info, run_dir=run_dir, meta=meta, logger=logger,
+                        teacher=teacher)
         restarted = solver.resume_from(folder) if resume else False
         if info.is_main and console is not None:
             t = settings.training

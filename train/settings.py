@@ -104,6 +104,10 @@ class TrainingSettings:
     # quantisation-aware fine-tuning (train/qat.py): the convolutions export may put in INT8 compute from
     # fake-quantised inputs, weights and outputs, batch norms frozen; a short run from trained weights (--init-from)
     qat: bool = False
+    # with qat: train towards the FP32 network it started from (the sigmoid of its output, from its --init-from
+    # weights) instead of the labels: export's per-layer search asks for agreement with those FP32 masks, which a
+    # label loss does not train for (self-distillation)
+    qat_teacher: bool = False
     augment: bool = False  # random scale/rotation/contrast/blur/noise per training slice (train/augment.py)
     slices_per_epoch: int = 0  # 0 = every training slice each epoch; else a fresh random subset of this many
     # a small data set repeats its slices within an epoch up to this many optimiser steps (nnU-Net's fixed
@@ -223,6 +227,8 @@ class Settings:
             ("TRAINING", "alpha", t.alpha >= 0, "must be >= 0"),
             ("TRAINING", "beta", t.beta >= 0, "must be >= 0"),
             ("TRAINING", "early_stop_patience", t.early_stop_patience >= 0, "must be >= 0"),
+            ("TRAINING", "qat_teacher", t.qat or not t.qat_teacher, "needs qat = true (it is quantisation-aware "
+             "fine-tuning's target)"),
             ("TRAINING", "log_images", t.log_images >= 0, "must be >= 0"),
             ("TRAINING", "slices_per_epoch", t.slices_per_epoch >= 0, "must be >= 0"),
             ("TRAINING", "min_steps_per_epoch", t.min_steps_per_epoch >= 0, "must be >= 0"),

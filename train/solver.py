@@ -96,7 +96,7 @@ POLY_EXPONENT = 0.9
 
 class Solver:
     def __init__(self, model: torch.nn.Module, settings, *, device: torch.device, info: dist.DistInfo,
-                 run_dir: Path, meta: dict, logger: Logger | None = None):
+                 run_dir: Path, meta: dict, logger: Logger | None = None, teacher: torch.nn.Module | None = None):
         self.s, self.device, self.info, self.run_dir = settings, device, info, Path(run_dir)
         self.meta = meta  # network / preprocessing / data description stored in every checkpoint
         self.net = model.to(device)
@@ -118,6 +118,8 @@ class Solver:
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        # [TRAINING] qat_teacher: the FP32 network whose sigmoid is the target (frozen, evaluation mode, FP32)
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
         if t.qat:  # before compiling: the step traces the fake-quantised convolutions
             from qnkit.train.qat import quantisation_aware
 
@@ -277,6 +279,9 @@ class Solver:
         with _progress(console, self.info.is_main and self.s.common.progress, f"epoch {epoch}", n) as advance:
             for k, (x, y, w, vol) in enumerate(loader):
                 x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        y = torch.sigmoid(self.teacher(x).float())
                 start = (k // accum) * accum
                 group = min(accum, n - start)
                 last = k - start == group - 1
@@ -401,7 +406,8 @@ def describe_step(solver) -> str:
     else:
         precision = "FP32"
     return (precision + (", torch.compile" if t.compile else "")
-            + (", quantisation-aware (INT8 convolutions)" if t.qat else ""))
+            + (", quantisation-aware (INT8 convolutions)" if t.qat else "")
+            + (", towards the FP32 network's own output" if solver.teacher is not None else ""))
 
 
 def cpu_seconds() -> float:

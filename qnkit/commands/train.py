@@ -44,6 +44,9 @@ def command(
     qat: bool = typer.Option(None, "--qat/--no-qat", help="[TRAINING] qat: quantisation-aware fine-tuning: the "
                              "convolutions export puts in INT8 train through INT8 arithmetic (with --init-from, a "
                              "low --lr, an epoch or two)."),
+    qat_teacher: bool = typer.Option(None, "--qat-teacher/--no-qat-teacher",
+                                     help="[TRAINING] qat_teacher: with --qat, train towards the FP32 network it "
+                                          "started from (--init-from) instead of the labels."),
     augment: bool = typer.Option(None, "--augment/--no-augment", help="[TRAINING] augment: random scale, rotation, "
                                                                       "contrast, blur and noise per slice."),
     crop_size: int = typer.Option(None, "--crop-size", help="[TRAINING] crop_size: train on square windows of this many "
@@ -90,7 +93,7 @@ def command(
         ("TRAINING", "min_steps_per_epoch"): min_steps_per_epoch,
         ("COMMON", "device"): device, ("COMMON", "seed"): seed,
         ("COMMON", "num_workers"): num_workers, ("DATA", "cache_dir"): cache_dir, ("TRAINING", "amp"): amp,
-        ("TRAINING", "compile"): compile_step, ("TRAINING", "qat"): qat,
+        ("TRAINING", "compile"): compile_step, ("TRAINING", "qat"): qat, ("TRAINING", "qat_teacher"): qat_teacher,
         ("DATA", "pixel_spacing_mm"): pixel_spacing_mm, ("DATA", "hard_negative_weight"): hard_negative_weight,
         ("DATA", "class_weights"): class_weights,
         ("TRAINING", "augment"): augment, ("COMMON", "progress"): progress,
