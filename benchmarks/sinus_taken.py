@@ -28,7 +28,6 @@ from qnkit.synth.atlas import TISSUES
 from qnkit.synth.hilum import sinus_and_hilum
 
 
-
 @contextmanager
 def _progress(show: bool, total: int):
     """A rich progress bar over the cases on stderr when `show`; yields the function that advances it."""
@@ -46,8 +45,10 @@ def _progress(show: bool, total: int):
 
 def taken_shares(mask: np.ndarray, tissue: np.ndarray, labels: np.ndarray) -> dict:
     """Shares of the sinus and of the nearby hilar structures that `mask` (bool) takes; None where a case has none."""
-    sinus, hilar = sinus_and_hilum(tissue, labels)
-    kidney = labels > 0
+    return _shares(mask, *sinus_and_hilum(tissue, labels), labels > 0)
+
+
+def _shares(mask: np.ndarray, sinus: np.ndarray, hilar: np.ndarray, kidney: np.ndarray) -> dict:
     share = lambda part: round(float(mask[part].mean()), 4) if part.any() else None  # noqa: E731
     return {"sinus_voxels": int(sinus.sum()), "sinus_taken": share(sinus),
             "hilum_voxels": int(hilar.sum()), "hilum_taken": share(hilar),
@@ -112,12 +113,12 @@ def sinus_taken(model: str, data: Path, case_ids: list[str] | None, kits_labels:
                 raise ValueError(f"{case_id}: the regenerated case differs from the stored one (another --size or "
                                  f"--kits-labels than the data was made with?)")
             mask = segment(ct, geometry) > 0
-            shares = taken_shares(mask, case.tissue, case.segmentation)
+            sinus, hilar = sinus_and_hilum(case.tissue, case.segmentation)
+            shares = _shares(mask, sinus, hilar, case.segmentation > 0)
             voxel_ml = float(geometry.voxel_volume_ml)
             shares["volume_ratio"] = round(float(mask.sum() / max(1, np.count_nonzero(case.segmentation))), 4)
             shares["false_positive_ml"] = false_positives_by_tissue(mask, case.tissue, case.segmentation, voxel_ml)
             at_grid = labels_through_grid(case.segmentation, geometry.spacing[2], arguments.get("model_spacing") or 2.5)
-            sinus = sinus_and_hilum(case.tissue, case.segmentation)[0]
             rows.append({"case": case_id, "phase": records[case_id]["qnkit_synth"]["phase"], **shares,
                          "sinus_taken_by_labels_at_grid": round(float(at_grid[sinus].mean()), 4) if sinus.any() else None})
             advance()

@@ -258,9 +258,14 @@ def _identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _weighs_hard_negatives(case: Case, params: PreprocessParams) -> bool:
+    """Whether preprocessing reads the case's hard-negative mask: it has one and the run weighs them."""
+    return bool(params.hard_negative_weight) and case.hard_negatives is not None
+
+
 def _manifest_for(case: Case, params: PreprocessParams) -> dict:
     sources = {"image": _identity(case.image), "labels": _identity(case.labels)}
-    if params.hard_negative_weight and case.hard_negatives is not None:
+    if _weighs_hard_negatives(case, params):
         sources["hard_negatives"] = _identity(case.hard_negatives)
     return {"version": CACHE_VERSION, "case_id": case.case_id, "params": params.record(), "sources": sources}
 
@@ -321,18 +326,17 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[dict[str, np.
     weights = kernels.border_weights(labels_model, params.omega0)
     if params.class_weights == "none":
         weights = without_class_weights(weights, labels_model)
-    hard = 0
-    if params.hard_negative_weight and case.hard_negatives is not None:
-        hard = weigh_hard_negatives(weights, labels_model, _hard_negatives_at_grid(case, labels.shape, (start, stop),
-                                                                                 spacing_hw, model_mm),
-                                    params.hard_negative_weight)
+    hard = None
+    if _weighs_hard_negatives(case, params):
+        at_grid = _hard_negatives_at_grid(case, labels.shape, (start, stop), spacing_hw, model_mm)
+        hard = weigh_hard_negatives(weights, labels_model, at_grid, params.hard_negative_weight)
     arrays = {"image": image_model, "labels": labels_model, "coverage": coverage, "weights": weights}
     stats = {"num_slices": int(stop - start), "kidney_voxels": kidney, "tumor_voxels": tumor,
              "slice_range": [int(start), int(stop)], "shape": list(labels.shape),
              "spacing_mm": [round(float(v), 6) for v in igeom.spacing], "model_shape": list(labels_model.shape)}
     if reach:
         stats["image_slice_range"] = [int(image_start), int(image_stop)]
-    if params.hard_negative_weight and case.hard_negatives is not None:
+    if hard is not None:
         stats["hard_negative_pixels"] = hard
     return arrays, stats
 
@@ -362,14 +366,15 @@ def _hard_negatives_at_grid(case: Case, shape: tuple, span: tuple, spacing_hw, m
 
 
 def weigh_hard_negatives(weights: np.ndarray, labels: np.ndarray, hard: np.ndarray, factor: float) -> int:
-    """Raise the loss weight of the background pixels of `hard` to `factor` times the kidney's class weight (the
-    median-frequency weight :func:`qnkit.kernels.border_weights` gives label 1 in this volume), in place, where it
-    is lower: a false positive there then costs what a missed kidney pixel costs. Returns the pixels weighed."""
+    """Raise the loss weight of the background pixels of `hard` to `factor` times the kidney's class weight, in
+    place, where it is lower: a false positive there then costs what a missed kidney pixel costs. The class weight
+    is read from `weights` as its lowest kidney pixel (border pixels carry omega0 on top): the median-frequency
+    weight of label 1, or 1 after :func:`without_class_weights`. Returns the pixels weighed."""
     hard = hard & (labels == 0)
     kidney = labels > 0
     if not hard.any() or not kidney.any():
         return 0
-    kidney_weight = float(np.min(weights[kidney]))  # border pixels carry omega0 on top
+    kidney_weight = float(np.min(weights[kidney]))
     np.maximum(weights, np.float32(factor * kidney_weight), out=weights, where=hard)
     return int(hard.sum())
 

@@ -208,6 +208,7 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
     from qnkit.nn.eager import make_predict_batch
     from qnkit.segment import MASK_SUFFIX, SegmentOptions, model_arguments, segment_ct
     from qnkit.train import checkpoint as ckpt
+    from qnkit.train.data import filter_reasons
     from qnkit.train.tb_logging import Logger, tensorboard_dir
 
     run_dir = Path(run_dir)
@@ -250,8 +251,6 @@ def evaluate(run_dir: Path, *, data_dir: Path | None = None, which: str | None =
         if masks_dir is not None:
             qio.save_mask(mask, geometry, Path(masks_dir) / f"{case_id}{MASK_SUFFIX}", overwrite=True)
         ml = float(geometry.voxel_volume_ml)
-        from qnkit.train.data import filter_reasons
-
         outside = filter_reasons(radiographic.get(case_id), int(np.count_nonzero(labels == 1)),
                                  int(np.count_nonzero(labels == 2)), domain_rule)
         rows.append({"case_id": case_id, "dice": kernels.dice(mask, target), "dice_network": network["dice"],

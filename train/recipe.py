@@ -282,13 +282,12 @@ RECIPES["kidney-synth-13"] = {
 # one or two epochs). kidney-synth-4's schedule: 128-pixel windows (a third of a slice's cost) with the bf16 compiled
 # step, then whole slices at a lower rate. Several sessions: `python -m qnkit.train.background kidney-synth-14`.
 RECIPES["kidney-synth-14"] = {
-    **{k: v for k, v in RECIPES["kidney-synth-11"].items() if k not in ("init_from", "calibrate_threshold")},
+    **{k: v for k, v in RECIPES["kidney-synth-11"].items() if k != "init_from"},
     "description": "QuickNAT (16 filters) at 2.5 mm pixels, 2.5-D (five planes 3 mm apart), trained from random "
                    "weights on anatomy version 7 phantoms without class weights, the renal sinus and hilum weighed as "
                    "hard negatives, 30 % unenhanced",
     "phases": [{"epochs": 12}, {"epochs": 30, "crop_size": 0, "lr": 5e-4, "schedule": "poly"}],
     "step": [*RECIPES["kidney-synth-11"]["step"], "--class-weights", "none", "--hard-negative-weight", "3"],
-    "calibrate_threshold": True,
 }
 
 

@@ -201,10 +201,16 @@ def qat_teacher(cfg, initialised_from: dict | None):
     recorded = initialised_from.get("model_sha256")
     if recorded and (ckpt.read_meta(folder).get("files") or {}).get("model.safetensors") != recorded:
         raise QnkitInputError(f"[TRAINING] qat_teacher: {folder} is no longer the checkpoint this run started from")
-    teacher = ckpt.build_model(cfg.to_dict())
-    ckpt.load_weights(folder, teacher, inflate="inflated" in initialised_from,
+    return _source_network(cfg, folder, initialised_from)
+
+
+def _source_network(cfg, folder: Path, initialised_from: dict):
+    """The network of `cfg` holding the --init-from source's weights (`folder`), inflated or widened as its record
+    says."""
+    model = ckpt.build_model(cfg.to_dict())
+    ckpt.load_weights(folder, model, inflate="inflated" in initialised_from,
                       widen_from=(initialised_from.get("widened") or {}).get("from_filters"))
-    return teacher
+    return model
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> str:
@@ -364,10 +370,8 @@ def train(data_dir: Path | None, run_dir: Path, settings: Settings, *, resume: b
                           f"[TRAINING] min_steps_per_epoch = {settings.training.min_steps_per_epoch}")
 
     seed_everything(settings.common.seed)
-    model = ckpt.build_model(cfg.to_dict())
-    if source is not None:
-        ckpt.load_weights(source["folder"], model, inflate="inflated" in initialised_from,
-                          widen_from=(initialised_from.get("widened") or {}).get("from_filters"))
+    model = (_source_network(cfg, source["folder"], initialised_from) if source is not None
+             else ckpt.build_model(cfg.to_dict()))
     meta = {"network": cfg.to_dict(), "parameters": count_parameters(model),
             "preprocessing": {**params.record(), "pad_multiple": settings.data.pad_multiple,
                               "pad_value": 0.0, "threshold": settings.eval.threshold},

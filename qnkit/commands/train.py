@@ -55,9 +55,10 @@ def command(
                                                help="[DATA] hard_negative_weight: the loss weight of each case's "
                                                     "hard_negatives.nii.gz voxels (qnkit synth's renal sinus and "
                                                     "hilum) as a multiple of its kidney's class weight; 0: off."),
-    class_weights: choices.ClassWeights = typer.Option(None, "--class-weights", callback=choices.plain,
-                                                       show_default=False, help="[DATA] class_weights: QuickNAT's median-frequency class weights, or none "
-                                           "(every pixel 1, as nnU-Net's cross-entropy); the border weight stays."),
+    class_weights: choices.ClassWeights = typer.Option(
+        None, "--class-weights", callback=choices.plain, show_default=False,
+        help="[DATA] class_weights: QuickNAT's median-frequency class weights, or none (every pixel 1, as nnU-Net's "
+             "cross-entropy); the border weight stays."),
     reference_data: str = typer.Option(None, "--reference-data", metavar="DIR",
                                        help="[EVAL] reference_data: held-out cases scored after every epoch beside "
                                             "the validation split (metrics.jsonl reference_dice)."),

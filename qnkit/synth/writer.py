@@ -11,8 +11,8 @@ import numpy as np
 
 from qnkit.errors import QnkitInputError
 
-from .classic import (DESCRIP, HARD_NEGATIVES_NAME, IMAGING_NAME, KITS_JSON, SEGMENTATION_NAME, SynthCase, _check_int, _check_kidneys,
-                      _check_size, _source_cases, make_case)
+from .classic import (DESCRIP, HARD_NEGATIVES_NAME, IMAGING_NAME, KITS_JSON, SEGMENTATION_NAME, SynthCase,
+                      _check_int, _check_kidneys, _check_size, _source_cases, make_case)
 
 GENERATORS = ("classic", "anatomy")
 def _nifti(data: np.ndarray, affine: np.ndarray):
