@@ -67,7 +67,7 @@ def _avx512_flags(avx2):
 
 
 def kernel_extensions():
-    """The Cython kernels: each of preprocess, metrics, resample built plain, with AVX2 and with AVX-512.
+    """The Cython kernels: each of preprocess, metrics, resample, layout built plain, with AVX2 and with AVX-512.
 
     numpy and Cython are build requirements (pyproject.toml), imported here so that reading the package
     layout above needs neither.
@@ -86,14 +86,14 @@ def kernel_extensions():
             f"qnkit._{name}",
             [f"csrc/_{name}.pyx"],
             include_dirs=[np.get_include(), "csrc"],
-            depends=["csrc/qn_rows.h"],
+            depends=["csrc/qn_rows.h", "csrc/qn_transpose.h"],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=compile_args + list(extra),
             extra_link_args=link_omp,
         )
 
     extensions = []
-    for name in ("preprocess", "metrics", "resample"):
+    for name in ("preprocess", "metrics", "resample", "layout"):
         extensions.append(extension(name))
         if avx2 is not None:
             extensions.append(extension(f"{name}_avx2", avx2))
@@ -112,7 +112,7 @@ def kernel_extensions():
 
 
 class ParallelBuildExt(build_ext):
-    """Compile the kernels' nine extensions side by side (one job per core unless ``-j`` says otherwise)."""
+    """Compile the kernels' twelve extensions side by side (one job per core unless ``-j`` says otherwise)."""
 
     def finalize_options(self):
         super().finalize_options()

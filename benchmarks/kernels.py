@@ -62,6 +62,8 @@ def kernel_cases(ct: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> list[K
     labels_half = kernels.downsample_labels(labels)
     weights = kernels.border_weights(kidney, 2.0)
     mask = kernels.upsample_threshold(prob, ct.shape[1:])
+    # Writing a mask to a NIfTI file whose slices come first (KiTS19's layout) copies it into Fortran order.
+    mask_in_file_order = np.empty(labels.shape, np.uint8, order="F")
     return [
         KernelCase("downsample_image", lambda: kernels.downsample_image(ct, lo, hi, out=image_half),
                    lambda: reference.downsample_image(ct, lo, hi), ct.nbytes + 4 * half),
@@ -76,6 +78,8 @@ def kernel_cases(ct: np.ndarray, labels: np.ndarray, prob: np.ndarray) -> list[K
                    pred.nbytes + labels.nbytes),
         KernelCase("upsample_threshold", lambda: kernels.upsample_threshold(prob, ct.shape[1:], out=mask),
                    lambda: reference.upsample_threshold(prob, ct.shape[1:]), prob.nbytes + n),
+        KernelCase("copy_transposed", lambda: kernels.copy_transposed(mask_in_file_order, labels),
+                   lambda: np.copyto(mask_in_file_order, labels), 2 * labels.nbytes),
     ]
 
 

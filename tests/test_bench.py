@@ -41,7 +41,7 @@ def test_bench_quick_writes_every_row_json_and_plot(shared_bundle, tmp_path, cap
 
     kernel_rows = {(row["kernel"], row["threads"]) for row in report["kernels"]}
     for name in ("downsample_image", "downsample_labels", "kidney_slice_range", "border_weights", "dice",
-                 "upsample_threshold"):
+                 "upsample_threshold", "copy_transposed"):
         assert (name, 1) in kernel_rows
     for row in report["kernels"]:
         for timing in ("kernel_s", "numpy_s", "floor_s"):

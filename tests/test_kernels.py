@@ -267,6 +267,72 @@ def test_upsample_threshold(every_build, store_kinds):
                                               ref.upsample_threshold(prob, cropped, 0.3), err_msg=case)
 
 
+def _layouts(base):
+    """Views of `base` with every kind of stride the transposing copy meets: C, Fortran, flipped, sliced with
+    steps, axes permuted."""
+    yield "C", base
+    yield "fortran", np.asfortranarray(base)
+    yield "flipped", base[::-1, :, ::-1]
+    yield "stepped", np.asfortranarray(base)[::2, 1:, ::-1]
+    yield "permuted", np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0)
+
+
+def test_copy_transposed(every_build):
+    # Several tiles (32 rows by 512 bytes) with ragged tails along both of their axes, tails shorter than a
+    # 16-byte register block, a single plane, a single line.
+    for shape in ((70, 5, 600), (37, 3, 1030), (3, 65, 130), (2, 129, 7), (5, 64, 64), (1, 1, 70), (70, 1, 3),
+                  (4, 5, 1), (2, 3, 2)):
+        for dtype in (np.uint8, np.bool_, np.int16, np.float32, np.int64, np.float64):
+            base = (RNG.random(shape) * 1000 - 500).astype(dtype)
+            for kind, array in _layouts(base):
+                for order in ("C", "F"):
+                    out = np.empty(array.shape, dtype, order=order)
+                    got = kernels.copy_transposed(out, array)
+                    assert got is out
+                    want = np.empty_like(out)
+                    want[...] = array  # NumPy's own copy is the reference
+                    np.testing.assert_array_equal(out, want, err_msg=f"{shape} {np.dtype(dtype)} {kind} -> {order}")
+    mask = RNG.random((3, 70, 66)) > 0.5
+    out = np.empty(mask.shape, np.uint8, order="F")
+    np.testing.assert_array_equal(kernels.copy_transposed(out, mask), mask.astype(np.uint8))
+    for fill in (0, 1):  # all-zero and all-one masks
+        ones = np.full((2, 67, 65), fill, np.uint8)
+        np.testing.assert_array_equal(kernels.copy_transposed(np.empty(ones.shape, np.uint8, order="F"), ones), ones)
+    target = np.zeros((9, 70, 68), np.int16)  # into a reoriented, strided view of a larger volume
+    source = RNG.integers(-1000, 1000, size=(68, 70, 4)).astype(np.int16)
+    view = target.transpose(2, 1, 0)[:, ::-1, 2:6]
+    kernels.copy_transposed(view, source)
+    np.testing.assert_array_equal(target.transpose(2, 1, 0)[:, ::-1, 2:6], source)
+    assert not target[:2].any() and not target[6:].any()
+    empty = np.zeros((0, 3, 4), np.float32)
+    assert kernels.copy_transposed(np.empty((0, 3, 4), np.float32, order="F"), empty).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("out, array, error, match", [
+    ([[[0]]], np.zeros((1, 1, 1), np.uint8), TypeError, "out must be a numpy array"),
+    (np.zeros((2, 3, 4), np.uint8), np.zeros((2, 3), np.uint8), ValueError, "array must be 3-D"),
+    (np.zeros((2, 3, 4), np.uint8), np.zeros((2, 3, 5), np.uint8), ValueError, "shape"),
+    (np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.int16), TypeError, "does not cast"),
+    (np.zeros((2, 3, 4), np.uint8), np.zeros((2, 3, 4), np.int8), TypeError, "does not cast"),
+    (np.zeros((2, 3, 4), np.complex128), np.zeros((2, 3, 4), np.complex128), TypeError, "bool, integer and float"),
+    (np.zeros((2, 3, 4), object), np.zeros((2, 3, 4), object), TypeError, "bool, integer and float"),
+])
+def test_copy_transposed_refuses_bad_input(out, array, error, match):
+    with pytest.raises(error, match=match):
+        kernels.copy_transposed(out, array)
+
+
+def test_copy_transposed_refuses_read_only_and_overlapping_out():
+    array = np.zeros((2, 3, 4), np.float32)
+    read_only = np.zeros((2, 3, 4), np.float32, order="F")
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.copy_transposed(read_only, array)
+    square = np.zeros((4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.copy_transposed(square.transpose(2, 1, 0), square)
+
+
 def test_upsample_threshold_matches_torch_bilinear():
     import torch
     prob = RNG.random((2, 12, 10)).astype(np.float32)
