@@ -17,7 +17,8 @@ only where the default differs from the card's baseline:
 
 Each path runs in a fresh process (``python -m qnkit.benchmarks.e2e``), so its peak memory is its
 own and neither inherits the other's thread pools or caches: backend opened, one warm-up batch,
-then ``repeats`` timed runs of the whole case; the figures are medians. The speed-up is the ratio
+then ``repeats`` timed runs of the whole case, the paths taking turns one case at a time
+(:func:`interleaved`: a shared machine whose speed drifts slows both alike); the figures are medians. The speed-up is the ratio
 of the per-case wall times (load to written file); opening the backend (imports, session) is
 reported beside it. The masks written by both are compared (Dice), and each with the phantom's
 true labels. An optional memory row segments a 1,000-slice CT with the default path in its own
@@ -107,67 +108,101 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+class PathRunner:
+    """One path (``job["path"]``) on one CT in this process: opened and warmed up on entry, then one timed
+    whole case per :meth:`run`; :meth:`row` is the path's figures over the runs so far (medians)."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.runs: list[dict] = []
+        self.started: list[float] = []  # time.monotonic() at each run's start: one clock for every process
+        self.result = None
+
+    def __enter__(self) -> "PathRunner":
+        from qnkit import inference
+        from qnkit.backends import open_backend, open_sampler, sampling_predict
+        from qnkit.bundle import load_bundle
+        from qnkit.io import load_geometry
+        from qnkit.segment import CaseInput, SegmentOptions, model_arguments
+
+        job, path = self.job, ALL_PATHS[self.job["path"]]
+        self.what = path["what"]
+        started = time.perf_counter()
+        self.bundle = bundle = load_bundle(job["bundle"])
+        self.backend = open_backend(bundle, path["backend"], precision=path["precision"],
+                                    device=path.get("device", "cpu"), batch_size=job["batch_size"],
+                                    log=lambda *a: None, **path.get("options", {}))
+        segment = job.get("segment", {})  # SegmentOptions beyond the defaults: the uncertainty row's quality pass
+        dropout = model_arguments(bundle)["dropout"] if segment.get("uncertainty") else None
+        self.sampler = open_sampler(bundle, self.backend, log=lambda *a: None) if dropout else None
+        self.predict = sampling_predict(lambda: self.backend, lambda: self.sampler)
+        self.open_s = time.perf_counter() - started
+        image = Path(job["image"])
+        geometry = load_geometry(image)
+        grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
+                                          inference.model_pixel_spacing(bundle))
+        arguments = model_arguments(bundle)
+        channels, pad_multiple = arguments["context"][0], arguments["pad_multiple"]
+        warm = np.zeros((job["batch_size"], channels, *(inference.padded_size(n, pad_multiple) for n in grid)),
+                        np.float32)
+        self.backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
+        if self.sampler is not None:
+            self.sampler.predict(warm, np.ones((len(warm), dropout["sites"], dropout["filters"]), np.float32))
+        self.case = CaseInput(name="bench", image=image, source=image)
+        self.options = SegmentOptions(batch_size=job["batch_size"], slab=path["slab"], **segment)
+        return self
+
+    def run(self) -> dict:
+        """One timed whole case (load to written mask); its stage timings. The job's last run is profiled
+        when the job asks for a profile."""
+        from qnkit.segment import segment_file
+
+        profiler = None
+        if self.job.get("profile") and len(self.runs) == max(1, self.job["repeats"]) - 1:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.005)
+            profiler.start()
+        self.started.append(time.monotonic())
+        self.result = segment_file(self.case, Path(self.job["out"]), self.predict, bundle=self.bundle,
+                                   options=self.options, overwrite=True)
+        if profiler is not None:
+            profiler.stop()
+            Path(self.job["profile"]).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+        self.runs.append(self.result.timings)
+        return self.result.timings
+
+    def row(self) -> dict:
+        runs, result = self.runs, self.result
+        describe = self.backend.describe()
+        if self.sampler is not None and self.sampler is not self.backend:
+            describe["sampler"] = self.sampler.describe()
+        stages = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*STAGES, "wall")}
+        row = {"what": self.what, "backend": describe, "open_s": self.open_s, "stages_s": stages,
+               "wall_s": stages["wall"], "runs_wall_s": [r["wall"] for r in runs], "repeats": len(runs),
+               "runs_started_s": self.started,
+               "share_outside_inference": (stages["wall"] - stages["inference"]) / stages["wall"],
+               "slab": (result.model_grid or {}).get("slab"), "model_grid": result.model_grid,
+               "kidneys_ml": {side: result.stats[side]["volume_ml"] for side in ("right", "left")},
+               "peak_rss_gb": _peak_rss_gb()}
+        if self.options.quality:
+            verdicts = {side: result.stats[side].get("quality") for side in ("right", "left")}
+            row["quality"] = {side: q and {k: q[k] for k in ("verdict", "score", "samples")}
+                              for side, q in verdicts.items()}
+        return row
+
+    def __exit__(self, *exc) -> None:
+        if self.sampler is not None and self.sampler is not self.backend:
+            self.sampler.close()
+        self.backend.close()
+
+
 def measure_path(job: dict) -> dict:
-    """One path (``job["path"]``) on one CT in this process: open, warm up, time ``repeats`` whole cases."""
-    from qnkit import inference
-    from qnkit.backends import open_backend, open_sampler, sampling_predict
-    from qnkit.bundle import load_bundle
-    from qnkit.io import load_geometry
-    from qnkit.segment import CaseInput, SegmentOptions, model_arguments, segment_file
-
-    path = ALL_PATHS[job["path"]]
-    started = time.perf_counter()
-    bundle = load_bundle(job["bundle"])
-    backend = open_backend(bundle, path["backend"], precision=path["precision"], device=path.get("device", "cpu"),
-                           batch_size=job["batch_size"], log=lambda *a: None, **path.get("options", {}))
-    segment = job.get("segment", {})  # SegmentOptions beyond the defaults: the uncertainty row's quality pass
-    dropout = model_arguments(bundle)["dropout"] if segment.get("uncertainty") else None
-    sampler = open_sampler(bundle, backend, log=lambda *a: None) if dropout else None
-    predict = sampling_predict(lambda: backend, lambda: sampler)
-    open_s = time.perf_counter() - started
-    image, out = Path(job["image"]), Path(job["out"])
-    geometry = load_geometry(image)
-    grid = inference.model_grid_shape(geometry.internal_shape[1:], geometry.spacing[1:],
-                                      inference.model_pixel_spacing(bundle))
-    arguments = model_arguments(bundle)
-    channels, pad_multiple = arguments["context"][0], arguments["pad_multiple"]
-    warm = np.zeros((job["batch_size"], channels, *(inference.padded_size(n, pad_multiple) for n in grid)), np.float32)
-    with backend:
-        backend.predict(warm)  # first-call allocations and thread pools, the same for both paths
-        if sampler is not None:
-            sampler.predict(warm, np.ones((len(warm), dropout["sites"], dropout["filters"]), np.float32))
-        case = CaseInput(name="bench", image=image, source=image)
-        options = SegmentOptions(batch_size=job["batch_size"], slab=path["slab"], **segment)
-        runs, result = [], None
-        profile = job.get("profile")
-        for attempt in range(max(1, job["repeats"])):
-            profiler = None
-            if profile and attempt == max(1, job["repeats"]) - 1:
-                from pyinstrument import Profiler
-
-                profiler = Profiler(interval=0.005)
-                profiler.start()
-            result = segment_file(case, out, predict, bundle=bundle, options=options, overwrite=True)
-            if profiler is not None:
-                profiler.stop()
-                Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
-            runs.append(result.timings)
-        describe = backend.describe()
-        if sampler is not None and sampler is not backend:
-            describe["sampler"] = sampler.describe()
-            sampler.close()
-    stages = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*STAGES, "wall")}
-    row = {"what": path["what"], "backend": describe, "open_s": open_s, "stages_s": stages,
-           "wall_s": stages["wall"], "runs_wall_s": [r["wall"] for r in runs], "repeats": len(runs),
-           "share_outside_inference": (stages["wall"] - stages["inference"]) / stages["wall"],
-           "slab": (result.model_grid or {}).get("slab"), "model_grid": result.model_grid,
-           "kidneys_ml": {side: result.stats[side]["volume_ml"] for side in ("right", "left")},
-           "peak_rss_gb": _peak_rss_gb()}
-    if options.quality:
-        verdicts = {side: result.stats[side].get("quality") for side in ("right", "left")}
-        row["quality"] = {side: q and {k: q[k] for k in ("verdict", "score", "samples")}
-                          for side, q in verdicts.items()}
-    return row
+    """One path on one CT in this process: open, warm up, time ``repeats`` whole cases; the path's row."""
+    with PathRunner(job) as runner:
+        for _ in range(max(1, job["repeats"])):
+            runner.run()
+        return runner.row()
 
 
 def _in_subprocess(job: dict) -> dict:
@@ -178,6 +213,42 @@ def _in_subprocess(job: dict) -> dict:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise RuntimeError(f"e2e {job['path']} worker failed: {lines[-1] if lines else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved(jobs: dict[str, dict], repeats: int) -> dict[str, dict]:
+    """Several paths timed in turn, one whole case each per round, each in its own fresh process (opened and
+    warmed up before the first round): a machine whose speed drifts (a shared virtual machine) slows every
+    path alike, so their ratio holds. Rounds alternate which path goes first. Returns each path's row."""
+    workers = {}
+    try:
+        for name, job in jobs.items():
+            workers[name] = subprocess.Popen([sys.executable, "-m", "qnkit.benchmarks.e2e", "--serve"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                             stderr=tempfile.TemporaryFile(mode="w+"))
+            _ask(workers[name], name, json.dumps(job))
+        order = list(jobs)
+        for round_ in range(max(1, repeats)):
+            for name in (order if round_ % 2 == 0 else order[::-1]):
+                _ask(workers[name], name, "run")
+        return {name: json.loads(_ask(worker, name, "row")) for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.stdin.close()
+                worker.wait()
+
+
+def _ask(worker: subprocess.Popen, name: str, line: str) -> str:
+    """Send one line to a serving worker and return its one-line answer."""
+    worker.stdin.write(line + "\n")
+    worker.stdin.flush()
+    answer = worker.stdout.readline()
+    if not answer:
+        code = worker.wait()
+        worker.stderr.seek(0)
+        lines = [text for text in worker.stderr.read().strip().splitlines() if text.strip()]
+        raise RuntimeError(f"e2e {name} worker failed: {lines[-1] if lines else code}")
+    return answer.strip()
 
 
 def cache_folder(workdir: Path | None) -> Path:
@@ -250,32 +321,29 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
     case.update(shape=list(geometry.internal_shape), spacing_mm=[round(s, 4) for s in geometry.spacing])
     truth, _ = qio.load_labels(labels)
     truth = truth > 0
-    paths, masks = {}, {}
+    jobs, masks = {}, {}
     for name in ("default", "eager"):
-        progress(f"end to end: {name} path ({PATHS[name]['backend']}), {repeats} run(s)")
-        out = work / f"mask_{name}.nii.gz"
-        job = {"path": name, "bundle": str(bundle_path), "image": str(image), "out": str(out),
-               "batch_size": batch_size, "repeats": repeats}
+        jobs[name] = {"path": name, "bundle": str(bundle_path), "image": str(image),
+                      "out": str(work / f"mask_{name}.nii.gz"), "batch_size": batch_size, "repeats": repeats}
         if profile:
-            job["profile"] = str(work / f"profile_{name}.txt")
-        paths[name] = _in_subprocess(job)
+            jobs[name]["profile"] = str(work / f"profile_{name}.txt")
+    other = Path(resolve_model(baseline)) if baseline is not None else None
+    if other is not None:
+        jobs["baseline"] = {"path": "default", "bundle": str(other), "image": str(image),
+                            "out": str(work / "mask_baseline.nii.gz"), "batch_size": batch_size, "repeats": repeats}
+    progress(f"end to end: {', '.join(jobs)} in turn, {repeats} run(s) each")
+    paths = interleaved(jobs, repeats)
+    for name, job in jobs.items():
+        out = Path(job["out"])
         if profile:
             paths[name]["profile"] = job["profile"]
         masks[name] = qio.load_labels(out)[0] > 0
         paths[name]["dice_vs_truth"] = mask_dice(masks[name], truth)
         out.unlink(missing_ok=True)
     default, eager = paths["default"], paths["eager"]
-    compared = None
-    if baseline is not None:
-        other = Path(resolve_model(baseline))
-        progress(f"end to end: default path of the baseline model {other.name}, {repeats} run(s)")
-        out = work / "mask_baseline.nii.gz"
-        compared = _in_subprocess({"path": "default", "bundle": str(other), "image": str(image), "out": str(out),
-                                   "batch_size": batch_size, "repeats": repeats})
-        baseline_mask = qio.load_labels(out)[0] > 0
-        compared.update(model=other.name, dice_vs_truth=mask_dice(baseline_mask, truth),
-                        mask_dice_vs_default=mask_dice(baseline_mask, masks["default"]))
-        out.unlink(missing_ok=True)
+    compared = paths.get("baseline")
+    if compared is not None:
+        compared.update(model=other.name, mask_dice_vs_default=mask_dice(masks["baseline"], masks["default"]))
     progress(f"end to end: default path with --quality --uncertainty {uncertainty_samples}, 1 run")
     out = work / "mask_uncertainty.nii.gz"
     uncertainty = _in_subprocess({"path": "uncertainty", "bundle": str(bundle_path), "image": str(image),
@@ -324,9 +392,23 @@ def run(model, *, workdir: Path | None = None, cache: Path | None = None, whole:
 
 
 def _worker() -> None:
-    """`python -m qnkit.benchmarks.e2e`: one measure_path job as JSON on stdin, the result as JSON on stdout."""
-    job = json.loads(sys.stdin.read())
-    print(json.dumps(measure_path(job)))
+    """`python -m qnkit.benchmarks.e2e`: one measure_path job as JSON on stdin, the result as JSON on stdout.
+
+    With ``--serve`` (:func:`interleaved`): a job as the first line, answered ``ready`` once the path is open
+    and warm; then ``run`` (one timed case, answered with its timings) and ``row`` (the path's row) lines."""
+    if "--serve" not in sys.argv[1:]:
+        job = json.loads(sys.stdin.read())
+        print(json.dumps(measure_path(job)))
+        return
+    with PathRunner(json.loads(sys.stdin.readline())) as runner:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "run":
+                print(json.dumps(runner.run()), flush=True)
+            elif command == "row":
+                print(json.dumps(runner.row()), flush=True)
+                return
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def test_bench_quick_writes_every_row_json_and_plot(shared_bundle, tmp_path, cap
     out = capsys.readouterr().out
     assert "Backends" in out and "Performance targets" in out
     _check_uncertainty_row(e2e, out)
+    # the paths took turns, one case each, the first path alternating from round to round
+    starts = sorted((t, name) for name in ("default", "eager", "baseline") for t in e2e[name]["runs_started_s"])
+    rounds = [[name for _, name in starts[i:i + 3]] for i in range(0, len(starts), 3)]
+    assert len(rounds) == e2e["repeats"] and all(sorted(r) == ["baseline", "default", "eager"] for r in rounds)
+    assert rounds[0] == ["default", "eager", "baseline"] and rounds[1:2] in ([], [["baseline", "eager", "default"]])
     baseline = e2e["baseline"]  # the same bundle as its own baseline: the same mask, its own timing
     assert baseline["model"] == shared_bundle[1].name and baseline["mask_dice_vs_default"] == 1.0
     assert e2e["seconds_vs_baseline"] == pytest.approx(default["wall_s"] / baseline["wall_s"])
