@@ -131,7 +131,8 @@ def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, h
     """Model-grid probabilities float32 (len(index), h, w) of the slices ``ct[index]``.
 
     A worker thread prepares the next two batches (:func:`qnkit.inference.model_input_slices`: a 2.5-D
-    model's `context` planes from the slices `slice_mm` apart around them) while the backend runs one;
+    model's `context` planes from the slices `slice_mm` apart around them, each slice prepared once for the
+    batches that share it) while the backend runs one;
     `times` gets 'preprocess' and 'inference' seconds added, `progress(n)` the slices finished.
     """
     if batch_size < 1:
@@ -139,12 +140,13 @@ def predict_probabilities(ct: np.ndarray, predict_batch, index: np.ndarray, *, h
     index = np.asarray(index, dtype=np.int64)
     grid = inference.model_grid_shape(ct.shape[1:], spacing_hw, model_spacing)
     probs = np.empty((len(index), *grid), dtype=np.float32)
+    shared: dict = {}  # context slices one batch prepared that the next needs; one worker thread, in order
 
     def prepare(start: int) -> np.ndarray:
         t = time.perf_counter()
         image = inference.model_input_slices(ct, index[start:start + batch_size], hu_window=hu_window,
                                              spacing_hw=spacing_hw, model_spacing=model_spacing, slice_mm=slice_mm,
-                                             context=context)
+                                             context=context, reuse=shared)
         times["preprocess"] += time.perf_counter() - t
         return image
 

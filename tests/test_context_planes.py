@@ -70,6 +70,26 @@ def test_prepare_runs_once_per_source_slice_and_commutes_with_the_interpolation(
     np.testing.assert_allclose(planes, inference.context_planes(whole, np.array([1, 2, 3]), 1.25, 3, 2.0), atol=1e-6)
 
 
+def test_reuse_prepares_each_slice_once_across_consecutive_batches():
+    ct = np.random.default_rng(4).integers(-400, 600, size=(12, 20, 14)).astype(np.int16)
+    grid = dict(hu_window=(-200.0, 400.0), spacing_hw=(0.9, 0.7), model_spacing=1.6)
+    prepared = []
+
+    def prepare(part):
+        prepared.append(np.asarray(part)[:, 0, 0].tolist())  # which source slices, by their first voxel
+        return inference.to_model_input(part, **grid)
+
+    shared: dict = {}
+    batches = [np.arange(1, 5), np.arange(5, 9), np.arange(9, 12)]
+    for batch in batches:
+        got = inference.context_planes(ct, batch, 1.0, 5, 1.5, prepare=prepare, reuse=shared)
+        np.testing.assert_array_equal(got, inference.context_planes(ct, batch, 1.0, 5, 1.5, prepare=lambda part:
+                                                                    inference.to_model_input(part, **grid)))
+        assert sorted(shared) == sorted(set(np.clip(np.r_[batch[0] - 3:batch[-1] + 4], 0, 11).tolist()))
+    firsts = [v for call in prepared for v in call]
+    assert len(firsts) == 12 and sorted(firsts) == sorted(ct[:, 0, 0].tolist())  # every slice once, no more
+
+
 @pytest.mark.parametrize("volume,index,channels,context_mm,slice_mm,error", [
     (np.zeros((4, 3, 3), np.complex64), [0], 3, 1.0, 1.0, ValueError),
     (np.zeros((4, 3, 3), bool), [0], 3, 1.0, 1.0, ValueError),
