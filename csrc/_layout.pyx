@@ -18,7 +18,7 @@ ctypedef fused word_t:
 
 
 def copy_rows_transposed(const word_t[:, :, :] src, word_t[:, :, :] dst, word_t[:, ::1] buffers,
-                Py_ssize_t[:, ::1] rows, Py_ssize_t tile_rows, int num_threads):
+                         Py_ssize_t[:, ::1] rows, Py_ssize_t tile_rows, int num_threads):
     """dst[...] = src, where src is fastest along axis 2 and dst along axis 1; strides in whole items, any sign.
 
     The rows of axes 0 and 1 (axis 1 fastest, as the destination walks them) are cut into tiles of `tile_rows`
